@@ -1,0 +1,6 @@
+"""layershare: make pretrained transformers smaller by sharing parameters across layers."""
+from .api import CompressionResult, compress, evaluate_perplexity, load, load_model
+from .recipe import Recipe
+
+__version__ = "0.1.0"
+__all__ = ["CompressionResult", "Recipe", "compress", "evaluate_perplexity", "load", "load_model"]

@@ -1,0 +1,35 @@
+"""Architecture adapters: `get_adapter(model)` finds the one for a model or says which exist."""
+from __future__ import annotations
+
+from torch import nn
+
+from .base import IN, OUT, Adapter, get_path, set_path
+from .gpt2 import GPT2
+from .gpt_neox import GPT_NEOX
+from .llama import GATED
+from .opt import OPT
+
+ADAPTERS: tuple[Adapter, ...] = (GATED, GPT2, OPT, GPT_NEOX)
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+def supported_model_types() -> list[str]:
+    return sorted({t for a in ADAPTERS for t in a.model_types})
+
+
+def get_adapter(model: nn.Module) -> Adapter:
+    for adapter in ADAPTERS:
+        if adapter.matches(model):
+            return adapter
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    raise UnsupportedModelError(
+        f"layershare has no adapter for {type(model).__name__} (model_type={model_type!r}). "
+        f"Supported model types: {', '.join(supported_model_types())}."
+    )
+
+
+__all__ = ["ADAPTERS", "Adapter", "IN", "OUT", "UnsupportedModelError", "get_adapter",
+           "get_path", "set_path", "supported_model_types"]

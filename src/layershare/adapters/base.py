@@ -1,0 +1,90 @@
+"""What an adapter is: where the transformer blocks and their MLP linears live.
+
+An adapter answers four questions about one architecture family, and nothing more:
+which modules are the blocks, which linears of a block form its MLP (and in which
+direction each one maps, d -> h or h -> d), how to run that MLP on its input, and
+which module's input/output is the MLP's input/output (for hooks).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+IN, OUT = "in", "out"  # d -> h (up, gate, fc1) and h -> d (down, fc2)
+
+
+def get_path(root: nn.Module, path: str) -> nn.Module:
+    mod = root
+    for part in path.split("."):
+        mod = mod[int(part)] if part.isdigit() else getattr(mod, part)
+    return mod
+
+
+def has_path(root: nn.Module, path: str) -> bool:
+    try:
+        get_path(root, path)
+        return True
+    except (AttributeError, IndexError):
+        return False
+
+
+def set_path(root: nn.Module, path: str, value: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(get_path(root, parent) if parent else root, name, value)
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """How to find the MLPs of one architecture family.
+
+    blocks_paths: candidate dotted paths of the ModuleList of blocks (first that exists wins).
+    mlp: dotted path of the MLP module inside a block, or None when the MLP linears sit
+         directly in the block (OPT); then `act` names the block's activation attribute.
+    linears: MLP linears relative to the block, name -> IN/OUT, in the order the MLP applies them.
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    blocks_paths: tuple[str, ...]
+    mlp: str | None
+    linears: dict[str, str]
+    act: str | None = None
+
+    # ---- blocks -------------------------------------------------------------------
+    def blocks_path(self, model: nn.Module) -> str:
+        for path in self.blocks_paths:
+            if has_path(model, path):
+                return path
+        raise ValueError(
+            f"adapter {self.name!r}: none of {list(self.blocks_paths)} exists in {type(model).__name__}"
+        )
+
+    def blocks(self, model: nn.Module) -> nn.ModuleList:
+        return get_path(model, self.blocks_path(model))
+
+    # ---- MLP ----------------------------------------------------------------------
+    def mlp_linears(self, block: nn.Module) -> dict[str, nn.Module]:
+        return {name: get_path(block, name) for name in self.linears}
+
+    def hook_module(self, block: nn.Module) -> tuple[nn.Module, nn.Module]:
+        """(module whose input is the MLP input, module whose output is the MLP output)."""
+        if self.mlp is not None:
+            mlp = get_path(block, self.mlp)
+            return mlp, mlp
+        names = list(self.linears)
+        return get_path(block, names[0]), get_path(block, names[-1])
+
+    def mlp_forward(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.mlp is not None:
+            return get_path(block, self.mlp)(x)
+        act: Callable = getattr(block, self.act)
+        names = list(self.linears)
+        h = act(get_path(block, names[0])(x))
+        return get_path(block, names[1])(h)
+
+    def matches(self, model: nn.Module) -> bool:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        return model_type in self.model_types

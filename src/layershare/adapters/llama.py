@@ -1,0 +1,14 @@
+"""Gated MLPs (gate/up/down): Llama, Mistral, Qwen2/3, Gemma, Gemma-2, Gemma-3.
+
+Gemma-2/3 wrap the MLP in pre/post feed-forward norms; those sit outside `mlp`, so the
+MLP reconstruction target (mlp input -> mlp output) is the same as for Llama.
+"""
+from .base import IN, OUT, Adapter
+
+GATED = Adapter(
+    name="llama",
+    model_types=("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text"),
+    blocks_paths=("model.layers", "model.language_model.layers", "language_model.model.layers"),
+    mlp="mlp",
+    linears={"mlp.gate_proj": IN, "mlp.up_proj": IN, "mlp.down_proj": OUT},
+)

@@ -1,0 +1,11 @@
+"""OPT: fc1/fc2 live directly in the decoder layer, with `activation_fn` between them."""
+from .base import IN, OUT, Adapter
+
+OPT = Adapter(
+    name="opt",
+    model_types=("opt",),
+    blocks_paths=("model.decoder.layers", "decoder.layers"),
+    mlp=None,
+    act="activation_fn",
+    linears={"fc1": IN, "fc2": OUT},
+)

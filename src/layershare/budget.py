@@ -1,0 +1,141 @@
+"""Target compression ratio -> rank and number of nonzeros per group.
+
+Everything stored is counted: the shared basis U (d x r) once per group, the nonzeros of
+every V_i, and the bitmask that says where they are (r x h_i bits per V_i), converted to
+parameter-equivalents at the storage dtype (a bit is 1/(8*bytes) of a parameter).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from torch import nn
+
+
+class BudgetError(ValueError):
+    pass
+
+
+def count_params(model: nn.Module) -> int:
+    """Unique parameters (tied weights once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+@dataclass(frozen=True)
+class GroupShape:
+    """The MLP matrices of one group in d x h form: d and the list of h_i."""
+
+    d: int
+    hs: tuple[int, ...]
+    n_bias: int = 0  # bias entries of the group's linears (kept dense)
+
+    @property
+    def H(self) -> int:
+        return sum(self.hs)
+
+    @property
+    def dense(self) -> int:
+        return self.d * self.H + self.n_bias
+
+
+@dataclass(frozen=True)
+class GroupBudget:
+    rank: int
+    nnz: int  # nonzeros of all V_i of the group together
+    stored: float  # parameter-equivalents: d*r + nnz + bitmask + biases
+    dense: int
+    v_size: int  # rank * H: entries of all V_i before pruning
+
+    @property
+    def density(self) -> float:
+        return self.nnz / self.v_size
+
+
+def mask_params(rank: int, H: int, bytes_per_param: int) -> float:
+    """Bitmask over all V_i of a group, in parameter-equivalents."""
+    return rank * H / (8 * bytes_per_param)
+
+
+def stored_params(shape: GroupShape, rank: int, nnz: int, bytes_per_param: int) -> float:
+    return shape.d * rank + nnz + mask_params(rank, shape.H, bytes_per_param) + shape.n_bias
+
+
+def solve_group(shape: GroupShape, keep: float, density: float, bytes_per_param: int) -> GroupBudget:
+    """Largest rank whose storage at `density` fits keep * dense, then exact nnz to hit it."""
+    target = keep * shape.dense - shape.n_bias
+    per_rank = shape.d + shape.H * density + shape.H / (8 * bytes_per_param)
+    rank = int(target // per_rank)
+    if rank < 1:
+        raise BudgetError(
+            f"a group with d={shape.d}, H={shape.H} cannot keep {keep:.1%} of its MLP parameters "
+            f"at V density {density:.2f}: not even rank 1 fits"
+        )
+    nnz = int(round(target - shape.d * rank - mask_params(rank, shape.H, bytes_per_param)))
+    nnz = max(1, min(nnz, rank * shape.H))
+    return GroupBudget(rank=rank, nnz=nnz, stored=stored_params(shape, rank, nnz, bytes_per_param),
+                       dense=shape.dense, v_size=rank * shape.H)
+
+
+@dataclass(frozen=True)
+class Plan:
+    keep: float  # fraction of MLP parameters each group keeps
+    groups: tuple[GroupBudget, ...]
+    total_params: int
+    mlp_params: int
+    target_removed: int
+
+    @property
+    def removed(self) -> float:
+        return sum(g.dense - g.stored for g in self.groups)
+
+    @property
+    def model_ratio(self) -> float:
+        return self.removed / self.total_params
+
+    @property
+    def mlp_ratio(self) -> float:
+        return self.removed / self.mlp_params
+
+
+def feasible_max_ratio(total_params: int, mlp_params: int, of: str) -> float:
+    return mlp_params / total_params if of == "model" else 1.0
+
+
+def plan(shapes: list[GroupShape], total_params: int, ratio: float, of: str, density: float,
+         bytes_per_param: int) -> Plan:
+    """Split a target ratio (of the whole model's or of the MLPs' parameters) over the groups.
+
+    Every group keeps the same fraction of its dense MLP parameters, so the total hits the
+    target up to rounding of ranks (nnz absorbs the remainder exactly).
+    """
+    if of not in ("model", "mlp"):
+        raise BudgetError(f"ratio_of must be 'model' or 'mlp', got {of!r}")
+    if not 0 < density <= 1:
+        raise BudgetError(f"density must be in (0, 1], got {density}")
+    mlp_params = sum(s.dense for s in shapes)
+    hi = feasible_max_ratio(total_params, mlp_params, of)
+    if not 0 < ratio < hi:
+        raise BudgetError(
+            f"compression ratio {ratio} of the {of}'s parameters cannot be reached: only MLPs are "
+            f"compressed, and they hold {mlp_params:,} of {total_params:,} parameters, so the "
+            f"feasible range is 0 < ratio < {hi:.3f}"
+        )
+    removed = ratio * (total_params if of == "model" else mlp_params)
+    keep = 1.0 - removed / mlp_params
+    groups = tuple(solve_group(s, keep, density, bytes_per_param) for s in shapes)
+    return Plan(keep=keep, groups=groups, total_params=total_params, mlp_params=mlp_params,
+                target_removed=int(math.floor(removed)))
+
+
+def fixed_rank_plan(shapes: list[GroupShape], total_params: int, rank: int, density: float,
+                    bytes_per_param: int) -> Plan:
+    """Every group at the given rank and V density (no target ratio)."""
+    groups = []
+    for s in shapes:
+        nnz = max(1, int(round(density * rank * s.H)))
+        groups.append(GroupBudget(rank=rank, nnz=nnz, stored=stored_params(s, rank, nnz, bytes_per_param),
+                                  dense=s.dense, v_size=rank * s.H))
+    mlp = sum(s.dense for s in shapes)
+    removed = sum(g.dense - g.stored for g in groups)
+    return Plan(keep=1 - removed / mlp, groups=tuple(groups), total_params=total_params, mlp_params=mlp,
+                target_removed=int(removed))

@@ -1,0 +1,3 @@
+from .perplexity import Perplexity, perplexity
+
+__all__ = ["Perplexity", "perplexity"]

@@ -1,0 +1,64 @@
+"""Perplexity with the standard protocol (as in the SparseGPT / Wanda evaluation code).
+
+The whole test text is tokenized once, cut into non-overlapping windows of `seqlen` tokens
+(the remainder dropped), and every window is scored independently; perplexity is
+exp(total NLL / number of predicted tokens) over all windows, not over the first one.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from ..data import DataError
+
+
+@dataclass
+class Perplexity:
+    ppl: float
+    nll: float
+    windows: int
+    seqlen: int
+    tokens: int  # tokens in the text
+    dropped: int  # remainder not scored
+
+    @property
+    def protocol(self) -> str:
+        return (f"{self.windows} non-overlapping windows x {self.seqlen} tokens "
+                f"({self.windows * (self.seqlen - 1):,} predicted tokens; "
+                f"text has {self.tokens:,} tokens, last {self.dropped} dropped)")
+
+    def __str__(self) -> str:
+        return f"ppl {self.ppl:.3f} over {self.protocol}"
+
+
+def default_seqlen(model, cap: int = 2048) -> int:
+    n = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None) or cap
+    return min(int(n), cap)
+
+
+@torch.no_grad()
+def perplexity(model, ids: torch.Tensor, seqlen: int | None = None, batch_size: int = 1,
+               device: str | None = None, max_windows: int | None = None, desc: str = "perplexity") -> Perplexity:
+    seqlen = seqlen or default_seqlen(model)
+    n = ids.numel() // seqlen
+    if n == 0:
+        raise DataError(f"evaluation text has {ids.numel()} tokens, fewer than one window of {seqlen}")
+    if max_windows is not None:
+        n = min(n, max_windows)
+    device = device or next(model.parameters()).device
+    windows = ids[: n * seqlen].view(n, seqlen)
+    model.eval()
+    total, count = 0.0, 0
+    for i in tqdm(range(0, n, batch_size), desc=desc, leave=False, dynamic_ncols=True):
+        batch = windows[i:i + batch_size].to(device)
+        logits = model(input_ids=batch, use_cache=False).logits.float()
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
+        total += float(nll)
+        count += batch[:, 1:].numel()
+    mean = total / count
+    return Perplexity(ppl=math.exp(mean), nll=mean, windows=n, seqlen=seqlen, tokens=int(ids.numel()),
+                      dropped=int(ids.numel() - (ids.numel() // seqlen) * seqlen))

@@ -1,0 +1,176 @@
+"""Save and load compressed models.
+
+A compressed model is a directory:
+  config.json         the model's transformers config plus a `layershare` entry (method,
+                      groups, shared bases, and the shape of every compressed linear)
+  model.safetensors   dense weights of everything not compressed, each shared basis once,
+                      and per compressed linear its nonzero V values + a bitmask
+  tokenizer files     when a tokenizer was given
+  layershare.json     recipe, measured sizes, compression report, and the weight file's
+                      byte size (a truncated copy is refused on load)
+It is written into a hidden sibling folder and renamed into place only when complete, so
+an interrupted save never leaves a directory that looks valid.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .adapters.base import set_path
+from .modules.shared_basis import SharedBasis, SharedBasisLinear
+from .pipeline import BASES_ATTR
+
+WEIGHTS = "model.safetensors"
+META = "layershare.json"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+class OutputExistsError(FileExistsError):
+    pass
+
+
+def check_output_dir(path: str | Path, overwrite: bool) -> Path:
+    """Refuse an existing output directory unless told to overwrite; called before long work."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"output directory {str(path)!r} exists; pass overwrite=True (--overwrite) to replace it")
+    if path.exists() and not path.is_dir():
+        raise OutputExistsError(f"output path {str(path)!r} exists and is not a directory")
+    if not path.parent.exists():
+        raise OutputExistsError(f"parent directory of {str(path)!r} does not exist")
+    return path
+
+
+def layer_map(model: nn.Module) -> dict:
+    bases = getattr(model, BASES_ATTR, {})
+    ids = {id(b): k for k, b in bases.items()}
+    layers = {}
+    for name, m in model.named_modules():
+        if isinstance(m, SharedBasisLinear):
+            layers[name] = {"basis": ids[id(m.basis)], "role": m.role, "v_shape": list(m.v_shape),
+                            "bias": m.bias is not None}
+    return {"bases": {k: list(b.U.shape) for k, b in bases.items()}, "layers": layers}
+
+
+def _state_dict_unique(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """State dict without aliases (tied embeddings once), floats cast to the storage dtype."""
+    seen: dict[int, str] = {}
+    out = {}
+    for k, v in model.state_dict().items():
+        if v.layout != torch.strided:
+            continue
+        key = (v.data_ptr(), v.numel(), v.dtype) if v.numel() else None
+        if key is not None and key in seen:
+            continue
+        if key is not None:
+            seen[key] = k
+        out[k] = (v.to(dtype) if v.is_floating_point() else v).detach().contiguous().cpu()
+    return out
+
+
+def save_compressed(model: nn.Module, output_dir: str | Path, tokenizer=None, overwrite: bool = False,
+                    dtype: str = "float32", meta: dict | None = None) -> Path:
+    output_dir = check_output_dir(output_dir, overwrite)
+    torch_dtype = getattr(torch, dtype)
+    tmp = output_dir.parent / f".{output_dir.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        config = model.config
+        entry = {"format_version": FORMAT_VERSION, "dtype": dtype, **layer_map(model),
+                 **({"method": meta.get("method")} if meta else {})}
+        config.layershare = entry
+        try:
+            config.save_pretrained(tmp)
+        finally:
+            del config.layershare
+        sd = _state_dict_unique(model, torch_dtype)
+        save_file(sd, str(tmp / WEIGHTS), metadata={"format": "pt", "layershare": str(FORMAT_VERSION)})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        info = {**(meta or {}), "weights_bytes": (tmp / WEIGHTS).stat().st_size,
+                "format_version": FORMAT_VERSION}
+        (tmp / META).write_text(json.dumps(info, indent=2, default=str))
+        if output_dir.exists():
+            old = output_dir.parent / f".{output_dir.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(output_dir, old)
+            os.rename(tmp, output_dir)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output_dir
+
+
+def read_meta(path: str | Path) -> tuple[dict, dict]:
+    """(config.json, layershare.json) of a compressed directory, checked for completeness."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{str(path)!r} is not a directory")
+    cfg_file, meta_file, weights = path / "config.json", path / META, path / WEIGHTS
+    for f in (cfg_file, meta_file, weights):
+        if not f.exists():
+            raise CheckpointError(f"{str(path)!r} is not a layershare checkpoint: {f.name} is missing")
+    try:
+        config = json.loads(cfg_file.read_text())
+        meta = json.loads(meta_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{str(path)!r}: corrupt metadata ({e})") from e
+    if "layershare" not in config:
+        raise CheckpointError(f"{str(path)!r} is not a layershare checkpoint: config.json has no 'layershare' entry")
+    size = weights.stat().st_size
+    if meta.get("weights_bytes") != size:
+        raise CheckpointError(f"{str(path)!r}: {WEIGHTS} is {size:,} bytes but was saved as "
+                              f"{meta.get('weights_bytes')!r} bytes (truncated or replaced)")
+    return config, meta
+
+
+def load_compressed(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = torch.float32):
+    """A runnable transformers model from a compressed directory, without the original weights."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    raw, _ = read_meta(path)
+    entry = raw["layershare"]
+    config = AutoConfig.from_pretrained(path)
+    if hasattr(config, "layershare"):
+        del config.layershare
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    bases = nn.ModuleDict({k: SharedBasis(torch.zeros(*shape)) for k, shape in entry["bases"].items()})
+    model.add_module(BASES_ATTR, bases)
+    for name, spec in entry["layers"].items():
+        set_path(model, name, SharedBasisLinear.empty_packed(bases[spec["basis"]], tuple(spec["v_shape"]),
+                                                              spec["role"], spec["bias"]))
+    try:
+        with safe_open(str(path / WEIGHTS), framework="pt") as f:
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{str(path)!r}: cannot read {WEIGHTS} ({e})") from e
+    if dtype is not None:
+        sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
+    result = model.load_state_dict(sd, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise CheckpointError(f"{str(path)!r}: unexpected tensors {result.unexpected_keys[:5]}")
+    model.tie_weights()
+    still_meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if still_meta:
+        raise CheckpointError(f"{str(path)!r}: tensors missing from {WEIGHTS}: {still_meta[:5]}")
+    for module in model.modules():  # buffers created on meta (non-persistent ones are rebuilt by from_config)
+        if isinstance(module, SharedBasisLinear) and module.packed:
+            module.V_csr = module.V_csr.to(dtype or module.V_csr.dtype)
+    return model.to(device).eval()

@@ -1,0 +1,76 @@
+"""The small interface every method implements.
+
+A method sees one group of blocks at a time and does three things:
+  plan(shapes, total_params, recipe)  -> budget for every group, checked before any long work
+  init(group, budget, recipe)         -> compressed modules initialised from the dense weights
+  reconstruct is shared (reconstruct.py); a method may opt out with `tunable = False`
+  materialize(compressed)             -> freeze into the run-time form (masks applied, packed)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from ..adapters.base import Adapter, get_path
+from ..budget import GroupBudget, GroupShape, Plan
+from ..modules.weights import in_out_features
+from ..recipe import Recipe
+
+
+@dataclass
+class Group:
+    """One group of blocks and the dense MLP linears the method replaces."""
+
+    index: int
+    blocks: list[int]
+    paths: list[str]  # dotted paths from the model root, in block order then MLP order
+    roles: list[str]
+    modules: list[nn.Module]
+
+    @classmethod
+    def of(cls, model: nn.Module, adapter: Adapter, index: int, blocks: list[int]) -> "Group":
+        prefix = adapter.blocks_path(model)
+        paths, roles = [], []
+        for b in blocks:
+            for name, role in adapter.linears.items():
+                paths.append(f"{prefix}.{b}.{name}")
+                roles.append(role)
+        return cls(index, list(blocks), paths, roles, [get_path(model, p) for p in paths])
+
+    def shape(self) -> GroupShape:
+        d = None
+        hs = []
+        for m, role in zip(self.modules, self.roles):
+            fin, fout = in_out_features(m)
+            d_i, h_i = (fin, fout) if role == "in" else (fout, fin)
+            if d is not None and d_i != d:
+                raise ValueError(f"group {self.index}: MLP linears disagree on the model width ({d} vs {d_i})")
+            d = d_i
+            hs.append(h_i)
+        n_bias = sum(m.bias.numel() for m in self.modules if getattr(m, "bias", None) is not None)
+        return GroupShape(d=d, hs=tuple(hs), n_bias=n_bias)
+
+
+@dataclass
+class Compressed:
+    """What init returns: the new modules by path, shared modules to register, what to tune."""
+
+    modules: dict[str, nn.Module]
+    shared: dict[str, nn.Module] = field(default_factory=dict)
+    params: list[nn.Parameter] = field(default_factory=list)
+    pruner: object | None = None
+
+
+class Method:
+    name: str = ""
+    tunable: bool = True
+
+    def plan(self, shapes: list[GroupShape], total_params: int, recipe: Recipe) -> Plan:
+        raise NotImplementedError
+
+    def init(self, group: Group, budget: GroupBudget, recipe: Recipe) -> Compressed:
+        raise NotImplementedError
+
+    def materialize(self, compressed: Compressed) -> None:
+        raise NotImplementedError

@@ -1,0 +1,73 @@
+"""FiPS: Fine-grained Parameter Sharing (Üyük et al., arXiv 2411.09816).
+
+For a group of adjacent blocks, every MLP weight is written in d x h form and all are
+concatenated along h: W = [W_1 | ... | W_m] (d x H). Its SVD W = U S Vt gives the shared
+basis U[:, :r] and V = S Vt[:r] (r x H), sliced back into per-matrix V_i, so W_i ~ U V_i.
+V is pruned by global magnitude (static, or gradual GMP) and U, V_i (and biases) are
+tuned so each compressed MLP reproduces the dense MLP's output on calibration inputs.
+When the budget asks for r > min(d, H), U is padded with zero columns and V with copies
+of its top rows divided by tau = 32, as the official code does.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..budget import GroupBudget, GroupShape, Plan, fixed_rank_plan, plan
+from ..modules.shared_basis import SharedBasis, SharedBasisLinear
+from ..modules.weights import weight_dxh
+from ..recipe import Recipe
+from ..sparsity import GroupPruner
+from .base import Compressed, Group, Method
+
+PAD_TAU = 32.0
+
+
+def shared_svd(mats: list[torch.Tensor], rank: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """U (d x rank) and the per-matrix V_i (rank x h_i) of the concatenated matrices."""
+    W = torch.cat([m.double() for m in mats], dim=1)
+    U, S, Vt = torch.linalg.svd(W, full_matrices=False)
+    V = S[:, None] * Vt
+    k = S.numel()
+    if rank <= k:
+        U, V = U[:, :rank], V[:rank]
+    else:
+        extra = rank - k
+        U = torch.cat([U, U.new_zeros(U.shape[0], extra)], dim=1)
+        reps = (extra + k - 1) // k
+        V = torch.cat([V, (V.repeat(reps, 1)[:extra]) / PAD_TAU], dim=0)
+    dtype = mats[0].dtype
+    slices = torch.split(V, [m.shape[1] for m in mats], dim=1)
+    return U.to(dtype).contiguous(), [s.to(dtype).contiguous() for s in slices]
+
+
+class FiPS(Method):
+    name = "fips"
+
+    def plan(self, shapes: list[GroupShape], total_params: int, recipe: Recipe) -> Plan:
+        if recipe.extra.get("rank"):  # explicit rank: the ratio is whatever it comes to
+            return fixed_rank_plan(shapes, total_params, int(recipe.extra["rank"]), 1.0 - recipe.sparsity,
+                                   recipe.bytes_per_param)
+        return plan(shapes, total_params, recipe.ratio, recipe.ratio_of, 1.0 - recipe.sparsity,
+                    recipe.bytes_per_param)
+
+    def init(self, group: Group, budget: GroupBudget, recipe: Recipe) -> Compressed:
+        mats = [weight_dxh(m, role).float() for m, role in zip(group.modules, group.roles)]
+        U, Vs = shared_svd(mats, budget.rank)
+        basis = SharedBasis(U)
+        layers = {}
+        for path, m, role, V in zip(group.paths, group.modules, group.roles, Vs):
+            bias = m.bias.detach().clone().float() if getattr(m, "bias", None) is not None else None
+            layers[path] = SharedBasisLinear(basis, V, role, bias)
+        params = [basis.U] + [p for layer in layers.values() for p in (layer.V, layer.bias) if p is not None]
+        basis.U.requires_grad_(recipe.extra.get("train_basis", True))
+        pruner = GroupPruner(list(layers.values()), budget.nnz, recipe.schedule, recipe.steps,
+                             every=recipe.prune_every, end=recipe.prune_end)
+        return Compressed(modules=layers, shared={str(group.index): basis}, params=params, pruner=pruner)
+
+    def materialize(self, compressed: Compressed) -> None:
+        compressed.pruner.finish()
+        for layer in compressed.modules.values():
+            layer.pack()
+        for shared in compressed.shared.values():
+            for p in shared.parameters():
+                p.requires_grad_(False)

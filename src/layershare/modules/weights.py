@@ -1,0 +1,29 @@
+"""Read and write a dense MLP linear's weight in the d x h orientation FiPS concatenates.
+
+d is the model width, h the MLP width. d -> h maps (up/gate/fc1) store W as (h, d) in
+nn.Linear and as (d, h) in GPT-2's Conv1D; h -> d maps store (d, h) and (h, d).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..adapters.base import IN
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D"
+
+
+def in_out_features(module: nn.Module) -> tuple[int, int]:
+    if is_conv1d(module):
+        return module.weight.shape[0], module.weight.shape[1]
+    return module.in_features, module.out_features
+
+
+def weight_dxh(module: nn.Module, role: str) -> torch.Tensor:
+    """The weight as a (d, h) matrix, whatever the layer type and direction."""
+    w = module.weight.detach()
+    stored_in_out = is_conv1d(module)  # Conv1D: (in, out); Linear: (out, in)
+    as_in_out = w if stored_in_out else w.t()
+    return as_in_out if role == IN else as_in_out.t()

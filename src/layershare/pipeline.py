@@ -1,0 +1,202 @@
+"""Sequential, group-by-group compression with captured activations.
+
+1. One forward of the dense model over the calibration batches records, for every block,
+   the keyword arguments it is called with (masks, position embeddings, cache positions:
+   whatever this transformers version passes; Gemma-3 passes different ones to sliding and
+   global layers) and the hidden states entering the first block. The forward stops after
+   the last block, so the LM head never runs.
+2. For each group: run the group's dense blocks on the stored hidden states, recording each
+   MLP's input and output (X_j, Y_j, kept on CPU); the group's outputs become the next
+   group's inputs. Only one group's activations are held at a time.
+3. The method initialises compressed modules, they replace the dense ones in the model,
+   `reconstruct` tunes them on (X_j, Y_j), and `materialize` freezes them.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .adapters import Adapter, set_path
+from .budget import Plan, count_params
+from .methods.base import Group, Method
+from .recipe import Recipe, make_groups
+from .reconstruct import ReconStats, reconstruct
+
+BASES_ATTR = "layershare_bases"
+
+
+class _Stop(Exception):
+    pass
+
+
+@dataclass
+class Captured:
+    hidden: list[torch.Tensor]  # per batch: hidden states entering the first block of the next group
+    args: list[dict[int, tuple]]  # per batch: block index -> (extra positional args, kwargs)
+
+
+@dataclass
+class GroupReport:
+    blocks: list[int]
+    rank: int
+    nnz: int
+    stats: ReconStats
+    seconds: float
+
+
+@dataclass
+class CompressionReport:
+    plan: Plan
+    groups: list[GroupReport] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _to(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[torch.Tensor], device: str) -> Captured:
+    """Hidden states entering block 0 and every block's call arguments, per batch."""
+    hidden: list[torch.Tensor] = []
+    args: list[dict[int, tuple]] = []
+    current: dict[int, tuple] = {}
+
+    def pre_hook(idx):
+        def hook(module, a, kw):
+            kw = dict(kw)
+            h = a[0] if a else kw.pop("hidden_states")
+            if idx == 0:
+                hidden.append(h.detach().to("cpu"))
+            # caches are per-forward state, never needed to re-run a block
+            kw = {k: (None if "cache" in k or k in ("past_key_values", "layer_past") else v)
+                  for k, v in kw.items()}
+            if "use_cache" in kw:
+                kw["use_cache"] = False
+            current[idx] = (_to(tuple(a[1:]), "cpu"), _to(kw, "cpu"))
+        return hook
+
+    def stop_hook(module, a, out):
+        raise _Stop
+
+    handles = [b.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    handles.append(blocks[-1].register_forward_hook(stop_hook))
+    try:
+        for ids in tqdm(batches, desc="capture", leave=False, dynamic_ncols=True):
+            current = {}
+            try:
+                model(input_ids=ids.to(device), use_cache=False)
+            except _Stop:
+                pass
+            args.append(current)
+    finally:
+        for h in handles:
+            h.remove()
+    return Captured(hidden=hidden, args=args)
+
+
+@torch.no_grad()
+def run_group(blocks: nn.ModuleList, group: list[int], cap: Captured, adapter: Adapter, device: str,
+              record: bool) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """Run the group's blocks on the captured inputs; optionally record each MLP's input/output."""
+    X: list[list[torch.Tensor]] = [[] for _ in group]
+    Y: list[list[torch.Tensor]] = [[] for _ in group]
+    handles = []
+    if record:
+        def keep_input(store):
+            def hook(m, a, kw):
+                x = a[0] if a else next(iter(kw.values()))
+                store.append(x.detach().reshape(-1, x.shape[-1]).cpu())
+            return hook
+
+        def keep_output(store):
+            def hook(m, a, out):
+                y = _first(out)
+                store.append(y.detach().reshape(-1, y.shape[-1]).cpu())
+            return hook
+
+        for j, b in enumerate(group):
+            m_in, m_out = adapter.hook_module(blocks[b])
+            handles.append(m_in.register_forward_pre_hook(keep_input(X[j]), with_kwargs=True))
+            handles.append(m_out.register_forward_hook(keep_output(Y[j])))
+    outs = []
+    try:
+        for h, per_block in zip(cap.hidden, cap.args):
+            h = h.to(device)
+            for b in group:
+                extra, kw = per_block[b]
+                h = _first(blocks[b](h, *_to(extra, device), **_to(kw, device)))
+            outs.append(h.cpu())
+    finally:
+        for hd in handles:
+            hd.remove()
+    return [torch.cat(x) for x in X], [torch.cat(y) for y in Y], outs
+
+
+def group_shapes(model: nn.Module, adapter: Adapter, groups: list[list[int]]) -> list:
+    return [Group.of(model, adapter, g, blocks).shape() for g, blocks in enumerate(groups)]
+
+
+def plan_model(model: nn.Module, adapter: Adapter, method: Method, recipe: Recipe) -> tuple[list[list[int]], Plan]:
+    """Groups and budget, checked before any long work starts."""
+    n_blocks = len(adapter.blocks(model))
+    groups = make_groups(n_blocks, recipe)
+    shapes = group_shapes(model, adapter, groups)
+    return groups, method.plan(shapes, count_params(model), recipe)
+
+
+def compress_model(model: nn.Module, adapter: Adapter, method: Method, recipe: Recipe,
+                   batches: list[torch.Tensor], groups: list[list[int]], plan: Plan) -> CompressionReport:
+    t0 = time.time()
+    device = recipe.device
+    model.eval()
+    model.to(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    blocks = adapter.blocks(model)
+    report = CompressionReport(plan=plan)
+    gen = torch.Generator().manual_seed(recipe.seed)
+    cap = capture_inputs(model, blocks, batches, device)
+    if not hasattr(model, BASES_ATTR):
+        model.add_module(BASES_ATTR, nn.ModuleDict())
+    bar = tqdm(list(enumerate(groups)), desc=f"{method.name} groups", dynamic_ncols=True)
+    for g, group_blocks in bar:
+        tg = time.time()
+        X, Y, dense_out = run_group(blocks, group_blocks, cap, adapter, device, record=True)
+        group = Group.of(model, adapter, g, group_blocks)
+        comp = method.init(group, plan.groups[g], recipe)
+        for path, module in comp.modules.items():
+            set_path(model, path, module.to(device))
+        for key, shared in comp.shared.items():
+            getattr(model, BASES_ATTR)[key] = shared.to(device)
+        del group
+        fns = [lambda x, b=blocks[b]: adapter.mlp_forward(b, x) for b in group_blocks]
+        with torch.enable_grad():
+            stats = reconstruct(fns, X, Y, comp.params if method.tunable else [], comp.pruner, recipe,
+                                desc=f"group {g + 1}/{len(groups)}", generator=gen)
+        method.materialize(comp)
+        del X, Y
+        if recipe.propagate == "compressed":
+            _, _, dense_out = run_group(blocks, group_blocks, cap, adapter, device, record=False)
+        cap.hidden = dense_out
+        report.groups.append(GroupReport(group_blocks, plan.groups[g].rank, plan.groups[g].nnz, stats,
+                                         time.time() - tg))
+        bar.set_postfix(err=f"{stats.rel_err_before:.3f}->{stats.rel_err_after:.3f}")
+    report.seconds = time.time() - t0
+    return report

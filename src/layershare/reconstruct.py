@@ -1,0 +1,95 @@
+"""Block-wise reconstruction: tune a group's compressed MLPs to match the dense MLPs.
+
+Each compressed MLP j of the group sees the dense model's MLP inputs X_j and is trained
+to produce the dense MLP's outputs Y_j; the group's loss is the sum over its MLPs of the
+mean squared error ("mse"), or of the error relative to the output energy ("nmse").
+AdamW with cosine decay; the pruner updates the masks on its schedule.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from .recipe import Recipe
+
+MlpFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class ReconStats:
+    rel_err_before: float  # sum_j ||Y_j - f_j(X_j)||^2 / sum_j ||Y_j||^2, before tuning
+    rel_err_after: float
+    steps: int  # optimiser steps taken
+    loss_curve: list[float]
+
+
+@torch.no_grad()
+def relative_error(fns: list[MlpFn], X: list[torch.Tensor], Y: list[torch.Tensor], device: str,
+                   chunk: int = 4096) -> float:
+    num = den = 0.0
+    for fn, x, y in zip(fns, X, Y):
+        for i in range(0, x.shape[0], chunk):
+            xb, yb = x[i:i + chunk].to(device), y[i:i + chunk].to(device)
+            num += float((fn(xb).float() - yb.float()).pow(2).sum())
+            den += float(yb.float().pow(2).sum())
+    return num / max(den, 1e-30)
+
+
+@torch.no_grad()
+def _error_at_final_mask(fns, X, Y, pruner, device) -> float:
+    """The error of the untuned init at the final sparsity (what static pruning without tuning gives)."""
+    if pruner is None:
+        return relative_error(fns, X, Y, device)
+    saved = [(layer.V.detach().clone(), layer.mask) for layer in pruner.layers]
+    pruner.prune_to(pruner.n_final)
+    err = relative_error(fns, X, Y, device)
+    for layer, (V, mask) in zip(pruner.layers, saved):
+        layer.V.copy_(V)
+        layer.mask = mask
+    return err
+
+
+def reconstruct(fns: list[MlpFn], X: list[torch.Tensor], Y: list[torch.Tensor], params: list[torch.nn.Parameter],
+                pruner, recipe: Recipe, desc: str = "reconstruct", generator: torch.Generator | None = None) -> ReconStats:
+    device = recipe.device
+    before = _error_at_final_mask(fns, X, Y, pruner, device)
+    if pruner is not None:
+        pruner.step(0)
+    curve: list[float] = []
+    trainable = [p for p in params if p.requires_grad]
+    if recipe.steps > 0 and trainable:
+        n = X[0].shape[0]
+        bs = min(recipe.batch_tokens, n)
+        energy = [float(y.float().pow(2).mean()) for y in Y] if recipe.loss == "nmse" else [1.0] * len(Y)
+        opt = torch.optim.AdamW(trainable, lr=recipe.lr, weight_decay=recipe.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda t: 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(t, recipe.steps) / recipe.steps)))
+        perm = torch.randperm(n, generator=generator)
+        pos = 0
+        bar = tqdm(range(recipe.steps), desc=desc, leave=False, dynamic_ncols=True)
+        for t in bar:
+            if pruner is not None and t > 0:
+                pruner.step(t)
+            if pos + bs > n:
+                perm, pos = torch.randperm(n, generator=generator), 0
+            idx = perm[pos:pos + bs]
+            pos += bs
+            loss = 0.0
+            for fn, x, y, e in zip(fns, X, Y, energy):
+                xb, yb = x[idx].to(device), y[idx].to(device)
+                loss = loss + torch.nn.functional.mse_loss(fn(xb), yb) / e
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            curve.append(float(loss))
+            if t % 10 == 0:
+                bar.set_postfix(loss=f"{curve[-1]:.3g}")
+    if pruner is not None:
+        pruner.finish()
+    after = relative_error(fns, X, Y, device)
+    return ReconStats(rel_err_before=before, rel_err_after=after, steps=len(curve), loss_curve=curve)
