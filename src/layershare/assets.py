@@ -69,7 +69,14 @@ def _austen_rdata() -> Path:
         raise AssetError("Jane Austen's novels come from Debian's r-cran-janeaustenr package; "
                          "apt-get and dpkg are needed to fetch it")
     with tempfile.TemporaryDirectory() as tmp:
-        r = subprocess.run(["apt-get", "download", "r-cran-janeaustenr"], cwd=tmp, capture_output=True, text=True)
+        def download():
+            return subprocess.run(["apt-get", "download", "r-cran-janeaustenr"], cwd=tmp, capture_output=True, text=True)
+
+        r = download()
+        if r.returncode != 0 and hasattr(os, "geteuid") and os.geteuid() == 0:
+            # a fresh machine has no package lists yet
+            subprocess.run(["apt-get", "update", "-qq"], capture_output=True)
+            r = download()
         debs = list(Path(tmp).glob("r-cran-janeaustenr_*.deb"))
         if r.returncode != 0 or not debs:
             raise AssetError(f"apt-get download r-cran-janeaustenr failed (run 'apt-get update' first?): {r.stderr.strip()}")
@@ -109,3 +116,19 @@ def austen_book(name: str) -> str:
 def austen(spec: str) -> str:
     """'emma' or 'emma+persuasion': the books joined by blank lines."""
     return "\n\n".join(austen_book(b) for b in spec.split("+"))
+
+
+def main() -> None:
+    """Fetch and cache the text assets (`python -m layershare.assets`)."""
+    for book in BOOKS:
+        words = len(austen_book(book).split())
+        print(f"austen:{book:<17} {words:>8,} words  ({cache_dir() / 'austen' / (book + '.txt')})")
+    try:
+        folder, name = smollm2_gguf()
+        print(f"smollm2-135m             {folder / name}")
+    except AssetError as e:
+        print(f"smollm2-135m             not installed: {e}")
+
+
+if __name__ == "__main__":
+    main()

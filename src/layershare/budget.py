@@ -61,7 +61,8 @@ def stored_params(shape: GroupShape, rank: int, nnz: int, bytes_per_param: int) 
 
 
 def solve_group(shape: GroupShape, keep: float, density: float, bytes_per_param: int) -> GroupBudget:
-    """Largest rank whose storage at `density` fits keep * dense, then exact nnz to hit it."""
+    """Largest rank whose storage at `density` fits keep * dense, then the nnz that hits it exactly
+    (with one rank more when even a dense V of that rank would fall short)."""
     target = keep * shape.dense - shape.n_bias
     per_rank = shape.d + shape.H * density + shape.H / (8 * bytes_per_param)
     rank = int(target // per_rank)
@@ -71,6 +72,9 @@ def solve_group(shape: GroupShape, keep: float, density: float, bytes_per_param:
             f"at V density {density:.2f}: not even rank 1 fits"
         )
     nnz = int(round(target - shape.d * rank - mask_params(rank, shape.H, bytes_per_param)))
+    if nnz > rank * shape.H:  # dense V cannot absorb the remainder: one more rank, slightly sparser V
+        rank += 1
+        nnz = int(round(target - shape.d * rank - mask_params(rank, shape.H, bytes_per_param)))
     nnz = max(1, min(nnz, rank * shape.H))
     return GroupBudget(rank=rank, nnz=nnz, stored=stored_params(shape, rank, nnz, bytes_per_param),
                        dense=shape.dense, v_size=rank * shape.H)

@@ -86,7 +86,7 @@ def reconstruct(fns: list[MlpFn], X: list[torch.Tensor], Y: list[torch.Tensor], 
             loss.backward()
             opt.step()
             sched.step()
-            curve.append(float(loss))
+            curve.append(loss.item())
             if t % 10 == 0:
                 bar.set_postfix(loss=f"{curve[-1]:.3g}")
     if pruner is not None:

@@ -16,8 +16,14 @@ from torch import nn
 
 from ..adapters.base import IN
 
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
+
+
+def _sparse_csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, size) -> torch.Tensor:
+    """A CSR tensor with int32 indices, without PyTorch's "beta"/"invariant checks" warnings."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+        warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
+        return torch.sparse_csr_tensor(crow.to(torch.int32), col.to(torch.int32), values, size=size)
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
@@ -93,11 +99,10 @@ class SharedBasisLinear(nn.Module):
 
     def _set_csr(self, V: torch.Tensor) -> None:
         dense = V.t() if self.role == IN else V  # IN: (h x r) @ z^T ; OUT: (r x h) @ x^T
-        csr = dense.contiguous().to_sparse_csr()
-        self.V_csr = torch.sparse_csr_tensor(
-            csr.crow_indices().to(torch.int32), csr.col_indices().to(torch.int32), csr.values(),
-            size=csr.shape,
-        )
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+            csr = dense.contiguous().to_sparse_csr()
+        self.V_csr = _sparse_csr(csr.crow_indices(), csr.col_indices(), csr.values(), csr.shape)
 
     @classmethod
     def empty_packed(cls, basis: SharedBasis, v_shape: tuple[int, int], role: str, bias: bool) -> "SharedBasisLinear":

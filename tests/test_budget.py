@@ -1,0 +1,68 @@
+import pytest
+import torch
+
+import layershare
+from layershare.budget import BudgetError, GroupShape, plan, solve_group
+from layershare.methods.fips import shared_svd
+
+from conftest import make_model, small_recipe
+
+
+@pytest.mark.parametrize("d,hs", [(64, (160, 160, 160)), (576, (1536,) * 6), (768, (3072, 3072)),
+                                  (640, (2048,) * 3), (192, (768, 768) * 4), (100, (130, 70))])
+@pytest.mark.parametrize("keep,density", [(0.5, 0.5), (0.8, 0.25), (0.3, 1.0), (0.9, 0.5)])
+def test_group_budget_hits_keep_fraction(d, hs, keep, density):
+    shape = GroupShape(d=d, hs=hs)
+    b = solve_group(shape, keep, density, bytes_per_param=4)
+    assert abs(b.stored - keep * shape.dense) <= 0.01 * keep * shape.dense
+    assert 0 < b.nnz <= b.rank * shape.H
+    # stored = U once + nnz + bitmask
+    assert b.stored == pytest.approx(d * b.rank + b.nnz + b.rank * shape.H / 32)
+
+
+def test_rank_above_width_is_planned_and_initialised():
+    """High keep at low density asks for r > d: U is zero-padded, V padded with scaled top rows."""
+    shape = GroupShape(d=64, hs=(256, 256, 256, 256))
+    b = solve_group(shape, keep=0.9, density=0.25, bytes_per_param=4)
+    assert b.rank > 64
+    mats = [torch.randn(64, h) for h in shape.hs]
+    U, Vs = shared_svd(mats, b.rank)
+    assert U.shape == (64, b.rank) and [v.shape for v in Vs] == [(b.rank, h) for h in shape.hs]
+    # padding does not change the product: U V still reproduces W exactly
+    for m, V in zip(mats, Vs):
+        torch.testing.assert_close(U @ V, m, atol=1e-4, rtol=1e-4)
+    assert torch.count_nonzero(U[:, 64:]) == 0
+
+
+def test_infeasible_ratio_names_the_feasible_range():
+    shapes = [GroupShape(d=64, hs=(160, 160))]
+    with pytest.raises(BudgetError, match=r"feasible range is 0 < ratio < 0\.4"):
+        plan(shapes, total_params=50_000, ratio=0.5, of="model", density=0.5, bytes_per_param=4)
+
+
+@pytest.mark.parametrize("ratio_of", ["model", "mlp"])
+@pytest.mark.parametrize("ratio", [0.1, 0.3])
+def test_compressed_model_hits_target_and_saved_bytes_agree(ratio_of, ratio, tokens, tmp_path):
+    model = make_model("llama")
+    dense = sum(p.numel() for p in model.parameters())
+    mlp = sum(p.numel() for n, p in model.named_parameters() if ".mlp." in n)
+    res = layershare.compress(model, small_recipe(ratio=ratio, ratio_of=ratio_of), data=tokens,
+                              output_dir=tmp_path / "out")
+    target_removed = ratio * (dense if ratio_of == "model" else mlp)
+    removed = res.sizes.dense_params - res.sizes.param_equivalents
+    assert res.sizes.dense_params == dense
+    assert abs(removed - target_removed) <= 0.01 * dense
+    # what is on disk: stored values and bitmasks, plus only the safetensors header
+    on_disk = (tmp_path / "out" / "model.safetensors").stat().st_size
+    assert res.sizes.weight_bytes <= on_disk <= res.sizes.weight_bytes + 32_000
+    # and the model really holds fewer values than the dense one
+    assert res.sizes.stored_values < dense
+
+
+def test_deit_shapes_budget():
+    """DeiT-Tiny/Small/Base MLP shapes (d, 4d) in groups of 4 blocks, 33% of MLP parameters."""
+    for d in (192, 384, 768):
+        shapes = [GroupShape(d=d, hs=(4 * d, 4 * d) * 4, n_bias=4 * (4 * d + d))] * 3
+        p = plan(shapes, total_params=sum(s.dense for s in shapes) * 3 // 2, ratio=0.33, of="mlp",
+                 density=0.5, bytes_per_param=4)
+        assert p.mlp_ratio == pytest.approx(0.33, abs=0.01)

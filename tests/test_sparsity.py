@@ -1,0 +1,59 @@
+import torch
+
+from layershare.modules.shared_basis import SharedBasis, SharedBasisLinear
+from layershare.sparsity import GroupPruner
+
+
+def _layers(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    basis = SharedBasis(torch.randn(16, 8, generator=g))
+    return [SharedBasisLinear(basis, torch.randn(8, h, generator=g), "in", None) for h in (20, 30)]
+
+
+def test_gradual_schedule_is_cubic_monotone_and_ends_exact():
+    layers = _layers()
+    total = sum(l.V.numel() for l in layers)
+    pr = GroupPruner(layers, n_final=100, schedule="gradual", steps=100, every=10, end=0.5)
+    targets = [pr.target(t) for t in range(0, 101)]
+    assert targets[0] == total and targets[50] == 100 and targets[-1] == 100
+    assert all(a >= b for a, b in zip(targets, targets[1:]))
+    # cubic: after a quarter of the ramp more than half of the pruning is done
+    assert targets[12] - 100 < 0.5 * (total - 100)
+    kept = []
+    for t in range(0, 101):
+        pr.step(t)
+        kept.append(int(sum(l.mask.sum() for l in layers)) if layers[0].mask is not None else total)
+    assert kept[-1] == 100
+    pr.finish()
+    assert sum(int(torch.count_nonzero(l.masked_V())) for l in layers) == 100
+
+
+def test_global_magnitude_and_no_regrowth():
+    layers = _layers()
+    pr = GroupPruner(layers, n_final=50, schedule="static", steps=0)
+    allv = torch.cat([l.V.detach().abs().flatten() for l in layers])
+    threshold = allv.topk(50).values.min()
+    pr.step(0)
+    for l in layers:
+        kept = l.V.detach().abs()[l.mask.bool()]
+        assert (kept >= threshold).all()
+    # entries pruned once stay pruned even if they grow back in V
+    before = [l.mask.clone() for l in layers]
+    with torch.no_grad():
+        for l in layers:
+            l.V.add_(100.0)
+    pr.prune_to(50)
+    for l, m in zip(layers, before):
+        assert (l.mask <= m).all()
+
+
+def test_pack_round_trip_keeps_product():
+    layers = _layers()
+    GroupPruner(layers, n_final=60, schedule="static", steps=0).finish()
+    x = torch.randn(5, 16)
+    outs = [l(x) for l in layers]
+    for l in layers:
+        l.pack()
+    for l, o in zip(layers, outs):
+        torch.testing.assert_close(l(x), o, atol=1e-5, rtol=1e-5)
+    assert sum(l.nnz() for l in layers) == 60
