@@ -8,7 +8,7 @@ import transformers as tf
 VOCAB = 128
 
 
-def _configs() -> dict:
+def _configs(VOCAB: int = VOCAB) -> dict:
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
     return {
@@ -32,9 +32,9 @@ def _configs() -> dict:
 ARCHS = list(_configs())
 
 
-def make_model(arch: str, seed: int = 0):
+def make_model(arch: str, seed: int = 0, vocab: int = VOCAB):
     torch.manual_seed(seed)
-    model = _configs()[arch]()
+    model = _configs(vocab)[arch]()
     # random init leaves some norms/biases at trivial values; perturb so every path matters
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -62,3 +62,36 @@ def small_recipe(**kw):
     base = dict(nsamples=8, seqlen=32, steps=0, batch_tokens=128)
     base.update(kw)
     return Recipe(**base)
+
+
+SAMPLE_TEXT = (
+    "It is a truth universally acknowledged, that a single man in possession of a good fortune, "
+    "must be in want of a wife. However little known the feelings or views of such a man may be "
+    "on his first entering a neighbourhood, this truth is so well fixed in the minds of the "
+    "surrounding families, that he is considered as the rightful property of some one or other "
+    "of their daughters. "
+)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """A byte-level BPE tokenizer trained here (no download), vocabulary < 300."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([SAMPLE_TEXT] * 4, vocab_size=290, min_frequency=1, show_progress=False)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="</s>", bos_token="<s>")
+    tok.add_special_tokens({"eos_token": "</s>", "bos_token": "<s>"})
+    assert len(tok) <= 300
+    return tok
+
+
+@pytest.fixture
+def model_dir(tmp_path, tokenizer):
+    """A tiny Llama saved as a local Hugging Face directory, with the tokenizer."""
+    model = make_model("llama", vocab=300)
+    path = tmp_path / "tiny-llama"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

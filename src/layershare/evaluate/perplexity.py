@@ -22,13 +22,19 @@ class Perplexity:
     windows: int
     seqlen: int
     tokens: int  # tokens in the text
-    dropped: int  # remainder not scored
+    available: int  # windows the whole text holds
+
+    @property
+    def dropped(self) -> int:
+        """Tokens not scored: the remainder after the last full window (and any windows skipped)."""
+        return self.tokens - self.windows * self.seqlen
 
     @property
     def protocol(self) -> str:
-        return (f"{self.windows} non-overlapping windows x {self.seqlen} tokens "
-                f"({self.windows * (self.seqlen - 1):,} predicted tokens; "
-                f"text has {self.tokens:,} tokens, last {self.dropped} dropped)")
+        which = (f"{self.windows} non-overlapping windows" if self.windows == self.available
+                 else f"first {self.windows} of {self.available} non-overlapping windows")
+        return (f"{which} x {self.seqlen} tokens ({self.windows * (self.seqlen - 1):,} predicted tokens; "
+                f"text has {self.tokens:,} tokens, {self.dropped:,} not scored)")
 
     def __str__(self) -> str:
         return f"ppl {self.ppl:.3f} over {self.protocol}"
@@ -43,7 +49,7 @@ def default_seqlen(model, cap: int = 2048) -> int:
 def perplexity(model, ids: torch.Tensor, seqlen: int | None = None, batch_size: int = 1,
                device: str | None = None, max_windows: int | None = None, desc: str = "perplexity") -> Perplexity:
     seqlen = seqlen or default_seqlen(model)
-    n = ids.numel() // seqlen
+    available = n = ids.numel() // seqlen
     if n == 0:
         raise DataError(f"evaluation text has {ids.numel()} tokens, fewer than one window of {seqlen}")
     if max_windows is not None:
@@ -61,4 +67,4 @@ def perplexity(model, ids: torch.Tensor, seqlen: int | None = None, batch_size: 
         count += batch[:, 1:].numel()
     mean = total / count
     return Perplexity(ppl=math.exp(mean), nll=mean, windows=n, seqlen=seqlen, tokens=int(ids.numel()),
-                      dropped=int(ids.numel() - (ids.numel() // seqlen) * seqlen))
+                      available=available)
