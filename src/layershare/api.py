@@ -127,5 +127,7 @@ def load(path: str | Path, device: str = "cpu") -> nn.Module:
 
 def evaluate_perplexity(model: nn.Module, tokenizer, text, seqlen: int | None = None,
                         max_windows: int | None = None) -> Perplexity:
-    """Perplexity over the whole text source (see evaluate/perplexity.py for the protocol)."""
-    return perplexity(model, tokenize(tokenizer, read_text(text)), seqlen=seqlen, max_windows=max_windows)
+    """Perplexity over the whole text (a source for data.read_text, or a 1-D tensor of token ids);
+    see evaluate/perplexity.py for the protocol."""
+    ids = text.flatten() if isinstance(text, torch.Tensor) else tokenize(tokenizer, read_text(text))
+    return perplexity(model, ids, seqlen=seqlen, max_windows=max_windows)
