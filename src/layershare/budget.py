@@ -28,6 +28,7 @@ class GroupShape:
     d: int
     hs: tuple[int, ...]
     n_bias: int = 0  # bias entries of the group's linears (kept dense)
+    roles: tuple[str, ...] = ()  # "in"/"out" per matrix (which side of d x h reads the input)
 
     @property
     def H(self) -> int:
@@ -45,6 +46,7 @@ class GroupBudget:
     stored: float  # parameter-equivalents: d*r + nnz + bitmask + biases
     dense: int
     v_size: int  # rank * H: entries of all V_i before pruning
+    ranks: tuple[int, ...] | None = None  # per matrix, for methods that factorise each on its own
 
     @property
     def density(self) -> float:
@@ -52,19 +54,31 @@ class GroupBudget:
 
 
 def mask_params(rank: int, H: int, bytes_per_param: int) -> float:
-    """Bitmask over all V_i of a group, in parameter-equivalents."""
-    return rank * H / (8 * bytes_per_param)
+    """Bitmask over all V_i of a group, in parameter-equivalents (0 for dense V: bytes_per_param=0)."""
+    return rank * H / (8 * bytes_per_param) if bytes_per_param else 0.0
 
 
 def stored_params(shape: GroupShape, rank: int, nnz: int, bytes_per_param: int) -> float:
     return shape.d * rank + nnz + mask_params(rank, shape.H, bytes_per_param) + shape.n_bias
 
 
+def solve_dense(shape: GroupShape, keep: float, rank: int | None = None) -> GroupBudget:
+    """Rank of a dense factorisation U (d x r), V (r x H) that keeps `keep` of the parameters
+    (or the given rank)."""
+    if rank is None:
+        rank = int((keep * shape.dense - shape.n_bias) // (shape.d + shape.H))
+    if rank < 1:
+        raise BudgetError(f"a matrix group with d={shape.d}, H={shape.H} cannot keep {keep:.1%} of its "
+                          f"parameters: not even rank 1 fits")
+    return GroupBudget(rank=rank, nnz=rank * shape.H, stored=stored_params(shape, rank, rank * shape.H, 0),
+                       dense=shape.dense, v_size=rank * shape.H)
+
+
 def solve_group(shape: GroupShape, keep: float, density: float, bytes_per_param: int) -> GroupBudget:
     """Largest rank whose storage at `density` fits keep * dense, then the nnz that hits it exactly
     (with one rank more when even a dense V of that rank would fall short)."""
     target = keep * shape.dense - shape.n_bias
-    per_rank = shape.d + shape.H * density + shape.H / (8 * bytes_per_param)
+    per_rank = shape.d + shape.H * density + mask_params(1, shape.H, bytes_per_param)
     rank = int(target // per_rank)
     if rank < 1:
         raise BudgetError(
@@ -105,17 +119,10 @@ def feasible_max_ratio(total_params: int, mlp_params: int, of: str) -> float:
     return mlp_params / total_params if of == "model" else 1.0
 
 
-def plan(shapes: list[GroupShape], total_params: int, ratio: float, of: str, density: float,
-         bytes_per_param: int) -> Plan:
-    """Split a target ratio (of the whole model's or of the MLPs' parameters) over the groups.
-
-    Every group keeps the same fraction of its dense MLP parameters, so the total hits the
-    target up to rounding of ranks (nnz absorbs the remainder exactly).
-    """
+def keep_fraction(shapes: list[GroupShape], total_params: int, ratio: float, of: str) -> float:
+    """Fraction of its dense MLP parameters every group keeps so that `ratio` is removed."""
     if of not in ("model", "mlp"):
         raise BudgetError(f"ratio_of must be 'model' or 'mlp', got {of!r}")
-    if not 0 < density <= 1:
-        raise BudgetError(f"density must be in (0, 1], got {density}")
     mlp_params = sum(s.dense for s in shapes)
     hi = feasible_max_ratio(total_params, mlp_params, of)
     if not 0 < ratio < hi:
@@ -125,10 +132,26 @@ def plan(shapes: list[GroupShape], total_params: int, ratio: float, of: str, den
             f"feasible range is 0 < ratio < {hi:.3f}"
         )
     removed = ratio * (total_params if of == "model" else mlp_params)
-    keep = 1.0 - removed / mlp_params
-    groups = tuple(solve_group(s, keep, density, bytes_per_param) for s in shapes)
-    return Plan(keep=keep, groups=groups, total_params=total_params, mlp_params=mlp_params,
-                target_removed=int(math.floor(removed)))
+    return 1.0 - removed / mlp_params
+
+
+def make_plan(shapes: list[GroupShape], total_params: int, keep: float, budgets) -> Plan:
+    mlp = sum(s.dense for s in shapes)
+    return Plan(keep=keep, groups=tuple(budgets), total_params=total_params, mlp_params=mlp,
+                target_removed=int(math.floor((1 - keep) * mlp)))
+
+
+def plan(shapes: list[GroupShape], total_params: int, ratio: float, of: str, density: float,
+         bytes_per_param: int) -> Plan:
+    """Split a target ratio (of the whole model's or of the MLPs' parameters) over the groups.
+
+    Every group keeps the same fraction of its dense MLP parameters, so the total hits the
+    target up to rounding of ranks (nnz absorbs the remainder exactly).
+    """
+    if not 0 < density <= 1:
+        raise BudgetError(f"density must be in (0, 1], got {density}")
+    keep = keep_fraction(shapes, total_params, ratio, of)
+    return make_plan(shapes, total_params, keep, [solve_group(s, keep, density, bytes_per_param) for s in shapes])
 
 
 def fixed_rank_plan(shapes: list[GroupShape], total_params: int, rank: int, density: float,

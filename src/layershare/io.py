@@ -60,7 +60,7 @@ def layer_map(model: nn.Module) -> dict:
     for name, m in model.named_modules():
         if isinstance(m, SharedBasisLinear):
             layers[name] = {"basis": ids[id(m.basis)], "role": m.role, "v_shape": list(m.v_shape),
-                            "bias": m.bias is not None}
+                            "bias": m.bias is not None, "sparse": m.packed}
     return {"bases": {k: list(b.U.shape) for k, b in bases.items()}, "layers": layers}
 
 
@@ -154,8 +154,8 @@ def load_compressed(path: str | Path, device: str = "cpu", dtype: torch.dtype | 
     bases = nn.ModuleDict({k: SharedBasis(torch.zeros(*shape)) for k, shape in entry["bases"].items()})
     model.add_module(BASES_ATTR, bases)
     for name, spec in entry["layers"].items():
-        set_path(model, name, SharedBasisLinear.empty_packed(bases[spec["basis"]], tuple(spec["v_shape"]),
-                                                              spec["role"], spec["bias"]))
+        make = SharedBasisLinear.empty_packed if spec.get("sparse", True) else SharedBasisLinear.empty_dense
+        set_path(model, name, make(bases[spec["basis"]], tuple(spec["v_shape"]), spec["role"], spec["bias"]))
     try:
         with safe_open(str(path / WEIGHTS), framework="pt") as f:
             sd = {k: f.get_tensor(k) for k in f.keys()}

@@ -113,11 +113,27 @@ def capture_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[torch.
 
 @torch.no_grad()
 def run_group(blocks: nn.ModuleList, group: list[int], cap: Captured, adapter: Adapter, device: str,
-              record: bool) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-    """Run the group's blocks on the captured inputs; optionally record each MLP's input/output."""
+              record: bool, grams: dict[str, torch.Tensor] | None = None,
+              linears: dict[str, nn.Module] | None = None
+              ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """Run the group's blocks on the captured inputs; optionally record each MLP's input/output,
+    and (with `grams` and `linears`) each linear's input second moment E[x x^T] in float64."""
     X: list[list[torch.Tensor]] = [[] for _ in group]
     Y: list[list[torch.Tensor]] = [[] for _ in group]
     handles = []
+    if grams is not None:
+        counts: dict[str, int] = {}
+
+        def accumulate(path):
+            def hook(m, a, kw):
+                x = (a[0] if a else next(iter(kw.values()))).detach()
+                x = x.reshape(-1, x.shape[-1]).double().cpu()
+                grams[path] = grams.get(path, 0) + x.t() @ x
+                counts[path] = counts.get(path, 0) + x.shape[0]
+            return hook
+
+        for path, module in (linears or {}).items():
+            handles.append(module.register_forward_pre_hook(accumulate(path), with_kwargs=True))
     if record:
         def keep_input(store):
             def hook(m, a, kw):
@@ -146,7 +162,10 @@ def run_group(blocks: nn.ModuleList, group: list[int], cap: Captured, adapter: A
     finally:
         for hd in handles:
             hd.remove()
-    return [torch.cat(x) for x in X], [torch.cat(y) for y in Y], outs
+    if grams is not None:
+        for path in grams:
+            grams[path] /= counts[path]
+    return [torch.cat(x) for x in X] if record else [], [torch.cat(y) for y in Y] if record else [], outs
 
 
 def group_shapes(model: nn.Module, adapter: Adapter, groups: list[list[int]]) -> list:
@@ -178,8 +197,11 @@ def compress_model(model: nn.Module, adapter: Adapter, method: Method, recipe: R
     bar = tqdm(list(enumerate(groups)), desc=f"{method.name} groups", dynamic_ncols=True)
     for g, group_blocks in bar:
         tg = time.time()
-        X, Y, dense_out = run_group(blocks, group_blocks, cap, adapter, device, record=True)
         group = Group.of(model, adapter, g, group_blocks)
+        grams = {} if method.needs_gram else None
+        X, Y, dense_out = run_group(blocks, group_blocks, cap, adapter, device, record=True, grams=grams,
+                                    linears=dict(zip(group.paths, group.modules)))
+        group.grams = grams
         comp = method.init(group, plan.groups[g], recipe)
         for path, module in comp.modules.items():
             set_path(model, path, module.to(device))

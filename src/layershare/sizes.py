@@ -1,7 +1,7 @@
 """Honest size accounting of a (compressed) model: parameters stored and bytes.
 
 stored values     every parameter the model keeps (tied weights once, each shared basis
-                  once) plus the nonzeros of every sparse V
+                  once, dense V in full) plus the nonzeros of every sparse V
 index bytes       the bitmask of every sparse V (1 bit per entry of r x h)
 param-equivalents stored values + index bytes / bytes per parameter at the storage dtype
 """
@@ -45,9 +45,9 @@ class Sizes:
 
 
 def measure(model: nn.Module, dense_params: int, bytes_per_param: int = 4) -> Sizes:
-    sparse = [m for m in model.modules() if isinstance(m, SharedBasisLinear)]
+    sparse = [m for m in model.modules() if isinstance(m, SharedBasisLinear) and m.sparse]
     nnz = sum(m.nnz() for m in sparse)
-    dense_v = sum(m.V.numel() for m in sparse if not m.packed)  # unpacked V are parameters: count nnz only
+    dense_v = sum(m.V.numel() for m in sparse if not m.packed)  # masked V parameters: count nnz only
     index = sum((m.v_shape[0] * m.v_shape[1] + 7) // 8 for m in sparse)
     return Sizes(dense_params=dense_params, stored_values=count_params(model) - dense_v + nnz,
                  index_bytes=index, bytes_per_param=bytes_per_param)

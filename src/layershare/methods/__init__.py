@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 from .base import Compressed, Group, Method
+from .basis_sharing import BasisSharing
 from .fips import FiPS
+from .svd import SVD, SVDLLM
 
-METHODS: dict[str, type[Method]] = {"fips": FiPS}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (FiPS, SVD, SVDLLM, BasisSharing)}
 
 
 def get_method(name: str) -> Method:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from ..adapters.base import Adapter, get_path
@@ -27,6 +28,7 @@ class Group:
     paths: list[str]  # dotted paths from the model root, in block order then MLP order
     roles: list[str]
     modules: list[nn.Module]
+    grams: dict[str, torch.Tensor] | None = None  # path -> E[x x^T] of the linear's input (if asked for)
 
     @classmethod
     def of(cls, model: nn.Module, adapter: Adapter, index: int, blocks: list[int]) -> "Group":
@@ -49,7 +51,7 @@ class Group:
             d = d_i
             hs.append(h_i)
         n_bias = sum(m.bias.numel() for m in self.modules if getattr(m, "bias", None) is not None)
-        return GroupShape(d=d, hs=tuple(hs), n_bias=n_bias)
+        return GroupShape(d=d, hs=tuple(hs), n_bias=n_bias, roles=tuple(self.roles))
 
 
 @dataclass
@@ -64,7 +66,8 @@ class Compressed:
 
 class Method:
     name: str = ""
-    tunable: bool = True
+    tunable: bool = True  # tuned by block-wise reconstruction (reconstruct.py) after init
+    needs_gram: bool = False  # init needs each linear's input second moment (group.grams)
 
     def plan(self, shapes: list[GroupShape], total_params: int, recipe: Recipe) -> Plan:
         raise NotImplementedError

@@ -105,6 +105,15 @@ class SharedBasisLinear(nn.Module):
         self.V_csr = _sparse_csr(csr.crow_indices(), csr.col_indices(), csr.values(), csr.shape)
 
     @classmethod
+    def empty_dense(cls, basis: SharedBasis, v_shape: tuple[int, int], role: str, bias: bool) -> "SharedBasisLinear":
+        """A module with a dense V (no mask, nothing packed), waiting for `load_state_dict`."""
+        d = basis.U.shape[0]
+        out = v_shape[1] if role == IN else d
+        layer = cls(basis, torch.zeros(v_shape, dtype=basis.U.dtype), role,
+                    torch.zeros(out, dtype=basis.U.dtype) if bias else None)
+        return layer.requires_grad_(False)
+
+    @classmethod
     def empty_packed(cls, basis: SharedBasis, v_shape: tuple[int, int], role: str, bias: bool) -> "SharedBasisLinear":
         """A packed module with all-zero V, waiting for `load_state_dict` (the loader's constructor)."""
         d = basis.U.shape[0]
@@ -176,6 +185,11 @@ class SharedBasisLinear(nn.Module):
             return self.masked_V().detach()
         dense = self.V_csr.to_dense()
         return dense.t() if self.role == IN else dense
+
+    @property
+    def sparse(self) -> bool:
+        """Whether V is stored sparse (values + bitmask); a dense V is stored as is."""
+        return self.packed or self.mask is not None
 
     def nnz(self) -> int:
         return int(self.V_csr.values().numel()) if self.packed else int((self.masked_V() != 0).sum())

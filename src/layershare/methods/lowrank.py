@@ -1,0 +1,63 @@
+"""Low-rank factorisations shared by the SVD-family methods, in the d x h form of modules/.
+
+`whitened_factors(W, gram, rank)` minimises the error on the calibration inputs,
+E||x W - x A B||^2 for inputs x with second moment `gram` (SVD-LLM's truncation-aware
+whitening: Cholesky gram = L L^T, SVD of L^T W, A = L^-T P_r, B = S_r Q_r); with gram=None it
+is the plain truncated SVD. `to_basis(A, B, role)` turns the (input x output) factors into the
+(U, V) of a SharedBasisLinear: for role "in" the input side is d (U = A, V = B); for role
+"out" it is h (W_dxh = B^T A^T, so U = B^T, V = A^T).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..adapters.base import IN
+from ..modules.shared_basis import SharedBasis, SharedBasisLinear
+from ..modules.weights import weight_dxh
+
+EPS = 1e-6  # ridge added to the Gram matrix, relative to its mean diagonal
+
+
+def cholesky(gram: torch.Tensor) -> torch.Tensor:
+    """Lower-triangular L with gram + ridge = L L^T (float64); the ridge grows until it succeeds."""
+    g = gram.double()
+    ridge = EPS * float(g.diagonal().mean().clamp_min(1e-12))
+    eye = torch.eye(g.shape[0], dtype=g.dtype)
+    for _ in range(8):
+        L, info = torch.linalg.cholesky_ex(g + ridge * eye)
+        if int(info) == 0:
+            return L
+        ridge *= 10
+    raise RuntimeError("input Gram matrix is not positive definite even with a ridge")
+
+
+def whitened_factors(W: torch.Tensor, gram: torch.Tensor | None, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (in x rank), B (rank x out) with W ~ A B, error measured on inputs with second moment `gram`."""
+    W = W.double()
+    if gram is None:
+        P, S, Q = torch.linalg.svd(W, full_matrices=False)
+        return P[:, :rank], S[:rank, None] * Q[:rank]
+    L = cholesky(gram)
+    P, S, Q = torch.linalg.svd(L.t() @ W, full_matrices=False)
+    A = torch.linalg.solve_triangular(L.t(), P[:, :rank], upper=True)  # L^-T P_r
+    return A, S[:rank, None] * Q[:rank]
+
+
+def input_side(W_dxh: torch.Tensor, role: str) -> torch.Tensor:
+    """The matrix as (input x output)."""
+    return W_dxh if role == IN else W_dxh.t()
+
+
+def to_basis(A: torch.Tensor, B: torch.Tensor, role: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    U, V = (A, B) if role == IN else (B.t(), A.t())
+    return U.to(dtype).contiguous(), V.to(dtype).contiguous()
+
+
+def lowrank_linear(module, role: str, rank: int, gram: torch.Tensor | None) -> tuple[SharedBasis, SharedBasisLinear]:
+    """One linear as its own basis and a dense V (truncated SVD, whitened when gram is given)."""
+    W = weight_dxh(module, role).float()
+    A, B = whitened_factors(input_side(W, role), gram, rank)
+    U, V = to_basis(A, B, role, W.dtype)
+    basis = SharedBasis(U)
+    bias = module.bias.detach().clone().float() if getattr(module, "bias", None) is not None else None
+    return basis, SharedBasisLinear(basis, V, role, bias)

@@ -1,0 +1,55 @@
+"""Truncated SVD of every MLP linear, each on its own (the classic low-rank baseline),
+and SVD-LLM (Wang et al., arXiv 2403.07378): the same, but truncation-aware — the SVD is
+taken of the weight whitened by the Cholesky factor of its calibration inputs' second
+moment, so truncation minimises the output error on those inputs.
+
+Every linear keeps the same fraction of its parameters: rank = keep * d*h / (d + h).
+No sparsity and no tuning (the factors are dense; nothing is stored but U and V).
+"""
+from __future__ import annotations
+
+from ..budget import GroupBudget, GroupShape, Plan, keep_fraction, make_plan, solve_dense
+from ..recipe import Recipe
+from .base import Compressed, Group, Method
+from .lowrank import lowrank_linear
+
+
+def per_linear_budget(shape: GroupShape, keep: float, rank: int | None = None) -> GroupBudget:
+    """One rank for every linear of the group (each its own d x h_i factorisation)."""
+    parts = [solve_dense(GroupShape(shape.d, (h,)), keep, rank) for h in shape.hs]
+    stored = sum(p.stored for p in parts) + shape.n_bias
+    return GroupBudget(rank=parts[0].rank, nnz=sum(p.nnz for p in parts), stored=stored,
+                       dense=shape.dense, v_size=sum(p.v_size for p in parts), ranks=tuple(p.rank for p in parts))
+
+
+class SVD(Method):
+    name = "svd"
+    tunable = False
+    whiten = False
+
+    @property
+    def needs_gram(self) -> bool:  # type: ignore[override]
+        return self.whiten
+
+    def plan(self, shapes: list[GroupShape], total_params: int, recipe: Recipe) -> Plan:
+        rank = recipe.extra.get("rank")  # explicit rank: the ratio is whatever it comes to
+        keep = 1.0 if rank else keep_fraction(shapes, total_params, recipe.ratio, recipe.ratio_of)
+        return make_plan(shapes, total_params, keep, [per_linear_budget(s, keep, rank) for s in shapes])
+
+    def init(self, group: Group, budget: GroupBudget, recipe: Recipe) -> Compressed:
+        modules, shared = {}, {}
+        for j, (path, m, role, rank) in enumerate(zip(group.paths, group.modules, group.roles, budget.ranks)):
+            gram = group.grams[path] if self.whiten else None
+            basis, layer = lowrank_linear(m, role, rank, gram)
+            modules[path] = layer
+            shared[f"{group.index}_{j}"] = basis
+        return Compressed(modules=modules, shared=shared)
+
+    def materialize(self, compressed: Compressed) -> None:
+        for m in list(compressed.modules.values()) + list(compressed.shared.values()):
+            m.requires_grad_(False)
+
+
+class SVDLLM(SVD):
+    name = "svd-llm"
+    whiten = True
