@@ -1,0 +1,85 @@
+"""FiPS against its peers on the same model, calibration text, evaluation text and budget.
+
+    python benchmarks/compare_llm.py                       # every model x method x ratio below
+    python benchmarks/compare_llm.py --models smollm2-135m --ratios 0.2
+
+All methods compress the MLPs (the part FiPS shares) to the same whole-model ratio, with the
+same calibration windows (Sense and Sensibility, seed 0) and their library defaults;
+perplexity on Northanger Abbey (whole book, 2048-token windows). A ratio beyond what the
+MLPs hold is reported as infeasible. Results merge into docs/llm_runs.json (shared with
+fips_llm.py); writes docs/compare_llm.md and docs/compare_llm.png.
+"""
+from __future__ import annotations
+
+import argparse
+
+from runner import CALIB, RESULTS, ROOT, TEST, markdown_table, protocols, run_all
+
+METHODS = ["fips", "basis-sharing", "svd-llm", "svd"]
+MODELS = ["smollm2-135m", "gemma3-270m"]
+RATIOS = [0.1, 0.2, 0.3, 0.4]
+# share of whole-model parameters in the MLPs (the most an MLP-only method can remove)
+MLP_SHARE = {"smollm2-135m": 30 * 3 * 576 * 1536 / 134_515_008, "gemma3-270m": 18 * 3 * 640 * 2048 / 268_098_176}
+
+
+def plot(rows: list[dict], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({r["model"] for r in rows})
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        dense = next((r for r in rows if r["model"] == model and r["method"] == "dense"), None)
+        for method in METHODS:
+            pts = sorted((r["ratio_measured"], r["ppl"]) for r in rows if r["model"] == model and r["method"] == method)
+            if pts:
+                ax.plot([100 * x for x, _ in pts], [y for _, y in pts], marker="o", label=method)
+        if dense:
+            ax.axhline(dense["ppl"], color="gray", ls="--", label="dense")
+        ax.set_title(model)
+        ax.set_xlabel("parameters removed (% of whole model)")
+        ax.set_ylabel(f"perplexity on {TEST}")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="*", default=MODELS)
+    ap.add_argument("--methods", nargs="*", default=METHODS)
+    ap.add_argument("--ratios", nargs="*", type=float, default=RATIOS)
+    ap.add_argument("--seqlen", type=int, default=2048)
+    ap.add_argument("--skip-done", action="store_true", help="do not rerun runs already in the results file")
+    args = ap.parse_args()
+    import json
+
+    done = {(r["model"], r["method"], r["ratio_target"]) for r in json.loads(RESULTS.read_text())} \
+        if args.skip_done and RESULTS.exists() else set()
+    runs, infeasible = [], []
+    for model in args.models:
+        if (model, "dense", 0.0) not in done:
+            runs.append(f"{model}:dense:0")
+        for ratio in args.ratios:
+            if ratio >= MLP_SHARE.get(model, 1.0):
+                infeasible.append(f"{model} at {ratio:.0%} (its MLPs hold {MLP_SHARE[model]:.1%} of the parameters)")
+                continue
+            runs += [f"{model}:{m}:{ratio}" for m in args.methods if (model, m, ratio) not in done]
+    rows = run_all(runs, RESULTS, args.seqlen, {})
+    table = markdown_table(rows)
+    plot(rows, ROOT / "docs" / "compare_llm.png")
+    note = ("\n\nInfeasible for MLP-only compression: " + "; ".join(infeasible) + ".") if infeasible else ""
+    (ROOT / "docs" / "compare_llm.md").write_text(
+        "# FiPS and its peers on real causal LMs (CPU, 2 cores)\n\n"
+        f"Produced by `python benchmarks/compare_llm.py`. Every method compresses the MLPs to the same "
+        f"whole-model ratio with its library defaults, calibrated on the same windows of `{CALIB}`; "
+        f"perplexity on `{TEST}`:\n\n{protocols(rows)}\n\n{table}{note}\n\n![perplexity vs compression](compare_llm.png)\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
