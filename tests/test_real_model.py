@@ -27,13 +27,14 @@ def test_smollm2_fips_20_percent_is_smaller_reloads_and_stays_close(smol, tmp_pa
     except AssetError as e:
         pytest.skip(str(e))
     dense = layershare.evaluate_perplexity(model, tok, held, seqlen=512, max_windows=6)
-    res = layershare.compress(model, layershare.Recipe(ratio=0.2, nsamples=8, seqlen=256, steps=20),
+    res = layershare.compress(model, layershare.Recipe(ratio=0.2, nsamples=8, seqlen=256, steps=40, schedule="static"),
                               data=tokenize(tok, calib), tokenizer=tok, output_dir=tmp_path / "smol")
     assert res.sizes.ratio == pytest.approx(0.2, abs=0.01)
     on_disk = (tmp_path / "smol" / "model.safetensors").stat().st_size
     assert on_disk < 0.81 * res.sizes.dense_bytes
     comp = layershare.evaluate_perplexity(model, tok, held, seqlen=512, max_windows=6)
-    assert dense.ppl < comp.ppl < 3 * dense.ppl  # compressed, but still a language model
+    # measured: dense 38.5, compressed 49.6 (a short run; the default recipe does far better)
+    assert dense.ppl < comp.ppl < 2 * dense.ppl  # compressed, but still a language model
     loaded = layershare.load(tmp_path / "smol")
     ids = tok("Emma Woodhouse, handsome, clever, and rich,", return_tensors="pt").input_ids
     with torch.no_grad():

@@ -27,7 +27,7 @@ class Recipe:
     prune_every: int = 10  # steps between mask updates (gradual)
     prune_end: float = 0.75  # fraction of the steps after which the mask is final (gradual)
     steps: int = 200  # optimiser steps per group (0: SVD init only)
-    lr: float = 1e-4
+    lr: float = 1e-3  # chosen on a validation book (Mansfield Park): 1e-4 -> ppl 37.4, 1e-3 -> 34.5 at 20%
     weight_decay: float = 0.0
     batch_tokens: int = 1024  # tokens per optimiser step
     loss: str = "mse"  # "mse" or "nmse" (each block's error divided by its output energy)
