@@ -3,10 +3,11 @@
     python benchmarks/compare_llm.py                       # every model x method x ratio below
     python benchmarks/compare_llm.py --models smollm2-135m --ratios 0.2
 
-All methods compress the MLPs (the part FiPS shares) to the same whole-model ratio, with the
-same calibration windows (Sense and Sensibility, seed 0) and their library defaults;
-perplexity on Northanger Abbey (whole book, 2048-token windows). A ratio beyond what the
-MLPs hold is reported as infeasible. Results merge into docs/llm_runs.json (shared with
+Every method removes the same fraction of the whole model's parameters, with the same
+calibration windows (Sense and Sensibility, seed 0) and its library defaults; perplexity on
+Northanger Abbey (whole book, 2048-token windows). fips, basis-sharing, svd-llm, svd and
+ffn-merge compress the MLPs, masa the attention; a ratio beyond what a method's part of the
+model holds is refused by the library and listed as not run. Results merge into docs/llm_runs.json (shared with
 fips_llm.py); writes docs/compare_llm.md and docs/compare_llm.png.
 """
 from __future__ import annotations
@@ -15,11 +16,10 @@ import argparse
 
 from runner import CALIB, RESULTS, ROOT, TEST, markdown_table, protocols, run_all
 
-METHODS = ["fips", "basis-sharing", "svd-llm", "svd"]
+METHODS = ["fips", "basis-sharing", "svd-llm", "svd", "ffn-merge", "masa"]
 MODELS = ["smollm2-135m", "gemma3-270m"]
 RATIOS = [0.1, 0.2, 0.3, 0.4]
-# share of whole-model parameters in the MLPs (the most an MLP-only method can remove)
-MLP_SHARE = {"smollm2-135m": 30 * 3 * 576 * 1536 / 134_515_008, "gemma3-270m": 18 * 3 * 640 * 2048 / 268_098_176}
+RESULTS_INFEASIBLE = RESULTS.with_name("llm_infeasible.json")  # runs the library refused, with its reason
 
 
 def plot(rows: list[dict], path) -> None:
@@ -60,23 +60,26 @@ def main() -> None:
 
     done = {(r["model"], r["method"], r["ratio_target"]) for r in json.loads(RESULTS.read_text())} \
         if args.skip_done and RESULTS.exists() else set()
-    runs, infeasible = [], []
+    known = json.loads(RESULTS_INFEASIBLE.read_text()) if RESULTS_INFEASIBLE.exists() else []
+    refused_before = {k.split(": ")[0] for k in known}
+    runs = []
     for model in args.models:
         if (model, "dense", 0.0) not in done:
             runs.append(f"{model}:dense:0")
         for ratio in args.ratios:
-            if ratio >= MLP_SHARE.get(model, 1.0):
-                infeasible.append(f"{model} at {ratio:.0%} (its MLPs hold {MLP_SHARE[model]:.1%} of the parameters)")
-                continue
-            runs += [f"{model}:{m}:{ratio}" for m in args.methods if (model, m, ratio) not in done]
-    rows = run_all(runs, RESULTS, args.seqlen, {})
+            runs += [f"{model}:{m}:{ratio}" for m in args.methods
+                     if (model, m, ratio) not in done and f"{model}:{m}:{ratio}" not in refused_before]
+    rows, refused = run_all(runs, RESULTS, args.seqlen, {})
+    known = sorted(set(known) | set(refused))
+    RESULTS_INFEASIBLE.write_text(json.dumps(known, indent=2))
     table = markdown_table(rows)
     plot(rows, ROOT / "docs" / "compare_llm.png")
-    note = ("\n\nInfeasible for MLP-only compression: " + "; ".join(infeasible) + ".") if infeasible else ""
+    note = ("\n\nNot run: the budget is out of the method's range (the library's message, raised before any "
+            "work):\n" + "\n".join(f"- {k}" for k in known)) if known else ""
     (ROOT / "docs" / "compare_llm.md").write_text(
         "# FiPS and its peers on real causal LMs (CPU, 2 cores)\n\n"
-        f"Produced by `python benchmarks/compare_llm.py`. Every method compresses the MLPs to the same "
-        f"whole-model ratio with its library defaults, calibrated on the same windows of `{CALIB}`; "
+        f"Produced by `python benchmarks/compare_llm.py`. Every method removes the same fraction of the "
+        f"whole model's parameters (masa from the attention, the others from the MLPs) with its library defaults, calibrated on the same windows of `{CALIB}`; "
         f"perplexity on `{TEST}`:\n\n{protocols(rows)}\n\n{table}{note}\n\n![perplexity vs compression](compare_llm.png)\n")
     print(table)
 

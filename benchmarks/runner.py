@@ -36,9 +36,13 @@ def run_one(model_name: str, method: str, ratio: float, seqlen: int, overrides: 
     row: dict = {"model": model_name, "method": "dense" if ratio == 0 else method, "ratio_target": ratio}
     with tempfile.TemporaryDirectory() as tmp:
         if ratio == 0:
-            dense_dir = Path(tmp) / "dense"
-            model.save_pretrained(dense_dir, safe_serialization=True)
-            row["bytes_on_disk"] = sum(f.stat().st_size for f in dense_dir.glob("*.safetensors"))
+            # the same writer as the compressed models (GGUF-loaded models refuse save_pretrained)
+            from safetensors.torch import save_file
+
+            from layershare.io import _state_dict_unique
+
+            save_file(_state_dict_unique(model, torch.float32), str(Path(tmp) / "dense.safetensors"))
+            row["bytes_on_disk"] = (Path(tmp) / "dense.safetensors").stat().st_size
             row["stored_params"] = sum(p.numel() for p in model.parameters())
             row["seconds"] = 0.0
             row["peak_rss_mb"] = peak_rss_mb()
@@ -53,7 +57,11 @@ def run_one(model_name: str, method: str, ratio: float, seqlen: int, overrides: 
             row["ratio_measured"] = result.sizes.ratio
             row["bytes_on_disk"] = (Path(tmp) / "c" / "model.safetensors").stat().st_size
             row["group_errors"] = [(g.stats.rel_err_before, g.stats.rel_err_after) for g in result.report.groups]
+            row["extra"] = result.report.extra  # what whole-model methods report (ffn-merge: its window)
             model = layershare.load(Path(tmp) / "c")  # evaluate what was saved, not what is in memory
+            for m in model.modules():  # sparse V to dense for the evaluation's speed (same function; tests check)
+                if hasattr(m, "unpack"):
+                    m.unpack()
     ppl = layershare.evaluate_perplexity(model, tok, tokenize(tok, read_text(TEST)), seqlen=seqlen)
     row["ppl"], row["protocol"] = ppl.ppl, ppl.protocol
     return row
@@ -64,15 +72,23 @@ def parse_run(run: str) -> tuple[str, str, float]:
     return model, method, float(ratio)
 
 
-def run_all(runs: list[str], json_path: Path, seqlen: int, overrides: dict) -> list[dict]:
+def run_all(runs: list[str], json_path: Path, seqlen: int, overrides: dict) -> tuple[list[dict], list[str]]:
+    """Run each in its own process; returns every row in the results file and the runs whose
+    budget cannot be reached (with the library's message)."""
     json_path.parent.mkdir(parents=True, exist_ok=True)
     rows = json.loads(json_path.read_text()) if json_path.exists() else []
     key = lambda r: (r["model"], r["method"], r["ratio_target"])  # noqa: E731
+    infeasible = []
     for run in runs:
         print(f"== {run}", flush=True)
         proc = subprocess.run([sys.executable, __file__, run, str(seqlen), json.dumps(overrides)],
                               stdout=subprocess.PIPE, text=True)
         found = [line for line in proc.stdout.splitlines() if line.startswith("ROW ")]
+        refused = [line[11:] for line in proc.stdout.splitlines() if line.startswith("INFEASIBLE ")]
+        if refused:
+            print(f"   infeasible: {refused[-1]}", flush=True)
+            infeasible.append(f"{run}: {refused[-1]}")
+            continue
         if proc.returncode != 0 or not found:
             print(f"   failed (exit {proc.returncode})", flush=True)
             continue
@@ -82,7 +98,7 @@ def run_all(runs: list[str], json_path: Path, seqlen: int, overrides: dict) -> l
         json_path.write_text(json.dumps(rows, indent=2))
         print(f"   ppl {row['ppl']:.3f}  compress {row['seconds']:.0f} s  peak RSS {row['peak_rss_mb']:.0f} MB",
               flush=True)
-    return rows
+    return rows, infeasible
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -108,5 +124,12 @@ def protocols(rows: list[dict]) -> str:
 
 
 if __name__ == "__main__":  # a child: python runner.py MODEL:METHOD:RATIO SEQLEN OVERRIDES_JSON
+    from layershare.budget import BudgetError
+
     m, meth, ratio = parse_run(sys.argv[1])
-    print("ROW " + json.dumps(run_one(m, meth, ratio, int(sys.argv[2]), json.loads(sys.argv[3]))), flush=True)
+    try:
+        row = run_one(m, meth, ratio, int(sys.argv[2]), json.loads(sys.argv[3]))
+    except BudgetError as e:  # raised before any long work
+        print(f"INFEASIBLE {e}", flush=True)
+        sys.exit(3)
+    print("ROW " + json.dumps(row), flush=True)

@@ -23,6 +23,12 @@ def test_save_load_gives_identical_logits_and_generates(arch, tokens, input_ids,
     torch.testing.assert_close(after, before, atol=0, rtol=0)
     out = loaded.generate(input_ids[:1, :5], max_new_tokens=4, do_sample=False)
     assert out.shape == (1, 9)
+    for m in loaded.modules():  # dense V (for fast evaluation) computes the same function
+        if isinstance(m, SharedBasisLinear):
+            m.unpack()
+    assert not any(isinstance(m, SharedBasisLinear) and m.packed for m in loaded.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids).logits, before, atol=1e-5, rtol=1e-5)
 
 
 def test_loaded_model_holds_only_compressed_tensors(tokens, tmp_path):

@@ -23,9 +23,9 @@ from .budget import Plan, count_params
 from .data import DataError, calibration_batches, read_text, tokenize
 from .evaluate.perplexity import Perplexity, perplexity
 from .io import check_output_dir, load_compressed, save_compressed
-from .methods import get_method
+from .methods import METHODS, Method, get_method
 from .pipeline import CompressionReport, compress_model, plan_model
-from .recipe import Recipe
+from .recipe import Recipe, RecipeError
 from .sizes import Sizes, measure
 
 
@@ -84,6 +84,26 @@ def _calibration(data, tokenizer, recipe: Recipe, batch_size: int) -> list[torch
     return calibration_batches(ids, recipe.nsamples, recipe.seqlen, batch_size, recipe.seed, source)
 
 
+def plan_stages(model: nn.Module, recipe: Recipe) -> list[tuple[Recipe, Method, list[list[int]], Plan]]:
+    """(recipe, method, groups, plan) of every stage, checked before any long work: the
+    attention stage (`recipe.attention`) first, then the main method."""
+    adapter = get_adapter(model)
+    stages = []
+    sub = recipe.attention_recipe()
+    if sub is not None:
+        att = get_method(sub.method)
+        if att.scope != "attention":
+            raise RecipeError(f"recipe.attention names {sub.method!r}, which compresses the {att.scope}; "
+                              f"methods on attention: {', '.join(m for m, c in METHODS.items() if c.scope == 'attention')}")
+        stages.append((sub, att, *plan_model(model, adapter, att, sub)))
+    method = get_method(recipe.method)
+    if sub is not None and method.scope == "attention":
+        raise RecipeError("recipe.attention is for an MLP method plus a method on attention; "
+                          f"{recipe.method!r} already compresses the attention")
+    stages.append((recipe, method, *plan_model(model, adapter, method, recipe)))
+    return stages
+
+
 def compress(model: nn.Module, recipe: Recipe | None = None, data=None, tokenizer=None,
              output_dir: str | Path | None = None, overwrite: bool = False, batch_size: int = 8,
              **overrides) -> CompressionResult:
@@ -95,8 +115,7 @@ def compress(model: nn.Module, recipe: Recipe | None = None, data=None, tokenize
     """
     recipe = Recipe.from_dict({**(recipe or Recipe()).to_dict(), **overrides})
     adapter = get_adapter(model)
-    method = get_method(recipe.method)
-    groups, plan = plan_model(model, adapter, method, recipe)
+    stages = plan_stages(model, recipe)
     if output_dir is not None:
         check_output_dir(output_dir, overwrite)
     if data is None:
@@ -105,7 +124,13 @@ def compress(model: nn.Module, recipe: Recipe | None = None, data=None, tokenize
     seed_everything(recipe.seed)
     dense_params = count_params(model)
     t0 = time.time()
-    report = compress_model(model, adapter, method, recipe, batches, groups, plan)
+    for stage_recipe, method, groups, plan in stages:
+        report = compress_model(model, adapter, method, stage_recipe, batches, groups, plan)
+        if stage_recipe is not recipe:  # the attention stage: its report travels with the main one
+            first = {"attention": {"method": stage_recipe.method, "ratio": plan.model_ratio,
+                                   "seconds": report.seconds, **report.extra}}
+    if recipe.attention is not None:
+        report.extra.update(first)
     report.seconds = time.time() - t0
     sizes = measure(model, dense_params, recipe.bytes_per_param)
     out = None
@@ -114,7 +139,7 @@ def compress(model: nn.Module, recipe: Recipe | None = None, data=None, tokenize
                 "seconds": report.seconds, "dense_params": dense_params,
                 "groups": [{"blocks": g.blocks, "rank": g.rank, "nnz": g.nnz,
                             "rel_err_before": g.stats.rel_err_before, "rel_err_after": g.stats.rel_err_after,
-                            "seconds": g.seconds} for g in report.groups]}
+                            "seconds": g.seconds} for g in report.groups], **report.extra}
         out = save_compressed(model, output_dir, tokenizer=tokenizer, overwrite=overwrite,
                               dtype=recipe.dtype, meta=meta)
     return CompressionResult(model=model, report=report, sizes=sizes, output_dir=out)

@@ -122,7 +122,7 @@ def feasible_max_ratio(total_params: int, mlp_params: int, of: str) -> float:
 def keep_fraction(shapes: list[GroupShape], total_params: int, ratio: float, of: str) -> float:
     """Fraction of its dense MLP parameters every group keeps so that `ratio` is removed."""
     if of not in ("model", "mlp"):
-        raise BudgetError(f"ratio_of must be 'model' or 'mlp', got {of!r}")
+        raise BudgetError(f"this method compresses the MLPs: ratio_of must be 'model' or 'mlp', got {of!r}")
     mlp_params = sum(s.dense for s in shapes)
     hi = feasible_max_ratio(total_params, mlp_params, of)
     if not 0 < ratio < hi:

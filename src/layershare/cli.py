@@ -21,7 +21,10 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", help="YAML recipe; command-line options override its fields")
     p.add_argument("--method", help="compression method (default fips)")
     p.add_argument("--ratio", type=float, help="fraction of parameters to remove (default 0.2)")
-    p.add_argument("--ratio-of", choices=["model", "mlp"], help="ratio of the whole model's parameters or of the MLPs'")
+    p.add_argument("--ratio-of", choices=["model", "mlp", "attention"],
+                   help="ratio of the whole model's parameters or of the part compressed (MLPs; attention for masa)")
+    p.add_argument("--attention-method", help="also compress the attention with this method (masa), run first")
+    p.add_argument("--attention-ratio", type=float, help="fraction of the attention parameters it removes")
     p.add_argument("--group-size", type=int, help="adjacent blocks sharing one basis")
     p.add_argument("--sparsity", type=float, help="fraction of V entries pruned")
     p.add_argument("--schedule", choices=["gradual", "static"])
@@ -41,22 +44,27 @@ def _recipe(args) -> Recipe:
         value = getattr(args, key)
         if value is not None:
             base[key] = value
+    if args.attention_method or args.attention_ratio is not None:
+        att = dict(base.get("attention") or {})
+        if args.attention_method:
+            att["method"] = args.attention_method
+        if args.attention_ratio is not None:
+            att.update(ratio=args.attention_ratio, ratio_of="attention")
+        base["attention"] = att
     return Recipe.from_dict(base)
 
 
 def cmd_compress(args) -> int:
     import layershare
-    from layershare.adapters import get_adapter
+    from layershare.api import plan_stages
     from layershare.io import check_output_dir
-    from layershare.methods import get_method
-    from layershare.pipeline import plan_model
 
     recipe = _recipe(args)
     check_output_dir(args.output, args.overwrite)
     print(f"loading {args.model} ...", flush=True)
     model, tok = layershare.load_model(args.model)
     # checked here too so a bad budget fails before the dense evaluation
-    plan_model(model, get_adapter(model), get_method(recipe.method), recipe)
+    plan_stages(model, recipe)
     dense_ppl = None
     if args.eval_text:
         dense_ppl = layershare.evaluate_perplexity(model, tok, args.eval_text, seqlen=args.eval_seqlen)

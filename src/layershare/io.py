@@ -2,7 +2,8 @@
 
 A compressed model is a directory:
   config.json         the model's transformers config plus a `layershare` entry (method,
-                      groups, shared bases, and the shape of every compressed linear)
+                      groups, shared bases, the shape of every compressed linear, and
+                      which modules are tied to which)
   model.safetensors   dense weights of everything not compressed, each shared basis once,
                       and per compressed linear its nonzero V values + a bitmask
   tokenizer files     when a tokenizer was given
@@ -24,7 +25,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .adapters.base import set_path
+from .adapters.base import get_path, set_path
+from .modules.atoms import AtomLinear, MatrixAtoms
 from .modules.shared_basis import SharedBasis, SharedBasisLinear
 from .pipeline import BASES_ATTR
 
@@ -61,7 +63,26 @@ def layer_map(model: nn.Module) -> dict:
         if isinstance(m, SharedBasisLinear):
             layers[name] = {"basis": ids[id(m.basis)], "role": m.role, "v_shape": list(m.v_shape),
                             "bias": m.bias is not None, "sparse": m.packed}
-    return {"bases": {k: list(b.U.shape) for k, b in bases.items()}, "layers": layers}
+        elif isinstance(m, AtomLinear):
+            layers[name] = {"kind": "atoms", "basis": ids[id(m.atoms)], "bias": m.bias is not None}
+    shapes = {k: ({"atoms": list(b.shape)} if isinstance(b, MatrixAtoms) else list(b.U.shape))
+              for k, b in bases.items()}
+    return {"bases": shapes, "layers": layers, "tied": tied_modules(model)}
+
+
+def tied_modules(model: nn.Module) -> dict[str, str]:
+    """Modules reachable under several names (ffn-merge's shared MLPs): alias -> first name.
+    Their weights are saved once; the loader ties them again."""
+    first: dict[int, str] = {}
+    tied = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        if not name or next(m.parameters(recurse=False), None) is None:
+            continue
+        if id(m) in first:
+            tied[name] = first[id(m)]
+        else:
+            first[id(m)] = name
+    return tied
 
 
 def _state_dict_unique(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -151,11 +172,17 @@ def load_compressed(path: str | Path, device: str = "cpu", dtype: torch.dtype | 
         del config.layershare
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)
-    bases = nn.ModuleDict({k: SharedBasis(torch.zeros(*shape)) for k, shape in entry["bases"].items()})
+    bases = nn.ModuleDict({k: MatrixAtoms(torch.zeros(*shape["atoms"])) if isinstance(shape, dict)
+                           else SharedBasis(torch.zeros(*shape)) for k, shape in entry["bases"].items()})
     model.add_module(BASES_ATTR, bases)
     for name, spec in entry["layers"].items():
+        if spec.get("kind") == "atoms":
+            set_path(model, name, AtomLinear.empty(bases[spec["basis"]], spec["bias"]))
+            continue
         make = SharedBasisLinear.empty_packed if spec.get("sparse", True) else SharedBasisLinear.empty_dense
         set_path(model, name, make(bases[spec["basis"]], tuple(spec["v_shape"]), spec["role"], spec["bias"]))
+    for alias, source in entry.get("tied", {}).items():
+        set_path(model, alias, get_path(model, source))
     try:
         with safe_open(str(path / WEIGHTS), framework="pt") as f:
             sd = {k: f.get_tensor(k) for k in f.keys()}

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .adapters import Adapter, set_path
 from .budget import Plan, count_params
 from .methods.base import Group, Method
-from .recipe import Recipe, make_groups
+from .recipe import Recipe
 from .reconstruct import ReconStats, reconstruct
 
 BASES_ATTR = "layershare_bases"
@@ -53,6 +53,7 @@ class CompressionReport:
     plan: Plan
     groups: list[GroupReport] = field(default_factory=list)
     seconds: float = 0.0
+    extra: dict = field(default_factory=dict)  # what a whole-model method reports (ffn-merge: its window)
 
 
 def _to(obj, device):
@@ -175,7 +176,9 @@ def group_shapes(model: nn.Module, adapter: Adapter, groups: list[list[int]]) ->
 def plan_model(model: nn.Module, adapter: Adapter, method: Method, recipe: Recipe) -> tuple[list[list[int]], Plan]:
     """Groups and budget, checked before any long work starts."""
     n_blocks = len(adapter.blocks(model))
-    groups = make_groups(n_blocks, recipe)
+    groups = method.groups(n_blocks, recipe)
+    if method.scope == "attention":
+        return groups, method.plan_attention(model, adapter, groups, count_params(model), recipe)
     shapes = group_shapes(model, adapter, groups)
     return groups, method.plan(shapes, count_params(model), recipe)
 
@@ -190,10 +193,15 @@ def compress_model(model: nn.Module, adapter: Adapter, method: Method, recipe: R
         p.requires_grad_(False)
     blocks = adapter.blocks(model)
     report = CompressionReport(plan=plan)
-    gen = torch.Generator().manual_seed(recipe.seed)
-    cap = capture_inputs(model, blocks, batches, device)
     if not hasattr(model, BASES_ATTR):
         model.add_module(BASES_ATTR, nn.ModuleDict())
+    if method.whole_model:
+        info = method.compress_whole(model, adapter, recipe, batches, plan)
+        report.extra = info
+        report.seconds = time.time() - t0
+        return report
+    gen = torch.Generator().manual_seed(recipe.seed)
+    cap = capture_inputs(model, blocks, batches, device)
     bar = tqdm(list(enumerate(groups)), desc=f"{method.name} groups", dynamic_ncols=True)
     for g, group_blocks in bar:
         tg = time.time()

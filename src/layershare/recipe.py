@@ -19,7 +19,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 class Recipe:
     method: str = "fips"
     ratio: float = 0.2  # fraction of parameters removed
-    ratio_of: str = "model"  # "model": of all parameters; "mlp": of the MLP parameters
+    ratio_of: str = "model"  # "model": of all parameters; "mlp"/"attention": of the part the method compresses
     group_size: int = 2  # adjacent blocks that share one basis
     groups: list[list[int]] | None = None  # explicit groups of block indices (overrides group_size)
     sparsity: float = 0.5  # fraction of V entries pruned (the budget solver then picks the rank)
@@ -38,6 +38,9 @@ class Recipe:
     device: str = "cpu"
     seed: int = 0
     extra: dict = field(default_factory=dict)  # method-specific options
+    # a second method on the attention, run first, e.g. {"method": "masa", "ratio": 0.5, "ratio_of": "attention"}
+    # (fields override this recipe's); its ratio adds to this one's
+    attention: dict | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -48,7 +51,8 @@ class Recipe:
                 raise RecipeError(msg)
 
         need(0 < self.ratio < 1, f"ratio must be in (0, 1), got {self.ratio}")
-        need(self.ratio_of in ("model", "mlp"), f"ratio_of must be 'model' or 'mlp', got {self.ratio_of!r}")
+        need(self.ratio_of in ("model", "mlp", "attention"),
+             f"ratio_of must be 'model', 'mlp' or 'attention', got {self.ratio_of!r}")
         need(self.group_size >= 1, f"group_size must be >= 1, got {self.group_size}")
         need(0 <= self.sparsity < 1, f"sparsity must be in [0, 1), got {self.sparsity}")
         need(self.schedule in ("gradual", "static"), f"schedule must be 'gradual' or 'static', got {self.schedule!r}")
@@ -60,10 +64,21 @@ class Recipe:
         need(self.nsamples >= 1 and self.seqlen >= 2, "nsamples must be >= 1 and seqlen >= 2")
         need(self.propagate in ("dense", "compressed"), f"propagate must be 'dense' or 'compressed', got {self.propagate!r}")
         need(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.attention is not None:
+            need(isinstance(self.attention, dict) and "method" in self.attention,
+                 f"attention must be a dict with at least a 'method', got {self.attention!r}")
+            self.attention_recipe()  # its fields are checked too
         if self.groups is not None:
             flat = [i for g in self.groups for i in g]
             need(all(len(g) >= 1 for g in self.groups), "every explicit group needs at least one block")
             need(len(flat) == len(set(flat)), f"explicit groups overlap: {self.groups}")
+
+    def attention_recipe(self) -> "Recipe | None":
+        """The recipe of the attention stage (this one's fields, overridden by `attention`)."""
+        if self.attention is None:
+            return None
+        return Recipe.from_dict({**self.to_dict(), "attention": None, "groups": None, "extra": {},
+                                 **self.attention})
 
     @property
     def bytes_per_param(self) -> int:

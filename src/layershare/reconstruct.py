@@ -21,7 +21,7 @@ MlpFn = Callable[[torch.Tensor], torch.Tensor]
 
 @dataclass
 class ReconStats:
-    rel_err_before: float  # sum_j ||Y_j - f_j(X_j)||^2 / sum_j ||Y_j||^2, before tuning
+    rel_err_before: float  # sum_j ||Y_j - f_j(X_j)||^2 / sum_j ||Y_j||^2, before tuning (see relative_error)
     rel_err_after: float
     steps: int  # optimiser steps taken
     loss_curve: list[float]
@@ -29,9 +29,13 @@ class ReconStats:
 
 @torch.no_grad()
 def relative_error(fns: list[MlpFn], X: list[torch.Tensor], Y: list[torch.Tensor], device: str,
-                   chunk: int = 4096) -> float:
+                   chunk: int = 4096, max_rows: int = 8192) -> float:
+    """sum_j ||Y_j - f_j(X_j)||^2 / sum_j ||Y_j||^2 on (at most `max_rows` evenly spaced) calibration tokens."""
     num = den = 0.0
     for fn, x, y in zip(fns, X, Y):
+        if x.shape[0] > max_rows:
+            keep = torch.linspace(0, x.shape[0] - 1, max_rows).long()
+            x, y = x[keep], y[keep]
         for i in range(0, x.shape[0], chunk):
             xb, yb = x[i:i + chunk].to(device), y[i:i + chunk].to(device)
             num += float((fn(xb).float() - yb.float()).pow(2).sum())

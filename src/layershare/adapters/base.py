@@ -1,9 +1,10 @@
 """What an adapter is: where the transformer blocks and their MLP linears live.
 
-An adapter answers four questions about one architecture family, and nothing more:
+An adapter answers five questions about one architecture family, and nothing more:
 which modules are the blocks, which linears of a block form its MLP (and in which
-direction each one maps, d -> h or h -> d), how to run that MLP on its input, and
-which module's input/output is the MLP's input/output (for hooks).
+direction each one maps, d -> h or h -> d), how to run that MLP on its input, which
+module's input/output is the MLP's input/output (for hooks), and which linears are the
+attention projections.
 """
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ class Adapter:
     mlp: dotted path of the MLP module inside a block, or None when the MLP linears sit
          directly in the block (OPT); then `act` names the block's activation attribute.
     linears: MLP linears relative to the block, name -> IN/OUT, in the order the MLP applies them.
+    attention: the attention projections relative to the block (for methods on attention, MASA).
     """
 
     name: str
@@ -52,6 +54,7 @@ class Adapter:
     mlp: str | None
     linears: dict[str, str]
     act: str | None = None
+    attention: tuple[str, ...] = ()  # attention projections relative to the block (Q, K, V, O or fused QKV, O)
 
     # ---- blocks -------------------------------------------------------------------
     def blocks_path(self, model: nn.Module) -> str:

@@ -7,4 +7,5 @@ GPT2 = Adapter(
     blocks_paths=("transformer.h", "h"),
     mlp="mlp",
     linears={"mlp.c_fc": IN, "mlp.c_proj": OUT},
+    attention=("attn.c_attn", "attn.c_proj"),  # c_attn: Q, K and V fused
 )

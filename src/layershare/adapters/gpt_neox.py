@@ -7,4 +7,5 @@ GPT_NEOX = Adapter(
     blocks_paths=("gpt_neox.layers", "layers"),
     mlp="mlp",
     linears={"mlp.dense_h_to_4h": IN, "mlp.dense_4h_to_h": OUT},
+    attention=("attention.query_key_value", "attention.dense"),
 )

@@ -11,4 +11,5 @@ GATED = Adapter(
     blocks_paths=("model.layers", "model.language_model.layers", "language_model.model.layers"),
     mlp="mlp",
     linears={"mlp.gate_proj": IN, "mlp.up_proj": IN, "mlp.down_proj": OUT},
+    attention=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
 )

@@ -8,4 +8,5 @@ OPT = Adapter(
     mlp=None,
     act="activation_fn",
     linears={"fc1": IN, "fc2": OUT},
+    attention=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"),
 )

@@ -5,6 +5,9 @@ A method sees one group of blocks at a time and does three things:
   init(group, budget, recipe)         -> compressed modules initialised from the dense weights
   reconstruct is shared (reconstruct.py); a method may opt out with `tunable = False`
   materialize(compressed)             -> freeze into the run-time form (masks applied, packed)
+A method that needs the whole model at once (ffn-merge chooses its window by the model's
+loss) sets `whole_model = True` and implements compress_whole(model, adapter, recipe,
+batches, plan) instead of init/materialize.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from torch import nn
 from ..adapters.base import Adapter, get_path
 from ..budget import GroupBudget, GroupShape, Plan
 from ..modules.weights import in_out_features
-from ..recipe import Recipe
+from ..recipe import Recipe, make_groups
 
 
 @dataclass
@@ -68,6 +71,12 @@ class Method:
     name: str = ""
     tunable: bool = True  # tuned by block-wise reconstruction (reconstruct.py) after init
     needs_gram: bool = False  # init needs each linear's input second moment (group.grams)
+    whole_model: bool = False  # compresses the whole model in one pass (compress_whole) instead of init/materialize
+    scope: str = "mlp"  # what it compresses: "mlp", or "attention" (then plan_attention replaces plan)
+
+    def groups(self, n_blocks: int, recipe: Recipe) -> list[list[int]]:
+        """The groups of blocks the budget is planned over (and compressed by, group by group)."""
+        return make_groups(n_blocks, recipe)
 
     def plan(self, shapes: list[GroupShape], total_params: int, recipe: Recipe) -> Plan:
         raise NotImplementedError

@@ -1,0 +1,83 @@
+"""MASA on tiny models: matrix PCA is exact with all atoms, the budget is honest, save -> load."""
+import pytest
+import torch
+
+import layershare
+from layershare.budget import BudgetError, count_params
+from layershare.methods.masa import matrix_pca
+
+from conftest import make_model, small_recipe
+
+
+def test_matrix_pca_exact_with_all_atoms_and_optimal_with_fewer():
+    g = torch.Generator().manual_seed(0)
+    mats = [torch.randn(12, 8, generator=g, dtype=torch.float64) for _ in range(5)]
+    atoms, coef = matrix_pca(mats, 4)  # mean + 4 components span 5 matrices exactly
+    for c, m in zip(coef, mats):
+        torch.testing.assert_close(torch.tensordot(c, atoms, dims=1), m)
+    atoms, coef = matrix_pca(mats, 2)
+    err = sum(float((torch.tensordot(c, atoms, dims=1) - m).pow(2).sum()) for c, m in zip(coef, mats))
+    M = torch.stack([m.flatten() for m in mats])
+    s = torch.linalg.svdvals(M - M.mean(0))
+    assert err == pytest.approx(float(s[2:].pow(2).sum()), rel=1e-9)  # what PCA leaves out, and nothing more
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
+def test_masa_budget_and_round_trip(arch, tokens, input_ids, tmp_path):
+    model = make_model(arch)
+    total = count_params(model)
+    res = layershare.compress(model, small_recipe(method="masa", ratio=0.5, ratio_of="attention"), data=tokens,
+                              output_dir=tmp_path / "c")
+    plan = res.plan
+    assert count_params(model) == pytest.approx(total - plan.removed, abs=0.5)  # the plan counts what is stored
+    assert abs(plan.removed / plan.mlp_params - 0.5) < 0.5 / 4  # within half an atom of 4 layers
+    on_disk = (tmp_path / "c" / "model.safetensors").stat().st_size
+    assert res.sizes.weight_bytes <= on_disk <= res.sizes.weight_bytes + 32_000
+    assert on_disk < 4 * total  # really smaller than the dense float32 weights
+    with torch.no_grad():
+        before = model(input_ids).logits
+        after = layershare.load(tmp_path / "c")(input_ids).logits
+    torch.testing.assert_close(after, before, atol=0, rtol=0)
+
+
+def test_masa_error_falls_with_more_atoms(tokens, input_ids):
+    model = make_model("llama")
+    with torch.no_grad():
+        dense = model(input_ids).logits
+    # groups of 2 blocks keep 1 atom (the mean) per type: not exact; check the error falls with more atoms
+    errs = []
+    for ratio in (0.7, 0.4):
+        m = make_model("llama")
+        layershare.compress(m, small_recipe(method="masa", ratio=ratio, ratio_of="attention"), data=tokens)
+        with torch.no_grad():
+            errs.append(float((m(input_ids).logits - dense).pow(2).mean()))
+    assert errs[1] < errs[0]
+
+
+def test_masa_bad_ratios(tokens):
+    with pytest.raises(BudgetError, match="feasible range"):
+        layershare.compress(make_model("llama"), small_recipe(method="masa", ratio=0.5), data=tokens)
+    with pytest.raises(BudgetError, match="attention"):
+        layershare.compress(make_model("llama"), small_recipe(method="masa", ratio=0.2, ratio_of="mlp"), data=tokens)
+    with pytest.raises(BudgetError, match="MLPs"):
+        layershare.compress(make_model("llama"), small_recipe(method="fips", ratio=0.2, ratio_of="attention"),
+                            data=tokens)
+
+
+def test_fips_on_mlps_plus_masa_on_attention_in_one_recipe(tokens, input_ids, tmp_path):
+    model = make_model("llama")
+    recipe = small_recipe(ratio=0.2, attention={"method": "masa", "ratio": 0.5, "ratio_of": "attention"})
+    res = layershare.compress(model, recipe, data=tokens, output_dir=tmp_path / "c")
+    att = res.report.extra["attention"]
+    assert att["method"] == "masa" and att["ratio"] > 0.05
+    assert res.sizes.ratio == pytest.approx(0.2 + att["ratio"], abs=0.01)  # the two stages' savings add up
+    loaded = layershare.load(tmp_path / "c")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids).logits, model(input_ids).logits, atol=0, rtol=0)
+
+
+def test_attention_stage_must_be_an_attention_method(tokens):
+    from layershare.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match="masa"):
+        layershare.compress(make_model("llama"), small_recipe(attention={"method": "svd"}), data=tokens)
