@@ -59,3 +59,17 @@ def test_existing_output_refused_before_loading(texts, tmp_path, capsys):
 def test_load_error_for_a_foreign_directory(model_dir, capsys):
     assert main(["info", str(model_dir)]) == 2
     assert "not a layershare checkpoint" in capsys.readouterr().err
+
+
+def test_cli_fips_plus_masa_on_attention(model_dir, texts, tmp_path, capsys):
+    calib, _ = texts
+    out = tmp_path / "out"
+    rc = main(["compress", str(model_dir), "--calib", str(calib), "--output", str(out), "--ratio", "0.1",
+               "--nsamples", "4", "--seqlen", "64", "--steps", "2", "--attention-method", "masa",
+               "--attention-ratio", "0.5"])
+    assert rc == 0
+    meta = json.loads((out / "layershare.json").read_text())
+    assert meta["attention"]["method"] == "masa" and meta["sizes"]["ratio"] > 0.1 + 0.05
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    assert "attention: masa" in capsys.readouterr().out

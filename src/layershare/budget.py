@@ -99,7 +99,7 @@ class Plan:
     keep: float  # fraction of MLP parameters each group keeps
     groups: tuple[GroupBudget, ...]
     total_params: int
-    mlp_params: int
+    mlp_params: int  # parameters of the part the method compresses (the MLPs; the attention for masa)
     target_removed: int
 
     @property

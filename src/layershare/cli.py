@@ -121,7 +121,13 @@ def cmd_info(args) -> int:
         print(f"  parameters  dense {s['dense_params']:,} -> stored {s['param_equivalents']:,.0f} "
               f"({s['ratio']:.2%} fewer; bitmask {s['index_bytes']:,} bytes counted)")
     print(f"  weights file {meta['weights_bytes']:,} bytes; dtype {entry['dtype']}")
-    print(f"  shared bases {len(entry['bases'])}, compressed linears {len(entry['layers'])}")
+    print(f"  shared bases/atoms {len(entry['bases'])}, compressed linears {len(entry['layers'])}, "
+          f"tied modules {len(entry.get('tied', {}))}")
+    if "window" in meta:
+        print(f"  merged MLPs of blocks {meta['window']} (one MLP, tied)")
+    if "attention" in meta:
+        a = meta["attention"]
+        print(f"  attention: {a['method']}, {a['ratio']:.2%} of the model's parameters removed")
     for g in meta.get("groups", []):
         print(f"    blocks {g['blocks']}: rank {g['rank']}, nnz {g['nnz']:,}, "
               f"rel. error {g['rel_err_before']:.4f} -> {g['rel_err_after']:.4f} ({g['seconds']:.0f} s)")

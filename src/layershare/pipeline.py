@@ -13,6 +13,8 @@
 """
 from __future__ import annotations
 
+import ctypes
+import gc
 import time
 from dataclasses import dataclass, field
 
@@ -54,6 +56,16 @@ class CompressionReport:
     groups: list[GroupReport] = field(default_factory=list)
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)  # what a whole-model method reports (ffn-merge: its window)
+
+
+def release_memory() -> None:
+    """Give freed heap memory back to the OS (glibc keeps it otherwise, and the peak RSS of a
+    run grows group after group with the activations of groups already done)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def _to(obj, device):
@@ -119,8 +131,11 @@ def run_group(blocks: nn.ModuleList, group: list[int], cap: Captured, adapter: A
               ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
     """Run the group's blocks on the captured inputs; optionally record each MLP's input/output,
     and (with `grams` and `linears`) each linear's input second moment E[x x^T] in float64."""
-    X: list[list[torch.Tensor]] = [[] for _ in group]
-    Y: list[list[torch.Tensor]] = [[] for _ in group]
+    # each MLP's inputs/outputs go straight into one preallocated CPU tensor (no list + cat copy)
+    n_rows = sum(h.shape[0] * h.shape[1] for h in cap.hidden)
+    X: list[torch.Tensor] = []
+    Y: list[torch.Tensor] = []
+    filled = [[0, 0] for _ in group]
     handles = []
     if grams is not None:
         counts: dict[str, int] = {}
@@ -136,22 +151,28 @@ def run_group(blocks: nn.ModuleList, group: list[int], cap: Captured, adapter: A
         for path, module in (linears or {}).items():
             handles.append(module.register_forward_pre_hook(accumulate(path), with_kwargs=True))
     if record:
-        def keep_input(store):
+        def put(store: list[torch.Tensor], j: int, side: int, t: torch.Tensor) -> None:
+            t = t.detach().reshape(-1, t.shape[-1])
+            if len(store) <= j:
+                store.append(torch.empty(n_rows, t.shape[-1], dtype=t.dtype))
+            start = filled[j][side]
+            store[j][start:start + t.shape[0]].copy_(t)
+            filled[j][side] = start + t.shape[0]
+
+        def keep_input(j):
             def hook(m, a, kw):
-                x = a[0] if a else next(iter(kw.values()))
-                store.append(x.detach().reshape(-1, x.shape[-1]).cpu())
+                put(X, j, 0, a[0] if a else next(iter(kw.values())))
             return hook
 
-        def keep_output(store):
+        def keep_output(j):
             def hook(m, a, out):
-                y = _first(out)
-                store.append(y.detach().reshape(-1, y.shape[-1]).cpu())
+                put(Y, j, 1, _first(out))
             return hook
 
         for j, b in enumerate(group):
             m_in, m_out = adapter.hook_module(blocks[b])
-            handles.append(m_in.register_forward_pre_hook(keep_input(X[j]), with_kwargs=True))
-            handles.append(m_out.register_forward_hook(keep_output(Y[j])))
+            handles.append(m_in.register_forward_pre_hook(keep_input(j), with_kwargs=True))
+            handles.append(m_out.register_forward_hook(keep_output(j)))
     outs = []
     try:
         for h, per_block in zip(cap.hidden, cap.args):
@@ -166,7 +187,9 @@ def run_group(blocks: nn.ModuleList, group: list[int], cap: Captured, adapter: A
     if grams is not None:
         for path in grams:
             grams[path] /= counts[path]
-    return [torch.cat(x) for x in X] if record else [], [torch.cat(y) for y in Y] if record else [], outs
+    if record and any(f != [n_rows, n_rows] for f in filled):
+        raise RuntimeError(f"captured {filled} MLP input/output rows, expected {n_rows} each")
+    return X, Y, outs
 
 
 def group_shapes(model: nn.Module, adapter: Adapter, groups: list[list[int]]) -> list:
@@ -202,6 +225,7 @@ def compress_model(model: nn.Module, adapter: Adapter, method: Method, recipe: R
         return report
     gen = torch.Generator().manual_seed(recipe.seed)
     cap = capture_inputs(model, blocks, batches, device)
+    release_memory()
     bar = tqdm(list(enumerate(groups)), desc=f"{method.name} groups", dynamic_ncols=True)
     for g, group_blocks in bar:
         tg = time.time()
@@ -213,6 +237,9 @@ def compress_model(model: nn.Module, adapter: Adapter, method: Method, recipe: R
         comp = method.init(group, plan.groups[g], recipe)
         for path, module in comp.modules.items():
             set_path(model, path, module.to(device))
+        for dense in group.modules:  # the replaced weights: free them even if something still holds the module
+            for p in dense.parameters(recurse=False):
+                p.data = p.data.new_empty(0)
         for key, shared in comp.shared.items():
             getattr(model, BASES_ATTR)[key] = shared.to(device)
         del group
@@ -225,8 +252,12 @@ def compress_model(model: nn.Module, adapter: Adapter, method: Method, recipe: R
         if recipe.propagate == "compressed":
             _, _, dense_out = run_group(blocks, group_blocks, cap, adapter, device, record=False)
         cap.hidden = dense_out
+        del comp, dense_out
+        release_memory()
         report.groups.append(GroupReport(group_blocks, plan.groups[g].rank, plan.groups[g].nnz, stats,
                                          time.time() - tg))
         bar.set_postfix(err=f"{stats.rel_err_before:.3f}->{stats.rel_err_after:.3f}")
+    del cap
+    release_memory()
     report.seconds = time.time() - t0
     return report
