@@ -24,7 +24,7 @@ from .data import DataError, calibration_batches, read_text, tokenize
 from .evaluate.perplexity import Perplexity, perplexity
 from .io import check_output_dir, load_compressed, save_compressed
 from .methods import METHODS, Method, get_method
-from .pipeline import CompressionReport, compress_model, plan_model
+from .pipeline import CompressionReport, compress_model, plan_model, resolve_objective
 from .recipe import Recipe, RecipeError
 from .sizes import Sizes, measure
 
@@ -35,14 +35,39 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def is_image_model_dir(path: str | Path) -> bool:
+    """Whether a local Hugging Face directory holds an image classifier (by its config)."""
+    cfg = Path(path) / "config.json"
+    if not cfg.exists():
+        return False
+    import json
+
+    config = json.loads(cfg.read_text())
+    return any(a.endswith("ForImageClassification") or "ForImageClassification" in a
+               for a in config.get("architectures") or [])
+
+
 def load_model(name: str, dtype: torch.dtype = torch.float32):
     """(model, tokenizer) from an alias ("smollm2-135m", "gemma3-270m"), a local HF directory,
-    or a .gguf file. Nothing is downloaded: HF_HUB_OFFLINE is set for the call."""
+    or a .gguf file; (model, image preprocessor) for an image classifier's directory or the
+    alias "fmnist-vit" (the Fashion-MNIST ViT of benchmarks/train_fmnist_vit.py). Nothing is
+    downloaded: HF_HUB_OFFLINE is set for the call."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .assets import MODEL_ALIASES
+    from .assets import MODEL_ALIASES, fmnist_vit_dir
+
+    IMAGE_MODEL_ALIASES = {"fmnist-vit": fmnist_vit_dir}
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if name in IMAGE_MODEL_ALIASES:
+        name = str(IMAGE_MODEL_ALIASES[name]())
+    if Path(name).is_dir() and is_image_model_dir(name):
+        from transformers import AutoModelForImageClassification
+
+        from .images import ImagePreprocessor
+
+        model = AutoModelForImageClassification.from_pretrained(name, dtype=dtype)
+        return model.eval(), ImagePreprocessor.from_pretrained(name)
     kwargs: dict = {}
     if name in MODEL_ALIASES:
         folder, gguf = MODEL_ALIASES[name]()
@@ -72,7 +97,9 @@ class CompressionResult:
         return self.report.plan
 
 
-def _calibration(data, tokenizer, recipe: Recipe, batch_size: int) -> list[torch.Tensor]:
+def _calibration(data, tokenizer, recipe: Recipe, batch_size: int, task: str = "causal-lm") -> list[torch.Tensor]:
+    if task == "image-classification":
+        return _image_calibration(data, tokenizer, recipe, batch_size)
     if isinstance(data, torch.Tensor):
         ids = data.flatten()
         source = "calibration tokens"
@@ -84,19 +111,44 @@ def _calibration(data, tokenizer, recipe: Recipe, batch_size: int) -> list[torch
     return calibration_batches(ids, recipe.nsamples, recipe.seqlen, batch_size, recipe.seed, source)
 
 
+def _image_calibration(data, processor, recipe: Recipe, batch_size: int) -> list[torch.Tensor]:
+    """Pixel batches: `recipe.nsamples` images, stratified by class, from an image folder (or
+    "fmnist:train"), preprocessed by the model's own preprocessing; or a tensor (N, C, H, W)."""
+    if isinstance(data, torch.Tensor):
+        if data.dim() != 4:
+            raise DataError(f"calibration pixels must be (N, C, H, W), got shape {tuple(data.shape)}")
+        if data.shape[0] < recipe.nsamples:
+            raise DataError(f"calibration needs {recipe.nsamples} images (nsamples), got {data.shape[0]}")
+        return list(data[:recipe.nsamples].split(batch_size))
+    if processor is None:
+        raise DataError("calibration images need the model's preprocessing (pass processor=...)")
+    from .images import calibration_images
+
+    return calibration_images(data, processor, recipe.nsamples, recipe.seed, batch_size)
+
+
+def _method_for(name: str, task: str) -> Method:
+    method = get_method(name)
+    if task not in method.tasks:
+        raise RecipeError(f"method {name!r} compresses {' and '.join(method.tasks)} models, not {task}; "
+                          f"methods for {task}: {', '.join(m for m, c in METHODS.items() if task in c.tasks)}")
+    return method
+
+
 def plan_stages(model: nn.Module, recipe: Recipe) -> list[tuple[Recipe, Method, list[list[int]], Plan]]:
     """(recipe, method, groups, plan) of every stage, checked before any long work: the
     attention stage (`recipe.attention`) first, then the main method."""
     adapter = get_adapter(model)
+    resolve_objective(recipe, adapter)
     stages = []
     sub = recipe.attention_recipe()
     if sub is not None:
-        att = get_method(sub.method)
+        att = _method_for(sub.method, adapter.task)
         if att.scope != "attention":
             raise RecipeError(f"recipe.attention names {sub.method!r}, which compresses the {att.scope}; "
                               f"methods on attention: {', '.join(m for m, c in METHODS.items() if c.scope == 'attention')}")
         stages.append((sub, att, *plan_model(model, adapter, att, sub)))
-    method = get_method(recipe.method)
+    method = _method_for(recipe.method, adapter.task)
     if sub is not None and method.scope == "attention":
         raise RecipeError("recipe.attention is for an MLP method plus a method on attention; "
                           f"{recipe.method!r} already compresses the attention")
@@ -106,10 +158,14 @@ def plan_stages(model: nn.Module, recipe: Recipe) -> list[tuple[Recipe, Method, 
 
 def compress(model: nn.Module, recipe: Recipe | None = None, data=None, tokenizer=None,
              output_dir: str | Path | None = None, overwrite: bool = False, batch_size: int = 8,
-             **overrides) -> CompressionResult:
+             processor=None, source: str | None = None, **overrides) -> CompressionResult:
     """Compress `model` in place with `recipe` (fields may be overridden by keyword).
 
-    data: a text source (see data.read_text) or a 1-D tensor of token ids.
+    data: a text source (see data.read_text) or a 1-D tensor of token ids; for an image
+    classifier, an image folder (class sub-folders; see images.py) with `processor` the
+    model's preprocessing (images.ImagePreprocessor), or a pixel tensor (N, C, H, W).
+    source: the dense model's name, recorded in the saved metadata (the teacher `layershare
+    finetune` uses by default).
     Everything that can be checked is checked before the long work starts: the
     architecture, the budget, the calibration length and the output directory.
     """
@@ -120,7 +176,7 @@ def compress(model: nn.Module, recipe: Recipe | None = None, data=None, tokenize
         check_output_dir(output_dir, overwrite)
     if data is None:
         raise DataError("compress needs calibration data (data=...)")
-    batches = _calibration(data, tokenizer, recipe, batch_size)
+    batches = _calibration(data, tokenizer if processor is None else processor, recipe, batch_size, adapter.task)
     seed_everything(recipe.seed)
     dense_params = count_params(model)
     t0 = time.time()
@@ -135,19 +191,22 @@ def compress(model: nn.Module, recipe: Recipe | None = None, data=None, tokenize
     sizes = measure(model, dense_params, recipe.bytes_per_param)
     out = None
     if output_dir is not None:
-        meta = {"method": recipe.method, "recipe": recipe.to_dict(), "sizes": sizes.as_dict(),
+        meta = {"method": recipe.method, "source": source, "recipe": recipe.to_dict(), "sizes": sizes.as_dict(),
                 "seconds": report.seconds, "dense_params": dense_params,
                 "groups": [{"blocks": g.blocks, "rank": g.rank, "nnz": g.nnz,
                             "rel_err_before": g.stats.rel_err_before, "rel_err_after": g.stats.rel_err_after,
                             "seconds": g.seconds} for g in report.groups], **report.extra}
-        out = save_compressed(model, output_dir, tokenizer=tokenizer, overwrite=overwrite,
+        out = save_compressed(model, output_dir, tokenizer=tokenizer if processor is None else processor,
+                              overwrite=overwrite,
                               dtype=recipe.dtype, meta=meta)
     return CompressionResult(model=model, report=report, sizes=sizes, output_dir=out)
 
 
-def load(path: str | Path, device: str = "cpu") -> nn.Module:
-    """A compressed model saved by `compress(..., output_dir=...)`, ready to run."""
-    return load_compressed(path, device=device)
+def load(path: str | Path, device: str = "cpu", model: nn.Module | None = None) -> nn.Module:
+    """A compressed model saved by `compress(..., output_dir=...)`, ready to run. `model`: an
+    uncompressed skeleton of the same architecture, for a model that cannot be rebuilt from the
+    directory (transformers and timm ViTs are)."""
+    return load_compressed(path, device=device, model=model)
 
 
 def evaluate_perplexity(model: nn.Module, tokenizer, text, seqlen: int | None = None,
@@ -156,3 +215,71 @@ def evaluate_perplexity(model: nn.Module, tokenizer, text, seqlen: int | None = 
     see evaluate/perplexity.py for the protocol."""
     ids = text.flatten() if isinstance(text, torch.Tensor) else tokenize(tokenizer, read_text(text))
     return perplexity(model, ids, seqlen=seqlen, max_windows=max_windows)
+
+
+def load_preprocessing(path: str | Path):
+    """The tokenizer, or the image preprocessor, saved beside a compressed (or dense HF) model."""
+    import json
+
+    path = Path(path)
+    config = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else {}
+    if config.get("layershare", {}).get("task") == "image-classification" or is_image_model_dir(path):
+        from .images import ImagePreprocessor
+
+        return ImagePreprocessor.load(path)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def evaluate_accuracy(model: nn.Module, processor, images, batch_size: int = 256, max_images: int | None = None):
+    """Top-1 / top-5 on an image folder (class sub-folders, or "fmnist:test"); see evaluate/vision.py."""
+    from .evaluate.vision import accuracy
+
+    return accuracy(model, images, processor, batch_size=batch_size, max_images=max_images)
+
+
+def finetuning_data(model: nn.Module, data, preprocessing, max_samples: int, seqlen: int = 512,
+                    seed: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(inputs, labels) to fine-tune on: for an image classifier, up to `max_samples` images of a
+    folder (stratified) with their labels; for a causal LM, up to `max_samples` non-overlapping
+    `seqlen`-token windows of a text (no labels: distillation only)."""
+    if get_adapter(model).task == "image-classification":
+        from .evaluate.vision import model_id2label
+        from .images import evaluation_batches
+
+        xs, ys = zip(*evaluation_batches(data, preprocessing, 256, id2label=model_id2label(model),
+                                         max_images=max_samples, seed=seed))
+        return torch.cat(xs), torch.cat(ys)
+    ids = data.flatten() if isinstance(data, torch.Tensor) else tokenize(preprocessing, read_text(data))
+    n = min(max_samples, ids.numel() // seqlen)
+    if n < 1:
+        raise DataError(f"fine-tuning text has {ids.numel():,} tokens, fewer than one window of {seqlen}")
+    return torch.cat(calibration_batches(ids, n, seqlen, n, seed, "fine-tuning text")), None
+
+
+def finetune(model: nn.Module, teacher: nn.Module, data, preprocessing=None, steps: int = 200,
+             batch_size: int = 32, lr: float = 1e-4, temperature: float = 1.0, label_weight: float = 0.0,
+             max_samples: int = 10_000, seqlen: int = 512, seed: int = 0, output_dir: str | Path | None = None,
+             overwrite: bool = False, meta: dict | None = None):
+    """Distil the dense `teacher` into the compressed `model` (in place) on `data` (see
+    finetuning_data), keeping every sparsity pattern; save to `output_dir` if given.
+    Returns distill.FinetuneStats."""
+    from . import distill
+
+    if output_dir is not None:
+        check_output_dir(output_dir, overwrite)
+    inputs, labels = finetuning_data(model, data, preprocessing, max_samples, seqlen, seed)
+    seed_everything(seed)
+    stats = distill.finetune(model, teacher, inputs, labels, steps=steps, batch_size=batch_size, lr=lr,
+                        temperature=temperature, label_weight=label_weight if labels is not None else 0.0,
+                        seed=seed)
+    if output_dir is not None:
+        info = dict(meta or {})
+        info["finetune"] = {"data": str(data), "samples": int(inputs.shape[0]), "steps": stats.steps,
+                            "batch_size": batch_size, "lr": lr, "temperature": temperature,
+                            "label_weight": label_weight, "loss_before": stats.loss_before,
+                            "loss_after": stats.loss_after, "seconds": stats.seconds}
+        save_compressed(model, output_dir, tokenizer=preprocessing, overwrite=overwrite,
+                        dtype=info.get("recipe", {}).get("dtype", "float32"), meta=info)
+    return stats

@@ -1,4 +1,4 @@
-"""`layershare compress | eval | info`: the command line over api.py."""
+"""`layershare compress | eval | finetune | info`: the command line over api.py."""
 from __future__ import annotations
 
 import argparse
@@ -30,7 +30,7 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule", choices=["gradual", "static"])
     p.add_argument("--steps", type=int, help="optimiser steps per group")
     p.add_argument("--lr", type=float)
-    p.add_argument("--nsamples", type=int, help="calibration windows")
+    p.add_argument("--nsamples", type=int, help="calibration windows (text) or images")
     p.add_argument("--seqlen", type=int, help="tokens per calibration window")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="storage dtype")
     p.add_argument("--device")
@@ -59,17 +59,25 @@ def cmd_compress(args) -> int:
     from layershare.api import plan_stages
     from layershare.io import check_output_dir
 
+    from layershare.adapters import get_adapter
+
     recipe = _recipe(args)
     check_output_dir(args.output, args.overwrite)
     print(f"loading {args.model} ...", flush=True)
-    model, tok = layershare.load_model(args.model)
+    model, prep = layershare.load_model(args.model)
+    task = get_adapter(model).task
+    if args.task and args.task != task:
+        raise ValueError(f"--task {args.task}: {args.model} is a {task} model")
+    if args.eval_text and task != "causal-lm" or args.eval_images and task != "image-classification":
+        raise ValueError(f"{args.model} is a {task} model: use "
+                         f"{'--eval-images' if task == 'image-classification' else '--eval-text'}")
     # checked here too so a bad budget fails before the dense evaluation
     plan_stages(model, recipe)
-    dense_ppl = None
-    if args.eval_text:
-        dense_ppl = layershare.evaluate_perplexity(model, tok, args.eval_text, seqlen=args.eval_seqlen)
-    result = layershare.compress(model, recipe, data=args.calib, tokenizer=tok, output_dir=args.output,
-                                 overwrite=args.overwrite)
+    vision = task == "image-classification"
+    dense_eval = _evaluate(model, prep, args.eval_text, args.eval_images, args.eval_seqlen)
+    kw = {"processor": prep} if vision else {"tokenizer": prep}
+    result = layershare.compress(model, recipe, data=args.calib, output_dir=args.output,
+                                 overwrite=args.overwrite, source=args.model, **kw)
     s = result.sizes
     print(f"\n{recipe.method} on {args.model}: target ratio {recipe.ratio} of the {recipe.ratio_of}'s parameters")
     print(f"  compression time    {result.report.seconds:,.1f} s")
@@ -79,17 +87,40 @@ def cmd_compress(args) -> int:
     disk = weights.stat().st_size
     print(f"  weights on disk     dense {_human(s.dense_bytes)} ({recipe.dtype})  ->  {_human(disk)}  "
           f"=  {1 - disk / s.dense_bytes:.2%} smaller")
-    if args.eval_text:
-        comp_ppl = layershare.evaluate_perplexity(result.model, tok, args.eval_text, seqlen=args.eval_seqlen)
-        print(f"  perplexity on {args.eval_text}: dense {dense_ppl.ppl:.3f} -> compressed {comp_ppl.ppl:.3f}")
-        print(f"    protocol: {comp_ppl.protocol}")
-        meta_file = result.output_dir / "layershare.json"
-        meta = json.loads(meta_file.read_text())
-        meta["eval"] = {"text": args.eval_text, "dense_ppl": dense_ppl.ppl, "ppl": comp_ppl.ppl,
-                        "protocol": comp_ppl.protocol}
-        meta_file.write_text(json.dumps(meta, indent=2, default=str))
+    if dense_eval is not None:
+        comp_eval = _evaluate(result.model, prep, args.eval_text, args.eval_images, args.eval_seqlen)
+        _record_eval(result.output_dir, args.eval_text or args.eval_images, dense_eval, comp_eval)
     print(f"  saved to {result.output_dir}")
     return 0
+
+
+def _evaluate(model, prep, text, images, seqlen):
+    import layershare
+
+    if text:
+        return layershare.evaluate_perplexity(model, prep, text, seqlen=seqlen)
+    if images:
+        return layershare.evaluate_accuracy(model, prep, images)
+    return None
+
+
+def _record_eval(out: Path, source: str, dense, comp) -> None:
+    """Print dense vs compressed and keep them in layershare.json (written atomically)."""
+    if hasattr(comp, "ppl"):
+        print(f"  perplexity on {source}: dense {dense.ppl:.3f} -> compressed {comp.ppl:.3f}")
+        entry = {"text": source, "dense_ppl": dense.ppl, "ppl": comp.ppl, "protocol": comp.protocol}
+    else:
+        print(f"  top-1 on {source}: dense {dense.top1:.2%} -> compressed {comp.top1:.2%} "
+              f"(top-5 {dense.top5:.2%} -> {comp.top5:.2%})")
+        entry = {"images": source, "dense_top1": dense.top1, "top1": comp.top1, "dense_top5": dense.top5,
+                 "top5": comp.top5, "protocol": comp.protocol}
+    print(f"    protocol: {comp.protocol}")
+    meta_file = out / "layershare.json"
+    meta = json.loads(meta_file.read_text())
+    meta["eval"] = entry
+    tmp = meta_file.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(meta, indent=2, default=str))
+    tmp.replace(meta_file)
 
 
 def cmd_eval(args) -> int:
@@ -99,14 +130,43 @@ def cmd_eval(args) -> int:
     path = Path(args.model)
     if path.is_dir() and (path / "layershare.json").exists():
         read_meta(path)
-        from transformers import AutoTokenizer
-
-        model, tok = layershare.load(path), AutoTokenizer.from_pretrained(path)
+        model, prep = layershare.load(path), layershare.load_preprocessing(path)
     else:
-        model, tok = layershare.load_model(args.model)
-    ppl = layershare.evaluate_perplexity(model, tok, args.text, seqlen=args.seqlen)
+        model, prep = layershare.load_model(args.model)
+    if args.images:
+        acc = layershare.evaluate_accuracy(model, prep, args.images, max_images=args.max_images)
+        print(f"{args.model}: top-1 {acc.top1:.2%}, top-5 {acc.top5:.2%} on {args.images}")
+        print(f"  protocol: {acc.protocol}")
+        return 0
+    ppl = layershare.evaluate_perplexity(model, prep, args.text, seqlen=args.seqlen)
     print(f"{args.model}: perplexity {ppl.ppl:.3f} on {args.text}")
     print(f"  protocol: {ppl.protocol}")
+    return 0
+
+
+def cmd_finetune(args) -> int:
+    import layershare
+    from layershare.io import check_output_dir, read_meta
+
+    _, meta = read_meta(args.dir)
+    check_output_dir(args.output, args.overwrite)
+    teacher_name = args.teacher or meta.get("source")
+    if not teacher_name:
+        raise ValueError(f"{args.dir} does not record its dense model: pass --teacher MODEL")
+    print(f"loading {args.dir} and the teacher {teacher_name} ...", flush=True)
+    model, prep = layershare.load(args.dir), layershare.load_preprocessing(args.dir)
+    teacher, _ = layershare.load_model(teacher_name)
+    meta = {k: v for k, v in meta.items() if k not in ("weights_bytes", "format_version", "eval")}
+    stats = layershare.finetune(model, teacher, args.data, prep, steps=args.steps, batch_size=args.batch_size,
+                                lr=args.lr, temperature=args.temperature, label_weight=args.label_weight,
+                                max_samples=args.max_samples, seqlen=args.seqlen, seed=args.seed,
+                                output_dir=args.output, overwrite=args.overwrite, meta=meta)
+    print(f"fine-tuned {stats.steps} steps in {stats.seconds:,.1f} s: distillation loss "
+          f"{stats.loss_before:.4f} -> {stats.loss_after:.4f}; saved to {args.output}")
+    if args.eval_text or args.eval_images:
+        dense_eval = _evaluate(teacher, prep, args.eval_text, args.eval_images, args.eval_seqlen)
+        comp_eval = _evaluate(model, prep, args.eval_text, args.eval_images, args.eval_seqlen)
+        _record_eval(Path(args.output), args.eval_text or args.eval_images, dense_eval, comp_eval)
     return 0
 
 
@@ -131,9 +191,16 @@ def cmd_info(args) -> int:
     for g in meta.get("groups", []):
         print(f"    blocks {g['blocks']}: rank {g['rank']}, nnz {g['nnz']:,}, "
               f"rel. error {g['rel_err_before']:.4f} -> {g['rel_err_after']:.4f} ({g['seconds']:.0f} s)")
+    if "finetune" in meta:
+        f = meta["finetune"]
+        print(f"  fine-tuned on {f['data']}: {f['steps']} steps x {f['batch_size']}, distillation loss "
+              f"{f['loss_before']:.4f} -> {f['loss_after']:.4f} ({f['seconds']:.0f} s)")
     if "eval" in meta:
         e = meta["eval"]
-        print(f"  perplexity on {e['text']}: dense {e['dense_ppl']:.3f} -> {e['ppl']:.3f} ({e['protocol']})")
+        if "text" in e:
+            print(f"  perplexity on {e['text']}: dense {e['dense_ppl']:.3f} -> {e['ppl']:.3f} ({e['protocol']})")
+        else:
+            print(f"  top-1 on {e['images']}: dense {e['dense_top1']:.2%} -> {e['top1']:.2%} ({e['protocol']})")
     return 0
 
 
@@ -143,19 +210,44 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compress", help="compress a model and save it")
     c.add_argument("model", help="alias (smollm2-135m, gemma3-270m), a local HF directory or a .gguf file")
-    c.add_argument("--calib", required=True, help="calibration text: file, folder, saved dataset, hf:NAME, austen:BOOK")
+    c.add_argument("--calib", required=True, help="calibration text (file, folder, saved dataset, hf:NAME, austen:BOOK) or, for an image classifier, an image folder with class sub-folders")
     c.add_argument("--output", required=True, help="output directory (refused if it exists, unless --overwrite)")
     c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--task", choices=["causal-lm", "image-classification"],
+                   help="check that the model is of this kind (it is detected from the model)")
     c.add_argument("--eval-text", help="also report dense and compressed perplexity on this text")
+    c.add_argument("--eval-images", help="also report dense and compressed top-1/top-5 on this image folder")
     c.add_argument("--eval-seqlen", type=int, help="evaluation window (default: model context, at most 2048)")
     _add_recipe_args(c)
     c.set_defaults(func=cmd_compress)
 
     e = sub.add_parser("eval", help="perplexity of a compressed directory or a dense model")
     e.add_argument("model")
-    e.add_argument("--text", required=True)
+    what = e.add_mutually_exclusive_group(required=True)
+    what.add_argument("--text", help="perplexity on this text (causal LMs)")
+    what.add_argument("--images", help="top-1/top-5 on this image folder (image classifiers)")
     e.add_argument("--seqlen", type=int)
+    e.add_argument("--max-images", type=int, help="a stratified subset of the images")
     e.set_defaults(func=cmd_eval)
+
+    f = sub.add_parser("finetune", help="distil the dense model into a compressed directory (end to end)")
+    f.add_argument("dir", help="a compressed directory")
+    f.add_argument("--data", required=True, help="training text (LMs) or image folder with class sub-folders")
+    f.add_argument("--output", required=True, help="output directory (refused if it exists, unless --overwrite)")
+    f.add_argument("--overwrite", action="store_true")
+    f.add_argument("--teacher", help="the dense model (default: the one the directory was compressed from)")
+    f.add_argument("--steps", type=int, default=200)
+    f.add_argument("--batch-size", type=int, default=32)
+    f.add_argument("--lr", type=float, default=1e-4)
+    f.add_argument("--temperature", type=float, default=1.0)
+    f.add_argument("--label-weight", type=float, default=0.0, help="weight of the label cross-entropy (images)")
+    f.add_argument("--max-samples", type=int, default=10_000, help="images, or text windows of --seqlen tokens")
+    f.add_argument("--seqlen", type=int, default=512)
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--eval-text", help="report dense and fine-tuned perplexity on this text")
+    f.add_argument("--eval-images", help="report dense and fine-tuned top-1 on this image folder")
+    f.add_argument("--eval-seqlen", type=int)
+    f.set_defaults(func=cmd_finetune)
 
     i = sub.add_parser("info", help="what a compressed directory holds")
     i.add_argument("dir")

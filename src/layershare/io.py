@@ -101,6 +101,45 @@ def _state_dict_unique(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.
     return out
 
 
+AUTO_CLASSES = {"causal-lm": "AutoModelForCausalLM", "image-classification": "AutoModelForImageClassification"}
+
+
+def model_task(model: nn.Module) -> str:
+    from .adapters import get_adapter
+
+    return get_adapter(model).task
+
+
+def timm_spec(model: nn.Module) -> dict:
+    """How to rebuild a timm VisionTransformer: its registered architecture and the constructor
+    arguments that set its shapes (the architecture's defaults supply the rest)."""
+    arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    if not arch:
+        raise CheckpointError("this timm model has no pretrained_cfg['architecture'] (build it with "
+                              "timm.create_model) and cannot be rebuilt on load")
+    pe, b0 = model.patch_embed, model.blocks[0]
+    kwargs = dict(img_size=list(pe.img_size), patch_size=list(pe.patch_size), in_chans=pe.proj.in_channels,
+                  num_classes=model.num_classes, embed_dim=model.embed_dim, depth=len(model.blocks),
+                  num_heads=b0.attn.num_heads, mlp_ratio=b0.mlp.fc1.out_features / model.embed_dim,
+                  qkv_bias=b0.attn.qkv.bias is not None, class_token=model.has_class_token,
+                  global_pool=model.global_pool, reg_tokens=model.num_reg_tokens,
+                  no_embed_class=model.no_embed_class)
+    return {"architecture": arch, "kwargs": kwargs}
+
+
+def _save_config(model: nn.Module, entry: dict, folder: Path) -> None:
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "save_pretrained"):  # timm: no transformers config
+        (folder / "config.json").write_text(json.dumps({"library": "timm", "timm": timm_spec(model),
+                                                        "layershare": entry}, indent=2))
+        return
+    config.layershare = entry
+    try:
+        config.save_pretrained(folder)
+    finally:
+        del config.layershare
+
+
 def save_compressed(model: nn.Module, output_dir: str | Path, tokenizer=None, overwrite: bool = False,
                     dtype: str = "float32", meta: dict | None = None) -> Path:
     output_dir = check_output_dir(output_dir, overwrite)
@@ -108,14 +147,10 @@ def save_compressed(model: nn.Module, output_dir: str | Path, tokenizer=None, ov
     tmp = output_dir.parent / f".{output_dir.name}.partial-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        config = model.config
-        entry = {"format_version": FORMAT_VERSION, "dtype": dtype, **layer_map(model),
+        entry = {"format_version": FORMAT_VERSION, "dtype": dtype, "task": model_task(model),
+                 "class": type(model).__name__, **layer_map(model),
                  **({"method": meta.get("method")} if meta else {})}
-        config.layershare = entry
-        try:
-            config.save_pretrained(tmp)
-        finally:
-            del config.layershare
+        _save_config(model, entry, tmp)
         sd = _state_dict_unique(model, torch_dtype)
         save_file(sd, str(tmp / WEIGHTS), metadata={"format": "pt", "layershare": str(FORMAT_VERSION)})
         if tokenizer is not None:
@@ -159,19 +194,38 @@ def read_meta(path: str | Path) -> tuple[dict, dict]:
     return config, meta
 
 
-def load_compressed(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = torch.float32):
-    """A runnable transformers model from a compressed directory, without the original weights."""
+def load_compressed(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = torch.float32,
+                    model: nn.Module | None = None):
+    """A runnable model from a compressed directory, without the original weights: a transformers
+    model rebuilt from its config, a timm model rebuilt from its architecture, or `model` (an
+    uncompressed skeleton of the same architecture, for models neither can rebuild) filled in."""
+    import transformers
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     path = Path(path)
     raw, _ = read_meta(path)
     entry = raw["layershare"]
-    config = AutoConfig.from_pretrained(path)
-    if hasattr(config, "layershare"):
-        del config.layershare
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config)
+    task = entry.get("task", "causal-lm")
+    if task not in AUTO_CLASSES:
+        raise CheckpointError(f"{str(path)!r}: unknown task {task!r} (known: {', '.join(AUTO_CLASSES)})")
+    if model is not None:
+        pass
+    elif raw.get("library") == "timm":
+        try:
+            import timm
+        except Exception as e:  # noqa: BLE001 - timm needs a working torchvision
+            raise CheckpointError(f"{str(path)!r} holds a timm model, but timm cannot be imported ({e})") from e
+        with init_empty_weights():
+            model = timm.create_model(raw["timm"]["architecture"], pretrained=False, **raw["timm"]["kwargs"])
+    else:
+        config = AutoConfig.from_pretrained(path)
+        if hasattr(config, "layershare"):
+            del config.layershare
+        # the saved class when transformers has it (an Auto class can be ambiguous: DeiT has two)
+        cls = getattr(transformers, entry.get("class", ""), None)
+        with init_empty_weights():
+            model = cls(config) if cls is not None else getattr(transformers, AUTO_CLASSES[task]).from_config(config)
     bases = nn.ModuleDict({k: MatrixAtoms(torch.zeros(*shape["atoms"])) if isinstance(shape, dict)
                            else SharedBasis(torch.zeros(*shape)) for k, shape in entry["bases"].items()})
     model.add_module(BASES_ATTR, bases)
@@ -193,7 +247,8 @@ def load_compressed(path: str | Path, device: str = "cpu", dtype: torch.dtype | 
     result = model.load_state_dict(sd, strict=False, assign=True)
     if result.unexpected_keys:
         raise CheckpointError(f"{str(path)!r}: unexpected tensors {result.unexpected_keys[:5]}")
-    model.tie_weights()
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
     still_meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if still_meta:
         raise CheckpointError(f"{str(path)!r}: tensors missing from {WEIGHTS}: {still_meta[:5]}")

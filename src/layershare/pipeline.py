@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from .adapters import Adapter, set_path
 from .budget import Plan, count_params
 from .methods.base import Group, Method
-from .recipe import Recipe
+from .recipe import Recipe, RecipeError
 from .reconstruct import ReconStats, reconstruct
 
 BASES_ATTR = "layershare_bases"
@@ -85,8 +85,13 @@ def _first(out):
 
 
 @torch.no_grad()
-def capture_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[torch.Tensor], device: str) -> Captured:
+def capture_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[torch.Tensor], device: str,
+                   adapter: Adapter | None = None) -> Captured:
     """Hidden states entering block 0 and every block's call arguments, per batch."""
+    if adapter is None:
+        from .adapters import get_adapter
+
+        adapter = get_adapter(model)
     hidden: list[torch.Tensor] = []
     args: list[dict[int, tuple]] = []
     current: dict[int, tuple] = {}
@@ -111,10 +116,10 @@ def capture_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[torch.
     handles = [b.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
     handles.append(blocks[-1].register_forward_hook(stop_hook))
     try:
-        for ids in tqdm(batches, desc="capture", leave=False, dynamic_ncols=True):
+        for batch in tqdm(batches, desc="capture", leave=False, dynamic_ncols=True):
             current = {}
             try:
-                model(input_ids=ids.to(device), use_cache=False)
+                adapter.call(model, batch.to(device))
             except _Stop:
                 pass
             args.append(current)
@@ -127,12 +132,14 @@ def capture_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[torch.
 @torch.no_grad()
 def run_group(blocks: nn.ModuleList, group: list[int], cap: Captured, adapter: Adapter, device: str,
               record: bool, grams: dict[str, torch.Tensor] | None = None,
-              linears: dict[str, nn.Module] | None = None
+              linears: dict[str, nn.Module] | None = None, objective: str = "mlp"
               ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-    """Run the group's blocks on the captured inputs; optionally record each MLP's input/output,
-    and (with `grams` and `linears`) each linear's input second moment E[x x^T] in float64."""
-    # each MLP's inputs/outputs go straight into one preallocated CPU tensor (no list + cat copy)
-    n_rows = sum(h.shape[0] * h.shape[1] for h in cap.hidden)
+    """Run the group's blocks on the captured inputs; optionally record each MLP's input/output
+    (objective "mlp": one row per token) or each block's (objective "block": one row per
+    sequence/image, tokens kept together for attention), and (with `grams` and `linears`) each
+    linear's input second moment E[x x^T] in float64."""
+    # each input/output goes straight into one preallocated CPU tensor (no list + cat copy)
+    n_rows = sum(h.shape[0] if objective == "block" else h.shape[0] * h.shape[1] for h in cap.hidden)
     X: list[torch.Tensor] = []
     Y: list[torch.Tensor] = []
     filled = [[0, 0] for _ in group]
@@ -152,16 +159,16 @@ def run_group(blocks: nn.ModuleList, group: list[int], cap: Captured, adapter: A
             handles.append(module.register_forward_pre_hook(accumulate(path), with_kwargs=True))
     if record:
         def put(store: list[torch.Tensor], j: int, side: int, t: torch.Tensor) -> None:
-            t = t.detach().reshape(-1, t.shape[-1])
+            t = t.detach() if objective == "block" else t.detach().reshape(-1, t.shape[-1])
             if len(store) <= j:
-                store.append(torch.empty(n_rows, t.shape[-1], dtype=t.dtype))
+                store.append(torch.empty(n_rows, *t.shape[1:], dtype=t.dtype))
             start = filled[j][side]
             store[j][start:start + t.shape[0]].copy_(t)
             filled[j][side] = start + t.shape[0]
 
         def keep_input(j):
             def hook(m, a, kw):
-                put(X, j, 0, a[0] if a else next(iter(kw.values())))
+                put(X, j, 0, a[0] if a else kw.get("hidden_states", next(iter(kw.values()))))
             return hook
 
         def keep_output(j):
@@ -170,7 +177,7 @@ def run_group(blocks: nn.ModuleList, group: list[int], cap: Captured, adapter: A
             return hook
 
         for j, b in enumerate(group):
-            m_in, m_out = adapter.hook_module(blocks[b])
+            m_in, m_out = (blocks[b], blocks[b]) if objective == "block" else adapter.hook_module(blocks[b])
             handles.append(m_in.register_forward_pre_hook(keep_input(j), with_kwargs=True))
             handles.append(m_out.register_forward_hook(keep_output(j)))
     outs = []
@@ -188,8 +195,17 @@ def run_group(blocks: nn.ModuleList, group: list[int], cap: Captured, adapter: A
         for path in grams:
             grams[path] /= counts[path]
     if record and any(f != [n_rows, n_rows] for f in filled):
-        raise RuntimeError(f"captured {filled} MLP input/output rows, expected {n_rows} each")
+        raise RuntimeError(f"captured {filled} input/output rows, expected {n_rows} each")
     return X, Y, outs
+
+
+def resolve_objective(recipe: Recipe, adapter: Adapter) -> str:
+    """The reconstruction target: the recipe's, or the adapter's default ("auto")."""
+    objective = adapter.objective if recipe.objective == "auto" else recipe.objective
+    if objective == "block" and adapter.task != "image-classification":
+        raise RecipeError(f"objective 'block' feeds each block its hidden states alone, which {adapter.name} "
+                          "blocks cannot run on (they need masks and positions): use 'mlp' (or 'auto')")
+    return objective
 
 
 def group_shapes(model: nn.Module, adapter: Adapter, groups: list[list[int]]) -> list:
@@ -224,7 +240,8 @@ def compress_model(model: nn.Module, adapter: Adapter, method: Method, recipe: R
         report.seconds = time.time() - t0
         return report
     gen = torch.Generator().manual_seed(recipe.seed)
-    cap = capture_inputs(model, blocks, batches, device)
+    objective = resolve_objective(recipe, adapter)
+    cap = capture_inputs(model, blocks, batches, device, adapter)
     release_memory()
     bar = tqdm(list(enumerate(groups)), desc=f"{method.name} groups", dynamic_ncols=True)
     for g, group_blocks in bar:
@@ -232,7 +249,7 @@ def compress_model(model: nn.Module, adapter: Adapter, method: Method, recipe: R
         group = Group.of(model, adapter, g, group_blocks)
         grams = {} if method.needs_gram else None
         X, Y, dense_out = run_group(blocks, group_blocks, cap, adapter, device, record=True, grams=grams,
-                                    linears=dict(zip(group.paths, group.modules)))
+                                    linears=dict(zip(group.paths, group.modules)), objective=objective)
         group.grams = grams
         comp = method.init(group, plan.groups[g], recipe)
         for path, module in comp.modules.items():
@@ -243,7 +260,10 @@ def compress_model(model: nn.Module, adapter: Adapter, method: Method, recipe: R
         for key, shared in comp.shared.items():
             getattr(model, BASES_ATTR)[key] = shared.to(device)
         del group
-        fns = [lambda x, b=blocks[b]: adapter.mlp_forward(b, x) for b in group_blocks]
+        if objective == "block":
+            fns = [lambda x, b=blocks[b]: _first(b(x)) for b in group_blocks]
+        else:
+            fns = [lambda x, b=blocks[b]: adapter.mlp_forward(b, x) for b in group_blocks]
         with torch.enable_grad():
             stats = reconstruct(fns, X, Y, comp.params if method.tunable else [], comp.pruner, recipe,
                                 desc=f"group {g + 1}/{len(groups)}", generator=gen)

@@ -31,7 +31,8 @@ class Recipe:
     weight_decay: float = 0.0
     batch_tokens: int = 1024  # tokens per optimiser step
     loss: str = "mse"  # "mse" or "nmse" (each block's error divided by its output energy)
-    nsamples: int = 64  # calibration windows
+    objective: str = "auto"  # "mlp": match each MLP's output; "block": each block's output; "auto": the model's
+    nsamples: int = 64  # calibration windows (text) or images (vision)
     seqlen: int = 512  # tokens per calibration window
     propagate: str = "dense"  # inputs of the next group: dense model's ("dense") or compressed ("compressed")
     dtype: str = "float32"  # storage dtype of the saved model (counts in the index overhead)
@@ -60,6 +61,8 @@ class Recipe:
         need(self.prune_every >= 1, f"prune_every must be >= 1, got {self.prune_every}")
         need(0 < self.prune_end <= 1, f"prune_end must be in (0, 1], got {self.prune_end}")
         need(self.batch_tokens >= 1, f"batch_tokens must be >= 1, got {self.batch_tokens}")
+        need(self.objective in ("auto", "mlp", "block"),
+             f"objective must be 'auto', 'mlp' or 'block', got {self.objective!r}")
         need(self.loss in ("mse", "nmse"), f"loss must be 'mse' or 'nmse', got {self.loss!r}")
         need(self.nsamples >= 1 and self.seqlen >= 2, "nsamples must be >= 1 and seqlen >= 2")
         need(self.propagate in ("dense", "compressed"), f"propagate must be 'dense' or 'compressed', got {self.propagate!r}")

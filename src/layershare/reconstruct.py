@@ -27,11 +27,22 @@ class ReconStats:
     loss_curve: list[float]
 
 
+def _tokens_per_row(x: torch.Tensor) -> int:
+    """Tokens in one row of X: 1 for the MLP objective (N x d), T for the block objective (N x T x d)."""
+    n = 1
+    for s in x.shape[1:-1]:
+        n *= s
+    return n
+
+
 @torch.no_grad()
 def relative_error(fns: list[MlpFn], X: list[torch.Tensor], Y: list[torch.Tensor], device: str,
                    chunk: int = 4096, max_rows: int = 8192) -> float:
-    """sum_j ||Y_j - f_j(X_j)||^2 / sum_j ||Y_j||^2 on (at most `max_rows` evenly spaced) calibration tokens."""
+    """sum_j ||Y_j - f_j(X_j)||^2 / sum_j ||Y_j||^2 on (at most `max_rows` evenly spaced) calibration tokens.
+    Rows of a 3-D X are whole sequences (block objective): the limits count their tokens."""
     num = den = 0.0
+    per_row = _tokens_per_row(X[0])
+    chunk, max_rows = max(1, chunk // per_row), max(1, max_rows // per_row)
     for fn, x, y in zip(fns, X, Y):
         if x.shape[0] > max_rows:
             keep = torch.linspace(0, x.shape[0] - 1, max_rows).long()
@@ -67,7 +78,7 @@ def reconstruct(fns: list[MlpFn], X: list[torch.Tensor], Y: list[torch.Tensor], 
     trainable = [p for p in params if p.requires_grad]
     if recipe.steps > 0 and trainable:
         n = X[0].shape[0]
-        bs = min(recipe.batch_tokens, n)
+        bs = min(max(1, recipe.batch_tokens // _tokens_per_row(X[0])), n)
         energy = [float(y.float().pow(2).mean()) for y in Y] if recipe.loss == "nmse" else [1.0] * len(Y)
         opt = torch.optim.AdamW(trainable, lr=recipe.lr, weight_decay=recipe.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(

@@ -8,8 +8,9 @@ from .gpt2 import GPT2
 from .gpt_neox import GPT_NEOX
 from .llama import GATED
 from .opt import OPT
+from .vit import TIMM_VIT, VIT, VIT_LEGACY
 
-ADAPTERS: tuple[Adapter, ...] = (GATED, GPT2, OPT, GPT_NEOX)
+ADAPTERS: tuple[Adapter, ...] = (GATED, GPT2, OPT, GPT_NEOX, VIT, VIT_LEGACY, TIMM_VIT)
 
 
 class UnsupportedModelError(ValueError):
@@ -17,12 +18,15 @@ class UnsupportedModelError(ValueError):
 
 
 def supported_model_types() -> list[str]:
-    return sorted({t for a in ADAPTERS for t in a.model_types})
+    return sorted({t for a in ADAPTERS for t in a.model_types if a is not TIMM_VIT}) + ["timm VisionTransformer"]
 
 
 def get_adapter(model: nn.Module) -> Adapter:
     for adapter in ADAPTERS:
         if adapter.matches(model):
+            return adapter
+    for adapter in ADAPTERS:  # the model type is known but its layout is not: blocks() will say what is missing
+        if adapter.matches(model, strict=False):
             return adapter
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     raise UnsupportedModelError(

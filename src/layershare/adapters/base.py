@@ -1,10 +1,10 @@
 """What an adapter is: where the transformer blocks and their MLP linears live.
 
-An adapter answers five questions about one architecture family, and nothing more:
+An adapter answers a few questions about one architecture family, and nothing more:
 which modules are the blocks, which linears of a block form its MLP (and in which
 direction each one maps, d -> h or h -> d), how to run that MLP on its input, which
-module's input/output is the MLP's input/output (for hooks), and which linears are the
-attention projections.
+module's input/output is the MLP's input/output (for hooks), which linears are the
+attention projections, and how the model is called on a batch (token ids or pixels).
 """
 from __future__ import annotations
 
@@ -46,6 +46,11 @@ class Adapter:
          directly in the block (OPT); then `act` names the block's activation attribute.
     linears: MLP linears relative to the block, name -> IN/OUT, in the order the MLP applies them.
     attention: the attention projections relative to the block (for methods on attention, MASA).
+    task: "causal-lm" or "image-classification" (what the model is fed and what it predicts).
+    input_name: the keyword the model takes its batch by (None: positional, as timm models).
+    objective: the default reconstruction target, "mlp" (each MLP's output, the LLM objective of
+         the FiPS code) or "block" (each block's output from the dense previous block's output,
+         the FiPS code's ViT objective).
     """
 
     name: str
@@ -55,6 +60,9 @@ class Adapter:
     linears: dict[str, str]
     act: str | None = None
     attention: tuple[str, ...] = ()  # attention projections relative to the block (Q, K, V, O or fused QKV, O)
+    task: str = "causal-lm"
+    input_name: str | None = "input_ids"
+    objective: str = "mlp"
 
     # ---- blocks -------------------------------------------------------------------
     def blocks_path(self, model: nn.Module) -> str:
@@ -83,11 +91,29 @@ class Adapter:
     def mlp_forward(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.mlp is not None:
             return get_path(block, self.mlp)(x)
-        act: Callable = getattr(block, self.act)
+        act: Callable = get_path(block, self.act)
         names = list(self.linears)
         h = act(get_path(block, names[0])(x))
         return get_path(block, names[1])(h)
 
-    def matches(self, model: nn.Module) -> bool:
+    def matches(self, model: nn.Module, strict: bool = True) -> bool:
+        """Its model type and (strict) its blocks and MLP linears where it expects them: one model
+        type can have several layouts across transformers versions (ViT)."""
         model_type = getattr(getattr(model, "config", None), "model_type", None)
-        return model_type in self.model_types
+        return model_type in self.model_types and (not strict or self.has_layout(model))
+
+    def has_layout(self, model: nn.Module) -> bool:
+        if not any(has_path(model, p) for p in self.blocks_paths):
+            return False
+        blocks = self.blocks(model)
+        return len(blocks) == 0 or all(has_path(blocks[0], name) for name in self.linears)
+
+    # ---- calling the model ---------------------------------------------------------
+    def call(self, model: nn.Module, batch: torch.Tensor):
+        """Run the model on one batch (token ids, or pixels for vision models)."""
+        if self.input_name is None:
+            return model(batch)
+        kwargs = {self.input_name: batch}
+        if self.task == "causal-lm":
+            kwargs["use_cache"] = False
+        return model(**kwargs)

@@ -73,6 +73,7 @@ class Method:
     needs_gram: bool = False  # init needs each linear's input second moment (group.grams)
     whole_model: bool = False  # compresses the whole model in one pass (compress_whole) instead of init/materialize
     scope: str = "mlp"  # what it compresses: "mlp", or "attention" (then plan_attention replaces plan)
+    tasks: tuple[str, ...] = ("causal-lm", "image-classification")  # the kinds of model it can compress
 
     def groups(self, n_blocks: int, recipe: Recipe) -> list[list[int]]:
         """The groups of blocks the budget is planned over (and compressed by, group by group)."""

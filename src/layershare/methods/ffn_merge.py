@@ -70,6 +70,7 @@ class FFNMerge(Method):
     name = "ffn-merge"
     tunable = False
     whole_model = True  # chooses its window with the whole model (compress_whole), not group by group
+    tasks = ("causal-lm",)  # the window is chosen by the calibration LM loss
 
     def groups(self, n_blocks: int, recipe: Recipe) -> list[list[int]]:
         return [[b] for b in range(n_blocks)]
@@ -126,7 +127,7 @@ class FFNMerge(Method):
             for ids in batches:
                 if seen[0] >= max_tokens:
                     break
-                model(input_ids=ids.to(device), use_cache=False)
+                adapter.call(model, ids.to(device))
                 seen[0] += ids.numel()
         finally:
             for h in handles:

@@ -1,0 +1,142 @@
+"""Fine-tuning after compression ("global error minimisation" in the FiPS paper).
+
+The whole compressed model is trained end to end to match the dense model (the teacher):
+the loss is the KL divergence between the teacher's and the student's output distributions
+at temperature T (times T^2, as in Hinton et al.), plus `label_weight` times the
+cross-entropy on labels when labels are given (images). For causal LMs the KL is taken per
+token. The sparsity pattern of every V is kept: packed projections are unpacked into a dense
+V with a fixed 0/1 mask for training and packed again afterwards, so the stored size does not
+change. Shared bases and atoms are trained once for all the layers that use them.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .adapters import get_adapter
+from .modules.shared_basis import SharedBasisLinear
+
+
+class FinetuneError(ValueError):
+    pass
+
+
+@dataclass
+class FinetuneStats:
+    loss_before: float  # distillation loss (KL, plus labels if given) on the probe samples (the first inputs)
+    loss_after: float
+    steps: int
+    seconds: float
+    curve: list[float] = field(default_factory=list)
+
+
+def _logits(adapter, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    out = adapter.call(model, batch)
+    out = out.logits if hasattr(out, "logits") else out
+    return out.float()
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+                      labels: torch.Tensor | None = None, label_weight: float = 0.0) -> torch.Tensor:
+    """T^2 KL(teacher || student) at temperature T, averaged over samples (tokens for LMs),
+    plus label_weight x cross-entropy on labels."""
+    s = student_logits.reshape(-1, student_logits.shape[-1])
+    t = teacher_logits.reshape(-1, teacher_logits.shape[-1])
+    kl = F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1),
+                  log_target=True, reduction="batchmean") * temperature ** 2
+    if labels is not None and label_weight > 0:
+        kl = kl + label_weight * F.cross_entropy(s, labels.reshape(-1))
+    return kl
+
+
+def _make_trainable(model: nn.Module) -> list[SharedBasisLinear]:
+    """Unpack every packed V into a dense V + fixed mask, and let every float tensor train."""
+    unpacked = []
+    for m in model.modules():
+        if isinstance(m, SharedBasisLinear) and m.packed:
+            m.unpack()
+            m.mask = (m.V.detach() != 0).to(m.V.dtype)
+            unpacked.append(m)
+    for p in model.parameters():
+        if p.is_floating_point():
+            p.requires_grad_(True)
+    return unpacked
+
+
+def finetune(student: nn.Module, teacher: nn.Module, inputs: torch.Tensor, labels: torch.Tensor | None = None,
+             steps: int = 200, batch_size: int = 32, lr: float = 1e-4, weight_decay: float = 0.0,
+             temperature: float = 1.0, label_weight: float = 0.0, seed: int = 0,
+             device: str = "cpu", probe: int | None = None) -> FinetuneStats:
+    """Distil `teacher` into the compressed `student` (in place) on `inputs` (token windows
+    (N, T) or pixels (N, C, H, W)), `steps` AdamW steps of `batch_size` samples drawn without
+    replacement (reshuffled each pass), cosine learning rate. The loss is reported on the
+    first `probe` samples (default: one batch) before and after."""
+    if steps < 1 or batch_size < 1:
+        raise FinetuneError(f"steps and batch_size must be >= 1, got {steps} and {batch_size}")
+    if inputs.shape[0] < batch_size:
+        raise FinetuneError(f"fine-tuning needs at least batch_size={batch_size} samples, got {inputs.shape[0]}")
+    if labels is not None and labels.shape[0] != inputs.shape[0]:
+        raise FinetuneError(f"{labels.shape[0]} labels for {inputs.shape[0]} inputs")
+    adapter = get_adapter(student)
+    if get_adapter(teacher).task != adapter.task:
+        raise FinetuneError("teacher and student are different kinds of model")
+    t0 = time.time()
+    teacher.eval().to(device)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    student.to(device)
+    unpacked = _make_trainable(student)
+    params = [p for p in student.parameters() if p.requires_grad]
+    n_probe = min(probe or batch_size, inputs.shape[0])
+    probe_x = inputs[:n_probe].to(device)
+    probe_y = labels[:n_probe].to(device) if labels is not None else None
+
+    @torch.no_grad()
+    def probe_loss() -> float:
+        student.eval()
+        loss = 0.0
+        for i in range(0, n_probe, batch_size):
+            x = probe_x[i:i + batch_size]
+            y = probe_y[i:i + batch_size] if probe_y is not None else None
+            loss += float(distillation_loss(_logits(adapter, student, x), _logits(adapter, teacher, x),
+                                            temperature, y, label_weight)) * x.shape[0]
+        return loss / n_probe
+
+    before = probe_loss()
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, steps) / steps)))
+    gen = torch.Generator().manual_seed(seed)
+    perm, pos = torch.randperm(inputs.shape[0], generator=gen), 0
+    curve = []
+    student.train()
+    try:
+        for step in tqdm(range(steps), desc="finetune", dynamic_ncols=True):
+            if pos + batch_size > inputs.shape[0]:
+                perm, pos = torch.randperm(inputs.shape[0], generator=gen), 0
+            idx = perm[pos:pos + batch_size]
+            pos += batch_size
+            x = inputs[idx].to(device)
+            y = labels[idx].to(device) if labels is not None else None
+            with torch.no_grad():
+                t_logits = _logits(adapter, teacher, x)
+            loss = distillation_loss(_logits(adapter, student, x), t_logits, temperature, y, label_weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            curve.append(loss.item())
+    finally:
+        student.eval()
+        for p in student.parameters():
+            p.requires_grad_(False)
+        for m in unpacked:  # the fixed mask keeps pruned entries at zero: the stored size is unchanged
+            m.pack()
+    after = probe_loss()
+    return FinetuneStats(loss_before=before, loss_after=after, steps=len(curve), seconds=time.time() - t0,
+                         curve=curve)
