@@ -180,13 +180,12 @@ def compress(model: nn.Module, recipe: Recipe | None = None, data=None, tokenize
     seed_everything(recipe.seed)
     dense_params = count_params(model)
     t0 = time.time()
-    for stage_recipe, method, groups, plan in stages:
-        report = compress_model(model, adapter, method, stage_recipe, batches, groups, plan)
-        if stage_recipe is not recipe:  # the attention stage: its report travels with the main one
-            first = {"attention": {"method": stage_recipe.method, "ratio": plan.model_ratio,
-                                   "seconds": report.seconds, **report.extra}}
-    if recipe.attention is not None:
-        report.extra.update(first)
+    reports = [(stage_recipe, plan, compress_model(model, adapter, method, stage_recipe, batches, groups, plan))
+               for stage_recipe, method, groups, plan in stages]
+    report = reports[-1][2]
+    for stage_recipe, plan, stage in reports[:-1]:  # the attention stage travels with the main report
+        report.extra["attention"] = {"method": stage_recipe.method, "ratio": plan.model_ratio,
+                                     "seconds": stage.seconds, **stage.extra}
     report.seconds = time.time() - t0
     sizes = measure(model, dense_params, recipe.bytes_per_param)
     out = None

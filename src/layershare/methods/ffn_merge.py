@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ..adapters.base import IN, Adapter, get_path, set_path
 from ..budget import BudgetError, GroupBudget, GroupShape, Plan, make_plan
-from ..modules.weights import is_conv1d
+from ..modules.weights import hidden_axis
 from ..recipe import Recipe
 from .base import Compressed, Group, Method
 
@@ -46,20 +46,12 @@ def correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.t() @ b
 
 
-def _hidden_dim(weight: torch.Tensor, module: nn.Module, role: str) -> int:
-    """Which axis of the stored weight runs over the MLP's hidden units."""
-    h_is_out = role == IN
-    if is_conv1d(module):  # Conv1D stores (in, out)
-        return 1 if h_is_out else 0
-    return 0 if h_is_out else 1  # Linear stores (out, in)
-
-
 def permuted_weights(modules: list[nn.Module], roles: list[str], perm: torch.Tensor) -> list[dict[str, torch.Tensor]]:
     """Each linear's weight (and bias on the hidden side) with the hidden units reordered."""
     out = []
     for m, role in zip(modules, roles):
         w = m.weight.detach()
-        entry = {"weight": w.index_select(_hidden_dim(w, m, role), perm)}
+        entry = {"weight": w.index_select(hidden_axis(m, role), perm)}
         if getattr(m, "bias", None) is not None:
             entry["bias"] = m.bias.detach()[perm] if role == IN else m.bias.detach()
         out.append(entry)

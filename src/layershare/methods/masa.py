@@ -18,14 +18,9 @@ from torch import nn
 from ..adapters.base import Adapter, get_path, set_path
 from ..budget import BudgetError, GroupBudget, Plan
 from ..modules.atoms import AtomLinear, MatrixAtoms
-from ..modules.weights import is_conv1d
+from ..modules.weights import weight_out_in
 from ..recipe import Recipe, make_groups
 from .base import Compressed, Group, Method
-
-
-def weight_out_in(module: nn.Module) -> torch.Tensor:
-    w = module.weight.detach()
-    return w.t() if is_conv1d(module) else w
 
 
 def matrix_pca(mats: list[torch.Tensor], n_components: int) -> tuple[torch.Tensor, torch.Tensor]:

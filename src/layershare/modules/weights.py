@@ -21,9 +21,21 @@ def in_out_features(module: nn.Module) -> tuple[int, int]:
     return module.in_features, module.out_features
 
 
+def weight_out_in(module: nn.Module) -> torch.Tensor:
+    """The weight as nn.Linear stores it, (out, in), whatever the layer type."""
+    w = module.weight.detach()
+    return w.t() if is_conv1d(module) else w  # Conv1D stores (in, out)
+
+
 def weight_dxh(module: nn.Module, role: str) -> torch.Tensor:
     """The weight as a (d, h) matrix, whatever the layer type and direction."""
-    w = module.weight.detach()
-    stored_in_out = is_conv1d(module)  # Conv1D: (in, out); Linear: (out, in)
-    as_in_out = w if stored_in_out else w.t()
+    as_in_out = weight_out_in(module).t()
     return as_in_out if role == IN else as_in_out.t()
+
+
+def hidden_axis(module: nn.Module, role: str) -> int:
+    """Which axis of the stored weight runs over the MLP's hidden units (h)."""
+    h_is_out = role == IN
+    if is_conv1d(module):  # Conv1D stores (in, out)
+        return 1 if h_is_out else 0
+    return 0 if h_is_out else 1  # Linear stores (out, in)
