@@ -63,9 +63,6 @@ class Adapter:
     task: str = "causal-lm"
     input_name: str | None = "input_ids"
     objective: str = "mlp"
-    # a norm applied to the MLP's output before the residual add (Gemma-2/3's post-feed-forward
-    # norm), where the block has it: the MLP objective matches what reaches the residual stream
-    mlp_post: str | None = None
 
     # ---- blocks -------------------------------------------------------------------
     def blocks_path(self, model: nn.Module) -> str:
@@ -83,29 +80,21 @@ class Adapter:
     def mlp_linears(self, block: nn.Module) -> dict[str, nn.Module]:
         return {name: get_path(block, name) for name in self.linears}
 
-    def post_norm(self, block: nn.Module) -> nn.Module | None:
-        return get_path(block, self.mlp_post) if self.mlp_post and has_path(block, self.mlp_post) else None
-
     def hook_module(self, block: nn.Module) -> tuple[nn.Module, nn.Module]:
-        """(module whose input is the MLP input, module whose output is the MLP output, after the
-        post-MLP norm where the block has one)."""
-        post = self.post_norm(block)
+        """(module whose input is the MLP input, module whose output is the MLP output)."""
         if self.mlp is not None:
             mlp = get_path(block, self.mlp)
-            return mlp, post or mlp
+            return mlp, mlp
         names = list(self.linears)
-        return get_path(block, names[0]), post or get_path(block, names[-1])
+        return get_path(block, names[0]), get_path(block, names[-1])
 
     def mlp_forward(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """The MLP on its input (and the post-MLP norm, where the block has one)."""
         if self.mlp is not None:
-            y = get_path(block, self.mlp)(x)
-        else:
-            act: Callable = get_path(block, self.act)
-            names = list(self.linears)
-            y = get_path(block, names[1])(act(get_path(block, names[0])(x)))
-        post = self.post_norm(block)
-        return y if post is None else post(y)
+            return get_path(block, self.mlp)(x)
+        act: Callable = get_path(block, self.act)
+        names = list(self.linears)
+        h = act(get_path(block, names[0])(x))
+        return get_path(block, names[1])(h)
 
     def matches(self, model: nn.Module, strict: bool = True) -> bool:
         """Its model type and (strict) its blocks and MLP linears where it expects them: one model
