@@ -5,9 +5,11 @@
 
 A Hugging Face `ViTForImageClassification` built from a `ViTConfig` (1 channel, 28x28 images,
 7x7 patches, width 128, 6 blocks, MLP ratio 4), trained from scratch on the Fashion-MNIST
-training split less 5,000 images held out (class-stratified, seed 0) for validation: AdamW,
-linear warm-up then cosine decay, label smoothing 0.1, augmentation by a random crop of the
-image padded by 2 pixels and a horizontal flip. The test split is only measured at the end,
+training split less 5,000 images held out (class-stratified, seed 0) for validation: AdamW
+(lr 1e-3, weight decay 0.05, batch 128), linear warm-up then cosine decay, label smoothing 0.1,
+random horizontal flips. (A random crop of the image padded by 2 pixels, `--pad 2`, learned
+slower: 82.6% against 87.2% validation top-1 after a 3-epoch schedule; learning rate 2e-3 and
+batch 64 gave 81.6% and 82.4%.) The test split is only measured at the end,
 with `layershare.evaluate.accuracy` on `fmnist:test` (the saved model and image processor, as
 any user of the directory would see them); nothing is tuned on it.
 
@@ -91,8 +93,13 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
 
 
 def augment(x: torch.Tensor, gen: torch.Generator, pad: int = 2) -> torch.Tensor:
-    """Random crop of the zero-padded (background-padded) image and random horizontal flip."""
+    """Random crop of the image padded by `pad` background pixels (none if 0), random horizontal flip."""
     n, _, h, w = x.shape
+    flip = torch.rand(n, generator=gen) < 0.5
+    if pad == 0:
+        out = x.clone()
+        out[flip] = out[flip].flip(-1)
+        return out
     padded = F.pad(x, (pad, pad, pad, pad), value=float(normalize(torch.zeros(1))))
     dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
     dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
@@ -100,7 +107,6 @@ def augment(x: torch.Tensor, gen: torch.Generator, pad: int = 2) -> torch.Tensor
     out = padded.gather(2, rows)
     cols = (dx[:, None] + torch.arange(w))[:, None, None, :].expand(n, 1, h, w)
     out = out.gather(3, cols)
-    flip = torch.rand(n, generator=gen) < 0.5
     out[flip] = out[flip].flip(-1)
     return out
 
@@ -143,7 +149,7 @@ def train(args) -> dict:
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, dynamic_ncols=True)
         for step in bar:
             idx = order[step * args.batch_size:(step + 1) * args.batch_size]
-            inputs = augment(normalize(x_train[idx]), gen)
+            inputs = augment(normalize(x_train[idx]), gen, args.pad)
             logits = model(pixel_values=inputs).logits
             loss = F.cross_entropy(logits, y_train[idx], label_smoothing=args.label_smoothing)
             opt.zero_grad(set_to_none=True)
@@ -173,6 +179,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--weight-decay", type=float, default=0.05)
     ap.add_argument("--label-smoothing", type=float, default=0.1)
+    ap.add_argument("--pad", type=int, default=0, help="random-crop padding in pixels (0: flips only)")
     ap.add_argument("--patch", type=int, default=7)
     ap.add_argument("--width", type=int, default=128)
     ap.add_argument("--depth", type=int, default=6)
@@ -191,6 +198,7 @@ def main() -> None:
     result = train(args)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private
     try:
         result["model"].save_pretrained(tmp)
         image_processor().save_pretrained(tmp)
@@ -199,7 +207,7 @@ def main() -> None:
         test = accuracy(result["model"], "fmnist:test", preprocessor, batch_size=500)
         print(f"test: {test}")
         log = {"config": {k: getattr(args, k) for k in ("patch", "width", "depth", "heads", "epochs", "batch_size",
-                                                         "lr", "weight_decay", "label_smoothing", "seed", "threads",
+                                                         "lr", "weight_decay", "label_smoothing", "pad", "seed", "threads",
                                                          "limit")},
                "epochs": args.epochs, "seconds": round(result["seconds"], 1), "params": result["params"],
                "train_images": result["train_images"], "val_images": result["val_images"],

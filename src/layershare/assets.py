@@ -211,6 +211,7 @@ def fashion_mnist_folder(split: str) -> Path:
     images, labels = fashion_mnist_arrays(split)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{split}.", suffix=".tmp", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private
     try:
         for name in FMNIST_CLASSES:
             (tmp / name).mkdir()
