@@ -28,7 +28,7 @@ RESULTS = ROOT / "docs" / "vit_runs.json"
 CALIB, TEST = "fmnist:train", "fmnist:test"
 NSAMPLES = 1024  # calibration images (of 60,000)
 FT = dict(steps=600, batch_size=64, lr=1e-4, temperature=1.0, label_weight=0.0, max_samples=20_000)
-RATIOS = (0.2, 0.33, 0.45)
+RATIOS = (0.2, 0.33, 0.45, 0.57)  # 57%: the FiPS paper's ViT figure with fine-tuning
 RUNS = (["dense:0"] + [f"fips:{r}" for r in RATIOS] + [f"fips:{r}:ft" for r in RATIOS]
         + [f"{m}:{r}" for m in ("basis-sharing", "svd-llm") for r in RATIOS])
 
