@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import time
@@ -40,11 +41,8 @@ def is_image_model_dir(path: str | Path) -> bool:
     cfg = Path(path) / "config.json"
     if not cfg.exists():
         return False
-    import json
-
     config = json.loads(cfg.read_text())
-    return any(a.endswith("ForImageClassification") or "ForImageClassification" in a
-               for a in config.get("architectures") or [])
+    return any("ForImageClassification" in a for a in config.get("architectures") or [])
 
 
 def load_model(name: str, dtype: torch.dtype = torch.float32):
@@ -176,7 +174,8 @@ def compress(model: nn.Module, recipe: Recipe | None = None, data=None, tokenize
         check_output_dir(output_dir, overwrite)
     if data is None:
         raise DataError("compress needs calibration data (data=...)")
-    batches = _calibration(data, tokenizer if processor is None else processor, recipe, batch_size, adapter.task)
+    prep = tokenizer if processor is None else processor  # what is saved beside the model
+    batches = _calibration(data, prep, recipe, batch_size, adapter.task)
     seed_everything(recipe.seed)
     dense_params = count_params(model)
     t0 = time.time()
@@ -195,9 +194,7 @@ def compress(model: nn.Module, recipe: Recipe | None = None, data=None, tokenize
                 "groups": [{"blocks": g.blocks, "rank": g.rank, "nnz": g.nnz,
                             "rel_err_before": g.stats.rel_err_before, "rel_err_after": g.stats.rel_err_after,
                             "seconds": g.seconds} for g in report.groups], **report.extra}
-        out = save_compressed(model, output_dir, tokenizer=tokenizer if processor is None else processor,
-                              overwrite=overwrite,
-                              dtype=recipe.dtype, meta=meta)
+        out = save_compressed(model, output_dir, tokenizer=prep, overwrite=overwrite, dtype=recipe.dtype, meta=meta)
     return CompressionResult(model=model, report=report, sizes=sizes, output_dir=out)
 
 
@@ -218,8 +215,6 @@ def evaluate_perplexity(model: nn.Module, tokenizer, text, seqlen: int | None = 
 
 def load_preprocessing(path: str | Path):
     """The tokenizer, or the image preprocessor, saved beside a compressed (or dense HF) model."""
-    import json
-
     path = Path(path)
     config = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else {}
     if config.get("layershare", {}).get("task") == "image-classification" or is_image_model_dir(path):
