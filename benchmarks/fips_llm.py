@@ -2,18 +2,22 @@
 
     python benchmarks/fips_llm.py                                   # all runs below
     python benchmarks/fips_llm.py --runs smollm2-135m:fips:0.2      # one run (results merge)
+    python benchmarks/fips_llm.py --validation --label s0.25 --recipe '{"sparsity": 0.25}' \
+        --runs gemma3-270m:fips:0.2                                 # a variant, on the validation book
 
 Calibration: Sense and Sensibility; perplexity on Northanger Abbey, the whole book in
-non-overlapping 2048-token windows (defaults were chosen on Mansfield Park). Each run is
-its own subprocess (see runner.py); results go to docs/llm_runs.json, shared with
-compare_llm.py. Writes docs/fips_llm.md and prints the table.
+non-overlapping 2048-token windows. Defaults are chosen with --validation: the first 16
+windows of Mansfield Park, results in docs/llm_validation.json (docs/llm_validation.md), one
+row per model, method, ratio and --label. Each run is its own subprocess (see runner.py);
+results go to docs/llm_runs.json, shared with compare_llm.py. Writes docs/fips_llm.md and
+prints the table.
 """
 from __future__ import annotations
 
 import argparse
 import json
 
-from runner import CALIB, RESULTS, ROOT, TEST, markdown_table, protocols, run_all
+from runner import CALIB, RESULTS, ROOT, TEST, VALID, VALID_RESULTS, VALID_WINDOWS, markdown_table, protocols, run_all
 
 RUNS = ["smollm2-135m:dense:0", "smollm2-135m:fips:0.1", "smollm2-135m:fips:0.2", "smollm2-135m:fips:0.3",
         "gemma3-270m:dense:0", "gemma3-270m:fips:0.2"]
@@ -24,7 +28,28 @@ def main() -> None:
     ap.add_argument("--runs", nargs="*", default=RUNS, help="MODEL:METHOD:RATIO (ratio 0 = dense)")
     ap.add_argument("--seqlen", type=int, default=2048, help="evaluation window")
     ap.add_argument("--recipe", default="{}", help="JSON of recipe overrides (default: the library defaults)")
+    ap.add_argument("--validation", action="store_true",
+                    help=f"evaluate on {VALID} ({VALID_WINDOWS} windows), results apart: for choosing defaults")
+    ap.add_argument("--label", default=None, help="names the variant (with --validation)")
+    ap.add_argument("--test-too", action="store_true",
+                    help="with --validation: also measure the test book on the same compressed model (recorded "
+                         "as ppl_test; the choice between variants is made on the validation numbers)")
     args = ap.parse_args()
+    if args.validation:
+        rows, _ = run_all(args.runs, VALID_RESULTS, args.seqlen, json.loads(args.recipe), eval_text=VALID,
+                          max_windows=VALID_WINDOWS, label=args.label or "default", test_too=args.test_too)
+        table = markdown_table(rows, label=True)
+        (ROOT / "docs" / "llm_validation.md").write_text(
+            "# Choosing defaults: variants on the validation book\n\n"
+            f"Produced by `python benchmarks/fips_llm.py --validation`. Calibration `{CALIB}`; perplexity on "
+            f"the first {VALID_WINDOWS} windows of `{VALID}`; variants are chosen on it, never on the test book. "
+            f"Runs made with --test-too also measured `{TEST}` on the same compressed model (last column). The "
+            f"label names the variant; its recipe overrides are in docs/llm_validation.json. These runs are "
+            "for choosing, not timing: several ran side by side at one thread each (BENCH_THREADS=1), so their "
+            "compress times are not comparable with docs/fips_llm.md.\n\n"
+            f"{protocols(rows)}\n\n{table}\n")
+        print(table)
+        return
     rows, _ = run_all(args.runs, RESULTS, args.seqlen, json.loads(args.recipe))
     rows = [r for r in rows if r["method"] in ("dense", "fips")]
     table = markdown_table(rows)

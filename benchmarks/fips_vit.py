@@ -17,11 +17,11 @@ import argparse
 import json
 import os
 import resource
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from runner import merge_row, run_child
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "vit_runs.json"
@@ -131,15 +131,11 @@ def main() -> None:
     rows = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
     for run in ([] if args.table else args.runs):
         print(f"== {run}", flush=True)
-        proc = subprocess.run([sys.executable, __file__, "--one", run, "--recipe", args.recipe],
-                              stdout=subprocess.PIPE, text=True)
-        found = [line for line in proc.stdout.splitlines() if line.startswith("ROW ")]
-        if proc.returncode != 0 or not found:
-            print(f"   failed (exit {proc.returncode})", flush=True)
+        row, _, code = run_child([__file__, "--one", run, "--recipe", args.recipe])
+        if row is None:
+            print(f"   failed (exit {code})", flush=True)
             continue
-        row = json.loads(found[-1][4:])
-        rows = [r for r in rows if r["run"] != row["run"]] + [row]
-        RESULTS.write_text(json.dumps(rows, indent=2))
+        rows = merge_row(RESULTS, row, key=lambda r: r["run"])
         print(f"   top-1 {row['top1']:.2%}  compress {row['seconds']:.0f} s", flush=True)
     print(write_docs(rows))
 

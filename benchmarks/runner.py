@@ -3,6 +3,8 @@
 A run is "MODEL:METHOD:RATIO" (ratio 0 = the dense model). Each run is a fresh process, so
 its peak RSS (ru_maxrss: model load, calibration capture and compression; evaluation
 excluded) is its own. Results accumulate in a JSON file keyed by (model, method, ratio).
+BENCH_THREADS=N sets the torch threads of a run (default: every core); runs side by side
+then share the machine and their times are not timings.
 """
 from __future__ import annotations
 
@@ -17,21 +19,25 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CALIB = "austen:sensesensibility"  # calibration
-TEST = "austen:northangerabbey"  # reported numbers (defaults were chosen on austen:mansfieldpark)
+TEST = "austen:northangerabbey"  # reported numbers
+VALID = "austen:mansfieldpark"  # where defaults are chosen (fips_llm.py --validation)
+VALID_WINDOWS = 16  # of 2048 tokens: enough to rank variants, cheap enough to run several
 RESULTS = ROOT / "docs" / "llm_runs.json"  # every run of fips_llm.py and compare_llm.py
+VALID_RESULTS = ROOT / "docs" / "llm_validation.json"  # fips_llm.py --validation: variants tried
 
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_one(model_name: str, method: str, ratio: float, seqlen: int, overrides: dict) -> dict:
+def run_one(model_name: str, method: str, ratio: float, seqlen: int, overrides: dict,
+            eval_text: str = TEST, max_windows: int | None = None, test_too: bool = False) -> dict:
     import torch
 
     import layershare
     from layershare.data import read_text, tokenize
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1)))
     model, tok = layershare.load_model(model_name)
     row: dict = {"model": model_name, "method": "dense" if ratio == 0 else method, "ratio_target": ratio}
     with tempfile.TemporaryDirectory() as tmp:
@@ -62,8 +68,12 @@ def run_one(model_name: str, method: str, ratio: float, seqlen: int, overrides: 
             for m in model.modules():  # sparse V to dense for the evaluation's speed (same function; tests check)
                 if hasattr(m, "unpack"):
                     m.unpack()
-    ppl = layershare.evaluate_perplexity(model, tok, tokenize(tok, read_text(TEST)), seqlen=seqlen)
+    ppl = layershare.evaluate_perplexity(model, tok, tokenize(tok, read_text(eval_text)), seqlen=seqlen,
+                                         max_windows=max_windows)
     row["ppl"], row["protocol"] = ppl.ppl, ppl.protocol
+    if test_too:  # a validation run that also measures the test book (one compression serves both)
+        ppl = layershare.evaluate_perplexity(model, tok, tokenize(tok, read_text(TEST)), seqlen=seqlen)
+        row["ppl_test"], row["protocol_test"] = ppl.ppl, ppl.protocol
     return row
 
 
@@ -72,40 +82,65 @@ def parse_run(run: str) -> tuple[str, str, float]:
     return model, method, float(ratio)
 
 
-def run_all(runs: list[str], json_path: Path, seqlen: int, overrides: dict) -> tuple[list[dict], list[str]]:
+def run_child(argv: list[str]) -> tuple[dict | None, str | None, int]:
+    """`python *argv` in its own process (its own peak RSS): the row it printed ("ROW {json}"),
+    the library's refusal ("INFEASIBLE message") and its exit code."""
+    proc = subprocess.run([sys.executable, *argv], stdout=subprocess.PIPE, text=True)
+    lines = proc.stdout.splitlines()
+    found = [line[4:] for line in lines if line.startswith("ROW ")]
+    refused = [line[11:] for line in lines if line.startswith("INFEASIBLE ")]
+    row = json.loads(found[-1]) if found and proc.returncode == 0 else None
+    return row, (refused[-1] if refused else None), proc.returncode
+
+
+def merge_row(json_path: Path, row: dict, key, sort_key=None) -> list[dict]:
+    """Put `row` into the results file in place of the row with its key; re-read just before
+    writing, so that runs beside this one do not lose theirs."""
+    rows = json.loads(json_path.read_text()) if json_path.exists() else []
+    rows = [r for r in rows if key(r) != key(row)] + [row]
+    if sort_key is not None:
+        rows.sort(key=sort_key)
+    json_path.write_text(json.dumps(rows, indent=2))
+    return rows
+
+
+def run_all(runs: list[str], json_path: Path, seqlen: int, overrides: dict, eval_text: str = TEST,
+            max_windows: int | None = None, label: str | None = None, test_too: bool = False
+            ) -> tuple[list[dict], list[str]]:
     """Run each in its own process; returns every row in the results file and the runs whose
-    budget cannot be reached (with the library's message)."""
+    budget cannot be reached (with the library's message). Rows are keyed by model, method,
+    ratio (and `label`, naming a variant, where one is given)."""
     json_path.parent.mkdir(parents=True, exist_ok=True)
     rows = json.loads(json_path.read_text()) if json_path.exists() else []
-    key = lambda r: (r["model"], r["method"], r["ratio_target"])  # noqa: E731
+    key = lambda r: (r["model"], r["method"], r["ratio_target"], r.get("label"))  # noqa: E731
+    spec = {"seqlen": seqlen, "overrides": overrides, "eval_text": eval_text, "max_windows": max_windows,
+            "test_too": test_too}
     infeasible = []
     for run in runs:
         print(f"== {run}", flush=True)
-        proc = subprocess.run([sys.executable, __file__, run, str(seqlen), json.dumps(overrides)],
-                              stdout=subprocess.PIPE, text=True)
-        found = [line for line in proc.stdout.splitlines() if line.startswith("ROW ")]
-        refused = [line[11:] for line in proc.stdout.splitlines() if line.startswith("INFEASIBLE ")]
+        row, refused, code = run_child([__file__, run, json.dumps(spec)])
         if refused:
-            print(f"   infeasible: {refused[-1]}", flush=True)
-            infeasible.append(f"{run}: {refused[-1]}")
+            print(f"   infeasible: {refused}", flush=True)
+            infeasible.append(f"{run}: {refused}")
             continue
-        if proc.returncode != 0 or not found:
-            print(f"   failed (exit {proc.returncode})", flush=True)
+        if row is None:
+            print(f"   failed (exit {code})", flush=True)
             continue
-        row = json.loads(found[-1][4:])
-        rows = [r for r in rows if key(r) != key(row)] + [row]
-        rows.sort(key=lambda r: (r["model"], r["ratio_target"], r["method"]))
-        json_path.write_text(json.dumps(rows, indent=2))
+        if label is not None:
+            row["label"] = label
+        rows = merge_row(json_path, row, key, sort_key=lambda r: (r["model"], r["ratio_target"], r["method"]))
         print(f"   ppl {row['ppl']:.3f}  compress {row['seconds']:.0f} s  peak RSS {row['peak_rss_mb']:.0f} MB",
               flush=True)
     return rows, infeasible
 
 
-def markdown_table(rows: list[dict]) -> str:
+def markdown_table(rows: list[dict], label: bool = False) -> str:
+    """One row per run; `label` adds a column naming the variant (validation tables)."""
     dense = {r["model"]: r for r in rows if r["ratio_target"] == 0}
-    lines = ["| model | method | target | params stored | measured ratio | weights on disk | disk vs dense | "
-             "ppl (test) | ppl vs dense | compress time | peak RSS |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | method |" + (" variant |" if label else "") + " target | params stored | measured ratio | "
+             "weights on disk | disk vs dense | " + ("ppl (validation)" if label else "ppl (test)") + " | ppl vs dense | "
+             "compress time | peak RSS |" + (" ppl (test) |" if label else ""),
+             "|---|---|" + ("---|" if label else "") + "---|---|---|---|---|---|---|---|---|" + ("---|" if label else "")]
     for r in rows:
         d = dense.get(r["model"])
         other = d is not None and r is not d
@@ -113,9 +148,11 @@ def markdown_table(rows: list[dict]) -> str:
         measured = f"{r['ratio_measured']:.2%}" if "ratio_measured" in r else "-"
         disk = f"{1 - r['bytes_on_disk'] / d['bytes_on_disk']:.1%} smaller" if other else "-"
         rel = f"+{r['ppl'] / d['ppl'] - 1:.1%}" if other else "-"
-        lines.append(f"| {r['model']} | {r['method']} | {target} | {r['stored_params'] / 1e6:,.2f} M | {measured} | "
+        variant = f" {r.get('label', '')} |" if label else ""
+        lines.append(f"| {r['model']} | {r['method']} |{variant} {target} | {r['stored_params'] / 1e6:,.2f} M | {measured} | "
                      f"{r['bytes_on_disk'] / 2**20:,.1f} MiB | {disk} | {r['ppl']:.2f} | {rel} | "
-                     f"{r['seconds'] / 60:,.1f} min | {r['peak_rss_mb'] / 1024:,.2f} GiB |")
+                     f"{r['seconds'] / 60:,.1f} min | {r['peak_rss_mb'] / 1024:,.2f} GiB |"
+                     + (f" {r['ppl_test']:.2f} |" if "ppl_test" in r else " - |" if label else ""))
     return "\n".join(lines)
 
 
@@ -123,12 +160,12 @@ def protocols(rows: list[dict]) -> str:
     return "\n".join(f"- {p}" for p in sorted({f"{r['model']}: {r['protocol']}" for r in rows}))
 
 
-if __name__ == "__main__":  # a child: python runner.py MODEL:METHOD:RATIO SEQLEN OVERRIDES_JSON
+if __name__ == "__main__":  # a child: python runner.py MODEL:METHOD:RATIO SPEC_JSON (see run_all)
     from layershare.budget import BudgetError
 
     m, meth, ratio = parse_run(sys.argv[1])
     try:
-        row = run_one(m, meth, ratio, int(sys.argv[2]), json.loads(sys.argv[3]))
+        row = run_one(m, meth, ratio, **json.loads(sys.argv[2]))
     except BudgetError as e:  # raised before any long work
         print(f"INFEASIBLE {e}", flush=True)
         sys.exit(3)

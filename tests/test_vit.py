@@ -9,6 +9,7 @@ import layershare
 from layershare.adapters import get_adapter
 from layershare.distill import distillation_loss
 from layershare.modules.shared_basis import SharedBasisLinear
+from layershare.objectives import Objective
 from layershare.recipe import RecipeError
 
 from conftest import make_model, small_recipe
@@ -82,7 +83,7 @@ def test_block_objective_tunes_each_block_to_the_dense_block_output(pixels):
     adapter = get_adapter(model)
     blocks = adapter.blocks(model)
     cap = capture_inputs(model, blocks, [pixels[:8], pixels[8:16]], "cpu", adapter)
-    X, Y, out = run_group(blocks, [0, 1], cap, adapter, "cpu", record=True, objective="block")
+    X, Y, out = run_group(blocks, [0, 1], cap, adapter, "cpu", record=True, objective=Objective("block", adapter))
     assert X[0].shape == (16, 17, 32) and Y[1].shape == (16, 17, 32)
     torch.testing.assert_close(X[1], Y[0])  # block 1 is fed block 0's dense output
     torch.testing.assert_close(torch.cat(out), Y[1])

@@ -25,7 +25,8 @@ from .data import DataError, calibration_batches, read_text, tokenize
 from .evaluate.perplexity import Perplexity, perplexity
 from .io import check_output_dir, load_compressed, save_compressed
 from .methods import METHODS, Method, get_method
-from .pipeline import CompressionReport, compress_model, plan_model, resolve_objective
+from .objectives import resolve_objective
+from .pipeline import CompressionReport, compress_model, plan_model
 from .recipe import Recipe, RecipeError
 from .sizes import Sizes, measure
 

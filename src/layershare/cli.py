@@ -28,6 +28,10 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", type=int, help="adjacent blocks sharing one basis")
     p.add_argument("--sparsity", type=float, help="fraction of V entries pruned")
     p.add_argument("--schedule", choices=["gradual", "static"])
+    p.add_argument("--init", choices=["svd", "whitened"],
+                   help="FiPS init: SVD of the weights (the paper's) or of the data-whitened weights")
+    p.add_argument("--objective", choices=["auto", "mlp", "residual", "block"],
+                   help="what the tuning matches (auto: the model's default)")
     p.add_argument("--steps", type=int, help="optimiser steps per group")
     p.add_argument("--lr", type=float)
     p.add_argument("--nsamples", type=int, help="calibration windows (text) or images")
@@ -39,8 +43,8 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
 
 def _recipe(args) -> Recipe:
     base = Recipe.from_yaml(args.recipe).to_dict() if args.recipe else Recipe().to_dict()
-    for key in ("method", "ratio", "ratio_of", "group_size", "sparsity", "schedule", "steps", "lr",
-                "nsamples", "seqlen", "dtype", "device", "seed"):
+    for key in ("method", "ratio", "ratio_of", "group_size", "sparsity", "schedule", "init", "objective", "steps",
+                "lr", "nsamples", "seqlen", "dtype", "device", "seed"):
         value = getattr(args, key)
         if value is not None:
             base[key] = value

@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 from .adapters import Adapter, set_path
 from .budget import Plan, count_params
 from .methods.base import Group, Method
-from .recipe import Recipe, RecipeError
+from .objectives import Objective, first, resolve_objective
+from .recipe import Recipe
 from .reconstruct import ReconStats, reconstruct
 
 BASES_ATTR = "layershare_bases"
@@ -80,10 +81,6 @@ def _to(obj, device):
     return obj
 
 
-def _first(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
 @torch.no_grad()
 def capture_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[torch.Tensor], device: str,
                    adapter: Adapter | None = None) -> Captured:
@@ -132,34 +129,37 @@ def capture_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[torch.
 @torch.no_grad()
 def run_group(blocks: nn.ModuleList, group: list[int], cap: Captured, adapter: Adapter, device: str,
               record: bool, grams: dict[str, torch.Tensor] | None = None,
-              linears: dict[str, nn.Module] | None = None, objective: str = "mlp"
+              linears: dict[str, nn.Module] | None = None, objective: Objective | None = None
               ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-    """Run the group's blocks on the captured inputs; optionally record each MLP's input/output
-    (objective "mlp": one row per token) or each block's (objective "block": one row per
-    sequence/image, tokens kept together for attention), and (with `grams` and `linears`) each
-    linear's input second moment E[x x^T] in float64."""
+    """Run the group's blocks on the captured inputs; optionally record, per block, what the
+    objective matches (default: each MLP's input/output, see objectives.py), and (with `grams`
+    and `linears`) each linear's input second moment E[x x^T] in float64."""
+    objective = objective or Objective("mlp", adapter)
     # each input/output goes straight into one preallocated CPU tensor (no list + cat copy)
-    n_rows = sum(h.shape[0] if objective == "block" else h.shape[0] * h.shape[1] for h in cap.hidden)
+    n_rows = sum(h.shape[0] * h.shape[1] if objective.per_token else h.shape[0] for h in cap.hidden)
     X: list[torch.Tensor] = []
     Y: list[torch.Tensor] = []
     filled = [[0, 0] for _ in group]
     handles = []
     if grams is not None:
         counts: dict[str, int] = {}
+        last: list = [None, None]  # the input tensor seen last and its x^T x: gate and up share one input
 
         def accumulate(path):
             def hook(m, a, kw):
-                x = (a[0] if a else next(iter(kw.values()))).detach()
-                x = x.reshape(-1, x.shape[-1]).double().cpu()
-                grams[path] = grams.get(path, 0) + x.t() @ x
-                counts[path] = counts.get(path, 0) + x.shape[0]
+                x = a[0] if a else next(iter(kw.values()))
+                if x is not last[0]:
+                    flat = x.detach().reshape(-1, x.shape[-1]).double().cpu()
+                    last[:] = [x, flat.t() @ flat]
+                grams[path] = grams.get(path, 0) + last[1]
+                counts[path] = counts.get(path, 0) + x.numel() // x.shape[-1]
             return hook
 
         for path, module in (linears or {}).items():
             handles.append(module.register_forward_pre_hook(accumulate(path), with_kwargs=True))
     if record:
         def put(store: list[torch.Tensor], j: int, side: int, t: torch.Tensor) -> None:
-            t = t.detach() if objective == "block" else t.detach().reshape(-1, t.shape[-1])
+            t = t.detach().reshape(-1, t.shape[-1]) if objective.per_token else t.detach()
             if len(store) <= j:
                 store.append(torch.empty(n_rows, *t.shape[1:], dtype=t.dtype))
             start = filled[j][side]
@@ -173,11 +173,11 @@ def run_group(blocks: nn.ModuleList, group: list[int], cap: Captured, adapter: A
 
         def keep_output(j):
             def hook(m, a, out):
-                put(Y, j, 1, _first(out))
+                put(Y, j, 1, first(out))
             return hook
 
         for j, b in enumerate(group):
-            m_in, m_out = (blocks[b], blocks[b]) if objective == "block" else adapter.hook_module(blocks[b])
+            m_in, m_out = objective.hooks(blocks[b])
             handles.append(m_in.register_forward_pre_hook(keep_input(j), with_kwargs=True))
             handles.append(m_out.register_forward_hook(keep_output(j)))
     outs = []
@@ -186,26 +186,18 @@ def run_group(blocks: nn.ModuleList, group: list[int], cap: Captured, adapter: A
             h = h.to(device)
             for b in group:
                 extra, kw = per_block[b]
-                h = _first(blocks[b](h, *_to(extra, device), **_to(kw, device)))
+                h = first(blocks[b](h, *_to(extra, device), **_to(kw, device)))
             outs.append(h.cpu())
     finally:
         for hd in handles:
             hd.remove()
     if grams is not None:
+        last.clear()
         for path in grams:
             grams[path] /= counts[path]
     if record and any(f != [n_rows, n_rows] for f in filled):
         raise RuntimeError(f"captured {filled} input/output rows, expected {n_rows} each")
     return X, Y, outs
-
-
-def resolve_objective(recipe: Recipe, adapter: Adapter) -> str:
-    """The reconstruction target: the recipe's, or the adapter's default ("auto")."""
-    objective = adapter.objective if recipe.objective == "auto" else recipe.objective
-    if objective == "block" and adapter.task != "image-classification":
-        raise RecipeError(f"objective 'block' feeds each block its hidden states alone, which {adapter.name} "
-                          "blocks cannot run on (they need masks and positions): use 'mlp' (or 'auto')")
-    return objective
 
 
 def group_shapes(model: nn.Module, adapter: Adapter, groups: list[list[int]]) -> list:
@@ -247,7 +239,7 @@ def compress_model(model: nn.Module, adapter: Adapter, method: Method, recipe: R
     for g, group_blocks in bar:
         tg = time.time()
         group = Group.of(model, adapter, g, group_blocks)
-        grams = {} if method.needs_gram else None
+        grams = {} if method.gram_needed(recipe) else None
         X, Y, dense_out = run_group(blocks, group_blocks, cap, adapter, device, record=True, grams=grams,
                                     linears=dict(zip(group.paths, group.modules)), objective=objective)
         group.grams = grams
@@ -260,10 +252,7 @@ def compress_model(model: nn.Module, adapter: Adapter, method: Method, recipe: R
         for key, shared in comp.shared.items():
             getattr(model, BASES_ATTR)[key] = shared.to(device)
         del group
-        if objective == "block":
-            fns = [lambda x, b=blocks[b]: _first(b(x)) for b in group_blocks]
-        else:
-            fns = [lambda x, b=blocks[b]: adapter.mlp_forward(b, x) for b in group_blocks]
+        fns = [lambda x, b=blocks[b]: objective.forward(b, x) for b in group_blocks]
         with torch.enable_grad():
             stats = reconstruct(fns, X, Y, comp.params if method.tunable else [], comp.pruner, recipe,
                                 desc=f"group {g + 1}/{len(groups)}", generator=gen)

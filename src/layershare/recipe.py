@@ -27,11 +27,12 @@ class Recipe:
     prune_every: int = 10  # steps between mask updates (gradual)
     prune_end: float = 0.75  # fraction of the steps after which the mask is final (gradual)
     steps: int = 200  # optimiser steps per group (0: SVD init only)
+    init: str = "svd"  # FiPS: "svd" (of the weights, the paper's) or "whitened" (of the data-whitened weights)
     lr: float = 1e-3  # chosen on a validation book (Mansfield Park): 1e-4 -> ppl 37.4, 1e-3 -> 34.5 at 20%
     weight_decay: float = 0.0
     batch_tokens: int = 1024  # tokens per optimiser step
     loss: str = "mse"  # "mse" or "nmse" (each block's error divided by its output energy)
-    objective: str = "auto"  # "mlp": match each MLP's output; "block": each block's output; "auto": the model's
+    objective: str = "auto"  # "mlp" | "residual" | "block" | "auto" (the model's default): see objectives.py
     nsamples: int = 64  # calibration windows (text) or images (vision)
     seqlen: int = 512  # tokens per calibration window
     propagate: str = "dense"  # inputs of the next group: dense model's ("dense") or compressed ("compressed")
@@ -61,8 +62,9 @@ class Recipe:
         need(self.prune_every >= 1, f"prune_every must be >= 1, got {self.prune_every}")
         need(0 < self.prune_end <= 1, f"prune_end must be in (0, 1], got {self.prune_end}")
         need(self.batch_tokens >= 1, f"batch_tokens must be >= 1, got {self.batch_tokens}")
-        need(self.objective in ("auto", "mlp", "block"),
-             f"objective must be 'auto', 'mlp' or 'block', got {self.objective!r}")
+        need(self.init in ("svd", "whitened"), f"init must be 'svd' or 'whitened', got {self.init!r}")
+        need(self.objective in ("auto", "mlp", "residual", "block"),
+             f"objective must be 'auto', 'mlp', 'residual' or 'block', got {self.objective!r}")
         need(self.loss in ("mse", "nmse"), f"loss must be 'mse' or 'nmse', got {self.loss!r}")
         need(self.nsamples >= 1 and self.seqlen >= 2, "nsamples must be >= 1 and seqlen >= 2")
         need(self.propagate in ("dense", "compressed"), f"propagate must be 'dense' or 'compressed', got {self.propagate!r}")

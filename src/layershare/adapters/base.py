@@ -48,9 +48,12 @@ class Adapter:
     attention: the attention projections relative to the block (for methods on attention, MASA).
     task: "causal-lm" or "image-classification" (what the model is fed and what it predicts).
     input_name: the keyword the model takes its batch by (None: positional, as timm models).
-    objective: the default reconstruction target, "mlp" (each MLP's output, the LLM objective of
-         the FiPS code) or "block" (each block's output from the dense previous block's output,
-         the FiPS code's ViT objective).
+    objective: the default reconstruction target (see objectives.py): "mlp" (each MLP's output,
+         the LLM objective of the FiPS code), "residual" (the MLP output after the block's
+         post-MLP norm, `mlp_post`) or "block" (each block's output from the dense previous
+         block's output, the FiPS code's ViT objective).
+    mlp_post: a norm applied to the MLP output before the residual add, relative to the block
+         (Gemma-2/3's post_feedforward_layernorm); blocks without it have none.
     """
 
     name: str
@@ -63,6 +66,7 @@ class Adapter:
     task: str = "causal-lm"
     input_name: str | None = "input_ids"
     objective: str = "mlp"
+    mlp_post: str | None = None
 
     # ---- blocks -------------------------------------------------------------------
     def blocks_path(self, model: nn.Module) -> str:
@@ -87,6 +91,9 @@ class Adapter:
             return mlp, mlp
         names = list(self.linears)
         return get_path(block, names[0]), get_path(block, names[-1])
+
+    def post_norm(self, block: nn.Module) -> nn.Module | None:
+        return get_path(block, self.mlp_post) if self.mlp_post and has_path(block, self.mlp_post) else None
 
     def mlp_forward(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.mlp is not None:

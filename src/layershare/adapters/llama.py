@@ -1,7 +1,8 @@
 """Gated MLPs (gate/up/down): Llama, Mistral, Qwen2/3, Gemma, Gemma-2, Gemma-3.
 
-Gemma-2/3 wrap the MLP in pre/post feed-forward norms; those sit outside `mlp`, so the
-MLP reconstruction target (mlp input -> mlp output) is the same as for Llama.
+Gemma-2/3 wrap the MLP in pre/post feed-forward norms, outside `mlp`. The "mlp" objective
+matches the raw MLP output as for Llama; "residual" matches it after the post norm
+(`mlp_post`, what reaches the residual stream; see objectives.py).
 """
 from .base import IN, OUT, Adapter
 
@@ -12,4 +13,5 @@ GATED = Adapter(
     mlp="mlp",
     linears={"mlp.gate_proj": IN, "mlp.up_proj": IN, "mlp.down_proj": OUT},
     attention=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
+    mlp_post="post_feedforward_layernorm",
 )

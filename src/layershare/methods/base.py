@@ -75,6 +75,10 @@ class Method:
     scope: str = "mlp"  # what it compresses: "mlp", or "attention" (then plan_attention replaces plan)
     tasks: tuple[str, ...] = ("causal-lm", "image-classification")  # the kinds of model it can compress
 
+    def gram_needed(self, recipe: Recipe) -> bool:
+        """Whether init reads group.grams (the pipeline then accumulates them)."""
+        return self.needs_gram
+
     def groups(self, n_blocks: int, recipe: Recipe) -> list[list[int]]:
         """The groups of blocks the budget is planned over (and compressed by, group by group)."""
         return make_groups(n_blocks, recipe)

@@ -11,7 +11,7 @@ attention and everything outside the MLP linears stay per block.
 The target ratio fixes k (one MLP is the granularity: the nearest whole number of MLPs is
 removed, and the measured ratio is reported); the window's position is chosen by the
 language-model loss on calibration text among every k-block window (or given, extra
-`window: [first, last]`). No tuning (the paper fine-tunes afterwards; layershare has no fine-tuning yet).
+`window: [first, last]`). No tuning here (the paper fine-tunes afterwards: `layershare finetune`).
 Options in `Recipe.extra`: `window`, `corr_tokens` (tokens for the correlations, default
 4096), `select_batches` (calibration batches for choosing the window, default 1).
 """

@@ -7,17 +7,27 @@ V is pruned by global magnitude (static, or gradual GMP) and U, V_i (and biases)
 tuned so each compressed MLP reproduces the dense MLP's output on calibration inputs.
 When the budget asks for r > min(d, H), U is padded with zero columns and V with copies
 of its top rows divided by tau = 32, as the official code does.
+
+`Recipe.init = "whitened"` (not in the paper) starts from the SVD of the data-whitened
+weights instead: every d x h block is multiplied on the d side by L_x^T (L_x L_x^T = the
+pooled second moment of the group's MLP inputs) and the blocks whose h side is their input
+(down/fc2) on the right by their own L_h; U = L_x^-T U' and V_i = V'_i L_h^-1 undo it. For
+up/gate this is SVD-LLM's truncation-aware whitening with one metric shared by the group
+(Basis Sharing's); for down the h side gets its own input metric and the d side (its output)
+the group's input metric, an approximation that keeps U shared.
 """
 from __future__ import annotations
 
 import torch
 
+from ..adapters.base import IN
 from ..budget import GroupBudget, GroupShape, Plan, fixed_rank_plan, plan
 from ..modules.shared_basis import SharedBasis, SharedBasisLinear
 from ..modules.weights import weight_dxh
 from ..recipe import Recipe
 from ..sparsity import GroupPruner
 from .base import Compressed, Group, Method
+from .lowrank import cholesky
 
 PAD_TAU = 32.0
 
@@ -40,8 +50,25 @@ def shared_svd(mats: list[torch.Tensor], rank: int) -> tuple[torch.Tensor, list[
     return U.to(dtype).contiguous(), [s.to(dtype).contiguous() for s in slices]
 
 
+def whitened_shared_svd(mats: list[torch.Tensor], roles: list[str], grams: list[torch.Tensor],
+                        rank: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """shared_svd of the whitened blocks, mapped back (see the module docstring)."""
+    Lx = cholesky(sum(g for g, r in zip(grams, roles) if r == IN))
+    Lh = [cholesky(g) if r != IN else None for g, r in zip(grams, roles)]
+    white = [Lx.t() @ m.double() if L is None else Lx.t() @ m.double() @ L for m, L in zip(mats, Lh)]
+    U, Vs = shared_svd(white, rank)
+    U = torch.linalg.solve_triangular(Lx.t(), U.double(), upper=True)  # L_x^-T U'
+    Vs = [V.double() if L is None else torch.linalg.solve_triangular(L, V.double(), upper=False, left=False)
+          for V, L in zip(Vs, Lh)]  # V' L_h^-1
+    dtype = mats[0].dtype
+    return U.to(dtype).contiguous(), [V.to(dtype).contiguous() for V in Vs]
+
+
 class FiPS(Method):
     name = "fips"
+
+    def gram_needed(self, recipe: Recipe) -> bool:
+        return recipe.init == "whitened"
 
     def plan(self, shapes: list[GroupShape], total_params: int, recipe: Recipe) -> Plan:
         if recipe.extra.get("rank"):  # explicit rank: the ratio is whatever it comes to
@@ -52,7 +79,10 @@ class FiPS(Method):
 
     def init(self, group: Group, budget: GroupBudget, recipe: Recipe) -> Compressed:
         mats = [weight_dxh(m, role).float() for m, role in zip(group.modules, group.roles)]
-        U, Vs = shared_svd(mats, budget.rank)
+        if recipe.init == "whitened":
+            U, Vs = whitened_shared_svd(mats, group.roles, [group.grams[p] for p in group.paths], budget.rank)
+        else:
+            U, Vs = shared_svd(mats, budget.rank)
         basis = SharedBasis(U)
         layers = {}
         for path, m, role, V in zip(group.paths, group.modules, group.roles, Vs):

@@ -1,0 +1,77 @@
+"""Reconstruction targets: what is recorded is what the compressed model recomputes."""
+import pytest
+import torch
+
+import layershare
+from layershare.adapters import get_adapter
+from layershare.objectives import Objective
+from layershare.pipeline import capture_inputs, run_group
+from layershare.recipe import RecipeError
+
+from conftest import make_model, small_recipe
+
+
+def _record(model, tokens, name):
+    adapter = get_adapter(model)
+    blocks = adapter.blocks(model)
+    cap = capture_inputs(model, blocks, [tokens[:64].view(2, 32)], "cpu", adapter)
+    objective = Objective(name, adapter)
+    X, Y, _ = run_group(blocks, [0, 1], cap, adapter, "cpu", record=True, objective=objective)
+    return adapter, blocks, objective, X, Y
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+def test_residual_objective_records_the_post_norm_mlp_output(arch, tokens):
+    """Gemma-2/3: "residual" targets are the MLP output after post_feedforward_layernorm, "mlp"
+    targets the raw output; the objective's forward recomputes exactly what was recorded."""
+    model = make_model(arch)
+    _, blocks, res, X, Y = _record(model, tokens, "residual")
+    _, _, mlp, Xm, Ym = _record(model, tokens, "mlp")
+    with torch.no_grad():
+        for j, b in enumerate([0, 1]):
+            torch.testing.assert_close(X[j], Xm[j])  # same inputs
+            block = blocks[b]
+            torch.testing.assert_close(Y[j], block.post_feedforward_layernorm(block.mlp(X[j])))
+            torch.testing.assert_close(Ym[j], block.mlp(X[j]))
+            torch.testing.assert_close(res.forward(block, X[j]), Y[j])
+            assert (Y[j] - Ym[j]).abs().max() > 1e-2  # the norm matters in these models
+
+
+def test_residual_objective_is_the_mlp_objective_without_a_post_norm(tokens):
+    model = make_model("llama")
+    *_, Y = _record(model, tokens, "residual")
+    *_, Ym = _record(model, tokens, "mlp")
+    for a, b in zip(Y, Ym):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_residual_objective_tunes_gemma3(tokens):
+    model = make_model("gemma3")
+    res = layershare.compress(model, small_recipe(ratio=0.1, steps=30, lr=1e-3, objective="residual"),
+                              data=tokens)
+    assert all(g.stats.rel_err_after < g.stats.rel_err_before for g in res.report.groups)
+
+
+def test_unknown_objective_is_refused():
+    with pytest.raises(RecipeError, match="objective must be"):
+        small_recipe(objective="logits")
+
+
+def test_recorded_grams_are_the_inputs_second_moments(tokens):
+    """run_group's Gram matrices are E[x x^T] of each linear's input (gate and up share theirs)."""
+    model = make_model("llama")
+    adapter = get_adapter(model)
+    blocks = adapter.blocks(model)
+    cap = capture_inputs(model, blocks, [tokens[:64].view(2, 32), tokens[64:128].view(2, 32)], "cpu", adapter)
+    linears = {f"{b}.{name}": m for b in (0, 1) for name, m in adapter.mlp_linears(blocks[b]).items()}
+    grams: dict = {}
+    X, _, _ = run_group(blocks, [0, 1], cap, adapter, "cpu", record=True, grams=grams, linears=linears)
+    for j in (0, 1):
+        x = X[j].double()
+        expected = x.t() @ x / x.shape[0]
+        torch.testing.assert_close(grams[f"{j}.mlp.gate_proj"], expected)
+        torch.testing.assert_close(grams[f"{j}.mlp.up_proj"], expected)
+        mlp = blocks[j].mlp
+        with torch.no_grad():
+            h = (mlp.act_fn(mlp.gate_proj(X[j])) * mlp.up_proj(X[j])).double()
+        torch.testing.assert_close(grams[f"{j}.mlp.down_proj"], h.t() @ h / h.shape[0], rtol=1e-5, atol=1e-6)
