@@ -21,9 +21,6 @@ from torch import nn
 from .adapters import Adapter
 from .recipe import Recipe, RecipeError
 
-OBJECTIVES = ("mlp", "residual", "block")
-
-
 def first(out):
     """The hidden states of a module's output (blocks return tuples in some versions)."""
     return out[0] if isinstance(out, (tuple, list)) else out
@@ -44,16 +41,19 @@ class Objective:
         if self.name == "block":
             return block, block
         m_in, m_out = self.adapter.hook_module(block)
-        post = self.adapter.post_norm(block) if self.name == "residual" else None
-        return m_in, post or m_out
+        return m_in, self._post(block) or m_out
 
     def forward(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Y from X through the block's (compressed) modules."""
         if self.name == "block":
             return first(block(x))
         y = self.adapter.mlp_forward(block, x)
-        post = self.adapter.post_norm(block) if self.name == "residual" else None
+        post = self._post(block)
         return y if post is None else post(y)
+
+    def _post(self, block: nn.Module) -> nn.Module | None:
+        """The post-MLP norm the "residual" objective goes through (None otherwise, or without one)."""
+        return self.adapter.post_norm(block) if self.name == "residual" else None
 
 
 def resolve_objective(recipe: Recipe, adapter: Adapter) -> Objective:
