@@ -99,6 +99,11 @@ def table(rows: list[dict]) -> str:
 def write_docs(rows: list[dict]) -> str:
     t = table(rows)
     protocol = next((r["protocol"] for r in rows), "")
+    # rows written before the recipe had an init field used the SVD init, the default then
+    inits = sorted({r["recipe"].get("init", "svd") for r in rows if r["method"] == "fips"})
+    init_note = (f" FiPS init of these rows: {', '.join(inits)}"
+                 + (" (measured before the whitened init became the default; `--recipe '{\"init\": \"svd\"}'` "
+                    "reproduces them)." if inits == ["svd"] else "."))
     (ROOT / "docs" / "fips_vit.md").write_text(
         "# FiPS on a Vision Transformer (Fashion-MNIST ViT, CPU, 2 cores)\n\n"
         "Produced by `python benchmarks/fips_vit.py`. The model: the small ViT that "
@@ -106,7 +111,7 @@ def write_docs(rows: list[dict]) -> str:
         "package). Target ratios are of the whole model's parameters. Calibration: "
         f"{NSAMPLES} images of `{CALIB}`, stratified by class; FiPS uses the FiPS code's ViT objective (each "
         "compressed block fed the dense previous block's output and trained to match the dense block's "
-        "output). Basis Sharing and SVD-LLM are closed-form (whitened SVD on the same calibration images). "
+        f"output).{init_note} Basis Sharing and SVD-LLM are closed-form (whitened SVD on the same calibration images). "
         f"Fine-tuning: distillation from the dense ViT (logit KL, T={FT['temperature']}, no labels), "
         f"{FT['steps']} AdamW steps of {FT['batch_size']} images drawn from {FT['max_samples']:,} images of "
         f"`{CALIB}`, lr {FT['lr']} cosine. Top-1/top-5 on `{TEST}`: {protocol}.\n\n{t}\n\n"

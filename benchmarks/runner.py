@@ -3,8 +3,9 @@
 A run is "MODEL:METHOD:RATIO" (ratio 0 = the dense model). Each run is a fresh process, so
 its peak RSS (ru_maxrss: model load, calibration capture and compression; evaluation
 excluded) is its own. Results accumulate in a JSON file keyed by (model, method, ratio).
-BENCH_THREADS=N sets the torch threads of a run (default: every core); runs side by side
-then share the machine and their times are not timings.
+BENCH_THREADS=N sets the torch threads of a run (default: every core); it is meant for runs
+side by side, which share the machine: such a row records `shared: true` and the tables mark
+its time, which is not a timing.
 """
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ def run_one(model_name: str, method: str, ratio: float, seqlen: int, overrides: 
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1)))
     model, tok = layershare.load_model(model_name)
-    row: dict = {"model": model_name, "method": "dense" if ratio == 0 else method, "ratio_target": ratio}
+    row: dict = {"model": model_name, "method": "dense" if ratio == 0 else method, "ratio_target": ratio,
+                 "threads": torch.get_num_threads(), "shared": "BENCH_THREADS" in os.environ}
     with tempfile.TemporaryDirectory() as tmp:
         if ratio == 0:
             # the same writer as the compressed models (GGUF-loaded models refuse save_pretrained)
@@ -149,10 +151,16 @@ def markdown_table(rows: list[dict], label: bool = False) -> str:
         disk = f"{1 - r['bytes_on_disk'] / d['bytes_on_disk']:.1%} smaller" if other else "-"
         rel = f"+{r['ppl'] / d['ppl'] - 1:.1%}" if other else "-"
         variant = f" {r.get('label', '')} |" if label else ""
-        lines.append(f"| {r['model']} | {r['method']} |{variant} {target} | {r['stored_params'] / 1e6:,.2f} M | {measured} | "
+        method = r["method"]
+        if method == "fips" and r.get("recipe", {}).get("init", "svd") == "svd":  # rows before init existed: svd
+            method += " (svd init)"
+        lines.append(f"| {r['model']} | {method} |{variant} {target} | {r['stored_params'] / 1e6:,.2f} M | {measured} | "
                      f"{r['bytes_on_disk'] / 2**20:,.1f} MiB | {disk} | {r['ppl']:.2f} | {rel} | "
-                     f"{r['seconds'] / 60:,.1f} min | {r['peak_rss_mb'] / 1024:,.2f} GiB |"
+                     f"{r['seconds'] / 60:,.1f} min{' *' if r.get('shared') else ''} | "
+                     f"{r['peak_rss_mb'] / 1024:,.2f} GiB |"
                      + (f" {r['ppl_test']:.2f} |" if "ppl_test" in r else " - |" if label else ""))
+    if any(r.get("shared") for r in rows):
+        lines.append("\n\\* run beside another run (BENCH_THREADS): its time is not a timing.")
     return "\n".join(lines)
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import layershare
-from layershare.methods.lowrank import whitened_factors
+from layershare.methods.lowrank import refit_output, whitened_factors
 
 from conftest import make_model, small_recipe
 
@@ -61,3 +61,62 @@ def test_whitened_methods_beat_plain_svd_on_calibration_outputs(tokens):
         errs[method] = sum(g.stats.rel_err_before for g in res.report.groups)
     assert errs["svd-llm"] < errs["svd"]
     assert errs["basis-sharing"] < errs["svd"]
+
+
+def test_refit_output_is_the_least_squares_fit_on_the_new_inputs():
+    g = torch.Generator().manual_seed(0)
+    mix = torch.randn(32, 32, generator=g) * torch.logspace(0, -2, 32)
+    X = torch.randn(4096, 32, generator=g) @ mix
+    Xc = X + 0.3 * torch.randn(4096, 32, generator=g)  # the inputs once earlier layers are compressed
+    W = torch.randn(32, 48, generator=g).double()
+    gram = lambda Z: (Z.t().double() @ Z.double()) / Z.shape[0]  # noqa: E731
+    A, B = whitened_factors(W, gram(X), 8)
+    # on the inputs it was whitened for, the truncation is already the least-squares output side
+    torch.testing.assert_close(refit_output(A, W, gram(X)), B, atol=1e-4, rtol=1e-3)  # up to the ridges
+    B1 = refit_output(A, W, gram(Xc))
+    expected = torch.linalg.lstsq(Xc.double() @ A, Xc.double() @ W).solution
+    torch.testing.assert_close(B1, expected, atol=1e-6, rtol=1e-5)
+    err = lambda B_: float((Xc.double() @ (W - A @ B_)).norm())  # noqa: E731
+    assert err(B1) < err(B)
+
+
+@pytest.mark.parametrize("method,extra", [("svd-llm", {"update": True}), ("basis-sharing", {})])
+def test_closed_form_update_on_compressed_inputs(method, extra, tokens, input_ids, tmp_path):
+    """svd-llm's optional update and basis-sharing's (on by default from ratio 0.4): the first
+    group sees no compressed layer before it, so it is unchanged; later groups are refitted,
+    the budget is unchanged, the model's error on the calibration text drops, and it round-trips."""
+    dense = make_model("llama")
+    calib = tokens[: 8 * 32].reshape(8, 32)
+    with torch.no_grad():
+        target = dense(calib).logits
+    out = {}
+    for update in (False, True):
+        model = make_model("llama")
+        res = layershare.compress(model, small_recipe(method=method, ratio=0.4, group_size=1,
+                                                      extra={**extra, "update": update}),
+                                  data=tokens, output_dir=tmp_path / str(update))
+        assert abs(res.sizes.ratio - 0.4) < 0.01
+        with torch.no_grad():
+            err = float((model(calib).logits - target).norm())
+        out[update] = (model, err)
+    off, on = out[False][0].state_dict(), out[True][0].state_dict()
+    first = [k for k in off if ".layers.0." in k or "bases.0." in k or "bases.0_" in k]
+    later = [k for k in off if ".layers.1.mlp" in k]
+    assert first and later
+    for k in first:
+        torch.testing.assert_close(on[k], off[k], atol=1e-5, rtol=1e-5)
+    assert any(not torch.allclose(on[k], off[k], atol=1e-4) for k in later)
+    assert out[True][1] < out[False][1]
+    with torch.no_grad():
+        reloaded = layershare.load(tmp_path / "True")(input_ids).logits
+        torch.testing.assert_close(reloaded, out[True][0](input_ids).logits, atol=0, rtol=0)
+
+
+def test_full_rank_update_stays_exact(tokens, input_ids):
+    model = make_model("llama")
+    with torch.no_grad():
+        dense = model(input_ids).logits
+    layershare.compress(model, small_recipe(method="svd-llm", extra={"rank": model.config.hidden_size,
+                                                                     "update": True}), data=tokens)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids).logits, dense, atol=1e-4, rtol=1e-4)

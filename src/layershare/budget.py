@@ -29,6 +29,7 @@ class GroupShape:
     hs: tuple[int, ...]
     n_bias: int = 0  # bias entries of the group's linears (kept dense)
     roles: tuple[str, ...] = ()  # "in"/"out" per matrix (which side of d x h reads the input)
+    kinds: tuple[str, ...] = ()  # per matrix, its name within its block ("mlp.up_proj"): its type
 
     @property
     def H(self) -> int:
@@ -119,15 +120,17 @@ def feasible_max_ratio(total_params: int, mlp_params: int, of: str) -> float:
     return mlp_params / total_params if of == "model" else 1.0
 
 
-def keep_fraction(shapes: list[GroupShape], total_params: int, ratio: float, of: str) -> float:
-    """Fraction of its dense MLP parameters every group keeps so that `ratio` is removed."""
-    if of not in ("model", "mlp"):
-        raise BudgetError(f"this method compresses the MLPs: ratio_of must be 'model' or 'mlp', got {of!r}")
+def keep_fraction(shapes: list[GroupShape], total_params: int, ratio: float, of: str, part: str = "mlp") -> float:
+    """Fraction of its dense parameters every group keeps so that `ratio` is removed (`part`:
+    what the method compresses, "mlp" or "attention")."""
+    what = {"mlp": "the MLPs", "attention": "the attention projections"}[part]
+    if of not in ("model", part):
+        raise BudgetError(f"this method compresses {what}: ratio_of must be 'model' or {part!r}, got {of!r}")
     mlp_params = sum(s.dense for s in shapes)
-    hi = feasible_max_ratio(total_params, mlp_params, of)
+    hi = feasible_max_ratio(total_params, mlp_params, "model" if of == "model" else "mlp")
     if not 0 < ratio < hi:
         raise BudgetError(
-            f"compression ratio {ratio} of the {of}'s parameters cannot be reached: only MLPs are "
+            f"compression ratio {ratio} of the {of}'s parameters cannot be reached: only {what} are "
             f"compressed, and they hold {mlp_params:,} of {total_params:,} parameters, so the "
             f"feasible range is 0 < ratio < {hi:.3f}"
         )

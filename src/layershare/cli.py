@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from .recipe import Recipe
+from .recipe import DTYPES, INITS, OBJECTIVES, RATIO_OF, SCHEDULES, Recipe
 
 
 def _human(n: float) -> str:
@@ -21,22 +21,23 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", help="YAML recipe; command-line options override its fields")
     p.add_argument("--method", help="compression method (default fips)")
     p.add_argument("--ratio", type=float, help="fraction of parameters to remove (default 0.2)")
-    p.add_argument("--ratio-of", choices=["model", "mlp", "attention"],
+    p.add_argument("--ratio-of", choices=RATIO_OF,
                    help="ratio of the whole model's parameters or of the part compressed (MLPs; attention for masa)")
-    p.add_argument("--attention-method", help="also compress the attention with this method (masa), run first")
+    p.add_argument("--attention-method",
+                   help="also compress the attention with this method (masa, basis-sharing-attention), run first")
     p.add_argument("--attention-ratio", type=float, help="fraction of the attention parameters it removes")
     p.add_argument("--group-size", type=int, help="adjacent blocks sharing one basis")
     p.add_argument("--sparsity", type=float, help="fraction of V entries pruned")
-    p.add_argument("--schedule", choices=["gradual", "static"])
-    p.add_argument("--init", choices=["svd", "whitened"],
-                   help="FiPS init: SVD of the weights (the paper's) or of the data-whitened weights")
-    p.add_argument("--objective", choices=["auto", "mlp", "residual", "block"],
+    p.add_argument("--schedule", choices=SCHEDULES)
+    p.add_argument("--init", choices=INITS,
+                   help="FiPS init: SVD of the data-whitened weights (default) or of the weights (the paper's)")
+    p.add_argument("--objective", choices=OBJECTIVES,
                    help="what the tuning matches (auto: the model's default)")
     p.add_argument("--steps", type=int, help="optimiser steps per group")
     p.add_argument("--lr", type=float)
     p.add_argument("--nsamples", type=int, help="calibration windows (text) or images")
     p.add_argument("--seqlen", type=int, help="tokens per calibration window")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="storage dtype")
+    p.add_argument("--dtype", choices=DTYPES, help="storage dtype")
     p.add_argument("--device")
     p.add_argument("--seed", type=int)
 

@@ -10,6 +10,11 @@
    group's inputs. Only one group's activations are held at a time.
 3. The method initialises compressed modules, they replace the dense ones in the model,
    `reconstruct` tunes them on (X_j, Y_j), and `materialize` freezes them.
+A method on the attention (scope "attention") records nothing in step 2; its error is the
+group's output error against the dense group's, untuned.
+A method with a closed-form update (Method.update_needed) also gets each linear's input second
+moment on the hidden states of the model compressed so far: a second stream of hidden states,
+run through the compressed groups, is kept beside the dense one.
 """
 from __future__ import annotations
 
@@ -200,17 +205,24 @@ def run_group(blocks: nn.ModuleList, group: list[int], cap: Captured, adapter: A
     return X, Y, outs
 
 
-def group_shapes(model: nn.Module, adapter: Adapter, groups: list[list[int]]) -> list:
-    return [Group.of(model, adapter, g, blocks).shape() for g, blocks in enumerate(groups)]
+def output_error(out: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
+    """sum ||out - ref||^2 / sum ||ref||^2 over the batches."""
+    num = sum(float((o.float() - r.float()).pow(2).sum()) for o, r in zip(out, ref))
+    return num / max(sum(float(r.float().pow(2).sum()) for r in ref), 1e-30)
+
+
+def group_shapes(model: nn.Module, adapter: Adapter, groups: list[list[int]],
+                 linears: dict[str, str] | None = None) -> list:
+    return [Group.of(model, adapter, g, blocks, linears).shape() for g, blocks in enumerate(groups)]
 
 
 def plan_model(model: nn.Module, adapter: Adapter, method: Method, recipe: Recipe) -> tuple[list[list[int]], Plan]:
     """Groups and budget, checked before any long work starts."""
     n_blocks = len(adapter.blocks(model))
     groups = method.groups(n_blocks, recipe)
-    if method.scope == "attention":
+    if hasattr(method, "plan_attention"):  # plans from the model's matrices themselves (MASA)
         return groups, method.plan_attention(model, adapter, groups, count_params(model), recipe)
-    shapes = group_shapes(model, adapter, groups)
+    shapes = group_shapes(model, adapter, groups, method.linears(adapter))
     return groups, method.plan(shapes, count_params(model), recipe)
 
 
@@ -234,30 +246,53 @@ def compress_model(model: nn.Module, adapter: Adapter, method: Method, recipe: R
     gen = torch.Generator().manual_seed(recipe.seed)
     objective = resolve_objective(recipe, adapter)
     cap = capture_inputs(model, blocks, batches, device, adapter)
+    update = method.update_needed(recipe)
+    attention = method.scope == "attention"
+    # the hidden states of the model compressed so far (the same as cap's with propagate="compressed")
+    comp_cap = Captured(hidden=cap.hidden, args=cap.args) if update else None
     release_memory()
     bar = tqdm(list(enumerate(groups)), desc=f"{method.name} groups", dynamic_ncols=True)
     for g, group_blocks in bar:
         tg = time.time()
-        group = Group.of(model, adapter, g, group_blocks)
+        group = Group.of(model, adapter, g, group_blocks, method.linears(adapter))
         grams = {} if method.gram_needed(recipe) else None
-        X, Y, dense_out = run_group(blocks, group_blocks, cap, adapter, device, record=True, grams=grams,
-                                    linears=dict(zip(group.paths, group.modules)), objective=objective)
+        linears = dict(zip(group.paths, group.modules))
+        X, Y, dense_out = run_group(blocks, group_blocks, cap, adapter, device, record=not attention,
+                                    grams=grams, linears=linears, objective=objective)
         group.grams = grams
+        if update:  # the dense group's linears fed by the compressed model so far
+            group.update_grams = {}
+            run_group(blocks, group_blocks, comp_cap, adapter, device, record=False,
+                      grams=group.update_grams, linears=linears)
+        del linears
         comp = method.init(group, plan.groups[g], recipe)
         for path, module in comp.modules.items():
             set_path(model, path, module.to(device))
         for dense in group.modules:  # the replaced weights: free them even if something still holds the module
             for p in dense.parameters(recurse=False):
                 p.data = p.data.new_empty(0)
+        bases = getattr(model, BASES_ATTR)
         for key, shared in comp.shared.items():
-            getattr(model, BASES_ATTR)[key] = shared.to(device)
+            key = f"attn{key}" if attention else key  # an attention stage and an MLP stage share the dict
+            if key in bases:
+                raise RuntimeError(f"shared module {key!r} already exists (a second stage of the same scope?)")
+            bases[key] = shared.to(device)
         del group
-        fns = [lambda x, b=blocks[b]: objective.forward(b, x) for b in group_blocks]
-        with torch.enable_grad():
-            stats = reconstruct(fns, X, Y, comp.params if method.tunable else [], comp.pruner, recipe,
-                                desc=f"group {g + 1}/{len(groups)}", generator=gen)
-        method.materialize(comp)
+        if attention:  # no MLP objective: the error is the group's output error, untuned
+            method.materialize(comp)
+            _, _, comp_out = run_group(blocks, group_blocks, cap, adapter, device, record=False)
+            err = output_error(comp_out, dense_out)
+            stats = ReconStats(err, err, 0, [])
+            del comp_out
+        else:
+            fns = [lambda x, b=blocks[b]: objective.forward(b, x) for b in group_blocks]
+            with torch.enable_grad():
+                stats = reconstruct(fns, X, Y, comp.params if method.tunable else [], comp.pruner, recipe,
+                                    desc=f"group {g + 1}/{len(groups)}", generator=gen)
+            method.materialize(comp)
         del X, Y
+        if update:
+            _, _, comp_cap.hidden = run_group(blocks, group_blocks, comp_cap, adapter, device, record=False)
         if recipe.propagate == "compressed":
             _, _, dense_out = run_group(blocks, group_blocks, cap, adapter, device, record=False)
         cap.hidden = dense_out
@@ -266,7 +301,7 @@ def compress_model(model: nn.Module, adapter: Adapter, method: Method, recipe: R
         report.groups.append(GroupReport(group_blocks, plan.groups[g].rank, plan.groups[g].nnz, stats,
                                          time.time() - tg))
         bar.set_postfix(err=f"{stats.rel_err_before:.3f}->{stats.rel_err_after:.3f}")
-    del cap
+    del cap, comp_cap
     release_memory()
     report.seconds = time.time() - t0
     return report

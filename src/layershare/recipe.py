@@ -13,6 +13,10 @@ class RecipeError(ValueError):
 
 
 DTYPES = ("float32", "bfloat16", "float16")
+INITS = ("whitened", "svd")  # FiPS's init (methods/fips.py)
+OBJECTIVES = ("auto", "mlp", "residual", "block")  # what the tuning matches (objectives.py)
+RATIO_OF = ("model", "mlp", "attention")
+SCHEDULES = ("gradual", "static")
 
 
 @dataclass
@@ -27,7 +31,9 @@ class Recipe:
     prune_every: int = 10  # steps between mask updates (gradual)
     prune_end: float = 0.75  # fraction of the steps after which the mask is final (gradual)
     steps: int = 200  # optimiser steps per group (0: SVD init only)
-    init: str = "svd"  # FiPS: "svd" (of the weights, the paper's) or "whitened" (of the data-whitened weights)
+    # FiPS init: "whitened" (SVD of the data-whitened weights; the default: Gemma-3-270M at 20%
+    # validation ppl 343 vs 405 for "svd") or "svd" (of the raw weights, the paper's)
+    init: str = "whitened"
     lr: float = 1e-3  # chosen on a validation book (Mansfield Park): 1e-4 -> ppl 37.4, 1e-3 -> 34.5 at 20%
     weight_decay: float = 0.0
     batch_tokens: int = 1024  # tokens per optimiser step
@@ -53,18 +59,16 @@ class Recipe:
                 raise RecipeError(msg)
 
         need(0 < self.ratio < 1, f"ratio must be in (0, 1), got {self.ratio}")
-        need(self.ratio_of in ("model", "mlp", "attention"),
-             f"ratio_of must be 'model', 'mlp' or 'attention', got {self.ratio_of!r}")
+        need(self.ratio_of in RATIO_OF, f"ratio_of must be one of {RATIO_OF}, got {self.ratio_of!r}")
         need(self.group_size >= 1, f"group_size must be >= 1, got {self.group_size}")
         need(0 <= self.sparsity < 1, f"sparsity must be in [0, 1), got {self.sparsity}")
-        need(self.schedule in ("gradual", "static"), f"schedule must be 'gradual' or 'static', got {self.schedule!r}")
+        need(self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         need(self.steps >= 0, f"steps must be >= 0, got {self.steps}")
         need(self.prune_every >= 1, f"prune_every must be >= 1, got {self.prune_every}")
         need(0 < self.prune_end <= 1, f"prune_end must be in (0, 1], got {self.prune_end}")
         need(self.batch_tokens >= 1, f"batch_tokens must be >= 1, got {self.batch_tokens}")
-        need(self.init in ("svd", "whitened"), f"init must be 'svd' or 'whitened', got {self.init!r}")
-        need(self.objective in ("auto", "mlp", "residual", "block"),
-             f"objective must be 'auto', 'mlp', 'residual' or 'block', got {self.objective!r}")
+        need(self.init in INITS, f"init must be one of {INITS}, got {self.init!r}")
+        need(self.objective in OBJECTIVES, f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         need(self.loss in ("mse", "nmse"), f"loss must be 'mse' or 'nmse', got {self.loss!r}")
         need(self.nsamples >= 1 and self.seqlen >= 2, "nsamples must be >= 1 and seqlen >= 2")
         need(self.propagate in ("dense", "compressed"), f"propagate must be 'dense' or 'compressed', got {self.propagate!r}")

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 from .base import Compressed, Group, Method
-from .basis_sharing import BasisSharing
+from .basis_sharing import BasisSharing, BasisSharingAttention
 from .ffn_merge import FFNMerge
 from .fips import FiPS
 from .masa import MASA
 from .svd import SVD, SVDLLM
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (FiPS, SVD, SVDLLM, BasisSharing, FFNMerge, MASA)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (FiPS, SVD, SVDLLM, BasisSharing, BasisSharingAttention,
+                                                            FFNMerge, MASA)}
 
 
 def get_method(name: str) -> Method:

@@ -31,17 +31,25 @@ class Group:
     paths: list[str]  # dotted paths from the model root, in block order then MLP order
     roles: list[str]
     modules: list[nn.Module]
+    kinds: list[str]  # each linear's name within its block (its type: "mlp.up_proj")
     grams: dict[str, torch.Tensor] | None = None  # path -> E[x x^T] of the linear's input (if asked for)
+    # path -> E[x x^T] of the linear's input when the model's earlier groups are already
+    # compressed (for a closed-form update, if asked for)
+    update_grams: dict[str, torch.Tensor] | None = None
 
     @classmethod
-    def of(cls, model: nn.Module, adapter: Adapter, index: int, blocks: list[int]) -> "Group":
+    def of(cls, model: nn.Module, adapter: Adapter, index: int, blocks: list[int],
+           linears: dict[str, str] | None = None) -> "Group":
+        """The group's linears: `linears` (name within the block -> role; default the adapter's MLP)."""
         prefix = adapter.blocks_path(model)
-        paths, roles = [], []
+        linears = adapter.linears if linears is None else linears
+        paths, roles, kinds = [], [], []
         for b in blocks:
-            for name, role in adapter.linears.items():
+            for name, role in linears.items():
                 paths.append(f"{prefix}.{b}.{name}")
                 roles.append(role)
-        return cls(index, list(blocks), paths, roles, [get_path(model, p) for p in paths])
+                kinds.append(name)
+        return cls(index, list(blocks), paths, roles, [get_path(model, p) for p in paths], kinds)
 
     def shape(self) -> GroupShape:
         d = None
@@ -54,7 +62,7 @@ class Group:
             d = d_i
             hs.append(h_i)
         n_bias = sum(m.bias.numel() for m in self.modules if getattr(m, "bias", None) is not None)
-        return GroupShape(d=d, hs=tuple(hs), n_bias=n_bias, roles=tuple(self.roles))
+        return GroupShape(d=d, hs=tuple(hs), n_bias=n_bias, roles=tuple(self.roles), kinds=tuple(self.kinds))
 
 
 @dataclass
@@ -78,6 +86,14 @@ class Method:
     def gram_needed(self, recipe: Recipe) -> bool:
         """Whether init reads group.grams (the pipeline then accumulates them)."""
         return self.needs_gram
+
+    def update_needed(self, recipe: Recipe) -> bool:
+        """Whether init refits on compressed-model inputs (the pipeline then fills group.update_grams)."""
+        return False
+
+    def linears(self, adapter: Adapter) -> dict[str, str]:
+        """The linears of a block it replaces, name -> role (default: the adapter's MLP)."""
+        return adapter.linears
 
     def groups(self, n_blocks: int, recipe: Recipe) -> list[list[int]]:
         """The groups of blocks the budget is planned over (and compressed by, group by group)."""

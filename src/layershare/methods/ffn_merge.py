@@ -115,8 +115,8 @@ class FFNMerge(Method):
 
         handles = [get_path(blk, out_name).register_forward_pre_hook(hook(b), with_kwargs=True)
                    for b, blk in enumerate(blocks)]
-        try:
-            for ids in batches:
+        try:  # one window at a time: a whole batch's logits would be the run's peak memory
+            for ids in (row for batch in batches for row in batch.split(1)):
                 if seen[0] >= max_tokens:
                     break
                 adapter.call(model, ids.to(device))
@@ -124,16 +124,22 @@ class FFNMerge(Method):
         finally:
             for h in handles:
                 h.remove()
-        return [torch.cat(a)[:max_tokens] for a in acts]
+        out = []
+        for b in range(len(acts)):  # concatenate block by block, freeing the pieces as it goes
+            out.append(torch.cat(acts[b])[:max_tokens])
+            acts[b] = []
+        return out
 
     @torch.no_grad()
     def lm_loss(self, model: nn.Module, batches: list[torch.Tensor], device: str) -> float:
+        """Mean next-token loss, one window at a time (the logits of a whole batch over a large
+        vocabulary are 8 x 512 x 49k floats for SmolLM2)."""
         total, n = 0.0, 0
-        for ids in batches:
+        for ids in (row for batch in batches for row in batch.split(1)):
             ids = ids.to(device)
             out = model(input_ids=ids, labels=ids, use_cache=False)
-            total += float(out.loss) * ids.numel()
-            n += ids.numel()
+            total += float(out.loss) * (ids.numel() - 1)
+            n += ids.numel() - 1
         return total / n
 
     def merged(self, model: nn.Module, adapter: Adapter, window: list[int], acts: list[torch.Tensor],
@@ -168,6 +174,9 @@ class FFNMerge(Method):
         else:
             candidates = list(range(n - k + 1))
         acts = self.hidden_activations(model, adapter, batches, device, int(recipe.extra.get("corr_tokens", 4096)))
+        from ..pipeline import release_memory  # (a module-level import would be circular)
+
+        release_memory()
         select = batches[: int(recipe.extra.get("select_batches", 1))]
         perms: dict = {}
         losses = {}

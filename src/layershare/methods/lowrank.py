@@ -6,6 +6,11 @@ whitening: Cholesky gram = L L^T, SVD of L^T W, A = L^-T P_r, B = S_r Q_r); with
 is the plain truncated SVD. `to_basis(A, B, role)` turns the (input x output) factors into the
 (U, V) of a SharedBasisLinear: for role "in" the input side is d (U = A, V = B); for role
 "out" it is h (W_dxh = B^T A^T, so U = B^T, V = A^T).
+
+`refit_output(A, W, gram)` is the closed-form update of SVD-LLM (its "layer-wise closed-form
+update") and of Basis Sharing (its coefficient update at high compression): the input-side
+factor A stays, the output side is re-solved by least squares on the inputs the compressed
+model actually feeds the layer, B = (A^T G A)^-1 A^T G W with G their second moment.
 """
 from __future__ import annotations
 
@@ -43,6 +48,15 @@ def whitened_factors(W: torch.Tensor, gram: torch.Tensor | None, rank: int) -> t
     return A, S[:rank, None] * Q[:rank]
 
 
+def refit_output(A: torch.Tensor, W: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """B (rank x out) minimising E||x A B - x W||^2 over inputs x with second moment `gram`."""
+    A, G = A.double(), gram.double()
+    GA = G @ A
+    M = A.t() @ GA
+    ridge = EPS * float(M.diagonal().mean().clamp_min(1e-12))
+    return torch.linalg.solve(M + ridge * torch.eye(M.shape[0], dtype=M.dtype), GA.t() @ W.double())
+
+
 def input_side(W_dxh: torch.Tensor, role: str) -> torch.Tensor:
     """The matrix as (input x output)."""
     return W_dxh if role == IN else W_dxh.t()
@@ -53,10 +67,14 @@ def to_basis(A: torch.Tensor, B: torch.Tensor, role: str, dtype: torch.dtype) ->
     return U.to(dtype).contiguous(), V.to(dtype).contiguous()
 
 
-def lowrank_linear(module, role: str, rank: int, gram: torch.Tensor | None) -> tuple[SharedBasis, SharedBasisLinear]:
-    """One linear as its own basis and a dense V (truncated SVD, whitened when gram is given)."""
+def lowrank_linear(module, role: str, rank: int, gram: torch.Tensor | None,
+                   update_gram: torch.Tensor | None = None) -> tuple[SharedBasis, SharedBasisLinear]:
+    """One linear as its own basis and a dense V (truncated SVD, whitened when gram is given;
+    the output side refitted on inputs with second moment update_gram when given)."""
     W = weight_dxh(module, role).float()
     A, B = whitened_factors(input_side(W, role), gram, rank)
+    if update_gram is not None:
+        B = refit_output(A, input_side(W, role), update_gram)
     U, V = to_basis(A, B, role, W.dtype)
     basis = SharedBasis(U)
     bias = module.bias.detach().clone().float() if getattr(module, "bias", None) is not None else None

@@ -5,6 +5,12 @@ moment, so truncation minimises the output error on those inputs.
 
 Every linear keeps the same fraction of its parameters: rank = keep * d*h / (d + h).
 No sparsity and no tuning (the factors are dense; nothing is stored but U and V).
+
+`Recipe.extra["update"] = True` adds SVD-LLM's layer-wise closed-form update: the input-side
+factor is kept and the output side re-solved by least squares on the inputs the compressed
+model feeds the layer (its earlier groups already compressed), target the dense layer's output
+on those inputs (methods/lowrank.refit_output). Default off, as in SVD-LLM's step 1
+("whitening only"); with plain `svd` it is SVD-LLM's "update only".
 """
 from __future__ import annotations
 
@@ -31,6 +37,9 @@ class SVD(Method):
     def needs_gram(self) -> bool:  # type: ignore[override]
         return self.whiten
 
+    def update_needed(self, recipe: Recipe) -> bool:
+        return bool(recipe.extra.get("update", False))
+
     def plan(self, shapes: list[GroupShape], total_params: int, recipe: Recipe) -> Plan:
         rank = recipe.extra.get("rank")  # explicit rank: the ratio is whatever it comes to
         keep = 1.0 if rank else keep_fraction(shapes, total_params, recipe.ratio, recipe.ratio_of)
@@ -40,7 +49,8 @@ class SVD(Method):
         modules, shared = {}, {}
         for j, (path, m, role, rank) in enumerate(zip(group.paths, group.modules, group.roles, budget.ranks)):
             gram = group.grams[path] if self.whiten else None
-            basis, layer = lowrank_linear(m, role, rank, gram)
+            update = group.update_grams[path] if group.update_grams is not None else None
+            basis, layer = lowrank_linear(m, role, rank, gram, update)
             modules[path] = layer
             shared[f"{group.index}_{j}"] = basis
         return Compressed(modules=modules, shared=shared)
