@@ -127,7 +127,7 @@ def keep_fraction(shapes: list[GroupShape], total_params: int, ratio: float, of:
     if of not in ("model", part):
         raise BudgetError(f"this method compresses {what}: ratio_of must be 'model' or {part!r}, got {of!r}")
     mlp_params = sum(s.dense for s in shapes)
-    hi = feasible_max_ratio(total_params, mlp_params, "model" if of == "model" else "mlp")
+    hi = feasible_max_ratio(total_params, mlp_params, of)
     if not 0 < ratio < hi:
         raise BudgetError(
             f"compression ratio {ratio} of the {of}'s parameters cannot be reached: only {what} are "

@@ -21,6 +21,7 @@ from torch import nn
 from .adapters import Adapter
 from .recipe import Recipe, RecipeError
 
+
 def first(out):
     """The hidden states of a module's output (blocks return tuples in some versions)."""
     return out[0] if isinstance(out, (tuple, list)) else out

@@ -248,8 +248,8 @@ def compress_model(model: nn.Module, adapter: Adapter, method: Method, recipe: R
     cap = capture_inputs(model, blocks, batches, device, adapter)
     update = method.update_needed(recipe)
     attention = method.scope == "attention"
-    # the hidden states of the model compressed so far (the same as cap's with propagate="compressed")
-    comp_cap = Captured(hidden=cap.hidden, args=cap.args) if update else None
+    # the hidden states of the model compressed so far: for the update, or as the next groups' inputs
+    comp_cap = Captured(hidden=cap.hidden, args=cap.args) if update or recipe.propagate == "compressed" else None
     release_memory()
     bar = tqdm(list(enumerate(groups)), desc=f"{method.name} groups", dynamic_ncols=True)
     for g, group_blocks in bar:
@@ -291,11 +291,9 @@ def compress_model(model: nn.Module, adapter: Adapter, method: Method, recipe: R
                                     desc=f"group {g + 1}/{len(groups)}", generator=gen)
             method.materialize(comp)
         del X, Y
-        if update:
+        if comp_cap is not None:
             _, _, comp_cap.hidden = run_group(blocks, group_blocks, comp_cap, adapter, device, record=False)
-        if recipe.propagate == "compressed":
-            _, _, dense_out = run_group(blocks, group_blocks, cap, adapter, device, record=False)
-        cap.hidden = dense_out
+        cap.hidden = comp_cap.hidden if recipe.propagate == "compressed" else dense_out
         del comp, dense_out
         release_memory()
         report.groups.append(GroupReport(group_blocks, plan.groups[g].rank, plan.groups[g].nnz, stats,

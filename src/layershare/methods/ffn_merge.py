@@ -58,6 +58,12 @@ def permuted_weights(modules: list[nn.Module], roles: list[str], perm: torch.Ten
     return out
 
 
+def windows(batches: list[torch.Tensor]):
+    """The calibration windows one at a time: a whole batch's logits over a large vocabulary
+    (8 x 512 x 49k floats for SmolLM2) would be the run's peak memory."""
+    return (row for batch in batches for row in batch.split(1))
+
+
 class FFNMerge(Method):
     name = "ffn-merge"
     tunable = False
@@ -115,8 +121,8 @@ class FFNMerge(Method):
 
         handles = [get_path(blk, out_name).register_forward_pre_hook(hook(b), with_kwargs=True)
                    for b, blk in enumerate(blocks)]
-        try:  # one window at a time: a whole batch's logits would be the run's peak memory
-            for ids in (row for batch in batches for row in batch.split(1)):
+        try:
+            for ids in windows(batches):
                 if seen[0] >= max_tokens:
                     break
                 adapter.call(model, ids.to(device))
@@ -132,10 +138,9 @@ class FFNMerge(Method):
 
     @torch.no_grad()
     def lm_loss(self, model: nn.Module, batches: list[torch.Tensor], device: str) -> float:
-        """Mean next-token loss, one window at a time (the logits of a whole batch over a large
-        vocabulary are 8 x 512 x 49k floats for SmolLM2)."""
+        """Mean next-token loss, one window at a time."""
         total, n = 0.0, 0
-        for ids in (row for batch in batches for row in batch.split(1)):
+        for ids in windows(batches):
             ids = ids.to(device)
             out = model(input_ids=ids, labels=ids, use_cache=False)
             total += float(out.loss) * (ids.numel() - 1)
