@@ -29,22 +29,28 @@ def plot(rows: list[dict], path) -> None:
     import matplotlib.pyplot as plt
 
     models = sorted({r["model"] for r in rows})
-    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models) + 1.5, 4), squeeze=False)
     for ax, model in zip(axes[0], models):
         dense = next((r for r in rows if r["model"] == model and r["method"] == "dense"), None)
         for method in METHODS:
             pts = sorted((r["ratio_measured"], r["ppl"]) for r in rows if r["model"] == model and r["method"] == method)
             if pts:
-                ax.plot([100 * x for x, _ in pts], [y for _, y in pts], marker="o", label=method)
+                ax.plot([100 * x for x, _ in pts], [y for _, y in pts], marker="o", label=method,
+                        color=f"C{METHODS.index(method)}")
         if dense:
             ax.axhline(dense["ppl"], color="gray", ls="--", label="dense")
         ax.set_title(model)
         ax.set_xlabel("parameters removed (% of whole model)")
         ax.set_ylabel(f"perplexity on {TEST}")
         ax.set_yscale("log")
+        ax.set_xlim(0, 45)
+        ax.set_xticks([100 * r for r in RATIOS])
         ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
+    legend = {}  # one legend for every panel, beside them (methods keep their colours)
+    for ax in axes[0]:
+        legend.update(zip(ax.get_legend_handles_labels()[1], ax.get_legend_handles_labels()[0]))
+    fig.legend(list(legend.values()), list(legend), loc="center right", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 0.86, 1))
     fig.savefig(path, dpi=120)
 
 
@@ -77,7 +83,7 @@ def main() -> None:
     note = ("\n\nNot run: the budget is out of the method's range (the library's message, raised before any "
             "work):\n" + "\n".join(f"- {k}" for k in known)) if known else ""
     (ROOT / "docs" / "compare_llm.md").write_text(
-        "# FiPS and its peers on real causal LMs (CPU, 2 cores)\n\n"
+        "# FiPS and its peers on real causal LMs (CPU, 2 cores; rows marked † on a GPU)\n\n"
         f"Produced by `python benchmarks/compare_llm.py`. Every method removes the same fraction of the "
         f"whole model's parameters (masa from the attention, the others from the MLPs) with its library defaults, calibrated on the same windows of `{CALIB}`; "
         f"perplexity on `{TEST}`:\n\n{protocols(rows)}\n\n{table}{note}\n\n![perplexity vs compression](compare_llm.png)\n")

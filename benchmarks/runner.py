@@ -5,7 +5,8 @@ its peak RSS (ru_maxrss: model load, calibration capture and compression; evalua
 excluded) is its own. Results accumulate in a JSON file keyed by (model, method, ratio).
 BENCH_THREADS=N sets the torch threads of a run (default: every core); it is meant for runs
 side by side, which share the machine: such a row records `shared: true` and the tables mark
-its time, which is not a timing.
+its time, which is not a timing. BENCH_DEVICE=cuda compresses and evaluates on the GPU: the row
+records the device (`device`) and the GPU's peak memory (`gpu_peak_mb`), and the tables mark it.
 """
 from __future__ import annotations
 
@@ -39,9 +40,12 @@ def run_one(model_name: str, method: str, ratio: float, seqlen: int, overrides: 
     from layershare.data import read_text, tokenize
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1)))
+    device = os.environ.get("BENCH_DEVICE", "cpu")
     model, tok = layershare.load_model(model_name)
     row: dict = {"model": model_name, "method": "dense" if ratio == 0 else method, "ratio_target": ratio,
                  "threads": torch.get_num_threads(), "shared": "BENCH_THREADS" in os.environ}
+    if device != "cpu":
+        row["device"] = torch.cuda.get_device_name(device) if device.startswith("cuda") else device
     with tempfile.TemporaryDirectory() as tmp:
         if ratio == 0:
             # the same writer as the compressed models (GGUF-loaded models refuse save_pretrained)
@@ -55,7 +59,7 @@ def run_one(model_name: str, method: str, ratio: float, seqlen: int, overrides: 
             row["seconds"] = 0.0
             row["peak_rss_mb"] = peak_rss_mb()
         else:
-            recipe = layershare.Recipe(method=method, ratio=ratio, **overrides)
+            recipe = layershare.Recipe(method=method, ratio=ratio, **{"device": device, **overrides})
             row["recipe"] = recipe.to_dict()
             t0 = time.time()
             result = layershare.compress(model, recipe, data=CALIB, tokenizer=tok, output_dir=Path(tmp) / "c")
@@ -66,12 +70,15 @@ def run_one(model_name: str, method: str, ratio: float, seqlen: int, overrides: 
             row["bytes_on_disk"] = (Path(tmp) / "c" / "model.safetensors").stat().st_size
             row["group_errors"] = [(g.stats.rel_err_before, g.stats.rel_err_after) for g in result.report.groups]
             row["extra"] = result.report.extra  # what whole-model methods report (ffn-merge: its window)
-            model = layershare.load(Path(tmp) / "c")  # evaluate what was saved, not what is in memory
+            model = layershare.load(Path(tmp) / "c", device=device)  # evaluate what was saved, not what is in memory
             for m in model.modules():  # sparse V to dense for the evaluation's speed (same function; tests check)
                 if hasattr(m, "unpack"):
                     m.unpack()
+    model.to(device)
     ppl = layershare.evaluate_perplexity(model, tok, tokenize(tok, read_text(eval_text)), seqlen=seqlen,
                                          max_windows=max_windows)
+    if device.startswith("cuda"):
+        row["gpu_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     row["ppl"], row["protocol"] = ppl.ppl, ppl.protocol
     if test_too:  # a validation run that also measures the test book (one compression serves both)
         ppl = layershare.evaluate_perplexity(model, tok, tokenize(tok, read_text(TEST)), seqlen=seqlen)
@@ -156,11 +163,15 @@ def markdown_table(rows: list[dict], label: bool = False) -> str:
             method += " (svd init)"
         lines.append(f"| {r['model']} | {method} |{variant} {target} | {r['stored_params'] / 1e6:,.2f} M | {measured} | "
                      f"{r['bytes_on_disk'] / 2**20:,.1f} MiB | {disk} | {r['ppl']:.2f} | {rel} | "
-                     f"{r['seconds'] / 60:,.1f} min{' *' if r.get('shared') else ''} | "
+                     f"{r['seconds'] / 60:,.1f} min{' *' if r.get('shared') else ''}{' †' if r.get('device') else ''} | "
                      f"{r['peak_rss_mb'] / 1024:,.2f} GiB |"
                      + (f" {r['ppl_test']:.2f} |" if "ppl_test" in r else " - |" if label else ""))
     if any(r.get("shared") for r in rows):
         lines.append("\n\\* run beside another run (BENCH_THREADS): its time is not a timing.")
+    gpus = sorted({r["device"] for r in rows if r.get("device")})
+    if gpus:
+        lines.append(f"\n† compressed and evaluated on a GPU ({', '.join(gpus)}; BENCH_DEVICE): its time is a GPU time, "
+                     "not comparable with the CPU rows'; peak RSS is host memory.")
     return "\n".join(lines)
 
 

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from layershare.cli import main
 
@@ -39,6 +40,9 @@ def test_compress_info_eval(model_dir, texts, tmp_path, capsys):
     (["--nsamples", "500"], "too short"),
     (["--method", "nope"], "unknown method"),
     (["--ratio", "1.5"], "ratio must be in"),
+    (["--device", "gpu"], "device must be"),
+    pytest.param(["--device", "cuda"], "no such CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
 ])
 def test_bad_input_is_a_clear_error(model_dir, texts, tmp_path, capsys, args, message):
     calib, _ = texts

@@ -53,6 +53,17 @@ def test_existing_output_dir_is_refused_before_work(tokens, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]  # no leftovers beside it
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_unavailable_device_is_refused_before_work(tokens, tmp_path):
+    from layershare.recipe import RecipeError
+
+    model = make_model("llama")
+    with pytest.raises(RecipeError, match="no such CUDA device"):
+        layershare.compress(model, small_recipe(device="cuda"), data=tokens, output_dir=tmp_path / "c")
+    assert not any(isinstance(m, SharedBasisLinear) for m in model.modules())
+    assert not (tmp_path / "c").exists()
+
+
 def test_interrupted_save_leaves_no_output_dir(tokens, tmp_path, monkeypatch):
     import layershare.io as io
 

@@ -169,6 +169,7 @@ def compress(model: nn.Module, recipe: Recipe | None = None, data=None, tokenize
     architecture, the budget, the calibration length and the output directory.
     """
     recipe = Recipe.from_dict({**(recipe or Recipe()).to_dict(), **overrides})
+    recipe.check_device()
     adapter = get_adapter(model)
     stages = plan_stages(model, recipe)
     if output_dir is not None:

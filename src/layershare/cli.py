@@ -67,6 +67,7 @@ def cmd_compress(args) -> int:
     from layershare.adapters import get_adapter
 
     recipe = _recipe(args)
+    recipe.check_device()
     check_output_dir(args.output, args.overwrite)
     print(f"loading {args.model} ...", flush=True)
     model, prep = layershare.load_model(args.model)

@@ -240,6 +240,7 @@ def compress_model(model: nn.Module, adapter: Adapter, method: Method, recipe: R
         model.add_module(BASES_ATTR, nn.ModuleDict())
     if method.whole_model:
         info = method.compress_whole(model, adapter, recipe, batches, plan)
+        model.to(device)  # what the method built (from CPU weights) joins the model's device
         report.extra = info
         report.seconds = time.time() - t0
         return report

@@ -53,6 +53,26 @@ class Recipe:
     def __post_init__(self) -> None:
         self.validate()
 
+    def _device(self):
+        import torch
+
+        try:
+            dev = torch.device(self.device)
+        except (RuntimeError, TypeError):
+            return None
+        return dev if dev.type in ("cpu", "cuda") else None
+
+    def check_device(self) -> None:
+        """Raise RecipeError unless this machine has the recipe's device (checked when a
+        compression starts, not when a recipe is read: a recipe may travel between machines)."""
+        import torch
+
+        dev = self._device()
+        if dev is not None and dev.type == "cuda" and not (
+                torch.cuda.is_available() and (dev.index is None or dev.index < torch.cuda.device_count())):
+            raise RecipeError(f"device {self.device!r}: this machine has no such CUDA device "
+                              f"(torch {torch.__version__}, {torch.cuda.device_count()} GPU(s)); use --device cpu")
+
     def validate(self) -> None:
         def need(cond: bool, msg: str) -> None:
             if not cond:
@@ -73,6 +93,7 @@ class Recipe:
         need(self.nsamples >= 1 and self.seqlen >= 2, "nsamples must be >= 1 and seqlen >= 2")
         need(self.propagate in ("dense", "compressed"), f"propagate must be 'dense' or 'compressed', got {self.propagate!r}")
         need(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        need(self._device() is not None, f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         if self.attention is not None:
             need(isinstance(self.attention, dict) and "method" in self.attention,
                  f"attention must be a dict with at least a 'method', got {self.attention!r}")

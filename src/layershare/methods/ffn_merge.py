@@ -51,6 +51,7 @@ def permuted_weights(modules: list[nn.Module], roles: list[str], perm: torch.Ten
     out = []
     for m, role in zip(modules, roles):
         w = m.weight.detach()
+        perm = perm.to(w.device)
         entry = {"weight": w.index_select(hidden_axis(m, role), perm)}
         if getattr(m, "bias", None) is not None:
             entry["bias"] = m.bias.detach()[perm] if role == IN else m.bias.detach()

@@ -31,7 +31,7 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     flat = mask.flatten().to(torch.uint8)
     pad = (-flat.numel()) % 8
     flat = torch.cat([flat, flat.new_zeros(pad)]).view(-1, 8)
-    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=mask.device)
     return (flat * weights).sum(dim=1, dtype=torch.uint8)
 
 
@@ -41,7 +41,7 @@ def unpack_bits(bits: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         n *= s
     if bits.numel() != (n + 7) // 8:
         raise ValueError(f"bitmask has {bits.numel()} bytes, expected {(n + 7) // 8} for shape {tuple(shape)}")
-    shifts = torch.arange(7, -1, -1, dtype=torch.uint8)
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=bits.device)
     flat = (bits.to(torch.uint8)[:, None] >> shifts) & 1
     return flat.flatten()[:n].view(*shape).bool()
 
@@ -167,7 +167,7 @@ class SharedBasisLinear(nn.Module):
                 if int(mask.sum()) != values.numel():
                     error_msgs.append(f"{prefix}: bitmask has {int(mask.sum())} ones but {values.numel()} values")
                 else:
-                    V = torch.zeros(self.v_shape, dtype=values.dtype)
+                    V = torch.zeros(self.v_shape, dtype=values.dtype, device=values.device)
                     V[mask] = values
                     self._set_csr(V)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,

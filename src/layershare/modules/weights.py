@@ -22,13 +22,15 @@ def in_out_features(module: nn.Module) -> tuple[int, int]:
 
 
 def weight_out_in(module: nn.Module) -> torch.Tensor:
-    """The weight as nn.Linear stores it, (out, in), whatever the layer type."""
-    w = module.weight.detach()
+    """The weight as nn.Linear stores it, (out, in), whatever the layer type, on the CPU: the
+    methods initialise there, beside the calibration statistics (float64, kept on the CPU);
+    the pipeline moves what they build to the recipe's device."""
+    w = module.weight.detach().cpu()
     return w.t() if is_conv1d(module) else w  # Conv1D stores (in, out)
 
 
 def weight_dxh(module: nn.Module, role: str) -> torch.Tensor:
-    """The weight as a (d, h) matrix, whatever the layer type and direction."""
+    """The weight as a (d, h) matrix, whatever the layer type and direction (on the CPU)."""
     as_in_out = weight_out_in(module).t()
     return as_in_out if role == IN else as_in_out.t()
 
