@@ -261,7 +261,9 @@ def compress_model(model: nn.Module, adapter: Adapter, method: Method, recipe: R
         X, Y, dense_out = run_group(blocks, group_blocks, cap, adapter, device, record=not attention,
                                     grams=grams, linears=linears, objective=objective)
         group.grams = grams
-        if update:  # the dense group's linears fed by the compressed model so far
+        if update and recipe.propagate == "compressed" and grams is not None:
+            group.update_grams = grams  # cap is the compressed stream already: the same statistics
+        elif update:  # the dense group's linears fed by the compressed model so far
             group.update_grams = {}
             run_group(blocks, group_blocks, comp_cap, adapter, device, record=False,
                       grams=group.update_grams, linears=linears)
