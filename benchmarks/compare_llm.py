@@ -19,6 +19,7 @@ from runner import CALIB, RESULTS, ROOT, TEST, markdown_table, protocols, run_al
 METHODS = ["fips", "basis-sharing", "svd-llm", "svd", "ffn-merge", "masa"]
 MODELS = ["smollm2-135m", "gemma3-270m"]
 RATIOS = [0.1, 0.2, 0.3, 0.4]
+PPL_CAP = 1e5  # the plot's top: broken models (plain SVD, MASA post hoc) are marked there with their value
 RESULTS_INFEASIBLE = RESULTS.with_name("llm_infeasible.json")  # runs the library refused, with its reason
 
 
@@ -34,15 +35,24 @@ def plot(rows: list[dict], path) -> None:
         dense = next((r for r in rows if r["model"] == model and r["method"] == "dense"), None)
         for method in METHODS:
             pts = sorted((r["ratio_measured"], r["ppl"]) for r in rows if r["model"] == model and r["method"] == method)
-            if pts:
-                ax.plot([100 * x for x, _ in pts], [y for _, y in pts], marker="o", label=method,
-                        color=f"C{METHODS.index(method)}")
+            if not pts:
+                continue
+            color = f"C{METHODS.index(method)}"
+            shown = [(x, y) for x, y in pts if y <= PPL_CAP]
+            ax.plot([100 * x for x, _ in shown], [y for _, y in shown], marker="o", label=method, color=color)
+            for x, y in pts:  # off the scale: a triangle at the top edge, with its value
+                if y > PPL_CAP:
+                    ax.plot(100 * x, PPL_CAP, marker="^", color=color, label=method if not shown else None)
+                    ax.annotate(f"{y:.0e}", (100 * x, PPL_CAP), textcoords="offset points", xytext=(4, -10),
+                                fontsize=7, color=color)
+                    shown = shown or [(x, y)]
         if dense:
             ax.axhline(dense["ppl"], color="gray", ls="--", label="dense")
         ax.set_title(model)
         ax.set_xlabel("parameters removed (% of whole model)")
         ax.set_ylabel(f"perplexity on {TEST}")
         ax.set_yscale("log")
+        ax.set_ylim(top=PPL_CAP * 1.5)
         ax.set_xlim(0, 45)
         ax.set_xticks([100 * r for r in RATIOS])
         ax.grid(alpha=0.3)
@@ -86,7 +96,8 @@ def main() -> None:
         "# FiPS and its peers on real causal LMs (CPU, 2 cores; rows marked † on a GPU)\n\n"
         f"Produced by `python benchmarks/compare_llm.py`. Every method removes the same fraction of the "
         f"whole model's parameters (masa from the attention, the others from the MLPs) with its library defaults, calibrated on the same windows of `{CALIB}`; "
-        f"perplexity on `{TEST}`:\n\n{protocols(rows)}\n\n{table}{note}\n\n![perplexity vs compression](compare_llm.png)\n")
+        f"perplexity on `{TEST}`:\n\n{protocols(rows)}\n\n{table}{note}\n\n![perplexity vs compression](compare_llm.png)\n\n"
+        f"Perplexities above {PPL_CAP:.0e} are drawn as triangles at the top edge, labelled with their value.\n")
     print(table)
 
 
