@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import torch
-import transformers as tf
 
 import layershare
 
@@ -34,24 +33,15 @@ RECIPES = {  # method -> recipe fields (tiny: 4 layers, hidden 64)
     "ffn-merge": dict(method="ffn-merge", ratio=0.2),
     "masa": dict(method="masa", ratio=0.1),
 }
-ARCHS = {
-    "llama": lambda: tf.LlamaForCausalLM(tf.LlamaConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256)),
-    "gemma3": lambda: tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, head_dim=16, sliding_window=8)),
-}
+ARCHS = ("llama", "gemma3")  # the tests' tiny configs (tests/conftest.py), vocabulary 256
+VOCAB = 256
 
 
 def tiny(arch: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = ARCHS[arch]()
-    with torch.no_grad():  # random init leaves norms at 1 and biases at 0: make every path matter
-        for p in model.parameters():
-            if p.ndim == 1:
-                p.add_(0.1 * torch.randn_like(p))
-    return model.eval()
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from conftest import make_model
+
+    return make_model(arch, vocab=VOCAB)
 
 
 def compressed_logits(model, fields: dict, tokens, ids, device: str, tmp: Path):
@@ -81,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else args.device
     g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, 256, (8192,), generator=g)
-    ids = torch.randint(0, 256, (2, 48), generator=g)
+    tokens = torch.randint(0, VOCAB, (8192,), generator=g)
+    ids = torch.randint(0, VOCAB, (2, 48), generator=g)
     lines = [f"# Methods on a GPU ({name}) vs the CPU", "",
              "Tiny models from configs (4 layers, hidden 64), same recipe and calibration tokens on both; "
              "`max |gpu - cpu| / max |cpu|` over the logits of a 2 x 48 batch; round trip: the same between the "
