@@ -78,11 +78,13 @@ def test_cli_fips_plus_masa_on_attention(model_dir, texts, tmp_path, capsys):
     assert "attention: masa" in capsys.readouterr().out
 
 
-def test_cli_init_and_objective_reach_the_recipe(model_dir, texts, tmp_path):
+def test_cli_init_objective_and_prune_score_reach_the_recipe(model_dir, texts, tmp_path):
     calib, _ = texts
     out = tmp_path / "out"
     rc = main(["compress", str(model_dir), "--calib", str(calib), "--output", str(out), "--ratio", "0.1",
-               "--nsamples", "4", "--seqlen", "64", "--steps", "0", "--init", "whitened", "--objective", "mlp"])
+               "--nsamples", "4", "--seqlen", "64", "--steps", "0", "--init", "whitened", "--objective", "mlp",
+               "--prune-score", "activation"])
     assert rc == 0
     recipe = json.loads((out / "layershare.json").read_text())["recipe"]
     assert recipe["init"] == "whitened" and recipe["objective"] == "mlp"
+    assert recipe["prune_score"] == "activation"

@@ -57,3 +57,36 @@ def test_pack_round_trip_keeps_product():
     for l, o in zip(layers, outs):
         torch.testing.assert_close(l(x), o, atol=1e-5, rtol=1e-5)
     assert sum(l.nnz() for l in layers) == 60
+
+
+def test_activation_score_of_a_down_entry_is_the_output_change_it_causes():
+    """For a down projection (y = U V h) zeroing V[k, j] moves the output by U[:, k] V[k, j] h_j:
+    the score times |V[k, j]| must be that change's RMS over the data the statistics came from."""
+    from layershare.sparsity import ActivationScore
+
+    g = torch.Generator().manual_seed(0)
+    basis = SharedBasis(torch.randn(12, 6, generator=g))
+    down = SharedBasisLinear(basis, torch.randn(6, 20, generator=g), "out", None)
+    h = torch.randn(500, 20, generator=g) * torch.logspace(-1, 1, 20)  # channels of very different scale
+    scale = ActivationScore([down], [h.t() @ h / h.shape[0]], [0])()[0]
+    with torch.no_grad():
+        y = down(h)
+        for k, j in [(0, 0), (3, 7), (5, 19)]:
+            V = down.V.detach().clone()
+            V[k, j] = 0
+            y2 = (h @ V.t()) @ basis.U.t()
+            rms = (y - y2).pow(2).sum(dim=1).mean().sqrt()
+            torch.testing.assert_close(scale[k, j] * down.V[k, j].abs(), rms, rtol=1e-4, atol=1e-6)
+
+
+def test_activation_score_keeps_the_entries_that_matter_on_the_data():
+    """Two entries of equal magnitude: the one reading a loud input channel is kept."""
+    from layershare.sparsity import ActivationScore
+
+    basis = SharedBasis(torch.eye(4))
+    V = torch.ones(4, 4)
+    down = SharedBasisLinear(basis, V, "out", None)
+    G = torch.diag(torch.tensor([100.0, 1.0, 1.0, 0.01]))
+    pruner = GroupPruner([down], n_final=4, schedule="static", steps=0, score=ActivationScore([down], [G], [0]))
+    pruner.finish()
+    assert down.mask[:, 0].all() and not down.mask[:, 3].any()

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from .recipe import DTYPES, INITS, OBJECTIVES, RATIO_OF, SCHEDULES, Recipe
+from .recipe import DTYPES, INITS, OBJECTIVES, PRUNE_SCORES, RATIO_OF, SCHEDULES, Recipe
 
 
 def _human(n: float) -> str:
@@ -29,6 +29,8 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", type=int, help="adjacent blocks sharing one basis")
     p.add_argument("--sparsity", type=float, help="fraction of V entries pruned")
     p.add_argument("--schedule", choices=SCHEDULES)
+    p.add_argument("--prune-score", choices=PRUNE_SCORES,
+                   help="FiPS: rank V entries by |V| (default, the paper's) or by the output change they cause")
     p.add_argument("--init", choices=INITS,
                    help="FiPS init: SVD of the data-whitened weights (default) or of the weights (the paper's)")
     p.add_argument("--objective", choices=OBJECTIVES,
@@ -44,7 +46,7 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
 
 def _recipe(args) -> Recipe:
     base = Recipe.from_yaml(args.recipe).to_dict() if args.recipe else Recipe().to_dict()
-    for key in ("method", "ratio", "ratio_of", "group_size", "sparsity", "schedule", "init", "objective", "steps",
+    for key in ("method", "ratio", "ratio_of", "group_size", "sparsity", "schedule", "prune_score", "init", "objective", "steps",
                 "lr", "nsamples", "seqlen", "dtype", "device", "seed"):
         value = getattr(args, key)
         if value is not None:

@@ -17,6 +17,7 @@ INITS = ("whitened", "svd")  # FiPS's init (methods/fips.py)
 OBJECTIVES = ("auto", "mlp", "residual", "block")  # what the tuning matches (objectives.py)
 RATIO_OF = ("model", "mlp", "attention")
 SCHEDULES = ("gradual", "static")
+PRUNE_SCORES = ("magnitude", "activation")  # how FiPS ranks V entries (sparsity.py)
 
 
 @dataclass
@@ -30,6 +31,9 @@ class Recipe:
     schedule: str = "gradual"  # "gradual" (GMP, cubic ramp) or "static" (final mask from the SVD init)
     prune_every: int = 10  # steps between mask updates (gradual)
     prune_end: float = 0.75  # fraction of the steps after which the mask is final (gradual)
+    # rank V entries by |V| ("magnitude", the paper's) or by the MLP-output error their removal
+    # causes, estimated from activation statistics ("activation", not in the paper; sparsity.py)
+    prune_score: str = "magnitude"
     steps: int = 200  # optimiser steps per group (0: SVD init only)
     # FiPS init: "whitened" (SVD of the data-whitened weights; the default: Gemma-3-270M at 20%
     # validation ppl 343 vs 405 for "svd") or "svd" (of the raw weights, the paper's)
@@ -86,6 +90,8 @@ class Recipe:
         need(self.steps >= 0, f"steps must be >= 0, got {self.steps}")
         need(self.prune_every >= 1, f"prune_every must be >= 1, got {self.prune_every}")
         need(0 < self.prune_end <= 1, f"prune_end must be in (0, 1], got {self.prune_end}")
+        need(self.prune_score in PRUNE_SCORES,
+             f"prune_score must be one of {PRUNE_SCORES}, got {self.prune_score!r}")
         need(self.batch_tokens >= 1, f"batch_tokens must be >= 1, got {self.batch_tokens}")
         need(self.init in INITS, f"init must be one of {INITS}, got {self.init!r}")
         need(self.objective in OBJECTIVES, f"objective must be one of {OBJECTIVES}, got {self.objective!r}")

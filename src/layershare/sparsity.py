@@ -5,18 +5,66 @@ GMP sparsifier: the number of kept entries goes from `n_init` to `n_final` as
     n(t) = n_final + (n_init - n_final) * (1 - t / t_end)^3,   t <= t_end,
 updated every `every` steps, ranking |V| jointly over all V_i of the group. Pruned entries
 stay pruned (no regrowth); after t_end the mask is fixed at exactly `n_final` nonzeros.
+
+The ranking is by |V| (the paper's) or, with `ActivationScore`, by |V| times how much one unit
+of that entry moves the MLP's output on calibration data (`Recipe.prune_score = "activation"`).
 """
 from __future__ import annotations
 
 import torch
 
+from .adapters.base import IN
 from .modules.shared_basis import SharedBasisLinear
+
+
+class ActivationScore:
+    """Per-entry weights that put every V entry of a group in the same unit: the RMS change of
+    its block's MLP output when the entry is zeroed (Wanda's |W| * ||x|| carried through the
+    shared basis). With G_x the MLP input's second moment and G_h the down projection's:
+      down (h -> d, z = V h, y = U z):   |V_kj| * ||U[:, k]|| * sqrt(G_h[j, j])
+      up/gate (d -> h, p = (x U) V):     |V_kj| * sqrt((U^T G_x U)[k, k]) * c_j,
+    where c_j = ||(U V_down)[:, j]|| * sqrt(G_h[j, j] / E[p_j^2]) carries a change of p_j
+    through the gating (first order, as if dh_j / h_j = dp_j / p_j) and the down projection.
+    Recomputed from the current U and V at every mask update; G_x and G_h are the dense
+    model's statistics. A block without a down projection in the group gets c_j = 1.
+    """
+
+    def __init__(self, layers: list[SharedBasisLinear], grams: list[torch.Tensor], blocks: list[int]):
+        self.layers, self.blocks = layers, blocks
+        dev = layers[0].basis.U.device
+        self.grams = [g.to(dev, torch.float32) for g in grams]
+
+    @torch.no_grad()
+    def __call__(self) -> list[torch.Tensor]:
+        U = self.layers[0].basis.U.detach()
+        tail = {}  # block -> (column norms of the dense down weight, sqrt(G_h diag))
+        for layer, G, block in zip(self.layers, self.grams, self.blocks):
+            if layer.role != IN:
+                tail[block] = ((U @ layer.masked_V()).norm(dim=0), G.diagonal().clamp_min(0).sqrt())
+        scales = []
+        for layer, G, block in zip(self.layers, self.grams, self.blocks):
+            if layer.role != IN:
+                scales.append(U.norm(dim=0)[:, None] * tail[block][1][None, :])
+                continue
+            M = U.t() @ G @ U
+            V = layer.masked_V()
+            row = M.diagonal().clamp_min(0).sqrt()[:, None]
+            if block in tail:
+                col_norm, h_rms = tail[block]
+                pre_ms = (V * (M @ V)).sum(dim=0).clamp_min(1e-12)
+                col = col_norm * h_rms / pre_ms.sqrt()
+            else:
+                col = torch.ones(V.shape[1], device=V.device, dtype=V.dtype)
+            scales.append(row * col[None, :])
+        return scales
 
 
 class GroupPruner:
     def __init__(self, layers: list[SharedBasisLinear], n_final: int, schedule: str, steps: int,
-                 every: int = 10, end: float = 0.75, initial_density: float = 1.0):
+                 every: int = 10, end: float = 0.75, initial_density: float = 1.0,
+                 score: ActivationScore | None = None):
         self.layers = layers
+        self.score = score
         self.total = sum(layer.V.numel() for layer in layers)
         self.n_final = n_final
         self.n_init = max(n_final, int(round(initial_density * self.total)))
@@ -35,7 +83,9 @@ class GroupPruner:
 
     @torch.no_grad()
     def prune_to(self, keep: int) -> None:
-        scores = torch.cat([layer.masked_V().abs().flatten() for layer in self.layers])
+        weights = self.score() if self.score is not None else [None] * len(self.layers)
+        scores = torch.cat([(layer.masked_V().abs() if w is None else layer.masked_V().abs() * w).flatten()
+                            for layer, w in zip(self.layers, weights)])
         if self.layers[0].mask is not None:  # already-pruned entries never come back
             scores = torch.where(torch.cat([l.mask.flatten() for l in self.layers]) > 0, scores, -1.0)
         flat = torch.zeros_like(scores)

@@ -51,6 +51,11 @@ class Group:
                 kinds.append(name)
         return cls(index, list(blocks), paths, roles, [get_path(model, p) for p in paths], kinds)
 
+    def block_of(self) -> list[int]:
+        """The block index of each linear (parallel to `paths`)."""
+        per = len(self.paths) // len(self.blocks)
+        return [b for b in self.blocks for _ in range(per)]
+
     def shape(self) -> GroupShape:
         d = None
         hs = []

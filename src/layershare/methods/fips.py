@@ -25,7 +25,7 @@ from ..budget import GroupBudget, GroupShape, Plan, fixed_rank_plan, plan
 from ..modules.shared_basis import SharedBasis, SharedBasisLinear
 from ..modules.weights import weight_dxh
 from ..recipe import Recipe
-from ..sparsity import GroupPruner
+from ..sparsity import ActivationScore, GroupPruner
 from .base import Compressed, Group, Method
 from .lowrank import cholesky
 
@@ -68,7 +68,7 @@ class FiPS(Method):
     name = "fips"
 
     def gram_needed(self, recipe: Recipe) -> bool:
-        return recipe.init == "whitened"
+        return recipe.init == "whitened" or recipe.prune_score == "activation"
 
     def plan(self, shapes: list[GroupShape], total_params: int, recipe: Recipe) -> Plan:
         if recipe.extra.get("rank"):  # explicit rank: the ratio is whatever it comes to
@@ -90,8 +90,12 @@ class FiPS(Method):
             layers[path] = SharedBasisLinear(basis, V, role, bias)
         params = [basis.U] + [p for layer in layers.values() for p in (layer.V, layer.bias) if p is not None]
         basis.U.requires_grad_(recipe.extra.get("train_basis", True))
+        score = None
+        if recipe.prune_score == "activation":
+            score = ActivationScore(list(layers.values()), [group.grams[p] for p in group.paths],
+                                    group.block_of())
         pruner = GroupPruner(list(layers.values()), budget.nnz, recipe.schedule, recipe.steps,
-                             every=recipe.prune_every, end=recipe.prune_end)
+                             every=recipe.prune_every, end=recipe.prune_end, score=score)
         return Compressed(modules=layers, shared={str(group.index): basis}, params=params, pruner=pruner)
 
     def materialize(self, compressed: Compressed) -> None:
