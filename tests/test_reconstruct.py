@@ -27,3 +27,20 @@ def test_seed_makes_runs_repeatable(tokens):
     a = layershare.compress(make_model("llama"), small_recipe(steps=10, lr=1e-3, seed=3), data=tokens)
     b = layershare.compress(make_model("llama"), small_recipe(steps=10, lr=1e-3, seed=3), data=tokens)
     assert [g.stats.loss_curve for g in a.report.groups] == [g.stats.loss_curve for g in b.report.groups]
+
+
+def test_tuning_that_makes_a_group_worse_is_undone(tokens, input_ids):
+    """A learning rate far too high wrecks the factors; the group then keeps its pruned init, so
+    the model is the one the same recipe gives without tuning (and the report says so)."""
+    import torch
+
+    ref_model, bad_model = make_model("llama"), make_model("llama")
+    ref = layershare.compress(ref_model, small_recipe(ratio=0.25, schedule="static", steps=0), data=tokens)
+    bad = layershare.compress(bad_model, small_recipe(ratio=0.25, schedule="gradual", steps=30, lr=1.0),
+                              data=tokens)
+    for a, b in zip(ref.report.groups, bad.report.groups):
+        assert b.stats.kept_init and not a.stats.kept_init
+        assert b.stats.rel_err_after == b.stats.rel_err_before == a.stats.rel_err_after
+    with torch.no_grad():
+        torch.testing.assert_close(bad_model(input_ids).logits, ref_model(input_ids).logits)
+    assert bad.sizes.param_equivalents == ref.sizes.param_equivalents

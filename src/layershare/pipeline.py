@@ -301,7 +301,8 @@ def compress_model(model: nn.Module, adapter: Adapter, method: Method, recipe: R
         release_memory()
         report.groups.append(GroupReport(group_blocks, plan.groups[g].rank, plan.groups[g].nnz, stats,
                                          time.time() - tg))
-        bar.set_postfix(err=f"{stats.rel_err_before:.3f}->{stats.rel_err_after:.3f}")
+        bar.set_postfix(err=f"{stats.rel_err_before:.3f}->{stats.rel_err_after:.3f}"
+                                + (" (kept init)" if stats.kept_init else ""))
     del cap, comp_cap
     release_memory()
     report.seconds = time.time() - t0

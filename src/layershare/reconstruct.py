@@ -4,6 +4,12 @@ Each compressed MLP j of the group sees the dense model's MLP inputs X_j and is 
 to produce the dense MLP's outputs Y_j; the group's loss is the sum over its MLPs of the
 mean squared error ("mse"), or of the error relative to the output energy ("nmse").
 AdamW with cosine decay; the pruner updates the masks on its schedule.
+
+Tuning never leaves a group worse than its init: if the tuned error (on the calibration
+tokens) is above the init's at the final mask, the group goes back to that init (the
+one-shot pruned factors) and `ReconStats.kept_init` says so. Adam moves every entry by about
+`lr` a step whatever its scale, so an init that is already close (a rank above the width,
+pruned by activation score) can come out of 200 noisy steps worse than it went in.
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ class ReconStats:
     rel_err_after: float
     steps: int  # optimiser steps taken
     loss_curve: list[float]
+    kept_init: bool = False  # tuning ended above rel_err_before, so the group kept its (pruned) init
 
 
 def _tokens_per_row(x: torch.Tensor) -> int:
@@ -55,23 +62,35 @@ def relative_error(fns: list[MlpFn], X: list[torch.Tensor], Y: list[torch.Tensor
 
 
 @torch.no_grad()
-def _error_at_final_mask(fns, X, Y, pruner, device) -> float:
-    """The error of the untuned init at the final sparsity (what static pruning without tuning gives)."""
+def _init_at_final_mask(fns, X, Y, params, pruner, device) -> tuple[float, tuple]:
+    """The error of the untuned init at the final sparsity (what static pruning without tuning
+    gives), and that state (parameters, masks) to return to if tuning does worse."""
     if pruner is None:
-        return relative_error(fns, X, Y, device)
+        return relative_error(fns, X, Y, device), ([p.detach().clone() for p in params], [])
     saved = [(layer.V.detach().clone(), layer.mask) for layer in pruner.layers]
     pruner.prune_to(pruner.n_final)
     err = relative_error(fns, X, Y, device)
+    state = ([p.detach().clone() for p in params], [layer.mask.clone() for layer in pruner.layers])
     for layer, (V, mask) in zip(pruner.layers, saved):
         layer.V.copy_(V)
         layer.mask = mask
-    return err
+    return err, state
+
+
+@torch.no_grad()
+def _restore(params, pruner, state) -> None:
+    values, masks = state
+    for p, v in zip(params, values):
+        p.copy_(v)
+    if pruner is not None:
+        for layer, mask in zip(pruner.layers, masks):
+            layer.mask = mask
 
 
 def reconstruct(fns: list[MlpFn], X: list[torch.Tensor], Y: list[torch.Tensor], params: list[torch.nn.Parameter],
                 pruner, recipe: Recipe, desc: str = "reconstruct", generator: torch.Generator | None = None) -> ReconStats:
     device = recipe.device
-    before = _error_at_final_mask(fns, X, Y, pruner, device)
+    before, init_state = _init_at_final_mask(fns, X, Y, params, pruner, device)
     if pruner is not None:
         pruner.step(0)
     curve: list[float] = []
@@ -107,4 +126,9 @@ def reconstruct(fns: list[MlpFn], X: list[torch.Tensor], Y: list[torch.Tensor], 
     if pruner is not None:
         pruner.finish()
     after = relative_error(fns, X, Y, device)
-    return ReconStats(rel_err_before=before, rel_err_after=after, steps=len(curve), loss_curve=curve)
+    kept_init = after > before
+    if kept_init:
+        _restore(params, pruner, init_state)
+        after = relative_error(fns, X, Y, device)
+    return ReconStats(rel_err_before=before, rel_err_after=after, steps=len(curve), loss_curve=curve,
+                      kept_init=kept_init)
