@@ -69,6 +69,7 @@ def run_one(model_name: str, method: str, ratio: float, seqlen: int, overrides: 
             row["ratio_measured"] = result.sizes.ratio
             row["bytes_on_disk"] = (Path(tmp) / "c" / "model.safetensors").stat().st_size
             row["group_errors"] = [(g.stats.rel_err_before, g.stats.rel_err_after) for g in result.report.groups]
+            row["groups_kept_init"] = [i for i, g in enumerate(result.report.groups) if g.stats.kept_init]
             row["extra"] = result.report.extra  # what whole-model methods report (ffn-merge: its window)
             model = layershare.load(Path(tmp) / "c", device=device)  # evaluate what was saved, not what is in memory
             for m in model.modules():  # sparse V to dense for the evaluation's speed (same function; tests check)
