@@ -195,7 +195,8 @@ def compress(model: nn.Module, recipe: Recipe | None = None, data=None, tokenize
                 "seconds": report.seconds, "dense_params": dense_params,
                 "groups": [{"blocks": g.blocks, "rank": g.rank, "nnz": g.nnz,
                             "rel_err_before": g.stats.rel_err_before, "rel_err_after": g.stats.rel_err_after,
-                            "kept_init": g.stats.kept_init, "seconds": g.seconds} for g in report.groups], **report.extra}
+                            "kept_init": g.stats.kept_init, "seconds": g.seconds} for g in report.groups],
+                **report.extra}
         out = save_compressed(model, output_dir, tokenizer=prep, overwrite=overwrite, dtype=recipe.dtype, meta=meta)
     return CompressionResult(model=model, report=report, sizes=sizes, output_dir=out)
 

@@ -46,8 +46,8 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
 
 def _recipe(args) -> Recipe:
     base = Recipe.from_yaml(args.recipe).to_dict() if args.recipe else Recipe().to_dict()
-    for key in ("method", "ratio", "ratio_of", "group_size", "sparsity", "schedule", "prune_score", "init", "objective", "steps",
-                "lr", "nsamples", "seqlen", "dtype", "device", "seed"):
+    for key in ("method", "ratio", "ratio_of", "group_size", "sparsity", "schedule", "prune_score", "init",
+                "objective", "steps", "lr", "nsamples", "seqlen", "dtype", "device", "seed"):
         value = getattr(args, key)
         if value is not None:
             base[key] = value
