@@ -57,7 +57,7 @@ def main() -> None:
         "# FiPS on real causal LMs (CPU, 2 cores)\n\n"
         f"Produced by `python benchmarks/fips_llm.py`. Calibration: `{CALIB}`, default recipe "
         f"(`layershare.Recipe(ratio=...)`; rows marked \"svd init\" ran before the default init became "
-        f"\"whitened\"). Perplexity on `{TEST}`:\n\n{protocols(rows)}\n\n{table}\n\n"
+        f"\"whitened\", rows marked \"magnitude pruning\" before the default pruning score became \"activation\"). Perplexity on `{TEST}`:\n\n{protocols(rows)}\n\n{table}\n\n"
         "Params stored: every tensor kept (tied embeddings once, shared bases once), the nonzeros of V and "
         "their bitmask as parameter-equivalents at float32. Weights on disk: `model.safetensors` (float32) "
         "against the dense model written the same way (float32 safetensors, tied embeddings once). "

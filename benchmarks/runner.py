@@ -144,6 +144,17 @@ def run_all(runs: list[str], json_path: Path, seqlen: int, overrides: dict, eval
     return rows, infeasible
 
 
+def method_label(r: dict) -> str:
+    """The method, and for FiPS rows made with a non-default init or pruning score, which (rows
+    from before those options existed used the paper's: SVD init, magnitude pruning)."""
+    if r["method"] != "fips":
+        return r["method"]
+    recipe = r.get("recipe", {})
+    notes = [n for n, old in (("svd init", recipe.get("init", "svd") == "svd"),
+                              ("magnitude pruning", recipe.get("prune_score", "magnitude") == "magnitude")) if old]
+    return "fips" + (f" ({', '.join(notes)})" if notes else "")
+
+
 def markdown_table(rows: list[dict], label: bool = False) -> str:
     """One row per run; `label` adds a column naming the variant (validation tables)."""
     dense = {r["model"]: r for r in rows if r["ratio_target"] == 0}
@@ -159,9 +170,7 @@ def markdown_table(rows: list[dict], label: bool = False) -> str:
         disk = f"{1 - r['bytes_on_disk'] / d['bytes_on_disk']:.1%} smaller" if other else "-"
         rel = f"+{r['ppl'] / d['ppl'] - 1:.1%}" if other else "-"
         variant = f" {r.get('label', '')} |" if label else ""
-        method = r["method"]
-        if method == "fips" and r.get("recipe", {}).get("init", "svd") == "svd":  # rows before init existed: svd
-            method += " (svd init)"
+        method = method_label(r)
         lines.append(f"| {r['model']} | {method} |{variant} {target} | {r['stored_params'] / 1e6:,.2f} M | {measured} | "
                      f"{r['bytes_on_disk'] / 2**20:,.1f} MiB | {disk} | {r['ppl']:.2f} | {rel} | "
                      f"{r['seconds'] / 60:,.1f} min{' *' if r.get('shared') else ''}{' †' if r.get('device') else ''} | "

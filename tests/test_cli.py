@@ -83,8 +83,8 @@ def test_cli_init_objective_and_prune_score_reach_the_recipe(model_dir, texts, t
     out = tmp_path / "out"
     rc = main(["compress", str(model_dir), "--calib", str(calib), "--output", str(out), "--ratio", "0.1",
                "--nsamples", "4", "--seqlen", "64", "--steps", "0", "--init", "whitened", "--objective", "mlp",
-               "--prune-score", "activation"])
+               "--prune-score", "magnitude"])
     assert rc == 0
     recipe = json.loads((out / "layershare.json").read_text())["recipe"]
     assert recipe["init"] == "whitened" and recipe["objective"] == "mlp"
-    assert recipe["prune_score"] == "activation"
+    assert recipe["prune_score"] == "magnitude"

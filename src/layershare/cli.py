@@ -30,7 +30,7 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sparsity", type=float, help="fraction of V entries pruned")
     p.add_argument("--schedule", choices=SCHEDULES)
     p.add_argument("--prune-score", choices=PRUNE_SCORES,
-                   help="FiPS: rank V entries by |V| (default, the paper's) or by the output change they cause")
+                   help="FiPS: rank V entries by the output change they cause (default) or by |V| (the paper's)")
     p.add_argument("--init", choices=INITS,
                    help="FiPS init: SVD of the data-whitened weights (default) or of the weights (the paper's)")
     p.add_argument("--objective", choices=OBJECTIVES,

@@ -31,9 +31,11 @@ class Recipe:
     schedule: str = "gradual"  # "gradual" (GMP, cubic ramp) or "static" (final mask from the SVD init)
     prune_every: int = 10  # steps between mask updates (gradual)
     prune_end: float = 0.75  # fraction of the steps after which the mask is final (gradual)
-    # rank V entries by |V| ("magnitude", the paper's) or by the MLP-output error their removal
-    # causes, estimated from activation statistics ("activation", not in the paper; sparsity.py)
-    prune_score: str = "magnitude"
+    # rank V entries by the MLP-output error their removal causes, estimated from activation
+    # statistics ("activation", the default, not in the paper; sparsity.py) or by |V| ("magnitude",
+    # the paper's). Validation ppl at 20%: Gemma-3-270M 267.3 vs 343.5, SmolLM2-135M 30.44 vs 31.84
+    prune_score: str = "activation"
+    prune_score: str = "activation"
     steps: int = 200  # optimiser steps per group (0: SVD init only)
     # FiPS init: "whitened" (SVD of the data-whitened weights; the default: Gemma-3-270M at 20%
     # validation ppl 343 vs 405 for "svd") or "svd" (of the raw weights, the paper's)

@@ -3,8 +3,10 @@
 For a group of adjacent blocks, every MLP weight is written in d x h form and all are
 concatenated along h: W = [W_1 | ... | W_m] (d x H). Its SVD W = U S Vt gives the shared
 basis U[:, :r] and V = S Vt[:r] (r x H), sliced back into per-matrix V_i, so W_i ~ U V_i.
-V is pruned by global magnitude (static, or gradual GMP) and U, V_i (and biases) are
-tuned so each compressed MLP reproduces the dense MLP's output on calibration inputs.
+V is pruned globally over the group (static, or gradual GMP), ranked by |V| (the paper's,
+`prune_score="magnitude"`) or, by default, by the MLP-output change each entry causes on
+calibration data (`"activation"`, not in the paper; sparsity.ActivationScore), and U, V_i (and
+biases) are tuned so each compressed MLP reproduces the dense MLP's output on calibration inputs.
 When the budget asks for r > min(d, H), U is padded with zero columns and V with copies
 of its top rows divided by tau = 32, as the official code does.
 
