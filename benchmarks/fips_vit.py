@@ -99,11 +99,16 @@ def table(rows: list[dict]) -> str:
 def write_docs(rows: list[dict]) -> str:
     t = table(rows)
     protocol = next((r["protocol"] for r in rows), "")
-    # rows written before the recipe had an init field used the SVD init, the default then
-    inits = sorted({r["recipe"].get("init", "svd") for r in rows if r["method"] == "fips"})
-    init_note = (f" FiPS init of these rows: {', '.join(inits)}"
-                 + (" (measured before the whitened init became the default; `--recipe '{\"init\": \"svd\"}'` "
-                    "reproduces them)." if inits == ["svd"] else "."))
+    # rows written before the recipe had an init (prune_score) field used the SVD init (magnitude
+    # pruning), the defaults then
+    fips = [r["recipe"] for r in rows if r["method"] == "fips"]
+    inits = sorted({rc.get("init", "svd") for rc in fips})
+    scores = sorted({rc.get("prune_score", "magnitude") for rc in fips})
+    old = inits == ["svd"] and scores == ["magnitude"]
+    init_note = (f" FiPS init of these rows: {', '.join(inits)}; pruning score: {', '.join(scores)}"
+                 + (" (measured before the whitened init and the activation score became the defaults; "
+                    "`--recipe '{\"init\": \"svd\", \"prune_score\": \"magnitude\"}'` reproduces them)."
+                    if old else "."))
     (ROOT / "docs" / "fips_vit.md").write_text(
         "# FiPS on a Vision Transformer (Fashion-MNIST ViT, CPU, 2 cores)\n\n"
         "Produced by `python benchmarks/fips_vit.py`. The model: the small ViT that "
