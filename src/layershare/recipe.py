@@ -35,7 +35,6 @@ class Recipe:
     # statistics ("activation", the default, not in the paper; sparsity.py) or by |V| ("magnitude",
     # the paper's). Validation ppl at 20%: Gemma-3-270M 267.3 vs 343.5, SmolLM2-135M 30.44 vs 31.84
     prune_score: str = "activation"
-    prune_score: str = "activation"
     steps: int = 200  # optimiser steps per group (0: SVD init only)
     # FiPS init: "whitened" (SVD of the data-whitened weights; the default: Gemma-3-270M at 20%
     # validation ppl 343 vs 405 for "svd") or "svd" (of the raw weights, the paper's)

@@ -127,8 +127,8 @@ def reconstruct(fns: list[MlpFn], X: list[torch.Tensor], Y: list[torch.Tensor], 
         pruner.finish()
     after = relative_error(fns, X, Y, device)
     kept_init = after > before
-    if kept_init:
+    if kept_init:  # back to exactly the state `before` was measured on
         _restore(params, pruner, init_state)
-        after = relative_error(fns, X, Y, device)
+        after = before
     return ReconStats(rel_err_before=before, rel_err_after=after, steps=len(curve), loss_curve=curve,
                       kept_init=kept_init)
