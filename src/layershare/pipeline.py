@@ -211,19 +211,11 @@ def output_error(out: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
     return num / max(sum(float(r.float().pow(2).sum()) for r in ref), 1e-30)
 
 
-def group_shapes(model: nn.Module, adapter: Adapter, groups: list[list[int]],
-                 linears: dict[str, str] | None = None) -> list:
-    return [Group.of(model, adapter, g, blocks, linears).shape() for g, blocks in enumerate(groups)]
-
-
 def plan_model(model: nn.Module, adapter: Adapter, method: Method, recipe: Recipe) -> tuple[list[list[int]], Plan]:
     """Groups and budget, checked before any long work starts."""
     n_blocks = len(adapter.blocks(model))
     groups = method.groups(n_blocks, recipe)
-    if hasattr(method, "plan_attention"):  # plans from the model's matrices themselves (MASA)
-        return groups, method.plan_attention(model, adapter, groups, count_params(model), recipe)
-    shapes = group_shapes(model, adapter, groups, method.linears(adapter))
-    return groups, method.plan(shapes, count_params(model), recipe)
+    return groups, method.plan_model(model, adapter, groups, count_params(model), recipe)
 
 
 def compress_model(model: nn.Module, adapter: Adapter, method: Method, recipe: Recipe,

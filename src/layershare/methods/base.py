@@ -85,7 +85,7 @@ class Method:
     tunable: bool = True  # tuned by block-wise reconstruction (reconstruct.py) after init
     needs_gram: bool = False  # init needs each linear's input second moment (group.grams)
     whole_model: bool = False  # compresses the whole model in one pass (compress_whole) instead of init/materialize
-    scope: str = "mlp"  # what it compresses: "mlp", or "attention" (then plan_attention replaces plan)
+    scope: str = "mlp"  # what it compresses: "mlp" or "attention"
     tasks: tuple[str, ...] = ("causal-lm", "image-classification")  # the kinds of model it can compress
 
     def gram_needed(self, recipe: Recipe) -> bool:
@@ -106,6 +106,14 @@ class Method:
 
     def plan(self, shapes: list[GroupShape], total_params: int, recipe: Recipe) -> Plan:
         raise NotImplementedError
+
+    def plan_model(self, model: nn.Module, adapter: Adapter, groups: list[list[int]], total_params: int,
+                   recipe: Recipe) -> Plan:
+        """The budget of `groups` of `model`: by default from the shapes of the linears it
+        replaces (`plan`); a method that plans from the matrices themselves overrides this."""
+        linears = self.linears(adapter)
+        shapes = [Group.of(model, adapter, g, blocks, linears).shape() for g, blocks in enumerate(groups)]
+        return self.plan(shapes, total_params, recipe)
 
     def init(self, group: Group, budget: GroupBudget, recipe: Recipe) -> Compressed:
         raise NotImplementedError

@@ -59,8 +59,8 @@ class MASA(Method):
         """Atoms (mean included) that keep `keep` of L dense (out x in = m) matrices."""
         return max(1, min(L - 1, int(round(keep * L * m / (m + L)))))
 
-    def plan_attention(self, model: nn.Module, adapter: Adapter, groups: list[list[int]], total: int,
-                       recipe: Recipe) -> Plan:
+    def plan_model(self, model: nn.Module, adapter: Adapter, groups: list[list[int]], total: int,
+                   recipe: Recipe) -> Plan:
         if recipe.ratio_of == "mlp":
             raise BudgetError("masa compresses the attention: give the ratio of the 'model' or of the 'attention'")
         per_group = [self._matrices(model, adapter, g) for g in groups]
