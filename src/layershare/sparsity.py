@@ -41,12 +41,12 @@ class ActivationScore:
         for layer, G, block in zip(self.layers, self.grams, self.blocks):
             if layer.role != IN:
                 tail[block] = ((U @ layer.masked_V()).norm(dim=0), G.diagonal().clamp_min(0).sqrt())
-        scales = []
+        scales, Ms = [], {}  # Ms: U^T G_x U per block (its up and gate read the same input)
         for layer, G, block in zip(self.layers, self.grams, self.blocks):
             if layer.role != IN:
                 scales.append(U.norm(dim=0)[:, None] * tail[block][1][None, :])
                 continue
-            M = U.t() @ G @ U
+            M = Ms[block] = Ms[block] if block in Ms else U.t() @ G @ U
             V = layer.masked_V()
             row = M.diagonal().clamp_min(0).sqrt()[:, None]
             if block in tail:
