@@ -6,8 +6,10 @@
 Every method removes the same fraction of the whole model's parameters, with the same
 calibration windows (Sense and Sensibility, seed 0) and its library defaults; perplexity on
 Northanger Abbey (whole book, 2048-token windows). fips, basis-sharing, svd-llm, svd and
-ffn-merge compress the MLPs, masa the attention; a ratio beyond what a method's part of the
-model holds is refused by the library and listed as not run. Results merge into docs/llm_runs.json (shared with
+ffn-merge compress the MLPs, masa the attention; "A+B" runs MLP method A with attention method
+B as its attention stage (one recipe), both parts losing the same fraction of their weights
+("basis-sharing+basis-sharing-attention" is the Basis Sharing paper's whole method). A ratio
+beyond what a method's part of the model holds is refused by the library and listed as not run. Results merge into docs/llm_runs.json (shared with
 fips_llm.py); writes docs/compare_llm.md and docs/compare_llm.png.
 """
 from __future__ import annotations
@@ -17,6 +19,7 @@ import argparse
 from runner import CALIB, RESULTS, ROOT, TEST, markdown_table, protocols, run_all
 
 METHODS = ["fips", "basis-sharing", "svd-llm", "svd", "ffn-merge", "masa"]
+COMBINED = ["fips+basis-sharing-attention", "basis-sharing+basis-sharing-attention", "fips+masa"]
 MODELS = ["smollm2-135m", "gemma3-270m"]
 RATIOS = [0.1, 0.2, 0.3, 0.4]
 PPL_CAP = 1e5  # the plot's top: broken models (plain SVD, MASA post hoc) are marked there with their value
@@ -33,11 +36,11 @@ def plot(rows: list[dict], path) -> None:
     fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models) + 1.5, 4), squeeze=False)
     for ax, model in zip(axes[0], models):
         dense = next((r for r in rows if r["model"] == model and r["method"] == "dense"), None)
-        for method in METHODS:
+        for method in METHODS + COMBINED:
             pts = sorted((r["ratio_measured"], r["ppl"]) for r in rows if r["model"] == model and r["method"] == method)
             if not pts:
                 continue
-            color = f"C{METHODS.index(method)}"
+            color = f"C{(METHODS + COMBINED).index(method)}"
             shown = [(x, y) for x, y in pts if y <= PPL_CAP]
             ax.plot([100 * x for x, _ in shown], [y for _, y in shown], marker="o", label=method, color=color)
             for x, y in pts:  # off the scale: a triangle at the top edge, with its value
@@ -67,7 +70,7 @@ def plot(rows: list[dict], path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="*", default=MODELS)
-    ap.add_argument("--methods", nargs="*", default=METHODS)
+    ap.add_argument("--methods", nargs="*", default=METHODS + COMBINED)
     ap.add_argument("--ratios", nargs="*", type=float, default=RATIOS)
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--skip-done", action="store_true", help="do not rerun runs already in the results file")
@@ -95,7 +98,8 @@ def main() -> None:
     (ROOT / "docs" / "compare_llm.md").write_text(
         "# FiPS and its peers on real causal LMs (CPU, 2 cores; rows marked † on a GPU)\n\n"
         f"Produced by `python benchmarks/compare_llm.py`. Every method removes the same fraction of the "
-        f"whole model's parameters (masa from the attention, the others from the MLPs) with its library defaults, calibrated on the same windows of `{CALIB}`; "
+        f"whole model's parameters (masa from the attention, 'A+B' from both, the same fraction of each, "
+        f"the others from the MLPs) with its library defaults, calibrated on the same windows of `{CALIB}`; "
         f"perplexity on `{TEST}`:\n\n{protocols(rows)}\n\n{table}{note}\n\n![perplexity vs compression](compare_llm.png)\n\n"
         f"Perplexities above {PPL_CAP:.0e} are drawn as triangles at the top edge, labelled with their value.\n")
     print(table)

@@ -1,6 +1,9 @@
 """Shared by the LLM benchmarks: one run (load, compress, evaluate) in its own subprocess.
 
-A run is "MODEL:METHOD:RATIO" (ratio 0 = the dense model). Each run is a fresh process, so
+A run is "MODEL:METHOD:RATIO" (ratio 0 = the dense model). METHOD may be "MLP+ATTENTION" (e.g.
+"fips+masa"): one recipe, the attention method as its attention stage, the whole-model RATIO split
+so that both parts lose the same fraction of their parameters (as the Basis Sharing paper
+compresses every weight matrix at one ratio). Each run is a fresh process, so
 its peak RSS (ru_maxrss: model load, calibration capture and compression; evaluation
 excluded) is its own. Results accumulate in a JSON file keyed by (model, method, ratio).
 BENCH_THREADS=N sets the torch threads of a run (default: every core); it is meant for runs
@@ -32,6 +35,29 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def split_ratio(model, ratio: float) -> tuple[float, float]:
+    """The (MLP, attention) shares of a whole-model `ratio` that remove the same fraction of
+    each part's weights."""
+    from layershare.adapters import get_adapter, get_path
+
+    adapter = get_adapter(model)
+    blocks = adapter.blocks(model)
+    mlp, attn = (sum(get_path(b, n).weight.numel() for b in blocks for n in names)
+                 for names in (adapter.linears, adapter.attention))
+    return ratio * mlp / (mlp + attn), ratio * attn / (mlp + attn)
+
+
+def make_recipe(model, method: str, ratio: float, overrides: dict):
+    import layershare
+
+    if "+" not in method:
+        return layershare.Recipe(method=method, ratio=ratio, **overrides)
+    mlp_method, attn_method = method.split("+")
+    r_mlp, r_attn = split_ratio(model, ratio)
+    return layershare.Recipe(method=mlp_method, ratio=r_mlp, **{
+        "attention": {"method": attn_method, "ratio": r_attn, "ratio_of": "model"}, **overrides})
+
+
 def run_one(model_name: str, method: str, ratio: float, seqlen: int, overrides: dict,
             eval_text: str = TEST, max_windows: int | None = None, test_too: bool = False) -> dict:
     import torch
@@ -59,7 +85,7 @@ def run_one(model_name: str, method: str, ratio: float, seqlen: int, overrides: 
             row["seconds"] = 0.0
             row["peak_rss_mb"] = peak_rss_mb()
         else:
-            recipe = layershare.Recipe(method=method, ratio=ratio, **{"device": device, **overrides})
+            recipe = make_recipe(model, method, ratio, {"device": device, **overrides})
             row["recipe"] = recipe.to_dict()
             t0 = time.time()
             result = layershare.compress(model, recipe, data=CALIB, tokenizer=tok, output_dir=Path(tmp) / "c")
