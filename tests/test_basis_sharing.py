@@ -30,7 +30,7 @@ def test_joint_basis_option_shares_up_and_gate(tokens):
     assert mlp.gate_proj.basis is mlp.up_proj.basis is model.model.layers[1].mlp.up_proj.basis
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt2", "opt"])
 def test_attention_full_rank_reproduces_dense_logits(arch, tokens, input_ids):
     model = make_model(arch)
     with torch.no_grad():
