@@ -46,7 +46,9 @@ class ActivationScore:
             if layer.role != IN:
                 scales.append(U.norm(dim=0)[:, None] * tail[block][1][None, :])
                 continue
-            M = Ms[block] = Ms[block] if block in Ms else U.t() @ G @ U
+            if block not in Ms:
+                Ms[block] = U.t() @ G @ U
+            M = Ms[block]
             V = layer.masked_V()
             row = M.diagonal().clamp_min(0).sqrt()[:, None]
             if block in tail:
