@@ -33,7 +33,7 @@ def plot(rows: list[dict], path) -> None:
     import matplotlib.pyplot as plt
 
     models = sorted({r["model"] for r in rows})
-    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models) + 1.5, 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.8), squeeze=False)
     for ax, model in zip(axes[0], models):
         dense = next((r for r in rows if r["model"] == model and r["method"] == "dense"), None)
         for method in METHODS + COMBINED:
@@ -62,8 +62,8 @@ def plot(rows: list[dict], path) -> None:
     legend = {}  # one legend for every panel, beside them (methods keep their colours)
     for ax in axes[0]:
         legend.update(zip(ax.get_legend_handles_labels()[1], ax.get_legend_handles_labels()[0]))
-    fig.legend(list(legend.values()), list(legend), loc="center right", fontsize=9)
-    fig.tight_layout(rect=(0, 0, 0.86, 1))
+    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=5, fontsize=9)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(path, dpi=120)
 
 
