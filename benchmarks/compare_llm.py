@@ -20,6 +20,7 @@ from runner import CALIB, RESULTS, ROOT, TEST, markdown_table, protocols, run_al
 
 METHODS = ["fips", "basis-sharing", "svd-llm", "svd", "ffn-merge", "masa"]
 COMBINED = ["fips+basis-sharing-attention", "basis-sharing+basis-sharing-attention", "fips+masa"]
+GRID = METHODS + COMBINED  # the default runs, in the plot's colour order
 MODELS = ["smollm2-135m", "gemma3-270m"]
 RATIOS = [0.1, 0.2, 0.3, 0.4]
 PPL_CAP = 1e5  # the plot's top: broken models (plain SVD, MASA post hoc) are marked there with their value
@@ -36,11 +37,11 @@ def plot(rows: list[dict], path) -> None:
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.8), squeeze=False)
     for ax, model in zip(axes[0], models):
         dense = next((r for r in rows if r["model"] == model and r["method"] == "dense"), None)
-        for method in METHODS + COMBINED:
+        for i, method in enumerate(GRID):
             pts = sorted((r["ratio_measured"], r["ppl"]) for r in rows if r["model"] == model and r["method"] == method)
             if not pts:
                 continue
-            color = f"C{(METHODS + COMBINED).index(method)}"
+            color = f"C{i}"
             shown = [(x, y) for x, y in pts if y <= PPL_CAP]
             ax.plot([100 * x for x, _ in shown], [y for _, y in shown], marker="o", label=method, color=color)
             for x, y in pts:  # off the scale: a triangle at the top edge, with its value
@@ -70,7 +71,7 @@ def plot(rows: list[dict], path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="*", default=MODELS)
-    ap.add_argument("--methods", nargs="*", default=METHODS + COMBINED)
+    ap.add_argument("--methods", nargs="*", default=GRID)
     ap.add_argument("--ratios", nargs="*", type=float, default=RATIOS)
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--skip-done", action="store_true", help="do not rerun runs already in the results file")
