@@ -20,32 +20,32 @@ import torch
 
 import layershare
 
-RECIPES = {  # method -> recipe fields (tiny: 4 layers, hidden 64)
-    "fips": dict(method="fips", ratio=0.3, steps=30),
-    "fips (svd init, static)": dict(method="fips", ratio=0.3, steps=30, init="svd", schedule="static"),
-    "fips + propagate compressed": dict(method="fips", ratio=0.3, steps=30, propagate="compressed"),
-    "svd": dict(method="svd", ratio=0.3),
-    "svd-llm + update": dict(method="svd-llm", ratio=0.3, extra={"update": True}),
-    "basis-sharing (0.4: update)": dict(method="basis-sharing", ratio=0.4),
-    "basis-sharing + attention": dict(method="basis-sharing", ratio=0.2,
-                                      attention={"method": "basis-sharing-attention", "ratio": 0.1}),
-    "fips + masa": dict(method="fips", ratio=0.2, steps=30, attention={"method": "masa", "ratio": 0.1}),
-    "ffn-merge": dict(method="ffn-merge", ratio=0.2),
-    "masa": dict(method="masa", ratio=0.1),
+FIPS = dict(method="fips", batch_tokens=256)
+RECIPES = {  # name -> stages (tiny: 4 layers, hidden 64)
+    "fips": [dict(FIPS, ratio=0.3, steps=30)],
+    "fips (svd init, static)": [dict(FIPS, ratio=0.3, steps=30, init="svd", schedule="static")],
+    "fips + propagate compressed": [dict(FIPS, ratio=0.3, steps=30, propagate="compressed")],
+    "svd": [dict(method="svd", ratio=0.3)],
+    "svd-llm + update": [dict(method="svd-llm", ratio=0.3, update=True)],
+    "basis-sharing (0.4: update)": [dict(method="basis-sharing", ratio=0.4)],
+    "basis-sharing + attention": [dict(method="basis-sharing-attention", ratio=0.1),
+                                  dict(method="basis-sharing", ratio=0.2)],
+    "fips + masa": [dict(method="masa", ratio=0.1), dict(FIPS, ratio=0.2, steps=30)],
+    "ffn-merge": [dict(method="ffn-merge", ratio=0.2)],
+    "masa": [dict(method="masa", ratio=0.1)],
 }
 ARCHS = ("llama", "gemma3")  # the tests' tiny configs (tests/conftest.py), vocabulary 256
 VOCAB = 256
 
 
 def tiny(arch: str) -> torch.nn.Module:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from conftest import make_model
+    from layershare.testing import make_model
 
     return make_model(arch, vocab=VOCAB)
 
 
-def compressed_logits(model, fields: dict, tokens, ids, device: str, tmp: Path):
-    recipe = layershare.Recipe(nsamples=16, seqlen=64, batch_tokens=256, device=device, **fields)
+def compressed_logits(model, stages: list[dict], tokens, ids, device: str, tmp: Path):
+    recipe = layershare.Recipe(stages=stages, nsamples=16, seqlen=64, device=device)
     if device != "cpu":
         torch.cuda.synchronize()
     t0 = time.time()

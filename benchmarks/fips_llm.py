@@ -56,7 +56,7 @@ def main() -> None:
     (ROOT / "docs" / "fips_llm.md").write_text(
         "# FiPS on real causal LMs (CPU, 2 cores)\n\n"
         f"Produced by `python benchmarks/fips_llm.py`. Calibration: `{CALIB}`, default recipe "
-        f"(`layershare.Recipe(ratio=...)`; rows marked \"svd init\" ran before the default init became "
+        f"(`layershare.FiPSConfig(ratio=...)`; rows marked \"svd init\" ran before the default init became "
         f"\"whitened\", rows marked \"magnitude pruning\" before the default pruning score became \"activation\"). Perplexity on `{TEST}`:\n\n{protocols(rows)}\n\n{table}\n\n"
         "Params stored: every tensor kept (tied embeddings once, shared bases once), the nonzeros of V and "
         "their bitmask as parameter-equivalents at float32. Weights on disk: `model.safetensors` (float32) "

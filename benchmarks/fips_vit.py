@@ -54,7 +54,7 @@ def run_one(run: str, overrides: dict) -> dict:
             import copy
 
             teacher = copy.deepcopy(model) if ft else None
-            recipe = layershare.Recipe(method=method, ratio=ratio, nsamples=NSAMPLES, **overrides)
+            recipe = layershare.Recipe.of(method, ratio=ratio, nsamples=NSAMPLES, **overrides)
             row["recipe"] = recipe.to_dict()
             t0 = time.time()
             result = layershare.compress(model, recipe, data=CALIB, processor=prep, output_dir=Path(tmp) / "c",
@@ -101,7 +101,8 @@ def write_docs(rows: list[dict]) -> str:
     protocol = next((r["protocol"] for r in rows), "")
     # rows written before the recipe had an init (prune_score) field used the SVD init (magnitude
     # pruning), the defaults then
-    fips = [r["recipe"] for r in rows if r["method"] == "fips"]
+    # (version-2 recipes keep FiPS's fields in their last stage)
+    fips = [r["recipe"]["stages"][-1] if "stages" in r["recipe"] else r["recipe"] for r in rows if r["method"] == "fips"]
     inits = sorted({rc.get("init", "svd") for rc in fips})
     scores = sorted({rc.get("prune_score", "magnitude") for rc in fips})
     old = inits == ["svd"] and scores == ["magnitude"]

@@ -29,29 +29,27 @@ threading.Thread(target=sample, daemon=True).start()
 m, t = layershare.load_model("smollm2-135m")
 print("after load", proc.memory_info().rss / 2**20, "peak", peak, flush=True)
 phase[0] = "compress"
-import layershare.pipeline as P
-orig = P.run_group
-def rg(*a, **k):
-    phase[0] = "run_group"
-    out = orig(*a, **k)
-    phase[0] = "after run_group"
-    return out
-P.run_group = rg
-orig_cap = P.capture_inputs
-def cap(*a, **k):
-    phase[0] = "capture"
-    out = orig_cap(*a, **k)
-    phase[0] = "after capture"
-    print("after capture", proc.memory_info().rss / 2**20, "peak", peak, flush=True)
-    return out
-P.capture_inputs = cap
-import layershare.api as A
-orig_save = A.save_compressed
-def sv(*a, **k):
-    phase[0] = "save"
-    print("before save", proc.memory_info().rss / 2**20, "peak", peak, flush=True)
-    return orig_save(*a, **k)
-A.save_compressed = sv
+
+
+class Phases(layershare.Callback):
+    """Names the phase the RSS sampler attributes its peak to (no monkeypatching)."""
+
+    def on_stage_start(self, stage, method, plan):
+        phase[0] = "capture"
+
+    def on_group_start(self, stage, group, blocks):
+        if group == 0:
+            print("after capture", proc.memory_info().rss / 2**20, "peak", peak, flush=True)
+        phase[0] = f"group {group}"
+
+    def on_stage_end(self, stage, report):
+        phase[0] = "save"
+        print("before save", proc.memory_info().rss / 2**20, "peak", peak, flush=True)
+
+
+steps = int(sys.argv[1]) if len(sys.argv) > 1 else 2
 with tempfile.TemporaryDirectory() as d:
-    res = layershare.compress(m, layershare.Recipe(ratio=0.2, steps=int(sys.argv[1]) if len(sys.argv) > 1 else 2), data="austen:sensesensibility", tokenizer=t, output_dir=d + "/c")
-    print("after compress", proc.memory_info().rss / 2**20, "peak", peak, "maxrss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, flush=True)
+    res = layershare.compress(m, layershare.FiPSConfig(ratio=0.2, steps=steps), data="austen:sensesensibility",
+                              tokenizer=t, output_dir=d + "/c", callbacks=[Phases()])
+    print("after compress", proc.memory_info().rss / 2**20, "peak", peak, "maxrss",
+          resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, flush=True)

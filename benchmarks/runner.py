@@ -35,27 +35,22 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def split_ratio(model, ratio: float) -> tuple[float, float]:
-    """The (MLP, attention) shares of a whole-model `ratio` that remove the same fraction of
-    each part's weights."""
-    from layershare.adapters import get_adapter, get_path
-
-    adapter = get_adapter(model)
-    blocks = adapter.blocks(model)
-    mlp, attn = (sum(get_path(b, n).weight.numel() for b in blocks for n in names)
-                 for names in (adapter.linears, adapter.attention))
-    return ratio * mlp / (mlp + attn), ratio * attn / (mlp + attn)
-
-
 def make_recipe(model, method: str, ratio: float, overrides: dict):
+    """One stage, or for "MLP+ATTENTION" the attention stage then the MLP stage, the ratio split
+    by layershare.budget.split_ratio; `overrides` are run fields or fields of the (MLP) stage."""
     import layershare
+    from layershare.budget import split_ratio
+    from layershare.methods import config_class
+    from layershare.recipe import RUN_FIELDS
 
     if "+" not in method:
-        return layershare.Recipe(method=method, ratio=ratio, **overrides)
+        return layershare.Recipe.of(method, ratio=ratio, **overrides)
     mlp_method, attn_method = method.split("+")
     r_mlp, r_attn = split_ratio(model, ratio)
-    return layershare.Recipe(method=mlp_method, ratio=r_mlp, **{
-        "attention": {"method": attn_method, "ratio": r_attn, "ratio_of": "model"}, **overrides})
+    run = {k: v for k, v in overrides.items() if k in RUN_FIELDS}
+    stage = {k: v for k, v in overrides.items() if k not in RUN_FIELDS}
+    return layershare.Recipe(stages=[config_class(attn_method)(ratio=r_attn, ratio_of="model"),
+                                     config_class(mlp_method)(ratio=r_mlp, **stage)], **run)
 
 
 def run_one(model_name: str, method: str, ratio: float, seqlen: int, overrides: dict,
@@ -77,9 +72,9 @@ def run_one(model_name: str, method: str, ratio: float, seqlen: int, overrides: 
             # the same writer as the compressed models (GGUF-loaded models refuse save_pretrained)
             from safetensors.torch import save_file
 
-            from layershare.io import _state_dict_unique
+            from layershare.io import state_dict_unique
 
-            save_file(_state_dict_unique(model, torch.float32), str(Path(tmp) / "dense.safetensors"))
+            save_file(state_dict_unique(model, torch.float32), str(Path(tmp) / "dense.safetensors"))
             row["bytes_on_disk"] = (Path(tmp) / "dense.safetensors").stat().st_size
             row["stored_params"] = sum(p.numel() for p in model.parameters())
             row["seconds"] = 0.0
@@ -176,6 +171,7 @@ def method_label(r: dict) -> str:
     if r["method"] != "fips":
         return r["method"]
     recipe = r.get("recipe", {})
+    recipe = recipe["stages"][-1] if "stages" in recipe else recipe  # version-2 recipes: FiPS is the last stage
     notes = [n for n, old in (("svd init", recipe.get("init", "svd") == "svd"),
                               ("magnitude pruning", recipe.get("prune_score", "magnitude") == "magnitude")) if old]
     return "fips" + (f" ({', '.join(notes)})" if notes else "")

@@ -15,7 +15,7 @@ def test_full_rank_without_sparsity_reproduces_dense_logits(arch, tokens, input_
     with torch.no_grad():
         dense = model(input_ids).logits
     d = model.config.hidden_size
-    result = layershare.compress(model, small_recipe(sparsity=0.0, extra={"rank": d}), data=tokens)
+    result = layershare.compress(model, small_recipe(sparsity=0.0, rank=d), data=tokens)
     n_compressed = sum(isinstance(m, SharedBasisLinear) for m in model.modules())
     adapter = get_adapter(model)
     assert n_compressed == len(adapter.blocks(model)) * len(adapter.linears)
@@ -38,7 +38,7 @@ def test_unknown_architecture_lists_supported():
 @pytest.mark.parametrize("arch", ["gemma3", "gpt2"])
 def test_pre_hooks_capture_all_keyword_arguments(arch, tokens):
     """Blocks are re-run with exactly the keyword arguments the model passed (masks, rope, ...)."""
-    from layershare.pipeline import capture_inputs
+    from layershare.capture import capture_inputs
 
     model = make_model(arch)
     blocks = get_adapter(model).blocks(model)

@@ -4,7 +4,9 @@ import pytest
 import torch
 
 import layershare
-from layershare.budget import BudgetError, count_params
+from layershare.budget import count_params
+from layershare.config import RecipeError
+from layershare.methods import BasisSharingAttentionConfig, config_class
 
 from conftest import make_model, small_recipe
 
@@ -13,7 +15,8 @@ def test_one_basis_per_type_and_group(tokens):
     model = make_model("llama")  # 4 blocks, pairs: 2 groups x (gate, up) bases + 4 down projections
     layershare.compress(model, small_recipe(method="basis-sharing", ratio=0.2), data=tokens)
     bases = dict(model.layershare_bases.items())
-    assert sorted(k for k in bases if "_s" in k) == ["0_s0", "0_s1", "1_s0", "1_s1"]
+    assert sorted(bases) == ["s0_g0_b0", "s0_g0_b1", "s0_g0_l2", "s0_g0_l5",  # l: the per-layer down projections
+                             "s0_g1_b0", "s0_g1_b1", "s0_g1_l2", "s0_g1_l5"]
     mlp = model.model.layers[0].mlp
     assert mlp.gate_proj.basis is model.model.layers[1].mlp.gate_proj.basis  # shared across the pair
     assert mlp.gate_proj.basis is not mlp.up_proj.basis  # each type its own basis
@@ -22,10 +25,10 @@ def test_one_basis_per_type_and_group(tokens):
 
 def test_joint_basis_option_shares_up_and_gate(tokens):
     model = make_model("llama")
-    res = layershare.compress(model, small_recipe(method="basis-sharing", ratio=0.2, extra={"joint_basis": True}),
+    res = layershare.compress(model, small_recipe(method="basis-sharing", ratio=0.2, joint_basis=True),
                               data=tokens)
     assert abs(res.sizes.ratio - 0.2) < 0.01
-    assert sorted(k for k in model.layershare_bases.keys() if "_s" in k) == ["0_s0", "1_s0"]
+    assert sorted(k for k in model.layershare_bases.keys() if "_b" in k) == ["s0_g0_b0", "s0_g1_b0"]
     mlp = model.model.layers[0].mlp
     assert mlp.gate_proj.basis is mlp.up_proj.basis is model.model.layers[1].mlp.up_proj.basis
 
@@ -36,7 +39,7 @@ def test_attention_full_rank_reproduces_dense_logits(arch, tokens, input_ids):
     with torch.no_grad():
         dense = model(input_ids).logits
     layershare.compress(model, small_recipe(method="basis-sharing-attention",
-                                            extra={"rank": model.config.hidden_size}), data=tokens)
+                                            rank=model.config.hidden_size), data=tokens)
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids).logits, dense, atol=1e-4, rtol=1e-4)
 
@@ -61,8 +64,9 @@ def test_paper_whole_method_mlp_plus_attention(tokens, input_ids, tmp_path):
     whole method), and FiPS with it: both ratios add up, and the result round-trips."""
     for method in ("basis-sharing", "fips"):
         model = make_model("llama")
-        res = layershare.compress(model, small_recipe(method=method, ratio=0.15, attention={
-            "method": "basis-sharing-attention", "ratio": 0.05}), data=tokens, output_dir=tmp_path / method)
+        recipe = layershare.Recipe(stages=[BasisSharingAttentionConfig(ratio=0.05), config_class(method)(ratio=0.15)],
+                                   nsamples=8, seqlen=32)
+        res = layershare.compress(model, recipe, data=tokens, output_dir=tmp_path / method)
         assert abs(res.sizes.ratio - 0.2) < 0.01
         assert type(model.model.layers[0].self_attn.q_proj).__name__ == "SharedBasisLinear"
         with torch.no_grad():
@@ -70,7 +74,6 @@ def test_paper_whole_method_mlp_plus_attention(tokens, input_ids, tmp_path):
                                        model(input_ids).logits, atol=0, rtol=0)
 
 
-def test_attention_refuses_an_mlp_ratio(tokens):
-    with pytest.raises(BudgetError, match="attention"):
-        layershare.compress(make_model("llama"), small_recipe(method="basis-sharing-attention", ratio=0.2,
-                                                              ratio_of="mlp"), data=tokens)
+def test_attention_refuses_an_mlp_ratio():
+    with pytest.raises(RecipeError, match="basis-sharing-attention: ratio_of must be 'model' or 'attention'"):
+        small_recipe(method="basis-sharing-attention", ratio=0.2, ratio_of="mlp")

@@ -36,7 +36,7 @@ def test_rank_above_width_is_planned_and_initialised():
 
 def test_infeasible_ratio_names_the_feasible_range():
     shapes = [GroupShape(d=64, hs=(160, 160))]
-    with pytest.raises(BudgetError, match=r"feasible range is 0 < ratio < 0\.4"):
+    with pytest.raises(BudgetError, match=r"feasible range is 0\.000 < ratio < 0\.410"):
         plan(shapes, total_params=50_000, ratio=0.5, of="model", density=0.5, bytes_per_param=4)
 
 

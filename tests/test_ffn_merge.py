@@ -72,7 +72,7 @@ def test_merge_removes_whole_mlps_and_round_trips(arch, tokens, input_ids, tmp_p
 
 def test_explicit_window_is_used(tokens):
     model = make_model("llama")
-    res = layershare.compress(model, small_recipe(method="ffn-merge", extra={"window": [1, 2]}), data=tokens)
+    res = layershare.compress(model, small_recipe(method="ffn-merge", window=[1, 2]), data=tokens)
     assert res.report.extra["window"] == [1, 2]
     assert model.model.layers[1].mlp.up_proj is model.model.layers[2].mlp.up_proj
 

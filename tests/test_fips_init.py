@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import layershare
-from layershare.recipe import RecipeError
+from layershare.config import RecipeError
 
 from conftest import make_model, small_recipe
 
@@ -15,7 +15,7 @@ def test_whitened_init_full_rank_reproduces_dense_logits(arch, tokens, input_ids
     with torch.no_grad():
         dense = model(input_ids).logits
     d = model.config.hidden_size
-    res = layershare.compress(model, small_recipe(sparsity=0.0, init="whitened", extra={"rank": d}), data=tokens)
+    res = layershare.compress(model, small_recipe(sparsity=0.0, init="whitened", rank=d), data=tokens)
     with torch.no_grad():
         comp = model(input_ids).logits
     torch.testing.assert_close(comp, dense, atol=1e-4, rtol=1e-4)

@@ -5,7 +5,7 @@ import torch
 
 import layershare
 from layershare.io import CheckpointError, OutputExistsError
-from layershare.modules.shared_basis import SharedBasisLinear
+from layershare.modules.shared_basis import SharedBasisLinear, unpack_all
 
 from conftest import make_model, small_recipe
 
@@ -23,9 +23,8 @@ def test_save_load_gives_identical_logits_and_generates(arch, tokens, input_ids,
     torch.testing.assert_close(after, before, atol=0, rtol=0)
     out = loaded.generate(input_ids[:1, :5], max_new_tokens=4, do_sample=False)
     assert out.shape == (1, 9)
-    for m in loaded.modules():  # dense V (for fast evaluation) computes the same function
-        if isinstance(m, SharedBasisLinear):
-            m.unpack()
+    n_layers = sum(isinstance(m, SharedBasisLinear) for m in loaded.modules())
+    assert unpack_all(loaded) == n_layers  # dense V (for fast evaluation) computes the same function
     assert not any(isinstance(m, SharedBasisLinear) and m.packed for m in loaded.modules())
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids).logits, before, atol=1e-5, rtol=1e-5)
@@ -55,7 +54,7 @@ def test_existing_output_dir_is_refused_before_work(tokens, tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_unavailable_device_is_refused_before_work(tokens, tmp_path):
-    from layershare.recipe import RecipeError
+    from layershare.config import RecipeError
 
     model = make_model("llama")
     with pytest.raises(RecipeError, match="no such CUDA device"):

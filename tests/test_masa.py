@@ -57,27 +57,31 @@ def test_masa_error_falls_with_more_atoms(tokens, input_ids):
 def test_masa_bad_ratios(tokens):
     with pytest.raises(BudgetError, match="feasible range"):
         layershare.compress(make_model("llama"), small_recipe(method="masa", ratio=0.5), data=tokens)
-    with pytest.raises(BudgetError, match="attention"):
-        layershare.compress(make_model("llama"), small_recipe(method="masa", ratio=0.2, ratio_of="mlp"), data=tokens)
-    with pytest.raises(BudgetError, match="MLPs"):
-        layershare.compress(make_model("llama"), small_recipe(method="fips", ratio=0.2, ratio_of="attention"),
-                            data=tokens)
+    from layershare.config import RecipeError
+
+    with pytest.raises(RecipeError, match="masa: ratio_of must be 'model' or 'attention'"):
+        small_recipe(method="masa", ratio=0.2, ratio_of="mlp")
+    with pytest.raises(RecipeError, match="fips: ratio_of must be 'model' or 'mlp'"):
+        small_recipe(method="fips", ratio=0.2, ratio_of="attention")
 
 
 def test_fips_on_mlps_plus_masa_on_attention_in_one_recipe(tokens, input_ids, tmp_path):
+    from layershare.methods import FiPSConfig, MASAConfig
+
     model = make_model("llama")
-    recipe = small_recipe(ratio=0.2, attention={"method": "masa", "ratio": 0.5, "ratio_of": "attention"})
+    dense_total = sum(p.numel() for p in model.parameters())
+    dense_attention = sum(p.numel() for b in model.model.layers for p in b.self_attn.parameters())
+    recipe = layershare.Recipe(stages=[MASAConfig(ratio=0.5, ratio_of="attention"),
+                                       FiPSConfig(ratio=0.2, steps=0, batch_tokens=128)], nsamples=8, seqlen=32)
     res = layershare.compress(model, recipe, data=tokens, output_dir=tmp_path / "c")
-    att = res.report.extra["attention"]
-    assert att["method"] == "masa" and att["ratio"] > 0.05
-    assert res.sizes.ratio == pytest.approx(0.2 + att["ratio"], abs=0.01)  # the two stages' savings add up
+    att, mlp = res.report.stages
+    assert att.method == "masa" and mlp.method == "fips"
+    # the attention stage removed exactly what its plan says: atoms (once) + coefficients + biases
+    kept = {id(p): p.numel() for b in model.model.layers for p in b.self_attn.parameters()}  # coefficients, biases
+    kept.update({id(p): p.numel() for b in model.model.layers for m in b.self_attn.modules()
+                 if hasattr(m, "coef") for p in m.atoms.parameters()})  # each group's atoms, once
+    assert (dense_attention - sum(kept.values())) / dense_total == pytest.approx(att.plan.model_ratio, abs=1e-9)
+    assert res.sizes.ratio == pytest.approx(att.plan.model_ratio + mlp.plan.model_ratio, abs=1e-6)  # they add up
     loaded = layershare.load(tmp_path / "c")
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids).logits, model(input_ids).logits, atol=0, rtol=0)
-
-
-def test_attention_stage_must_be_an_attention_method(tokens):
-    from layershare.recipe import RecipeError
-
-    with pytest.raises(RecipeError, match="masa"):
-        layershare.compress(make_model("llama"), small_recipe(attention={"method": "svd"}), data=tokens)

@@ -5,8 +5,8 @@ import torch
 import layershare
 from layershare.adapters import get_adapter
 from layershare.objectives import Objective
-from layershare.pipeline import capture_inputs, run_group
-from layershare.recipe import RecipeError
+from layershare.capture import capture_inputs, run_group
+from layershare.config import RecipeError
 
 from conftest import make_model, small_recipe
 

@@ -10,7 +10,7 @@ from layershare.adapters import get_adapter
 from layershare.distill import distillation_loss
 from layershare.modules.shared_basis import SharedBasisLinear
 from layershare.objectives import Objective
-from layershare.recipe import RecipeError
+from layershare.config import RecipeError
 
 from conftest import make_model, small_recipe
 
@@ -35,10 +35,10 @@ def pixels():
     return torch.randn(32, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 
 
-def vit_recipe(**kw):
-    base = dict(nsamples=32, steps=0, batch_tokens=17 * 8)
+def vit_recipe(method: str = "fips", **kw):
+    base = dict(nsamples=32, **({"batch_tokens": 17 * 8} if method == "fips" else {}))
     base.update(kw)
-    return small_recipe(**base)
+    return small_recipe(method, **base)
 
 
 @pytest.mark.parametrize("kind", VISION)
@@ -55,7 +55,7 @@ def test_full_rank_without_sparsity_reproduces_dense_logits(kind, pixels):
     model = make_vit(kind)
     with torch.no_grad():
         dense = model(pixel_values=pixels[:4]).logits
-    res = layershare.compress(model, vit_recipe(sparsity=0.0, extra={"rank": 32}), data=pixels)
+    res = layershare.compress(model, vit_recipe(sparsity=0.0, rank=32), data=pixels)
     assert sum(isinstance(m, SharedBasisLinear) for m in model.modules()) == 8
     with torch.no_grad():
         comp = model(pixel_values=pixels[:4]).logits
@@ -77,7 +77,7 @@ def test_budget_hits_target_and_saved_bytes_agree(ratio, pixels, tmp_path):
 def test_block_objective_tunes_each_block_to_the_dense_block_output(pixels):
     """Block objective: inputs and targets are whole blocks (tokens kept together), and tuning
     lowers every group's error."""
-    from layershare.pipeline import capture_inputs, run_group
+    from layershare.capture import capture_inputs, run_group
 
     model = make_vit("vit")
     adapter = get_adapter(model)
@@ -164,15 +164,13 @@ def test_deit_shapes_budget_from_configs(name, d, depth, ratio):
     whole-model ratio hits it within 1%."""
     from accelerate import init_empty_weights
 
-    from layershare.api import plan_stages
-
     cfg = tf.DeiTConfig(hidden_size=d, num_hidden_layers=depth, num_attention_heads=d // 64,
                         intermediate_size=4 * d, image_size=224, patch_size=16, num_labels=1000)
     with init_empty_weights():
         model = tf.DeiTForImageClassification(cfg)
-    (_, _, groups, plan), = plan_stages(model, layershare.Recipe(ratio=ratio))
-    assert plan.model_ratio == pytest.approx(ratio, abs=0.01)
-    assert len(groups) == depth // 2
+    (stage,) = layershare.plan(model, layershare.Recipe.of("fips", ratio=ratio))
+    assert stage.plan.model_ratio == pytest.approx(ratio, abs=0.01)
+    assert len(stage.groups) == depth // 2
 
 
 def _timm():
@@ -189,7 +187,7 @@ def test_timm_vit_full_rank_and_save_load(pixels, tmp_path):
                               depth=4, num_heads=2, num_classes=5).eval()
     with torch.no_grad():
         dense = model(pixels[:4])
-    layershare.compress(model, vit_recipe(sparsity=0.0, extra={"rank": 32}), data=pixels)
+    layershare.compress(model, vit_recipe(sparsity=0.0, rank=32), data=pixels)
     with torch.no_grad():
         torch.testing.assert_close(model(pixels[:4]), dense, atol=2e-5, rtol=1e-5)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=4, embed_dim=32,
@@ -230,7 +228,17 @@ def test_cli_compress_eval_finetune_on_images(vit_dir_and_images, tmp_path, caps
     assert main(["compress", str(vit), "--task", "image-classification", "--ratio", "0.3", "--calib", str(images),
                  "--nsamples", "20", "--steps", "5", "--output", str(out), "--eval-images", str(images)]) == 0
     text = capsys.readouterr().out
-    assert "top-1 on" in text and "30.0" in text
+    import json
+
+    meta = json.loads((out / "layershare.json").read_text())
+    assert meta["sizes"]["ratio"] == pytest.approx(0.3, abs=0.01)
+    assert f"{meta['sizes']['ratio']:.2%} fewer" in text  # the printed ratio is the measured one
+    # the recorded and printed top-1 are those of the reloaded directory, and of the dense model
+    prep = layershare.load_preprocessing(out)
+    comp = layershare.evaluate_accuracy(layershare.load(out), prep, str(images))
+    dense = layershare.evaluate_accuracy(layershare.load_model(str(vit))[0], prep, str(images))
+    assert (meta["eval"]["top1"], meta["eval"]["dense_top1"]) == (comp.top1, dense.top1)
+    assert f"top-1 on {images}: dense {dense.top1:.2%} -> compressed {comp.top1:.2%}" in text
     assert main(["eval", str(out), "--images", str(images)]) == 0
     assert "top-1" in capsys.readouterr().out
     assert main(["finetune", str(out), "--data", str(images), "--steps", "10", "--batch-size", "8",
@@ -247,7 +255,8 @@ def test_cli_refuses_text_evaluation_for_an_image_model(vit_dir_and_images, tmp_
     from layershare.cli import main
 
     vit, images = vit_dir_and_images
-    assert main(["compress", str(vit), "--calib", str(images), "--eval-text", "x.txt",
+    (tmp_path / "x.txt").write_text("some text " * 100)
+    assert main(["compress", str(vit), "--calib", str(images), "--eval-text", str(tmp_path / "x.txt"),
                  "--output", str(tmp_path / "c")]) == 2
     assert "--eval-images" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()

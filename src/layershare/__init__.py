@@ -1,8 +1,31 @@
-"""layershare: make pretrained transformers smaller by sharing parameters across layers."""
-from .api import (CompressionResult, compress, evaluate_accuracy, evaluate_perplexity, finetune, load,
-                  load_model, load_preprocessing)
-from .recipe import Recipe
+"""layershare: make pretrained transformers smaller by sharing parameters across layers.
+
+The public names are imported on first use, so `import layershare.io` (loading a compressed
+model) does not import the compressor.
+"""
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
-__all__ = ["CompressionResult", "Recipe", "compress", "evaluate_accuracy", "evaluate_perplexity", "finetune", "load",
-           "load_model", "load_preprocessing"]
+
+_EXPORTS = {
+    "CompressionResult": "api", "compress": "api", "plan": "api", "evaluate_accuracy": "api",
+    "evaluate_perplexity": "api", "finetune": "api", "load": "api", "load_model": "api",
+    "load_preprocessing": "api", "Recipe": "recipe", "RecipeError": "config", "Callback": "drivers",
+    "FiPSConfig": "methods", "SVDConfig": "methods", "SVDLLMConfig": "methods", "BasisSharingConfig": "methods",
+    "BasisSharingAttentionConfig": "methods", "FFNMergeConfig": "methods", "MASAConfig": "methods",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'layershare' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

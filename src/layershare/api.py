@@ -2,7 +2,7 @@
 
     import layershare
     model, tok = layershare.load_model("smollm2-135m")
-    result = layershare.compress(model, layershare.Recipe(ratio=0.2), data="austen:emma",
+    result = layershare.compress(model, layershare.FiPSConfig(ratio=0.2), data="austen:emma",
                                  tokenizer=tok, output_dir="out/smol-fips20")
     model = layershare.load("out/smol-fips20")
 """
@@ -18,15 +18,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .adapters import get_adapter
 from .budget import Plan, count_params
 from .data import DataError, calibration_batches, read_text, tokenize
 from .evaluate.perplexity import Perplexity, perplexity
+from .config import StageConfig
+from .drivers import Callback
 from .io import check_output_dir, load_compressed, save_compressed
-from .methods import METHODS, Method, get_method
-from .objectives import resolve_objective
-from .pipeline import CompressionReport, compress_model, plan_model
+from .pipeline import CompressionReport, Stage, plan_stages, run_stages
 from .recipe import Recipe, RecipeError
 from .sizes import Sizes, measure
 
@@ -79,8 +80,14 @@ def load_model(name: str, dtype: torch.dtype = torch.float32):
         if not Path(path).exists():
             raise FileNotFoundError(f"model {name!r}: not an alias ({', '.join(MODEL_ALIASES)}), "
                                     f"a local directory or a .gguf file")
-    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    # a GGUF file is parsed once for the tokenizer and again for the model (SmolLM2: ~25 s in all)
+    with tqdm(total=2, desc=f"loading {Path(name).name}", unit="step", dynamic_ncols=True) as bar:
+        bar.set_postfix_str("tokenizer")
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        bar.update()
+        bar.set_postfix_str("weights")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+        bar.update()
     return model.eval(), tokenizer
 
 
@@ -126,52 +133,45 @@ def _image_calibration(data, processor, recipe: Recipe, batch_size: int) -> list
     return calibration_images(data, processor, recipe.nsamples, recipe.seed, batch_size)
 
 
-def _method_for(name: str, task: str) -> Method:
-    method = get_method(name)
-    if task not in method.tasks:
-        raise RecipeError(f"method {name!r} compresses {' and '.join(method.tasks)} models, not {task}; "
-                          f"methods for {task}: {', '.join(m for m, c in METHODS.items() if task in c.tasks)}")
-    return method
+def as_recipe(recipe=None) -> Recipe:
+    """A Recipe from a Recipe, one stage config, a list of them, a dict (either version) or a
+    YAML file."""
+    if recipe is None:
+        return Recipe()
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, (StageConfig, list, tuple)):
+        return Recipe(stages=list(recipe) if isinstance(recipe, (list, tuple)) else [recipe])
+    if isinstance(recipe, dict):
+        return Recipe.from_dict(recipe)
+    if isinstance(recipe, (str, Path)):
+        return Recipe.from_yaml(recipe)
+    raise RecipeError(f"a recipe is a Recipe, a stage config, a list of them, a dict or a YAML path; "
+                      f"got {type(recipe).__name__}")
 
 
-def plan_stages(model: nn.Module, recipe: Recipe) -> list[tuple[Recipe, Method, list[list[int]], Plan]]:
-    """(recipe, method, groups, plan) of every stage, checked before any long work: the
-    attention stage (`recipe.attention`) first, then the main method."""
-    adapter = get_adapter(model)
-    resolve_objective(recipe, adapter)
-    stages = []
-    sub = recipe.attention_recipe()
-    if sub is not None:
-        att = _method_for(sub.method, adapter.task)
-        if att.scope != "attention":
-            raise RecipeError(f"recipe.attention names {sub.method!r}, which compresses the {att.scope}; "
-                              f"methods on attention: {', '.join(m for m, c in METHODS.items() if c.scope == 'attention')}")
-        stages.append((sub, att, *plan_model(model, adapter, att, sub)))
-    method = _method_for(recipe.method, adapter.task)
-    if sub is not None and method.scope == "attention":
-        raise RecipeError("recipe.attention is for an MLP method plus a method on attention; "
-                          f"{recipe.method!r} already compresses the attention")
-    stages.append((recipe, method, *plan_model(model, adapter, method, recipe)))
-    return stages
+def plan(model: nn.Module, recipe=None) -> list[Stage]:
+    """Every stage's method, groups and budget, checked before any long work."""
+    return plan_stages(model, get_adapter(model), as_recipe(recipe))
 
 
-def compress(model: nn.Module, recipe: Recipe | None = None, data=None, tokenizer=None,
+def compress(model: nn.Module, recipe=None, data=None, tokenizer=None,
              output_dir: str | Path | None = None, overwrite: bool = False, batch_size: int = 8,
-             processor=None, source: str | None = None, **overrides) -> CompressionResult:
-    """Compress `model` in place with `recipe` (fields may be overridden by keyword).
+             processor=None, source: str | None = None, callbacks: list[Callback] | tuple = ()) -> CompressionResult:
+    """Compress `model` in place with `recipe` (see as_recipe; default FiPS at 20%).
 
     data: a text source (see data.read_text) or a 1-D tensor of token ids; for an image
     classifier, an image folder (class sub-folders; see images.py) with `processor` the
     model's preprocessing (images.ImagePreprocessor), or a pixel tensor (N, C, H, W).
     source: the dense model's name, recorded in the saved metadata (the teacher `layershare
-    finetune` uses by default).
+    finetune` uses by default). callbacks: drivers.Callback objects told of every stage and group.
     Everything that can be checked is checked before the long work starts: the
-    architecture, the budget, the calibration length and the output directory.
+    architecture, every stage's budget, the calibration length and the output directory.
     """
-    recipe = Recipe.from_dict({**(recipe or Recipe()).to_dict(), **overrides})
+    recipe = as_recipe(recipe)
     recipe.check_device()
     adapter = get_adapter(model)
-    stages = plan_stages(model, recipe)
+    stages = plan_stages(model, adapter, recipe)
     if output_dir is not None:
         check_output_dir(output_dir, overwrite)
     if data is None:
@@ -180,25 +180,25 @@ def compress(model: nn.Module, recipe: Recipe | None = None, data=None, tokenize
     batches = _calibration(data, prep, recipe, batch_size, adapter.task)
     seed_everything(recipe.seed)
     dense_params = count_params(model)
-    t0 = time.time()
-    reports = [(stage_recipe, plan, compress_model(model, adapter, method, stage_recipe, batches, groups, plan))
-               for stage_recipe, method, groups, plan in stages]
-    report = reports[-1][2]
-    for stage_recipe, plan, stage in reports[:-1]:  # the attention stage travels with the main report
-        report.extra["attention"] = {"method": stage_recipe.method, "ratio": plan.model_ratio,
-                                     "seconds": stage.seconds, **stage.extra}
-    report.seconds = time.time() - t0
+    report = run_stages(model, adapter, stages, recipe, batches, callbacks)
     sizes = measure(model, dense_params, recipe.bytes_per_param)
     out = None
     if output_dir is not None:
         meta = {"method": recipe.method, "source": source, "recipe": recipe.to_dict(), "sizes": sizes.as_dict(),
                 "seconds": report.seconds, "dense_params": dense_params,
-                "groups": [{"blocks": g.blocks, "rank": g.rank, "nnz": g.nnz,
-                            "rel_err_before": g.stats.rel_err_before, "rel_err_after": g.stats.rel_err_after,
-                            "kept_init": g.stats.kept_init, "seconds": g.seconds} for g in report.groups],
-                **report.extra}
-        out = save_compressed(model, output_dir, tokenizer=prep, overwrite=overwrite, dtype=recipe.dtype, meta=meta)
+                "stages": [stage_meta(s) for s in report.stages]}
+        out = save_compressed(model, output_dir, tokenizer=prep, overwrite=overwrite, dtype=recipe.dtype, meta=meta,
+                              recipe=recipe)
     return CompressionResult(model=model, report=report, sizes=sizes, output_dir=out)
+
+
+def stage_meta(stage) -> dict:
+    """What layershare.json keeps of a stage's report."""
+    return {"method": stage.method, "ratio": stage.plan.model_ratio, "seconds": stage.seconds,
+            "groups": [{"blocks": g.blocks, "rank": g.rank, "nnz": g.nnz,
+                        "rel_err_before": g.stats.rel_err_before, "rel_err_after": g.stats.rel_err_after,
+                        "kept_init": g.stats.kept_init, "seconds": g.seconds, **g.info} for g in stage.groups],
+            **stage.extra}
 
 
 def load(path: str | Path, device: str = "cpu", model: nn.Module | None = None) -> nn.Module:

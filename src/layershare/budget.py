@@ -116,26 +116,37 @@ class Plan:
         return self.removed / self.mlp_params
 
 
-def feasible_max_ratio(total_params: int, mlp_params: int, of: str) -> float:
-    return mlp_params / total_params if of == "model" else 1.0
+PARTS = {"mlp": "the MLPs", "attention": "the attention projections"}
 
 
-def keep_fraction(shapes: list[GroupShape], total_params: int, ratio: float, of: str, part: str = "mlp") -> float:
+def out_of_range(method: str, ratio: float, of: str, why: str, lo: float, hi: float,
+                 lo_inclusive: bool = False) -> BudgetError:
+    """The one message for an unreachable ratio: what, why, and the feasible range."""
+    low = f"{lo:.3f} <= ratio" if lo_inclusive else f"{lo:.3f} < ratio"
+    return BudgetError(f"{method}: compression ratio {ratio} of the {of}'s parameters cannot be reached: {why}; "
+                       f"the feasible range is {low} < {hi:.3f}")
+
+
+def removal(method: str, ratio: float, of: str, part: str, part_params: int, total_params: int) -> float:
+    """Parameters to remove for `ratio` of the `of`'s parameters ("model" or the `part` the
+    method compresses, which holds `part_params`): the feasibility check every method uses."""
+    what = PARTS[part]
+    if of not in ("model", part):
+        raise BudgetError(f"{method} compresses {what}: ratio_of must be 'model' or {part!r}, got {of!r}")
+    base = total_params if of == "model" else part_params
+    hi = part_params / base
+    if not 0 < ratio < hi:
+        raise out_of_range(method, ratio, of, f"only {what} are compressed, and they hold {part_params:,} of "
+                                              f"{total_params:,} parameters", 0.0, hi)
+    return ratio * base
+
+
+def keep_fraction(shapes: list[GroupShape], total_params: int, ratio: float, of: str, part: str = "mlp",
+                  method: str = "fips") -> float:
     """Fraction of its dense parameters every group keeps so that `ratio` is removed (`part`:
     what the method compresses, "mlp" or "attention")."""
-    what = {"mlp": "the MLPs", "attention": "the attention projections"}[part]
-    if of not in ("model", part):
-        raise BudgetError(f"this method compresses {what}: ratio_of must be 'model' or {part!r}, got {of!r}")
-    mlp_params = sum(s.dense for s in shapes)
-    hi = feasible_max_ratio(total_params, mlp_params, of)
-    if not 0 < ratio < hi:
-        raise BudgetError(
-            f"compression ratio {ratio} of the {of}'s parameters cannot be reached: only {what} are "
-            f"compressed, and they hold {mlp_params:,} of {total_params:,} parameters, so the "
-            f"feasible range is 0 < ratio < {hi:.3f}"
-        )
-    removed = ratio * (total_params if of == "model" else mlp_params)
-    return 1.0 - removed / mlp_params
+    part_params = sum(s.dense for s in shapes)
+    return 1.0 - removal(method, ratio, of, part, part_params, total_params) / part_params
 
 
 def make_plan(shapes: list[GroupShape], total_params: int, keep: float, budgets) -> Plan:
@@ -145,7 +156,7 @@ def make_plan(shapes: list[GroupShape], total_params: int, keep: float, budgets)
 
 
 def plan(shapes: list[GroupShape], total_params: int, ratio: float, of: str, density: float,
-         bytes_per_param: int) -> Plan:
+         bytes_per_param: int, method: str = "fips") -> Plan:
     """Split a target ratio (of the whole model's or of the MLPs' parameters) over the groups.
 
     Every group keeps the same fraction of its dense MLP parameters, so the total hits the
@@ -153,7 +164,7 @@ def plan(shapes: list[GroupShape], total_params: int, ratio: float, of: str, den
     """
     if not 0 < density <= 1:
         raise BudgetError(f"density must be in (0, 1], got {density}")
-    keep = keep_fraction(shapes, total_params, ratio, of)
+    keep = keep_fraction(shapes, total_params, ratio, of, method=method)
     return make_plan(shapes, total_params, keep, [solve_group(s, keep, density, bytes_per_param) for s in shapes])
 
 
@@ -169,3 +180,16 @@ def fixed_rank_plan(shapes: list[GroupShape], total_params: int, rank: int, dens
     removed = sum(g.dense - g.stored for g in groups)
     return Plan(keep=1 - removed / mlp, groups=tuple(groups), total_params=total_params, mlp_params=mlp,
                 target_removed=int(removed))
+
+
+def split_ratio(model: nn.Module, ratio: float) -> tuple[float, float]:
+    """The (MLP, attention) shares of a whole-model `ratio` that remove the same fraction of
+    each part's weights (as the Basis Sharing paper compresses every matrix at one ratio); the
+    weights of the linears only, biases not counted."""
+    from .adapters import get_adapter, get_path
+
+    adapter = get_adapter(model)
+    blocks = adapter.blocks(model)
+    mlp, attn = (sum(get_path(b, n).weight.numel() for b in blocks for n in names)
+                 for names in (adapter.linears, adapter.attention))
+    return ratio * mlp / (mlp + attn), ratio * attn / (mlp + attn)

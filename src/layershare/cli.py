@@ -6,7 +6,15 @@ import json
 import sys
 from pathlib import Path
 
-from .recipe import DTYPES, INITS, OBJECTIVES, PRUNE_SCORES, RATIO_OF, SCHEDULES, Recipe
+import yaml
+
+from .config import RecipeError
+
+# flags that set a field of the main stage (when its method has that field), and the run's own
+STAGE_FLAGS = ("ratio", "ratio_of", "group_size", "sparsity", "schedule", "prune_score", "init", "objective",
+               "steps", "lr")
+RUN_FLAGS = ("nsamples", "seqlen", "dtype", "device", "seed")
+DEFAULT_PROMPT = "It is a truth universally acknowledged"
 
 
 def _human(n: float) -> str:
@@ -18,76 +26,134 @@ def _human(n: float) -> str:
 
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--recipe", help="YAML recipe; command-line options override its fields")
-    p.add_argument("--method", help="compression method (default fips)")
+    p.add_argument("--recipe", help="YAML recipe (its stages and run settings); options below override it")
+    p.add_argument("--preset", choices=["quick", "default"],
+                   help="quick: a few-minute FiPS recipe (fewer calibration windows and tuning steps); "
+                        "default: the library's defaults")
+    p.add_argument("--method", help="compression method of the (last) stage (default fips)")
     p.add_argument("--ratio", type=float, help="fraction of parameters to remove (default 0.2)")
-    p.add_argument("--ratio-of", choices=RATIO_OF,
-                   help="ratio of the whole model's parameters or of the part compressed (MLPs; attention for masa)")
+    p.add_argument("--ratio-of", help="'model' (default) or the part the method compresses ('mlp'; 'attention')")
     p.add_argument("--attention-method",
                    help="also compress the attention with this method (masa, basis-sharing-attention), run first")
     p.add_argument("--attention-ratio", type=float, help="fraction of the attention parameters it removes")
-    p.add_argument("--group-size", type=int, help="adjacent blocks sharing one basis")
-    p.add_argument("--sparsity", type=float, help="fraction of V entries pruned")
-    p.add_argument("--schedule", choices=SCHEDULES)
-    p.add_argument("--prune-score", choices=PRUNE_SCORES,
-                   help="FiPS: rank V entries by the output change they cause (default) or by |V| (the paper's)")
-    p.add_argument("--init", choices=INITS,
-                   help="FiPS init: SVD of the data-whitened weights (default) or of the weights (the paper's)")
-    p.add_argument("--objective", choices=OBJECTIVES,
-                   help="what the tuning matches (auto: the model's default)")
-    p.add_argument("--steps", type=int, help="optimiser steps per group")
-    p.add_argument("--lr", type=float)
+    p.add_argument("--group-size", type=int, help="adjacent blocks per group (sharing one basis)")
+    p.add_argument("--sparsity", type=float, help="FiPS: fraction of V entries pruned")
+    p.add_argument("--schedule", help="FiPS: gradual (default) or static pruning")
+    p.add_argument("--prune-score",
+                   help="FiPS: rank V entries by the output change they cause (activation, default) or by |V| (magnitude)")
+    p.add_argument("--init", help="FiPS init: SVD of the data-whitened weights (whitened, default) or of the weights (svd)")
+    p.add_argument("--objective", help="FiPS: what the tuning matches (auto, mlp, residual, block)")
+    p.add_argument("--steps", type=int, help="FiPS: optimiser steps per group")
+    p.add_argument("--lr", type=float, help="FiPS: learning rate")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any option of the (last) stage's method, e.g. --set update=true, --set rank=64 "
+                        "(the value is read as YAML); repeatable")
     p.add_argument("--nsamples", type=int, help="calibration windows (text) or images")
     p.add_argument("--seqlen", type=int, help="tokens per calibration window")
-    p.add_argument("--dtype", choices=DTYPES, help="storage dtype")
-    p.add_argument("--device")
+    p.add_argument("--dtype", help="storage dtype: float32 (default), bfloat16, float16")
+    p.add_argument("--device", help="cpu (default), cuda or cuda:N")
     p.add_argument("--seed", type=int)
 
 
-def _recipe(args) -> Recipe:
-    base = Recipe.from_yaml(args.recipe).to_dict() if args.recipe else Recipe().to_dict()
-    for key in ("method", "ratio", "ratio_of", "group_size", "sparsity", "schedule", "prune_score", "init",
-                "objective", "steps", "lr", "nsamples", "seqlen", "dtype", "device", "seed"):
-        value = getattr(args, key)
-        if value is not None:
-            base[key] = value
+def _stage_options(args) -> dict:
+    """The main stage's fields given on the command line (flags and --set)."""
+    fields = {k: getattr(args, k) for k in STAGE_FLAGS if getattr(args, k, None) is not None}
+    for item in args.set:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise RecipeError(f"--set takes KEY=VALUE, got {item!r}")
+        fields[key.replace("-", "_")] = yaml.safe_load(value)
+    return fields
+
+
+def build_recipe(args):
+    """The recipe the flags describe: --recipe or --preset, then the flags on top. A flag that
+    is not an option of the stage's method is an error (it would do nothing)."""
+    from .methods import config_class
+    from .recipe import PRESETS, Recipe
+
+    if args.recipe and args.preset:
+        raise RecipeError("give --recipe or --preset, not both")
+    base = Recipe.from_yaml(args.recipe) if args.recipe else PRESETS[args.preset or "default"]()
+    d = base.to_dict()
+    main = dict(d["stages"][-1])
+    if args.method and args.method != main["method"]:
+        main = {"method": args.method, **{k: main[k] for k in ("ratio", "ratio_of") if k in main}}
+    given = _stage_options(args)
+    options = config_class(main["method"]).field_names()
+    flag_of = {k: "--" + k.replace("_", "-") for k in STAGE_FLAGS}
+    wrong = [flag_of.get(k, f"--set {k}") for k in given if k not in options]
+    if wrong:
+        raise RecipeError(f"{', '.join(wrong)}: not an option of method {main['method']!r} "
+                          f"(its options: {', '.join(options)})")
+    main.update(given)
+    stages = d["stages"][:-1] + [main]
     if args.attention_method or args.attention_ratio is not None:
-        att = dict(base.get("attention") or {})
-        if args.attention_method:
-            att["method"] = args.attention_method
+        att = dict(stages[0]) if len(stages) > 1 else {"method": args.attention_method or "masa"}
+        if args.attention_method and args.attention_method != att["method"]:
+            att = {"method": args.attention_method}
         if args.attention_ratio is not None:
             att.update(ratio=args.attention_ratio, ratio_of="attention")
-        base["attention"] = att
-    return Recipe.from_dict(base)
+        stages = [att, main]
+    d["stages"] = stages
+    for k in RUN_FLAGS:
+        if getattr(args, k) is not None:
+            d[k] = getattr(args, k)
+    return Recipe.from_dict(d)
+
+
+def _full_command(args) -> str:
+    """The command that runs the same job with the full recipe and the whole evaluation text."""
+    parts = ["layershare", "compress", args.model, "--calib", args.calib, "--output", args.output + "-full"]
+    skip = {"preset", "eval_windows", "nsamples", "seqlen", "steps"}
+    for k, v in vars(args).items():
+        if k in skip or k in ("command", "func", "model", "calib", "output", "overwrite", "debug") or v in (None, [], False):
+            continue
+        flag = "--" + k.replace("_", "-")
+        parts += [flag] if v is True else ([x for item in v for x in (flag, item)] if isinstance(v, list) else [flag, str(v)])
+    return " ".join(parts)
 
 
 def cmd_compress(args) -> int:
+    import time
+
+    import torch
+
     import layershare
-    from layershare.api import plan_stages
-    from layershare.io import check_output_dir
-
     from layershare.adapters import get_adapter
+    from layershare.io import check_output_dir
+    from layershare.modules.shared_basis import unpack_all
 
-    recipe = _recipe(args)
+    t_start = time.time()
+    recipe = build_recipe(args)
     recipe.check_device()
     check_output_dir(args.output, args.overwrite)
-    print(f"loading {args.model} ...", flush=True)
+    for flag, source in (("--calib", args.calib), ("--eval-text", args.eval_text), ("--eval-images", args.eval_images)):
+        if source and ":" not in source and not Path(source).exists():  # before the model loads
+            raise FileNotFoundError(f"{flag} {source!r}: no such file or directory")
+    t0 = time.time()
     model, prep = layershare.load_model(args.model)
+    print(f"loaded {args.model} in {time.time() - t0:.1f} s", flush=True)
     task = get_adapter(model).task
     if args.task and args.task != task:
         raise ValueError(f"--task {args.task}: {args.model} is a {task} model")
     if args.eval_text and task != "causal-lm" or args.eval_images and task != "image-classification":
         raise ValueError(f"{args.model} is a {task} model: use "
                          f"{'--eval-images' if task == 'image-classification' else '--eval-text'}")
-    # checked here too so a bad budget fails before the dense evaluation
-    plan_stages(model, recipe)
+    stages = layershare.plan(model, recipe)  # a bad budget fails before the dense evaluation
+    for st in stages:
+        print(f"  stage {st.index + 1}: {st.method.name} on {st.method.part}, {len(st.groups)} group(s), "
+              f"{st.plan.model_ratio:.2%} of the model's parameters removed", flush=True)
     vision = task == "image-classification"
-    dense_eval = _evaluate(model, prep, args.eval_text, args.eval_images, args.eval_seqlen)
+    dense_eval = _evaluate(model, prep, args.eval_text, args.eval_images, args.eval_seqlen, args.eval_windows,
+                           "dense")
     kw = {"processor": prep} if vision else {"tokenizer": prep}
     result = layershare.compress(model, recipe, data=args.calib, output_dir=args.output,
                                  overwrite=args.overwrite, source=args.model, **kw)
+    del model, result.model
     s = result.sizes
-    print(f"\n{recipe.method} on {args.model}: target ratio {recipe.ratio} of the {recipe.ratio_of}'s parameters")
+    removed = ", ".join(f"{st.method} {st.plan.model_ratio:.2%}" for st in result.report.stages)
+    print(f"\n{recipe.method} on {args.model}: {removed} of the model's parameters removed")
     print(f"  compression time    {result.report.seconds:,.1f} s")
     print(f"  parameters          dense {s.dense_params:,}  ->  stored {s.param_equivalents:,.0f} "
           f"(values {s.stored_values:,} + bitmask {s.index_bytes:,} bytes)  =  {s.ratio:.2%} fewer")
@@ -95,18 +161,33 @@ def cmd_compress(args) -> int:
     disk = weights.stat().st_size
     print(f"  weights on disk     dense {_human(s.dense_bytes)} ({recipe.dtype})  ->  {_human(disk)}  "
           f"=  {1 - disk / s.dense_bytes:.2%} smaller")
+    print(f"  saved to {result.output_dir}; reloading it from disk ...", flush=True)
+    loaded = layershare.load(result.output_dir)
+    unpack_all(loaded)  # dense V for evaluation speed: the same function (tests/test_io.py checks)
     if dense_eval is not None:
-        comp_eval = _evaluate(result.model, prep, args.eval_text, args.eval_images, args.eval_seqlen)
+        comp_eval = _evaluate(loaded, prep, args.eval_text, args.eval_images, args.eval_seqlen, args.eval_windows,
+                              "compressed")
         _record_eval(result.output_dir, args.eval_text or args.eval_images, dense_eval, comp_eval)
-    print(f"  saved to {result.output_dir}")
+    if task == "causal-lm" and args.prompt:
+        ids = prep(args.prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = loaded.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
+                                  do_sample=False, pad_token_id=prep.eos_token_id)
+        print(f"  the reloaded model continues {args.prompt!r}:\n    {prep.decode(out[0], skip_special_tokens=True)!r}")
+    print(f"  done in {time.time() - t_start:,.0f} s")
+    if args.preset == "quick" or args.eval_windows:
+        print("\nThis was the quick recipe" if args.preset == "quick" else "\nThe evaluation used a slice of the text",
+              "(see above). The full recipe and the whole-text evaluation:\n  " + _full_command(args))
     return 0
 
 
-def _evaluate(model, prep, text, images, seqlen):
+def _evaluate(model, prep, text, images, seqlen, windows=None, which=""):
     import layershare
 
     if text:
-        return layershare.evaluate_perplexity(model, prep, text, seqlen=seqlen)
+        if which:
+            print(f"  perplexity of the {which} model on {text} ...", flush=True)
+        return layershare.evaluate_perplexity(model, prep, text, seqlen=seqlen, max_windows=windows)
     if images:
         return layershare.evaluate_accuracy(model, prep, images)
     return None
@@ -134,11 +215,13 @@ def _record_eval(out: Path, source: str, dense, comp) -> None:
 def cmd_eval(args) -> int:
     import layershare
     from layershare.io import read_meta
+    from layershare.modules.shared_basis import unpack_all
 
     path = Path(args.model)
     if path.is_dir() and (path / "layershare.json").exists():
         read_meta(path)
         model, prep = layershare.load(path), layershare.load_preprocessing(path)
+        unpack_all(model)  # dense V for evaluation speed: the same function (tests/test_io.py checks)
     else:
         model, prep = layershare.load_model(args.model)
     if args.images:
@@ -146,7 +229,7 @@ def cmd_eval(args) -> int:
         print(f"{args.model}: top-1 {acc.top1:.2%}, top-5 {acc.top5:.2%} on {args.images}")
         print(f"  protocol: {acc.protocol}")
         return 0
-    ppl = layershare.evaluate_perplexity(model, prep, args.text, seqlen=args.seqlen)
+    ppl = layershare.evaluate_perplexity(model, prep, args.text, seqlen=args.seqlen, max_windows=args.max_windows)
     print(f"{args.model}: perplexity {ppl.ppl:.3f} on {args.text}")
     print(f"  protocol: {ppl.protocol}")
     return 0
@@ -178,6 +261,17 @@ def cmd_finetune(args) -> int:
     return 0
 
 
+def _stages_of(meta: dict) -> list[dict]:
+    """The stages of layershare.json; directories saved before 2026-11-27 kept the attention
+    stage under "attention" and the main stage's groups and report at the top level."""
+    if "stages" in meta:
+        return meta["stages"]
+    stages = [meta["attention"]] if "attention" in meta else []
+    main = {k: meta[k] for k in ("groups", "window") if k in meta}
+    ratio = meta.get("sizes", {}).get("ratio", 0.0) - sum(s.get("ratio", 0.0) for s in stages)
+    return stages + [{"method": meta.get("method"), "ratio": ratio, **main}]
+
+
 def cmd_info(args) -> int:
     from layershare.io import read_meta
 
@@ -191,14 +285,13 @@ def cmd_info(args) -> int:
     print(f"  weights file {meta['weights_bytes']:,} bytes; dtype {entry['dtype']}")
     print(f"  shared bases/atoms {len(entry['bases'])}, compressed linears {len(entry['layers'])}, "
           f"tied modules {len(entry.get('tied', {}))}")
-    if "window" in meta:
-        print(f"  merged MLPs of blocks {meta['window']} (one MLP, tied)")
-    if "attention" in meta:
-        a = meta["attention"]
-        print(f"  attention: {a['method']}, {a['ratio']:.2%} of the model's parameters removed")
-    for g in meta.get("groups", []):
-        print(f"    blocks {g['blocks']}: rank {g['rank']}, nnz {g['nnz']:,}, "
-              f"rel. error {g['rel_err_before']:.4f} -> {g['rel_err_after']:.4f} ({g['seconds']:.0f} s)")
+    for i, st in enumerate(_stages_of(meta)):
+        print(f"  stage {i + 1}: {st['method']}, {st['ratio']:.2%} of the model's parameters removed")
+        if "window" in st:
+            print(f"    merged MLPs of blocks {st['window']} (one MLP, tied)")
+        for g in st.get("groups", []):
+            print(f"    blocks {g['blocks']}: rank {g['rank']}, nnz {g['nnz']:,}, "
+                  f"rel. error {g['rel_err_before']:.4f} -> {g['rel_err_after']:.4f} ({g['seconds']:.0f} s)")
     if "finetune" in meta:
         f = meta["finetune"]
         print(f"  fine-tuned on {f['data']}: {f['steps']} steps x {f['batch_size']}, distillation loss "
@@ -226,6 +319,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--eval-text", help="also report dense and compressed perplexity on this text")
     c.add_argument("--eval-images", help="also report dense and compressed top-1/top-5 on this image folder")
     c.add_argument("--eval-seqlen", type=int, help="evaluation window (default: model context, at most 2048)")
+    c.add_argument("--eval-windows", type=int,
+                   help="evaluate on the first N windows of --eval-text only (a fixed slice; printed with the number)")
+    c.add_argument("--prompt", default=DEFAULT_PROMPT,
+                   help="causal LMs: the saved model is reloaded and continues this prompt ('' to skip)")
+    c.add_argument("--max-new-tokens", type=int, default=24)
     _add_recipe_args(c)
     c.set_defaults(func=cmd_compress)
 
@@ -236,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--images", help="top-1/top-5 on this image folder (image classifiers)")
     e.add_argument("--seqlen", type=int)
     e.add_argument("--max-images", type=int, help="a stratified subset of the images")
+    e.add_argument("--max-windows", type=int, help="only the first N windows of the text (a slice; printed)")
     e.set_defaults(func=cmd_eval)
 
     f = sub.add_parser("finetune", help="distil the dense model into a compressed directory (end to end)")

@@ -10,17 +10,17 @@ change. Shared bases and atoms are trained once for all the layers that use them
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from .adapters import get_adapter
+from .forward import logits
 from .modules.shared_basis import SharedBasisLinear
+from .train import optimize
 
 
 class FinetuneError(ValueError):
@@ -34,12 +34,6 @@ class FinetuneStats:
     steps: int
     seconds: float
     curve: list[float] = field(default_factory=list)
-
-
-def _logits(adapter, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    out = adapter.call(model, batch)
-    out = out.logits if hasattr(out, "logits") else out
-    return out.float()
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
@@ -104,33 +98,28 @@ def finetune(student: nn.Module, teacher: nn.Module, inputs: torch.Tensor, label
         for i in range(0, n_probe, batch_size):
             x = probe_x[i:i + batch_size]
             y = probe_y[i:i + batch_size] if probe_y is not None else None
-            loss += float(distillation_loss(_logits(adapter, student, x), _logits(adapter, teacher, x),
+            loss += float(distillation_loss(logits(student, x, adapter), logits(teacher, x, adapter),
                                             temperature, y, label_weight)) * x.shape[0]
         return loss / n_probe
 
     before = probe_loss()
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, steps) / steps)))
     gen = torch.Generator().manual_seed(seed)
-    perm, pos = torch.randperm(inputs.shape[0], generator=gen), 0
-    curve = []
+    order = {"perm": torch.randperm(inputs.shape[0], generator=gen), "pos": 0}
+
+    def loss_at(step: int) -> torch.Tensor:
+        if order["pos"] + batch_size > inputs.shape[0]:
+            order["perm"], order["pos"] = torch.randperm(inputs.shape[0], generator=gen), 0
+        idx = order["perm"][order["pos"]:order["pos"] + batch_size]
+        order["pos"] += batch_size
+        x = inputs[idx].to(device)
+        y = labels[idx].to(device) if labels is not None else None
+        with torch.no_grad():
+            t_logits = logits(teacher, x, adapter)
+        return distillation_loss(logits(student, x, adapter), t_logits, temperature, y, label_weight)
+
     student.train()
     try:
-        for step in tqdm(range(steps), desc="finetune", dynamic_ncols=True):
-            if pos + batch_size > inputs.shape[0]:
-                perm, pos = torch.randperm(inputs.shape[0], generator=gen), 0
-            idx = perm[pos:pos + batch_size]
-            pos += batch_size
-            x = inputs[idx].to(device)
-            y = labels[idx].to(device) if labels is not None else None
-            with torch.no_grad():
-                t_logits = _logits(adapter, teacher, x)
-            loss = distillation_loss(_logits(adapter, student, x), t_logits, temperature, y, label_weight)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            curve.append(loss.item())
+        curve = optimize(params, steps, lr, loss_at, weight_decay=weight_decay, desc="finetune", leave=True)
     finally:
         student.eval()
         for p in student.parameters():

@@ -9,6 +9,7 @@ A compressed model is a directory:
   tokenizer files     when a tokenizer was given
   layershare.json     recipe, measured sizes, compression report, and the weight file's
                       byte size (a truncated copy is refused on load)
+  recipe.yaml         the recipe, as `--recipe` reads it
 It is written into a hidden sibling folder and renamed into place only when complete, so
 an interrupted save never leaves a directory that looks valid.
 """
@@ -28,10 +29,11 @@ from torch import nn
 from .adapters.base import get_path, set_path
 from .modules.atoms import AtomLinear, MatrixAtoms
 from .modules.shared_basis import SharedBasis, SharedBasisLinear
-from .pipeline import BASES_ATTR
+from .store import BASES_ATTR
 
 WEIGHTS = "model.safetensors"
 META = "layershare.json"
+RECIPE = "recipe.yaml"
 FORMAT_VERSION = 1
 
 
@@ -44,14 +46,20 @@ class OutputExistsError(FileExistsError):
 
 
 def check_output_dir(path: str | Path, overwrite: bool) -> Path:
-    """Refuse an existing output directory unless told to overwrite; called before long work."""
+    """Refuse an existing non-empty output directory unless told to overwrite; called before
+    long work. Missing parent directories are fine (created when saving), as long as the
+    nearest existing one is a directory."""
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise OutputExistsError(f"output directory {str(path)!r} exists; pass overwrite=True (--overwrite) to replace it")
     if path.exists() and not path.is_dir():
         raise OutputExistsError(f"output path {str(path)!r} exists and is not a directory")
-    if not path.parent.exists():
-        raise OutputExistsError(f"parent directory of {str(path)!r} does not exist")
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise OutputExistsError(f"output directory {str(path)!r} exists and is not empty; pass overwrite=True "
+                                f"(--overwrite) to replace it")
+    ancestor = path.absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OutputExistsError(f"cannot create {str(path)!r}: {str(ancestor)!r} is not a directory")
     return path
 
 
@@ -85,7 +93,7 @@ def tied_modules(model: nn.Module) -> dict[str, str]:
     return tied
 
 
-def _state_dict_unique(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def state_dict_unique(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """State dict without aliases (tied embeddings once), floats cast to the storage dtype."""
     seen: dict[int, str] = {}
     out = {}
@@ -141,8 +149,9 @@ def _save_config(model: nn.Module, entry: dict, folder: Path) -> None:
 
 
 def save_compressed(model: nn.Module, output_dir: str | Path, tokenizer=None, overwrite: bool = False,
-                    dtype: str = "float32", meta: dict | None = None) -> Path:
+                    dtype: str = "float32", meta: dict | None = None, recipe=None) -> Path:
     output_dir = check_output_dir(output_dir, overwrite)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
     torch_dtype = getattr(torch, dtype)
     tmp = output_dir.parent / f".{output_dir.name}.partial-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -151,10 +160,12 @@ def save_compressed(model: nn.Module, output_dir: str | Path, tokenizer=None, ov
                  "class": type(model).__name__, **layer_map(model),
                  **({"method": meta.get("method")} if meta else {})}
         _save_config(model, entry, tmp)
-        sd = _state_dict_unique(model, torch_dtype)
+        sd = state_dict_unique(model, torch_dtype)
         save_file(sd, str(tmp / WEIGHTS), metadata={"format": "pt", "layershare": str(FORMAT_VERSION)})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if recipe is not None:
+            recipe.to_yaml(tmp / RECIPE)
         info = {**(meta or {}), "weights_bytes": (tmp / WEIGHTS).stat().st_size,
                 "format_version": FORMAT_VERSION}
         (tmp / META).write_text(json.dumps(info, indent=2, default=str))

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .adapters import Adapter
-from .recipe import Recipe, RecipeError
+from .config import RecipeError
 
 
 def first(out):
@@ -57,9 +57,9 @@ class Objective:
         return self.adapter.post_norm(block) if self.name == "residual" else None
 
 
-def resolve_objective(recipe: Recipe, adapter: Adapter) -> Objective:
-    """The recipe's reconstruction target, or the adapter's default ("auto")."""
-    name = adapter.objective if recipe.objective == "auto" else recipe.objective
+def resolve_objective(objective: str, adapter: Adapter) -> Objective:
+    """The named reconstruction target, or the adapter's default ("auto")."""
+    name = adapter.objective if objective == "auto" else objective
     if name == "block" and adapter.task != "image-classification":
         raise RecipeError(f"objective 'block' feeds each block its hidden states alone, which {adapter.name} "
                           "blocks cannot run on (they need masks and positions): use 'mlp', 'residual' or 'auto'")

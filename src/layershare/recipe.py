@@ -1,62 +1,108 @@
-"""The recipe: what to compress, how much, and how to tune it. A dataclass with a YAML form."""
+"""The recipe: a list of stages (each a method's typed config, run in order) and the run's own
+settings (calibration size, storage dtype, device, seed). YAML in and out; versioned.
+
+    Recipe(stages=[MASAConfig(ratio=0.5, ratio_of="attention"), FiPSConfig(ratio=0.2)], nsamples=64)
+    Recipe.of("fips", ratio=0.2, steps=50, nsamples=16)   # one stage; run fields split off
+
+Version 1 recipes (one flat dict: method, ratio, FiPS's fields, `extra`, `attention`), as
+saved in directories before 2026-11-27, still load (`from_dict` converts them); options a
+method never read are dropped there, unknown ones are refused.
+"""
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
+from .config import PARTS, RecipeError, StageConfig, check_fields, make_groups, need
+from .methods import FiPSConfig, config_class, config_from_dict
 
-class RecipeError(ValueError):
-    pass
+__all__ = ["Recipe", "RecipeError", "make_groups"]
 
-
+VERSION = 2
 DTYPES = ("float32", "bfloat16", "float16")
-INITS = ("whitened", "svd")  # FiPS's init (methods/fips.py)
-OBJECTIVES = ("auto", "mlp", "residual", "block")  # what the tuning matches (objectives.py)
-RATIO_OF = ("model", "mlp", "attention")
-SCHEDULES = ("gradual", "static")
-PRUNE_SCORES = ("magnitude", "activation")  # how FiPS ranks V entries (sparsity.py)
+RUN_FIELDS = ("nsamples", "seqlen", "dtype", "device", "seed")
+# every key of a version-1 recipe, and those of its fields a method ignored there
+LEGACY_KEYS = {"method", "ratio", "ratio_of", "group_size", "groups", "sparsity", "schedule", "prune_every",
+               "prune_end", "prune_score", "steps", "init", "lr", "weight_decay", "batch_tokens", "loss",
+               "objective", "nsamples", "seqlen", "propagate", "dtype", "device", "seed", "extra", "attention"}
+LEGACY_IGNORED = {"masa": ("group_size",)}  # masa read its group size from `extra` only
+
+
+def _stage(s) -> StageConfig:
+    if isinstance(s, StageConfig):
+        return s
+    return config_from_dict(s)
 
 
 @dataclass
 class Recipe:
-    method: str = "fips"
-    ratio: float = 0.2  # fraction of parameters removed
-    ratio_of: str = "model"  # "model": of all parameters; "mlp"/"attention": of the part the method compresses
-    group_size: int = 2  # adjacent blocks that share one basis
-    groups: list[list[int]] | None = None  # explicit groups of block indices (overrides group_size)
-    sparsity: float = 0.5  # fraction of V entries pruned (the budget solver then picks the rank)
-    schedule: str = "gradual"  # "gradual" (GMP, cubic ramp) or "static" (final mask from the SVD init)
-    prune_every: int = 10  # steps between mask updates (gradual)
-    prune_end: float = 0.75  # fraction of the steps after which the mask is final (gradual)
-    # rank V entries by the MLP-output error their removal causes, estimated from activation
-    # statistics ("activation", the default, not in the paper; sparsity.py) or by |V| ("magnitude",
-    # the paper's). Validation ppl at 20%: Gemma-3-270M 267.3 vs 343.5, SmolLM2-135M 30.44 vs 31.84
-    prune_score: str = "activation"
-    steps: int = 200  # optimiser steps per group (0: SVD init only)
-    # FiPS init: "whitened" (SVD of the data-whitened weights; the default: Gemma-3-270M at 20%
-    # validation ppl 343 vs 405 for "svd") or "svd" (of the raw weights, the paper's)
-    init: str = "whitened"
-    lr: float = 1e-3  # chosen on a validation book (Mansfield Park): 1e-4 -> ppl 37.4, 1e-3 -> 34.5 at 20%
-    weight_decay: float = 0.0
-    batch_tokens: int = 1024  # tokens per optimiser step
-    loss: str = "mse"  # "mse" or "nmse" (each block's error divided by its output energy)
-    objective: str = "auto"  # "mlp" | "residual" | "block" | "auto" (the model's default): see objectives.py
+    stages: list[StageConfig] = field(default_factory=lambda: [FiPSConfig()])
     nsamples: int = 64  # calibration windows (text) or images (vision)
     seqlen: int = 512  # tokens per calibration window
-    propagate: str = "dense"  # inputs of the next group: dense model's ("dense") or compressed ("compressed")
-    dtype: str = "float32"  # storage dtype of the saved model (counts in the index overhead)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # storage dtype of the saved model
     device: str = "cpu"
     seed: int = 0
-    extra: dict = field(default_factory=dict)  # method-specific options
-    # a second method on the attention, run first, e.g. {"method": "masa", "ratio": 0.5, "ratio_of": "attention"}
-    # (fields override this recipe's); its ratio adds to this one's
-    attention: dict | None = None
+    version: int = VERSION
 
     def __post_init__(self) -> None:
+        if not isinstance(self.stages, (list, tuple)):
+            self.stages = [self.stages]
+        stages = []
+        for i, s in enumerate(self.stages):
+            try:
+                stages.append(_stage(s))
+            except RecipeError as e:
+                raise RecipeError(f"stage {i + 1}: {e}") from None
+        self.stages = stages
+        hints = {f.name for f in dataclasses.fields(self)} - {"stages"}
+        try:
+            check_fields(_RunFields(**{k: getattr(self, k) for k in hints}))
+        except RecipeError as e:
+            raise RecipeError(str(e).replace("_RunFields", "recipe")) from None
         self.validate()
+
+    def validate(self) -> None:
+        need(self.version == VERSION, f"recipe version {self.version} is not supported (this layershare reads "
+                                      f"version {VERSION}, and version 1 through from_dict)")
+        need(len(self.stages) >= 1, "a recipe needs at least one stage")
+        need(self.nsamples >= 1 and self.seqlen >= 2, "recipe: nsamples must be >= 1 and seqlen >= 2")
+        need(self._device() is not None, f"recipe: device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        seen: dict[str, int] = {}
+        for i, s in enumerate(self.stages):
+            if s.part in seen:
+                raise RecipeError(f"stage {i + 1} ({s.method}) compresses {PARTS[s.part]}, which stage "
+                                  f"{seen[s.part] + 1} ({self.stages[seen[s.part]].method}) already compresses")
+            seen[s.part] = i
+
+    # ---- convenience -------------------------------------------------------------------
+    @classmethod
+    def of(cls, method: str = "fips", **fields) -> "Recipe":
+        """A one-stage recipe: run fields (nsamples, seqlen, dtype, device, seed) go to the
+        recipe, the rest to the method's config."""
+        run = {k: fields.pop(k) for k in RUN_FIELDS if k in fields}
+        try:
+            stage = config_class(method).from_dict(fields)
+        except RecipeError as e:
+            raise RecipeError(f"stage 1: {e}") from None
+        return cls(stages=[stage], **run)
+
+    @property
+    def main(self) -> StageConfig:
+        """The last stage (the MLP method of a two-stage recipe)."""
+        return self.stages[-1]
+
+    @property
+    def method(self) -> str:
+        """The stages' methods in order, joined by '+'."""
+        return "+".join(s.method for s in self.stages)
+
+    @property
+    def bytes_per_param(self) -> int:
+        return 4 if self.dtype == "float32" else 2
 
     def _device(self):
         import torch
@@ -78,73 +124,89 @@ class Recipe:
             raise RecipeError(f"device {self.device!r}: this machine has no such CUDA device "
                               f"(torch {torch.__version__}, {torch.cuda.device_count()} GPU(s)); use --device cpu")
 
-    def validate(self) -> None:
-        def need(cond: bool, msg: str) -> None:
-            if not cond:
-                raise RecipeError(msg)
-
-        need(0 < self.ratio < 1, f"ratio must be in (0, 1), got {self.ratio}")
-        need(self.ratio_of in RATIO_OF, f"ratio_of must be one of {RATIO_OF}, got {self.ratio_of!r}")
-        need(self.group_size >= 1, f"group_size must be >= 1, got {self.group_size}")
-        need(0 <= self.sparsity < 1, f"sparsity must be in [0, 1), got {self.sparsity}")
-        need(self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        need(self.steps >= 0, f"steps must be >= 0, got {self.steps}")
-        need(self.prune_every >= 1, f"prune_every must be >= 1, got {self.prune_every}")
-        need(0 < self.prune_end <= 1, f"prune_end must be in (0, 1], got {self.prune_end}")
-        need(self.prune_score in PRUNE_SCORES,
-             f"prune_score must be one of {PRUNE_SCORES}, got {self.prune_score!r}")
-        need(self.batch_tokens >= 1, f"batch_tokens must be >= 1, got {self.batch_tokens}")
-        need(self.init in INITS, f"init must be one of {INITS}, got {self.init!r}")
-        need(self.objective in OBJECTIVES, f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        need(self.loss in ("mse", "nmse"), f"loss must be 'mse' or 'nmse', got {self.loss!r}")
-        need(self.nsamples >= 1 and self.seqlen >= 2, "nsamples must be >= 1 and seqlen >= 2")
-        need(self.propagate in ("dense", "compressed"), f"propagate must be 'dense' or 'compressed', got {self.propagate!r}")
-        need(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        need(self._device() is not None, f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
-        if self.attention is not None:
-            need(isinstance(self.attention, dict) and "method" in self.attention,
-                 f"attention must be a dict with at least a 'method', got {self.attention!r}")
-            self.attention_recipe()  # its fields are checked too
-        if self.groups is not None:
-            flat = [i for g in self.groups for i in g]
-            need(all(len(g) >= 1 for g in self.groups), "every explicit group needs at least one block")
-            need(len(flat) == len(set(flat)), f"explicit groups overlap: {self.groups}")
-
-    def attention_recipe(self) -> "Recipe | None":
-        """The recipe of the attention stage (this one's fields, overridden by `attention`)."""
-        if self.attention is None:
-            return None
-        return Recipe.from_dict({**self.to_dict(), "attention": None, "groups": None, "extra": {},
-                                 **self.attention})
-
-    @property
-    def bytes_per_param(self) -> int:
-        return 4 if self.dtype == "float32" else 2
-
+    # ---- dict / YAML ---------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {"version": self.version, "stages": [s.to_dict() for s in self.stages],
+                **{k: getattr(self, k) for k in RUN_FIELDS}}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Recipe":
+        if not isinstance(d, dict):
+            raise RecipeError(f"a recipe must be a mapping, got {type(d).__name__}")
+        if "stages" not in d:
+            return cls._from_v1(d)
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
+        unknown = sorted(set(d) - known)
         if unknown:
-            raise RecipeError(f"unknown recipe keys: {sorted(unknown)}; known: {sorted(known)}")
+            raise RecipeError(f"unknown recipe keys {unknown}; known: {sorted(known)}")
+        stages = d["stages"]
+        if not isinstance(stages, list):
+            raise RecipeError(f"recipe: stages must be a list of stage mappings, got {stages!r}")
         return cls(**d)
 
     @classmethod
+    def _from_v1(cls, d: dict) -> "Recipe":
+        """A version-1 (flat) recipe: the attention stage first, then the method."""
+        unknown = sorted(set(d) - LEGACY_KEYS)
+        if unknown:
+            raise RecipeError(f"unknown recipe keys {unknown}; known: {sorted(LEGACY_KEYS | {'stages', 'version'})}")
+        run = {k: d[k] for k in RUN_FIELDS if k in d}
+        stages = []
+        att = d.get("attention")
+        if att is not None:
+            if not isinstance(att, dict) or "method" not in att:
+                raise RecipeError(f"attention must be a mapping with at least a 'method', got {att!r}")
+            merged = {**{k: v for k, v in d.items() if k not in ("attention", "groups", "extra")}, **att}
+            stages.append(_v1_stage(merged, len(stages) + 1))
+        stages.append(_v1_stage(d, len(stages) + 1))
+        return cls(stages=stages, **run)
+
+    @classmethod
     def from_yaml(cls, path: str | Path) -> "Recipe":
-        return cls.from_dict(yaml.safe_load(Path(path).read_text()) or {})
+        try:
+            data = yaml.safe_load(Path(path).read_text())
+        except yaml.YAMLError as e:
+            raise RecipeError(f"{path}: not valid YAML ({e})") from None
+        return cls.from_dict(data or {})
 
     def to_yaml(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
-def make_groups(n_blocks: int, recipe: Recipe) -> list[list[int]]:
-    """Groups of adjacent blocks (the last one may be smaller), or the recipe's explicit groups."""
-    if recipe.groups is not None:
-        bad = [i for g in recipe.groups for i in g if not 0 <= i < n_blocks]
-        if bad:
-            raise RecipeError(f"explicit groups name blocks {bad}, but the model has blocks 0..{n_blocks - 1}")
-        return [list(g) for g in recipe.groups]
-    return [list(range(i, min(i + recipe.group_size, n_blocks))) for i in range(0, n_blocks, recipe.group_size)]
+@dataclass
+class _RunFields:
+    """The recipe's own fields, type-checked like a stage config's."""
+
+    nsamples: int
+    seqlen: int
+    dtype: Literal["float32", "bfloat16", "float16"]
+    device: str
+    seed: int
+    version: int
+
+
+def _v1_stage(flat: dict, index: int) -> StageConfig:
+    method = flat.get("method", "fips")
+    try:
+        cls = config_class(method)
+        names = set(cls.field_names()) - set(LEGACY_IGNORED.get(method, ()))
+        fields = {k: v for k, v in flat.items() if k in names}
+        extra = flat.get("extra") or {}
+        if not isinstance(extra, dict):
+            raise RecipeError(f"extra must be a mapping, got {extra!r}")
+        fields.update(extra)
+        return cls.from_dict(fields)
+    except RecipeError as e:
+        raise RecipeError(f"stage {index}: {e}") from None
+
+
+def quick_recipe() -> Recipe:
+    """A few-minute FiPS recipe for a first look (the README's first command): the one-shot
+    FiPS (whitened init, pruning by activation score, no tuning steps) on 16 calibration
+    windows. On SmolLM2-135M at 20%, the first 8 windows of the held-out book: ppl 35.28
+    against dense 28.51 (+24%), where the default recipe gives +9% on the whole book; 20 tuning
+    steps measured no better (most groups kept their init), so the quick recipe has none."""
+    return Recipe(stages=[FiPSConfig(steps=0)], nsamples=16, seqlen=512)
+
+
+PRESETS = {"default": Recipe, "quick": quick_recipe}

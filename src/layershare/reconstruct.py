@@ -13,14 +13,12 @@ pruned by activation score) can come out of 200 noisy steps worse than it went i
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from tqdm.auto import tqdm
 
-from .recipe import Recipe
+from .train import optimize
 
 MlpFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -88,41 +86,38 @@ def _restore(params, pruner, state) -> None:
 
 
 def reconstruct(fns: list[MlpFn], X: list[torch.Tensor], Y: list[torch.Tensor], params: list[torch.nn.Parameter],
-                pruner, recipe: Recipe, desc: str = "reconstruct", generator: torch.Generator | None = None) -> ReconStats:
-    device = recipe.device
+                pruner, tune, device: str, desc: str = "reconstruct",
+                generator: torch.Generator | None = None) -> ReconStats:
+    """Tune `params` so that fns[j](X[j]) matches Y[j]; `tune` holds steps, lr, weight_decay,
+    batch_tokens and loss ("mse" or "nmse") (FiPSConfig)."""
     before, init_state = _init_at_final_mask(fns, X, Y, params, pruner, device)
     if pruner is not None:
         pruner.step(0)
     curve: list[float] = []
     trainable = [p for p in params if p.requires_grad]
-    if recipe.steps > 0 and trainable:
+    if tune.steps > 0 and trainable:
         n = X[0].shape[0]
-        bs = min(max(1, recipe.batch_tokens // _tokens_per_row(X[0])), n)
-        energy = [float(y.float().pow(2).mean()) for y in Y] if recipe.loss == "nmse" else [1.0] * len(Y)
-        opt = torch.optim.AdamW(trainable, lr=recipe.lr, weight_decay=recipe.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda t: 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(t, recipe.steps) / recipe.steps)))
-        perm = torch.randperm(n, generator=generator)
-        pos = 0
-        bar = tqdm(range(recipe.steps), desc=desc, leave=False, dynamic_ncols=True)
-        for t in bar:
-            if pruner is not None and t > 0:
-                pruner.step(t)
-            if pos + bs > n:
-                perm, pos = torch.randperm(n, generator=generator), 0
-            idx = perm[pos:pos + bs]
-            pos += bs
+        bs = min(max(1, tune.batch_tokens // _tokens_per_row(X[0])), n)
+        energy = [float(y.float().pow(2).mean()) for y in Y] if tune.loss == "nmse" else [1.0] * len(Y)
+        order = {"perm": torch.randperm(n, generator=generator), "pos": 0}
+
+        def loss_at(t: int) -> torch.Tensor:
+            if order["pos"] + bs > n:
+                order["perm"], order["pos"] = torch.randperm(n, generator=generator), 0
+            idx = order["perm"][order["pos"]:order["pos"] + bs]
+            order["pos"] += bs
             loss = 0.0
             for fn, x, y, e in zip(fns, X, Y, energy):
                 xb, yb = x[idx].to(device), y[idx].to(device)
                 loss = loss + torch.nn.functional.mse_loss(fn(xb), yb) / e
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            curve.append(loss.item())
-            if t % 10 == 0:
-                bar.set_postfix(loss=f"{curve[-1]:.3g}")
+            return loss
+
+        def before_step(t: int) -> None:
+            if pruner is not None and t > 0:
+                pruner.step(t)
+
+        curve = optimize(trainable, tune.steps, tune.lr, loss_at, weight_decay=tune.weight_decay, min_lr=0.01,
+                         before_step=before_step, desc=desc)
     if pruner is not None:
         pruner.finish()
     after = relative_error(fns, X, Y, device)

@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import DataError
+from ..forward import nll_sum
 
 
 @dataclass
@@ -59,12 +60,9 @@ def perplexity(model, ids: torch.Tensor, seqlen: int | None = None, batch_size: 
     model.eval()
     total, count = 0.0, 0
     for i in tqdm(range(0, n, batch_size), desc=desc, leave=False, dynamic_ncols=True):
-        batch = windows[i:i + batch_size].to(device)
-        logits = model(input_ids=batch, use_cache=False).logits.float()
-        nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
-        total += float(nll)
-        count += batch[:, 1:].numel()
+        nll, n_pred = nll_sum(model, windows[i:i + batch_size].to(device))
+        total += nll
+        count += n_pred
     mean = total / count
     return Perplexity(ppl=math.exp(mean), nll=mean, windows=n, seqlen=seqlen, tokens=int(ids.numel()),
                       available=available)

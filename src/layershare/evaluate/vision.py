@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import DataError
+from ..forward import logits as model_logits
 from ..images import ImagePreprocessor, evaluation_batches, evaluation_indices, image_folder
 
 
@@ -27,13 +28,6 @@ class Accuracy:
 
     def __str__(self) -> str:
         return f"top-1 {100 * self.top1:.2f}%  top-5 {100 * self.top5:.2f}% over {self.protocol}"
-
-
-def default_call(model, pixels: torch.Tensor) -> torch.Tensor:
-    """Logits of a transformers model (`model(pixel_values=...)`) or a timm one (`model(x)`)."""
-    config = getattr(model, "config", None)
-    out = model(pixel_values=pixels) if config is not None and hasattr(config, "model_type") else model(pixels)
-    return out.logits if hasattr(out, "logits") else out
 
 
 def model_id2label(model) -> dict[int, str] | None:
@@ -51,7 +45,7 @@ def model_id2label(model) -> dict[int, str] | None:
 @torch.no_grad()
 def accuracy(model, source, preprocessor: ImagePreprocessor, batch_size: int = 256,
              max_images: int | None = None, call=None, desc: str = "accuracy") -> Accuracy:
-    call = call or default_call
+    call = call or model_logits
     folder = image_folder(source)
     id2label = model_id2label(model)
     indices = evaluation_indices(folder, max_images)

@@ -9,32 +9,34 @@ own coefficients V_i; every type has its own basis, as in the official code. The
 write the hidden state (down, fc2; O) are compressed per layer with SVD-LLM, as in the paper.
 Every part keeps the same fraction of its parameters. No sparsity, no tuning.
 
-At recipe ratios >= 0.4 (or with `Recipe.extra["update"] = True`) the paper's closed-form
+At recipe ratios >= 0.4 (or with `update=True`) the paper's closed-form
 coefficient update follows: the shared basis stays, each layer's coefficients are re-solved
 by least squares on the inputs the compressed model feeds it (earlier groups already
 compressed), V_i = (U^T G_i U)^-1 U^T G_i W_i with G_i that layer's own input second moment
 (the official code pools the group's inputs; each layer's own moment minimises each layer's
 error, and the V_i are independent); the per-layer SVD-LLM parts get SVD-LLM's update.
 
-`Recipe.extra["joint_basis"] = True` shares one basis among all the input-side types of the
+`joint_basis=True` shares one basis among all the input-side types of the
 group (up and gate together; they read the same input), our variant: on SmolLM2-135M at 20%
 it measured better than the paper's per-type bases (test perplexity 97.9 against 111.2).
 
 `basis-sharing` compresses the MLPs; `basis-sharing-attention` the attention projections
 (Q, K, V shared, O per layer), alone or as the attention stage of a recipe
-(`Recipe.attention={"method": "basis-sharing-attention", ...}`): both together are the
+(a recipe whose stages are basis-sharing-attention and an MLP method): both together are the
 paper's whole method.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from ..adapters.base import IN, OUT, Adapter
 from ..budget import BudgetError, GroupBudget, GroupShape, Plan, keep_fraction, make_plan, solve_dense
+from ..config import GroupedConfig, need
 from ..modules.shared_basis import SharedBasis, SharedBasisLinear
 from ..modules.weights import weight_dxh
-from ..recipe import Recipe
-from .base import Compressed, Group, Method
+from .base import Compressed, Group, GroupMethod, Needs
 from .lowrank import lowrank_linear, refit_output, to_basis, whitened_factors
 
 UPDATE_FROM = 0.4  # the paper updates the coefficients from 40% compression on
@@ -50,19 +52,39 @@ def shared_kinds(shape_or_group, joint: bool = False) -> dict[str, list[int]]:
     return kinds
 
 
-class BasisSharing(Method):
+@dataclass
+class BasisSharingConfig(GroupedConfig):
+    method = "basis-sharing"
+
+    update: bool | None = None  # the closed-form coefficient update (None: from ratio 0.4 on, as the paper)
+    joint_basis: bool = False  # one basis for all input-side types of a group (up and gate together)
+    rank: int | None = None  # an explicit rank for every part instead of the ratio
+
+    def validate(self) -> None:
+        super().validate()
+        need(self.rank is None or self.rank >= 1, f"{self.method}: rank must be >= 1, got {self.rank}")
+
+
+@dataclass
+class BasisSharingAttentionConfig(BasisSharingConfig):
+    method = "basis-sharing-attention"
+    part = "attention"
+
+
+class BasisSharing(GroupMethod):
     name = "basis-sharing"
-    tunable = False
-    needs_gram = True
+    config_class = BasisSharingConfig
+    config: BasisSharingConfig
 
-    def update_needed(self, recipe: Recipe) -> bool:
-        return bool(recipe.extra.get("update", recipe.ratio >= UPDATE_FROM))
+    def needs(self) -> Needs:
+        c = self.config
+        return Needs(grams=True, update_grams=bool(c.ratio >= UPDATE_FROM if c.update is None else c.update))
 
-    def plan(self, shapes: list[GroupShape], total_params: int, recipe: Recipe) -> Plan:
-        rank = recipe.extra.get("rank")  # explicit rank: the ratio is whatever it comes to
-        keep = 1.0 if rank else keep_fraction(shapes, total_params, recipe.ratio, recipe.ratio_of, self.scope)
-        joint = bool(recipe.extra.get("joint_basis", False))
-        return make_plan(shapes, total_params, keep, [self._budget(s, keep, rank, joint) for s in shapes])
+    def plan(self, shapes: list[GroupShape], total_params: int, bytes_per_param: int) -> Plan:
+        c = self.config
+        rank = c.rank  # explicit rank: the ratio is whatever it comes to
+        keep = 1.0 if rank else keep_fraction(shapes, total_params, c.ratio, c.ratio_of, self.part, self.name)
+        return make_plan(shapes, total_params, keep, [self._budget(s, keep, rank, c.joint_basis) for s in shapes])
 
     def _budget(self, shape: GroupShape, keep: float, rank: int | None, joint: bool = False) -> GroupBudget:
         """One rank per part (a shared basis and its coefficients, or one per-layer linear), each
@@ -88,10 +110,10 @@ class BasisSharing(Method):
         return GroupBudget(rank=max(ranks), nnz=size, stored=stored, dense=shape.dense, v_size=size,
                            ranks=tuple(ranks))
 
-    def init(self, group: Group, budget: GroupBudget, recipe: Recipe) -> Compressed:
+    def init(self, group: Group, budget: GroupBudget) -> Compressed:
         modules, shared = {}, {}
         updates = group.update_grams
-        joint = bool(recipe.extra.get("joint_basis", False))
+        joint = self.config.joint_basis
         for t, idx in enumerate(shared_kinds(group, joint).values()):
             mats = [weight_dxh(group.modules[j], IN).float() for j in idx]
             pooled = sum(group.grams[group.paths[j]] for j in idx)
@@ -101,7 +123,7 @@ class BasisSharing(Method):
             if updates is not None:
                 Vs = [refit_output(A, W, updates[group.paths[j]]).to(V.dtype) for j, W in zip(idx, mats)]
             basis = SharedBasis(U)
-            shared[f"{group.index}_s{t}"] = basis
+            shared[f"b{t}"] = basis
             for j, Vj in zip(idx, Vs):
                 m = group.modules[j]
                 bias = m.bias.detach().clone().float() if getattr(m, "bias", None) is not None else None
@@ -111,12 +133,8 @@ class BasisSharing(Method):
                 b, layer = lowrank_linear(m, role, budget.ranks[j], group.grams[path],
                                           updates[path] if updates is not None else None)
                 modules[path] = layer
-                shared[f"{group.index}_{j}"] = b
+                shared[f"l{j}"] = b
         return Compressed(modules=modules, shared=shared)
-
-    def materialize(self, compressed: Compressed) -> None:
-        for m in list(compressed.modules.values()) + list(compressed.shared.values()):
-            m.requires_grad_(False)
 
 
 class BasisSharingAttention(BasisSharing):
@@ -124,7 +142,7 @@ class BasisSharingAttention(BasisSharing):
     across the group's blocks, O is compressed per layer with SVD-LLM."""
 
     name = "basis-sharing-attention"
-    scope = "attention"
+    config_class = BasisSharingAttentionConfig
 
     def linears(self, adapter: Adapter) -> dict[str, str]:
         names = adapter.attention

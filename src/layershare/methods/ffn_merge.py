@@ -11,11 +11,13 @@ attention and everything outside the MLP linears stay per block.
 The target ratio fixes k (one MLP is the granularity: the nearest whole number of MLPs is
 removed, and the measured ratio is reported); the window's position is chosen by the
 language-model loss on calibration text among every k-block window (or given, extra
-`window: [first, last]`). No tuning here (the paper fine-tunes afterwards: `layershare finetune`).
-Options in `Recipe.extra`: `window`, `corr_tokens` (tokens for the correlations, default
+`window=[first, last]`). No tuning here (the paper fine-tunes afterwards: `layershare finetune`).
+Options (FFNMergeConfig): `window`, `corr_tokens` (tokens for the correlations, default
 4096), `select_batches` (calibration batches for choosing the window, default 1).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -23,10 +25,28 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..adapters.base import IN, Adapter, get_path, set_path
-from ..budget import BudgetError, GroupBudget, GroupShape, Plan, make_plan
+from ..budget import BudgetError, GroupBudget, GroupShape, Plan, make_plan, out_of_range
+from ..capture import release_memory
+from ..config import StageConfig, need
+from ..forward import mean_nll
 from ..modules.weights import hidden_axis
-from ..recipe import Recipe
-from .base import Compressed, Group, Method
+from .base import WholeModelMethod
+
+
+@dataclass
+class FFNMergeConfig(StageConfig):
+    method = "ffn-merge"
+
+    window: list[int] | None = None  # [first, last] blocks to merge (default: chosen by calibration loss)
+    corr_tokens: int = 4096  # calibration tokens for the activation correlations
+    select_batches: int = 1  # calibration batches the window is chosen on
+
+    def validate(self) -> None:
+        super().validate()
+        need(self.window is None or len(self.window) == 2,
+             f"{self.method}: window must be [first, last], got {self.window}")
+        need(self.corr_tokens >= 1, f"{self.method}: corr_tokens must be >= 1, got {self.corr_tokens}")
+        need(self.select_batches >= 1, f"{self.method}: select_batches must be >= 1, got {self.select_batches}")
 
 
 def linear_sum_assignment(score: np.ndarray) -> np.ndarray:
@@ -65,39 +85,41 @@ def windows(batches: list[torch.Tensor]):
     return (row for batch in batches for row in batch.split(1))
 
 
-class FFNMerge(Method):
+class FFNMerge(WholeModelMethod):
+    """Chooses its window with the whole model's calibration loss: the whole-model driver."""
+
     name = "ffn-merge"
-    tunable = False
-    whole_model = True  # chooses its window with the whole model (compress_whole), not group by group
+    config_class = FFNMergeConfig
+    config: FFNMergeConfig
     tasks = ("causal-lm",)  # the window is chosen by the calibration LM loss
 
-    def groups(self, n_blocks: int, recipe: Recipe) -> list[list[int]]:
+    def groups(self, n_blocks: int) -> list[list[int]]:
         return [[b] for b in range(n_blocks)]
 
     # ---- budget -------------------------------------------------------------------------
-    def window_size(self, shapes: list[GroupShape], total_params: int, recipe: Recipe) -> int:
+    def window_size(self, shapes: list[GroupShape], total_params: int) -> int:
+        c = self.config
         sizes = {s.dense for s in shapes}
         if len(sizes) != 1:
             raise BudgetError(f"ffn-merge needs every block's MLP to have the same size, got {sorted(sizes)}")
         ffn = sizes.pop()
         n = len(shapes)
-        if "window" in recipe.extra:
-            first, last = recipe.extra["window"]
+        if c.window is not None:
+            first, last = c.window
             if not 0 <= first < last < n:
                 raise BudgetError(f"ffn-merge window {[first, last]} must satisfy 0 <= first < last < {n}")
             return last - first + 1
-        base = total_params if recipe.ratio_of == "model" else ffn * n
-        removed = int(round(recipe.ratio * base / ffn))
+        base = total_params if c.ratio_of == "model" else ffn * n
+        removed = int(round(c.ratio * base / ffn))
         if not 1 <= removed <= n - 1:
             step, hi = ffn / base, (n - 1) * ffn / base
-            raise BudgetError(
-                f"ffn-merge removes whole MLPs ({step:.2%} of the {recipe.ratio_of}'s parameters each): ratio "
-                f"{recipe.ratio} rounds to {removed} of {n}; the feasible range is {step / 2:.3f} <= ratio "
-                f"< {hi + step / 2:.3f}")
+            raise out_of_range(self.name, c.ratio, c.ratio_of,
+                               f"it removes whole MLPs ({step:.2%} of the {c.ratio_of}'s parameters each) and "
+                               f"the ratio rounds to {removed} of {n}", step / 2, hi + step / 2, lo_inclusive=True)
         return removed + 1
 
-    def plan(self, shapes: list[GroupShape], total_params: int, recipe: Recipe) -> Plan:
-        k = self.window_size(shapes, total_params, recipe)
+    def plan(self, shapes: list[GroupShape], total_params: int, bytes_per_param: int) -> Plan:
+        k = self.window_size(shapes, total_params)
         # which blocks merge is chosen later; the sizes do not depend on it
         budgets = [GroupBudget(rank=0, nnz=0, stored=0.0 if 0 < i < k else float(s.dense), dense=s.dense, v_size=0)
                    for i, s in enumerate(shapes)]
@@ -143,8 +165,7 @@ class FFNMerge(Method):
         total, n = 0.0, 0
         for ids in windows(batches):
             ids = ids.to(device)
-            out = model(input_ids=ids, labels=ids, use_cache=False)
-            total += float(out.loss) * (ids.numel() - 1)
+            total += mean_nll(model, ids) * (ids.numel() - 1)
             n += ids.numel() - 1
         return total / n
 
@@ -167,23 +188,20 @@ class FFNMerge(Method):
             acc = ws if acc is None else [{k: a[k] + w[k] for k in a} for a, w in zip(acc, ws)]
         return [{k: v / len(window) for k, v in a.items()} for a in acc]
 
-    def compress_whole(self, model: nn.Module, adapter: Adapter, recipe: Recipe, batches: list[torch.Tensor],
-                       plan: Plan) -> dict:
-        device = recipe.device
+    def compress(self, model: nn.Module, adapter: Adapter, batches: list[torch.Tensor], plan: Plan, ctx) -> dict:
+        c = self.config
+        device = ctx.device
         blocks = adapter.blocks(model)
         n = len(blocks)
         k = sum(1 for g in plan.groups if g.stored == 0) + 1
         names = list(adapter.linears)
-        if "window" in recipe.extra:
-            first = int(recipe.extra["window"][0])
-            candidates = [first]
+        if c.window is not None:
+            candidates = [c.window[0]]
         else:
             candidates = list(range(n - k + 1))
-        acts = self.hidden_activations(model, adapter, batches, device, int(recipe.extra.get("corr_tokens", 4096)))
-        from ..pipeline import release_memory  # (a module-level import would be circular)
-
+        acts = self.hidden_activations(model, adapter, batches, device, c.corr_tokens)
         release_memory()
-        select = batches[: int(recipe.extra.get("select_batches", 1))]
+        select = batches[: c.select_batches]
         perms: dict = {}
         losses = {}
         best = None
@@ -214,10 +232,3 @@ class FFNMerge(Method):
             for b in window[1:]:
                 set_path(model, f"{prefix}.{b}.{nm}", m)  # tied: one module, several blocks
         return {"window": window, "window_losses": losses}
-
-    # the group interface is not used by a whole-model method
-    def init(self, group: Group, budget: GroupBudget, recipe: Recipe) -> Compressed:
-        raise NotImplementedError("ffn-merge compresses the whole model at once (compress_whole)")
-
-    def materialize(self, compressed: Compressed) -> None:
-        raise NotImplementedError

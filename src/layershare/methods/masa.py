@@ -8,19 +8,36 @@ block keeps only its coefficients (its projection onto the atoms; 1 for the mean
 Stored per type and group: (S + 1) atoms + L (S + 1) coefficients (+ biases, per block),
 against L dense matrices. The target ratio sets S (the same fraction of every type is
 kept, to the nearest atom); no calibration data and no tuning are used.
-Options in `Recipe.extra`: `group_size` (blocks per group; default: all blocks).
+Options (MASAConfig): `group_size` (blocks per group; default: all blocks), `groups`.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..adapters.base import Adapter, get_path, set_path
-from ..budget import BudgetError, GroupBudget, Plan
+from ..adapters.base import Adapter, get_path
+from ..budget import BudgetError, GroupBudget, Plan, removal
+from ..config import StageConfig, check_groups, make_groups, need
 from ..modules.atoms import AtomLinear, MatrixAtoms
 from ..modules.weights import weight_out_in
-from ..recipe import Recipe, make_groups
-from .base import Compressed, Group, Method
+from .base import Compressed, Group, GroupMethod
+
+
+@dataclass
+class MASAConfig(StageConfig):
+    method = "masa"
+    part = "attention"
+
+    group_size: int | None = None  # blocks per group (None: all blocks in one group)
+    groups: list[list[int]] | None = None  # explicit groups of block indices (overrides group_size)
+
+    def validate(self) -> None:
+        super().validate()
+        need(self.group_size is None or self.group_size >= 1,
+             f"{self.method}: group_size must be >= 1, got {self.group_size}")
+        check_groups(self.method, self.groups)
 
 
 def matrix_pca(mats: list[torch.Tensor], n_components: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,41 +54,38 @@ def matrix_pca(mats: list[torch.Tensor], n_components: int) -> tuple[torch.Tenso
     return atoms, coef
 
 
-class MASA(Method):
+class MASA(GroupMethod):
+    """No calibration statistics and no tuning: each group's atoms come from its weights alone
+    (the sequential driver still measures each group's output error)."""
+
     name = "masa"
-    tunable = False
-    whole_model = True
-    scope = "attention"
+    config_class = MASAConfig
+    config: MASAConfig
 
-    def groups(self, n_blocks: int, recipe: Recipe) -> list[list[int]]:
-        if recipe.groups is not None:
-            return make_groups(n_blocks, recipe)
-        size = int(recipe.extra.get("group_size", n_blocks))
-        return [list(range(i, min(i + size, n_blocks))) for i in range(0, n_blocks, size)]
-
-    def _matrices(self, model: nn.Module, adapter: Adapter, blocks: list[int]) -> dict[str, list[nn.Module]]:
+    def linears(self, adapter: Adapter) -> dict[str, str]:
         if not adapter.attention:
             raise BudgetError(f"adapter {adapter.name!r} does not name the attention projections")
+        return {t: "in" for t in adapter.attention}
+
+    def groups(self, n_blocks: int) -> list[list[int]]:
+        c = self.config
+        return make_groups(n_blocks, c.group_size or n_blocks, c.groups, self.name)
+
+    def _matrices(self, model: nn.Module, adapter: Adapter, blocks: list[int]) -> dict[str, list[nn.Module]]:
         layers = adapter.blocks(model)
-        return {t: [get_path(layers[b], t) for b in blocks] for t in adapter.attention}
+        return {t: [get_path(layers[b], t) for b in blocks] for t in self.linears(adapter)}
 
     def n_atoms(self, L: int, m: int, keep: float) -> int:
         """Atoms (mean included) that keep `keep` of L dense (out x in = m) matrices."""
         return max(1, min(L - 1, int(round(keep * L * m / (m + L)))))
 
     def plan_model(self, model: nn.Module, adapter: Adapter, groups: list[list[int]], total: int,
-                   recipe: Recipe) -> Plan:
-        if recipe.ratio_of == "mlp":
-            raise BudgetError("masa compresses the attention: give the ratio of the 'model' or of the 'attention'")
+                   bytes_per_param: int) -> Plan:
+        c = self.config
         per_group = [self._matrices(model, adapter, g) for g in groups]
         attn = sum(m.weight.numel() + (m.bias.numel() if getattr(m, "bias", None) is not None else 0)
                    for mats in per_group for ms in mats.values() for m in ms)
-        removed = recipe.ratio * (total if recipe.ratio_of == "model" else attn)
-        if removed >= attn:
-            raise BudgetError(
-                f"compression ratio {recipe.ratio} of the {recipe.ratio_of}'s parameters cannot be reached: masa "
-                f"compresses the attention projections, which hold {attn:,} of {total:,} parameters; the feasible "
-                f"range is 0 < ratio < {attn / (total if recipe.ratio_of == 'model' else attn):.3f}")
+        removed = removal(self.name, c.ratio, c.ratio_of, self.part, attn, total)
         keep = 1 - removed / attn
         budgets = []
         for g, mats in zip(groups, per_group):
@@ -91,38 +105,30 @@ class MASA(Method):
         plan = Plan(keep=keep, groups=tuple(budgets), total_params=total, mlp_params=attn,
                     target_removed=int(removed))
         if plan.removed <= 0:
-            raise BudgetError(f"masa: ratio {recipe.ratio} is too small to remove even one atom per projection "
+            raise BudgetError(f"masa: ratio {c.ratio} is too small to remove even one atom per projection "
                               f"(groups of {[len(g) for g in groups]} blocks)")
         return plan
 
     @torch.no_grad()
-    def compress_whole(self, model: nn.Module, adapter: Adapter, recipe: Recipe, batches, plan: Plan) -> dict:
-        from ..pipeline import BASES_ATTR
-
-        prefix = adapter.blocks_path(model)
-        shared = getattr(model, BASES_ATTR)
-        errors = {}
-        for g, (blocks, budget) in enumerate(zip(self.groups(len(adapter.blocks(model)), recipe), plan.groups)):
-            if len(blocks) < 2:
-                continue
-            for t, (name, modules) in enumerate(self._matrices(model, adapter, blocks).items()):
-                mats = [weight_out_in(m).float() for m in modules]
-                atoms, coef = matrix_pca(mats, budget.ranks[t] - 1)
-                store = MatrixAtoms(atoms.to(mats[0].dtype).contiguous())
-                shared[f"atoms{g}_{t}"] = store
-                num = den = 0.0
-                for b, m, c, w in zip(blocks, modules, coef, mats):
-                    bias = m.bias.detach().clone() if getattr(m, "bias", None) is not None else None
-                    layer = AtomLinear(store, c.to(w.dtype), bias).requires_grad_(False)
-                    num += float((layer.weight - w).pow(2).sum())
-                    den += float(w.pow(2).sum())
-                    set_path(model, f"{prefix}.{b}.{name}", layer)
-                store.requires_grad_(False)
-                errors[f"group {g} {name}"] = num / max(den, 1e-30)
-        return {"weight_rel_err": errors}
-
-    def init(self, group: Group, budget: GroupBudget, recipe: Recipe) -> Compressed:
-        raise NotImplementedError("masa compresses the whole model at once (compress_whole)")
-
-    def materialize(self, compressed: Compressed) -> None:
-        raise NotImplementedError
+    def init(self, group: Group, budget: GroupBudget) -> Compressed:
+        modules, shared, errors = {}, {}, {}
+        if len(group.blocks) < 2:  # nothing to share with: kept dense
+            return Compressed(modules={})
+        per = len(group.paths) // len(group.blocks)
+        for t in range(per):
+            idx = list(range(t, len(group.paths), per))  # this type's linear in every block
+            mats = [weight_out_in(group.modules[j]).float() for j in idx]
+            atoms, coef = matrix_pca(mats, budget.ranks[t] - 1)
+            store = MatrixAtoms(atoms.to(mats[0].dtype).contiguous())
+            shared[f"t{t}"] = store
+            num = den = 0.0
+            for j, c, w in zip(idx, coef, mats):
+                m = group.modules[j]
+                bias = m.bias.detach().clone() if getattr(m, "bias", None) is not None else None
+                layer = AtomLinear(store, c.to(w.dtype), bias).requires_grad_(False)
+                num += float((layer.weight - w).pow(2).sum())
+                den += float(w.pow(2).sum())
+                modules[group.paths[j]] = layer
+            store.requires_grad_(False)
+            errors[group.kinds[t]] = num / max(den, 1e-30)
+        return Compressed(modules=modules, shared=shared, info={"weight_rel_err": errors})

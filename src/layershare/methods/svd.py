@@ -6,7 +6,7 @@ moment, so truncation minimises the output error on those inputs.
 Every linear keeps the same fraction of its parameters: rank = keep * d*h / (d + h).
 No sparsity and no tuning (the factors are dense; nothing is stored but U and V).
 
-`Recipe.extra["update"] = True` adds SVD-LLM's layer-wise closed-form update: the input-side
+`update=True` (SVDConfig) adds SVD-LLM's layer-wise closed-form update: the input-side
 factor is kept and the output side re-solved by least squares on the inputs the compressed
 model feeds the layer (its earlier groups already compressed), target the dense layer's output
 on those inputs (methods/lowrank.refit_output). Default off, as in SVD-LLM's step 1
@@ -14,10 +14,29 @@ on those inputs (methods/lowrank.refit_output). Default off, as in SVD-LLM's ste
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ..budget import GroupBudget, GroupShape, Plan, keep_fraction, make_plan, solve_dense
-from ..recipe import Recipe
-from .base import Compressed, Group, Method
+from ..config import GroupedConfig, need
+from .base import Compressed, Group, GroupMethod, Needs
 from .lowrank import lowrank_linear
+
+
+@dataclass
+class SVDConfig(GroupedConfig):
+    method = "svd"
+
+    update: bool = False  # SVD-LLM's closed-form update on the compressed model's inputs
+    rank: int | None = None  # an explicit rank for every linear instead of the ratio
+
+    def validate(self) -> None:
+        super().validate()
+        need(self.rank is None or self.rank >= 1, f"{self.method}: rank must be >= 1, got {self.rank}")
+
+
+@dataclass
+class SVDLLMConfig(SVDConfig):
+    method = "svd-llm"
 
 
 def per_linear_budget(shape: GroupShape, keep: float, rank: int | None = None) -> GroupBudget:
@@ -28,38 +47,32 @@ def per_linear_budget(shape: GroupShape, keep: float, rank: int | None = None) -
                        dense=shape.dense, v_size=sum(p.v_size for p in parts), ranks=tuple(p.rank for p in parts))
 
 
-class SVD(Method):
+class SVD(GroupMethod):
     name = "svd"
-    tunable = False
+    config_class = SVDConfig
+    config: SVDConfig
     whiten = False
 
-    @property
-    def needs_gram(self) -> bool:  # type: ignore[override]
-        return self.whiten
+    def needs(self) -> Needs:
+        return Needs(grams=self.whiten, update_grams=self.config.update)
 
-    def update_needed(self, recipe: Recipe) -> bool:
-        return bool(recipe.extra.get("update", False))
+    def plan(self, shapes: list[GroupShape], total_params: int, bytes_per_param: int) -> Plan:
+        c = self.config
+        keep = 1.0 if c.rank else keep_fraction(shapes, total_params, c.ratio, c.ratio_of, method=self.name)
+        return make_plan(shapes, total_params, keep, [per_linear_budget(s, keep, c.rank) for s in shapes])
 
-    def plan(self, shapes: list[GroupShape], total_params: int, recipe: Recipe) -> Plan:
-        rank = recipe.extra.get("rank")  # explicit rank: the ratio is whatever it comes to
-        keep = 1.0 if rank else keep_fraction(shapes, total_params, recipe.ratio, recipe.ratio_of)
-        return make_plan(shapes, total_params, keep, [per_linear_budget(s, keep, rank) for s in shapes])
-
-    def init(self, group: Group, budget: GroupBudget, recipe: Recipe) -> Compressed:
+    def init(self, group: Group, budget: GroupBudget) -> Compressed:
         modules, shared = {}, {}
         for j, (path, m, role, rank) in enumerate(zip(group.paths, group.modules, group.roles, budget.ranks)):
             gram = group.grams[path] if self.whiten else None
             update = group.update_grams[path] if group.update_grams is not None else None
             basis, layer = lowrank_linear(m, role, rank, gram, update)
             modules[path] = layer
-            shared[f"{group.index}_{j}"] = basis
+            shared[f"l{j}"] = basis
         return Compressed(modules=modules, shared=shared)
-
-    def materialize(self, compressed: Compressed) -> None:
-        for m in list(compressed.modules.values()) + list(compressed.shared.values()):
-            m.requires_grad_(False)
 
 
 class SVDLLM(SVD):
     name = "svd-llm"
+    config_class = SVDLLMConfig
     whiten = True

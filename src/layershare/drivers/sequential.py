@@ -1,0 +1,107 @@
+"""The sequential driver: group by group, with captured activations (llm-compressor's
+sequential pipeline, which knows no algorithm).
+
+1. One forward of the model over the calibration batches records the hidden states entering
+   the first block and every block's call arguments (capture.py).
+2. For each group: run its blocks on the stored hidden states, recording what the method
+   asked for (needs()): each linear's input second moment (`grams`), the same on the model
+   compressed so far (`update_grams`, from a second stream of hidden states run through the
+   compressed groups), and the inputs/outputs of the method's objective (`objective(adapter)`).
+3. `init` builds the compressed modules; they replace the dense ones and their shared modules
+   go to the store. A tuned method (needs().tuning) is tuned by block-wise reconstruction
+   (reconstruct.py). The group's error is the objective's, or, for a method without one (on
+   the attention), the group's output error. `materialize` freezes them.
+4. The next group's inputs are the dense group's outputs (propagate="dense") or the
+   compressed group's ("compressed").
+Only one group's activations are held at a time.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..adapters import Adapter, set_path
+from ..budget import Plan
+from ..capture import Captured, capture_inputs, output_error, release_memory, run_group
+from ..methods.base import Group
+from ..reconstruct import ReconStats, reconstruct, relative_error
+from .base import GroupReport, StageContext, StageReport
+
+
+def run_sequential(model: nn.Module, adapter: Adapter, method, batches: list[torch.Tensor],
+                   groups: list[list[int]], plan: Plan, ctx: StageContext) -> StageReport:
+    t0 = time.time()
+    device = ctx.device
+    needs = method.needs()
+    propagate = getattr(method.config, "propagate", "dense")
+    blocks = adapter.blocks(model)
+    report = StageReport(method=method.name, plan=plan)
+    gen = ctx.generator()
+    objective = method.objective(adapter)
+    cap = capture_inputs(model, blocks, batches, device, adapter)
+    # the hidden states of the model compressed so far: for the update, or as the next groups' inputs
+    comp_cap = (Captured(hidden=cap.hidden, args=cap.args)
+                if needs.update_grams or propagate == "compressed" else None)
+    release_memory()
+    bar = tqdm(list(enumerate(groups)), desc=f"{method.name} groups", dynamic_ncols=True)
+    for g, group_blocks in bar:
+        tg = time.time()
+        ctx.callbacks.on_group_start(ctx.stage, g, group_blocks)
+        group = Group.of(model, adapter, g, group_blocks, method.linears(adapter))
+        grams = {} if needs.grams else None
+        linears = dict(zip(group.paths, group.modules))
+        X, Y, dense_out = run_group(blocks, group_blocks, cap, adapter, device, record=objective is not None,
+                                    grams=grams, linears=linears, objective=objective)
+        group.grams = grams
+        if needs.update_grams and propagate == "compressed" and grams is not None:
+            group.update_grams = grams  # cap is the compressed stream already: the same statistics
+        elif needs.update_grams:  # the dense group's linears fed by the compressed model so far
+            group.update_grams = {}
+            run_group(blocks, group_blocks, comp_cap, adapter, device, record=False,
+                      grams=group.update_grams, linears=linears)
+        del linears
+        comp = method.init(group, plan.groups[g])
+        for path, module in comp.modules.items():
+            dense = group.modules[group.paths.index(path)]
+            set_path(model, path, module.to(device))
+            for p in dense.parameters(recurse=False):  # free the replaced weights even if something still holds them
+                p.data = p.data.new_empty(0)
+        for part, shared in comp.shared.items():
+            ctx.store.add(g, part, shared)
+        del group
+        if objective is not None:
+            fns = [lambda x, b=blocks[b]: objective.forward(b, x) for b in group_blocks]
+            if needs.tuning:
+                with torch.enable_grad():
+                    stats = reconstruct(fns, X, Y, comp.params, comp.pruner, method.config, device,
+                                        desc=f"group {g + 1}/{len(groups)}", generator=gen)
+            else:
+                err = relative_error(fns, X, Y, device)
+                stats = ReconStats(err, err, 0, [])
+            method.materialize(comp)
+        else:  # no objective: the error is the group's output error against the dense group's
+            method.materialize(comp)
+            _, _, comp_out = run_group(blocks, group_blocks, cap, adapter, device, record=False)
+            err = output_error(comp_out, dense_out)
+            stats = ReconStats(err, err, 0, [])
+            del comp_out
+        del X, Y
+        if comp_cap is not None:
+            _, _, comp_cap.hidden = run_group(blocks, group_blocks, comp_cap, adapter, device, record=False)
+        cap.hidden = comp_cap.hidden if propagate == "compressed" else dense_out
+        info = comp.info
+        del comp, dense_out
+        release_memory()
+        budget = plan.groups[g]
+        group_report = GroupReport(group_blocks, budget.rank, budget.nnz, stats, time.time() - tg, info)
+        report.groups.append(group_report)
+        ctx.callbacks.on_group_end(ctx.stage, g, group_report)
+        bar.set_postfix(err=f"{stats.rel_err_before:.3f}->{stats.rel_err_after:.3f}"
+                            + (" (kept init)" if stats.kept_init else ""))
+    del cap, comp_cap
+    release_memory()
+    report.seconds = time.time() - t0
+    return report

@@ -1,0 +1,22 @@
+"""The whole-model driver: hands the method the model and the calibration batches once
+(ffn-merge chooses its window by the whole model's calibration loss)."""
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from ..adapters import Adapter
+from ..budget import Plan
+from .base import StageContext, StageReport
+
+
+def run_whole_model(model: nn.Module, adapter: Adapter, method, batches: list[torch.Tensor],
+                    groups: list[list[int]], plan: Plan, ctx: StageContext) -> StageReport:
+    t0 = time.time()
+    report = StageReport(method=method.name, plan=plan)
+    report.extra = method.compress(model, adapter, batches, plan, ctx) or {}
+    model.to(ctx.device)  # what the method built (from CPU weights) joins the model's device
+    report.seconds = time.time() - t0
+    return report
