@@ -100,7 +100,9 @@ def test_driver_is_chosen_by_the_methods_needs():
         method = build_method(config_class(name)())
         assert type(method) is cls
         assert driver_for(method) is DRIVERS[method.needs().driver]
-        assert driver_for(method) is (run_whole_model if name == "ffn-merge" else run_sequential), name
+        # ffn-merge chooses its window by the whole model's loss; masa needs no data at all
+        whole = name in ("ffn-merge", "masa")
+        assert driver_for(method) is (run_whole_model if whole else run_sequential), name
 
 
 def test_driver_and_pipeline_sources_name_no_method():
@@ -158,7 +160,9 @@ def test_callbacks_see_every_stage_and_group_in_order(tokens):
             expected += [("group_start", i, g, gr.blocks), ("group_end", i, g, gr)]
         expected.append(("stage_end", i, st))
     assert [e[:3] for e in rec.events] == [e[:3] for e in expected]
-    assert len(report.stages[0].groups) == 1 and len(report.stages[1].groups) == 2  # masa: all blocks; fips: pairs
+    # masa runs in one whole-model call (no groups reported); fips in pairs of blocks
+    assert len(report.stages[0].groups) == 0 and len(report.stages[1].groups) == 2
+    assert set(report.stages[0].extra["weight_rel_err"]) == {f"group 0 self_attn.{p}_proj" for p in "qkvo"}
     for got, want in zip(rec.events, expected):
         if got[0] in ("group_end", "stage_end"):
             assert got[-1] is want[-1]  # the very objects in the report

@@ -277,6 +277,7 @@ def finetune(model: nn.Module, teacher: nn.Module, data, preprocessing=None, ste
                             "batch_size": batch_size, "lr": lr, "temperature": temperature,
                             "label_weight": label_weight, "loss_before": stats.loss_before,
                             "loss_after": stats.loss_after, "seconds": stats.seconds}
+        recipe = Recipe.from_dict(info["recipe"]) if "recipe" in info else None  # (a version-1 one is converted)
         save_compressed(model, output_dir, tokenizer=preprocessing, overwrite=overwrite,
-                        dtype=info.get("recipe", {}).get("dtype", "float32"), meta=info)
+                        dtype=recipe.dtype if recipe else "float32", meta=info, recipe=recipe)
     return stats
