@@ -104,14 +104,19 @@ def build_recipe(args):
 
 def _full_command(args) -> str:
     """The command that runs the same job with the full recipe and the whole evaluation text."""
+    import shlex
+
     parts = ["layershare", "compress", args.model, "--calib", args.calib, "--output", args.output + "-full"]
-    skip = {"preset", "eval_windows", "nsamples", "seqlen", "steps"}
+    skip = {"preset", "eval_windows", "nsamples", "seqlen", "steps", "command", "func", "model", "calib", "output",
+            "overwrite"}
+    defaults = {"prompt": DEFAULT_PROMPT, "max_new_tokens": 24}
     for k, v in vars(args).items():
-        if k in skip or k in ("command", "func", "model", "calib", "output", "overwrite", "debug") or v in (None, [], False):
+        if k in skip or v in (None, [], False) or defaults.get(k, object()) == v:
             continue
         flag = "--" + k.replace("_", "-")
-        parts += [flag] if v is True else ([x for item in v for x in (flag, item)] if isinstance(v, list) else [flag, str(v)])
-    return " ".join(parts)
+        values = v if isinstance(v, list) else [v]
+        parts += [flag] if v is True else [x for item in values for x in (flag, str(item))]
+    return " ".join(shlex.quote(p) for p in parts)
 
 
 def cmd_compress(args) -> int:
