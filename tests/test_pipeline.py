@@ -254,3 +254,50 @@ def test_closed_form_update_grams_follow_the_compressed_model(tokens, input_ids,
     assert not torch.allclose(logits["dense"], logits["compressed"], rtol=1e-4, atol=1e-5)
     assert not torch.allclose(grams["dense"][0], grams["compressed"][0], rtol=1e-3)  # whitening differs
     assert torch.allclose(grams["dense"][1], grams["compressed"][1], rtol=1e-6, atol=1e-9)  # update does not
+
+
+# ---- never a broken model -----------------------------------------------------------------------
+
+def test_non_finite_dense_weights_are_refused_before_any_work(tokens, tmp_path):
+    from layershare.finite import NonFiniteError
+
+    model = make_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
+        layershare.plan(model, small_recipe())
+    with pytest.raises(NonFiniteError, match="nothing was done"):
+        layershare.compress(model, small_recipe(), data=tokens, output_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("method", ["fips", "masa"])
+def test_a_group_that_comes_out_non_finite_stops_the_run_unsaved(method, tokens, tmp_path, monkeypatch):
+    """A NaN produced by the compression itself (simulated: the method's result is poisoned)
+    stops the run with an error naming the stage, the group and the tensor; nothing is written."""
+    from layershare.finite import NonFiniteError
+    from layershare.methods import FiPS, MASA
+
+    if method == "fips":
+        real = FiPS.materialize
+
+        def poisoned(self, comp):
+            real(self, comp)
+            layer = next(iter(comp.modules.values()))
+            layer.basis.U.data[0, 0] = float("inf")
+
+        monkeypatch.setattr(FiPS, "materialize", poisoned)
+        recipe, where = small_recipe(ratio=0.3), r"stage 1 \(fips\), group 1 \(blocks \[0, 1\]\).*basis\.U"
+    else:
+        real = MASA.compress
+
+        def poisoned(self, model, *a):
+            out = real(self, model, *a)
+            next(iter(model.layershare_bases.values())).atoms.data[0, 0, 0] = float("nan")
+            return out
+
+        monkeypatch.setattr(MASA, "compress", poisoned)
+        recipe, where = small_recipe(method="masa", ratio=0.1), r"stage 1 \(masa\).*layershare_bases\.s0_g0_t0"
+    with pytest.raises(NonFiniteError, match=where):
+        layershare.compress(make_model("llama"), recipe, data=tokens, output_dir=tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []

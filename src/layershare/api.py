@@ -21,10 +21,11 @@ from tqdm.auto import tqdm
 
 from .adapters import get_adapter
 from .budget import Plan, count_params
-from .data import DataError, calibration_batches, read_text, tokenize
-from .evaluate.perplexity import Perplexity, perplexity
 from .config import StageConfig
+from .data import DataError, calibration_batches, read_text, tokenize
 from .drivers import Callback
+from .evaluate.perplexity import Perplexity, perplexity
+from .finite import check_dense
 from .io import check_output_dir, load_compressed, save_compressed
 from .pipeline import CompressionReport, Stage, plan_stages, run_stages
 from .recipe import Recipe, RecipeError
@@ -150,8 +151,11 @@ def as_recipe(recipe=None) -> Recipe:
 
 
 def plan(model: nn.Module, recipe=None) -> list[Stage]:
-    """Every stage's method, groups and budget, checked before any long work."""
-    return plan_stages(model, get_adapter(model), as_recipe(recipe))
+    """Every stage's method, groups and budget, checked before any long work (with the dense
+    weights: finite)."""
+    stages = plan_stages(model, get_adapter(model), as_recipe(recipe))
+    check_dense(model)
+    return stages
 
 
 def compress(model: nn.Module, recipe=None, data=None, tokenizer=None,
@@ -171,6 +175,7 @@ def compress(model: nn.Module, recipe=None, data=None, tokenizer=None,
     recipe.check_device()
     adapter = get_adapter(model)
     stages = plan_stages(model, adapter, recipe)
+    check_dense(model)
     if output_dir is not None:
         check_output_dir(output_dir, overwrite)
     if data is None:

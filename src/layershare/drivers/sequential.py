@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from ..adapters import Adapter, set_path
 from ..budget import Plan
 from ..capture import Captured, capture_inputs, output_error, release_memory, run_group
+from ..finite import check_group
 from ..methods.base import Group
 from ..reconstruct import ReconStats, reconstruct, relative_error
 from .base import GroupReport, StageContext, StageReport
@@ -88,6 +89,9 @@ def run_sequential(model: nn.Module, adapter: Adapter, method, batches: list[tor
             err = output_error(comp_out, dense_out)
             stats = ReconStats(err, err, 0, [])
             del comp_out
+        check_group(f"stage {ctx.stage + 1} ({method.name}), group {g + 1} (blocks {group_blocks})",
+                    {**comp.modules, **{f"shared {k}": m for k, m in comp.shared.items()}},
+                    (stats.rel_err_before, stats.rel_err_after))
         del X, Y
         if comp_cap is not None:
             _, _, comp_cap.hidden = run_group(blocks, group_blocks, comp_cap, adapter, device, record=False)

@@ -9,6 +9,7 @@ from torch import nn
 
 from ..adapters import Adapter
 from ..budget import Plan
+from ..finite import check_group
 from .base import StageContext, StageReport
 
 
@@ -17,6 +18,7 @@ def run_whole_model(model: nn.Module, adapter: Adapter, method, batches: list[to
     t0 = time.time()
     report = StageReport(method=method.name, plan=plan)
     report.extra = method.compress(model, adapter, batches, plan, ctx) or {}
+    check_group(f"stage {ctx.stage + 1} ({method.name})", {"": model})
     model.to(ctx.device)  # what the method built (from CPU weights) joins the model's device
     report.seconds = time.time() - t0
     return report
