@@ -14,11 +14,12 @@ class NonFiniteError(ValueError):
 
 def non_finite_tensors(module: nn.Module, prefix: str = "") -> list[str]:
     """Names of the floating tensors of `module` (parameters and buffers, packed V included)
-    holding a NaN or an infinity."""
+    holding a NaN or an infinity (tensors on the meta device, which hold no values, are skipped)."""
     bad = []
     for name, t in module.state_dict(keep_vars=True).items():
-        t = t.detach() if isinstance(t, torch.Tensor) else t
-        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+        if not isinstance(t, torch.Tensor) or t.device.type == "meta" or not t.is_floating_point() or not t.numel():
+            continue
+        if not bool(torch.isfinite(t.detach()).all()):
             bad.append(f"{prefix}{name}")
     return bad
 
