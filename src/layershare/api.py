@@ -174,8 +174,7 @@ def compress(model: nn.Module, recipe=None, data=None, tokenizer=None,
     recipe = as_recipe(recipe)
     recipe.check_device()
     adapter = get_adapter(model)
-    stages = plan_stages(model, adapter, recipe)
-    check_dense(model)
+    stages = plan(model, recipe)
     if output_dir is not None:
         check_output_dir(output_dir, overwrite)
     if data is None:

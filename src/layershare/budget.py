@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .config import PARTS
+
 
 class BudgetError(ValueError):
     pass
@@ -114,9 +116,6 @@ class Plan:
     @property
     def mlp_ratio(self) -> float:
         return self.removed / self.mlp_params
-
-
-PARTS = {"mlp": "the MLPs", "attention": "the attention projections"}
 
 
 def out_of_range(method: str, ratio: float, of: str, why: str, lo: float, hi: float,

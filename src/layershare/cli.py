@@ -109,9 +109,9 @@ def _full_command(args) -> str:
     parts = ["layershare", "compress", args.model, "--calib", args.calib, "--output", args.output + "-full"]
     skip = {"preset", "eval_windows", "nsamples", "seqlen", "steps", "command", "func", "model", "calib", "output",
             "overwrite"}
-    defaults = {"prompt": DEFAULT_PROMPT, "max_new_tokens": 24}
+    defaults = vars(build_parser().parse_args(["compress", args.model, "--calib", args.calib, "--output", args.output]))
     for k, v in vars(args).items():
-        if k in skip or v in (None, [], False) or defaults.get(k, object()) == v:
+        if k in skip or v == defaults[k]:
             continue
         flag = "--" + k.replace("_", "-")
         values = v if isinstance(v, list) else [v]

@@ -79,12 +79,13 @@ def coerce(value, tp, where: str):
     raise TypeError(f"{where}: unsupported annotation {tp!r}")
 
 
-def check_fields(obj) -> None:
-    """Type-check (and normalise) every dataclass field of `obj` against its annotation."""
+def check_fields(obj, label: str, skip: tuple[str, ...] = ()) -> None:
+    """Type-check (and normalise) every dataclass field of `obj` but `skip` against its
+    annotation; errors are prefixed with `label`."""
     hints = typing.get_type_hints(type(obj))
-    label = getattr(obj, "method", "") or type(obj).__name__
     for f in dataclasses.fields(obj):
-        setattr(obj, f.name, coerce(getattr(obj, f.name), hints[f.name], f"{label}: {f.name}"))
+        if f.name not in skip:
+            setattr(obj, f.name, coerce(getattr(obj, f.name), hints[f.name], f"{label}: {f.name}"))
 
 
 def need(cond: bool, msg: str) -> None:
@@ -107,7 +108,7 @@ class StageConfig:
     ratio_of: Literal["model", "mlp", "attention"] = "model"
 
     def __post_init__(self) -> None:
-        check_fields(self)
+        check_fields(self, self.method)
         self.validate()
 
     def validate(self) -> None:
@@ -139,16 +140,19 @@ class GroupedConfig(StageConfig):
 
     group_size: blocks per group; groups: explicit groups of block indices (overrides
     group_size); propagate: the next group's inputs are the dense model's hidden states
-    ("dense") or those of the model compressed so far ("compressed").
+    ("dense") or those of the model compressed so far ("compressed"); rank: one rank for every
+    group's factors instead of the ratio.
     """
 
     group_size: int = 2
     groups: list[list[int]] | None = None
     propagate: Literal["dense", "compressed"] = "dense"
+    rank: int | None = None  # an explicit rank instead of the ratio (the ratio is then whatever it comes to)
 
     def validate(self) -> None:
         super().validate()
         need(self.group_size >= 1, f"{self.method}: group_size must be >= 1, got {self.group_size}")
+        need(self.rank is None or self.rank >= 1, f"{self.method}: rank must be >= 1, got {self.rank}")
         check_groups(self.method, self.groups)
 
 

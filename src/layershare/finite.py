@@ -33,7 +33,7 @@ def check_dense(model: nn.Module) -> None:
 
 def check_group(where: str, modules: dict[str, nn.Module], errors: tuple[float, ...] = ()) -> None:
     """Raise unless every tensor of the group's new modules and its errors are finite."""
-    bad = [n for path, m in modules.items() for n in non_finite_tensors(m, f"{path}.")]
+    bad = [n for path, m in modules.items() for n in non_finite_tensors(m, f"{path}." if path else "")]
     if bad:
         raise NonFiniteError(f"{where}: the compressed tensors {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} "
                              "hold NaN or infinite values; the run stopped and nothing was saved")

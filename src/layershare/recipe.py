@@ -23,7 +23,6 @@ from .methods import FiPSConfig, config_class, config_from_dict
 __all__ = ["Recipe", "RecipeError", "make_groups"]
 
 VERSION = 2
-DTYPES = ("float32", "bfloat16", "float16")
 RUN_FIELDS = ("nsamples", "seqlen", "dtype", "device", "seed")
 # every key of a version-1 recipe, and those of its fields a method ignored there
 LEGACY_KEYS = {"method", "ratio", "ratio_of", "group_size", "groups", "sparsity", "schedule", "prune_every",
@@ -58,11 +57,7 @@ class Recipe:
             except RecipeError as e:
                 raise RecipeError(f"stage {i + 1}: {e}") from None
         self.stages = stages
-        hints = {f.name for f in dataclasses.fields(self)} - {"stages"}
-        try:
-            check_fields(_RunFields(**{k: getattr(self, k) for k in hints}))
-        except RecipeError as e:
-            raise RecipeError(str(e).replace("_RunFields", "recipe")) from None
+        check_fields(self, "recipe", skip=("stages",))
         self.validate()
 
     def validate(self) -> None:
@@ -171,18 +166,6 @@ class Recipe:
 
     def to_yaml(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-
-
-@dataclass
-class _RunFields:
-    """The recipe's own fields, type-checked like a stage config's."""
-
-    nsamples: int
-    seqlen: int
-    dtype: Literal["float32", "bfloat16", "float16"]
-    device: str
-    seed: int
-    version: int
 
 
 def _v1_stage(flat: dict, index: int) -> StageConfig:

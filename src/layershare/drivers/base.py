@@ -2,7 +2,6 @@
 stage runs in."""
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -73,7 +72,6 @@ class StageContext:
     seed: int
     store: StageStore
     callbacks: Callback = field(default_factory=Callback)
-    started: float = field(default_factory=time.time)
 
     def generator(self) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed)

@@ -73,18 +73,16 @@ def run_sequential(model: nn.Module, adapter: Adapter, method, batches: list[tor
         for part, shared in comp.shared.items():
             ctx.store.add(g, part, shared)
         del group
-        if objective is not None:
-            fns = [lambda x, b=blocks[b]: objective.forward(b, x) for b in group_blocks]
-            if needs.tuning:
-                with torch.enable_grad():
-                    stats = reconstruct(fns, X, Y, comp.params, comp.pruner, method.config, device,
-                                        desc=f"group {g + 1}/{len(groups)}", generator=gen)
-            else:
-                err = relative_error(fns, X, Y, device)
-                stats = ReconStats(err, err, 0, [])
-            method.materialize(comp)
-        else:  # no objective: the error is the group's output error against the dense group's
-            method.materialize(comp)
+        fns = [lambda x, b=blocks[b]: objective.forward(b, x) for b in group_blocks] if objective is not None else None
+        if needs.tuning:
+            with torch.enable_grad():
+                stats = reconstruct(fns, X, Y, comp.params, comp.pruner, method.config, device,
+                                    desc=f"group {g + 1}/{len(groups)}", generator=gen)
+        elif objective is not None:
+            err = relative_error(fns, X, Y, device)
+            stats = ReconStats(err, err, 0, [])
+        method.materialize(comp)
+        if objective is None:  # the error is the group's output error against the dense group's
             _, _, comp_out = run_group(blocks, group_blocks, cap, adapter, device, record=False)
             err = output_error(comp_out, dense_out)
             stats = ReconStats(err, err, 0, [])

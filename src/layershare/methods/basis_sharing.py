@@ -33,7 +33,7 @@ import torch
 
 from ..adapters.base import IN, OUT, Adapter
 from ..budget import BudgetError, GroupBudget, GroupShape, Plan, keep_fraction, make_plan, solve_dense
-from ..config import GroupedConfig, need
+from ..config import GroupedConfig
 from ..modules.shared_basis import SharedBasis, SharedBasisLinear
 from ..modules.weights import weight_dxh
 from .base import Compressed, Group, GroupMethod, Needs
@@ -58,11 +58,6 @@ class BasisSharingConfig(GroupedConfig):
 
     update: bool | None = None  # the closed-form coefficient update (None: from ratio 0.4 on, as the paper)
     joint_basis: bool = False  # one basis for all input-side types of a group (up and gate together)
-    rank: int | None = None  # an explicit rank for every part instead of the ratio
-
-    def validate(self) -> None:
-        super().validate()
-        need(self.rank is None or self.rank >= 1, f"{self.method}: rank must be >= 1, got {self.rank}")
 
 
 @dataclass

@@ -59,7 +59,6 @@ class FiPSConfig(GroupedConfig):
     batch_tokens: int = 1024  # tokens per optimiser step
     loss: Literal["mse", "nmse"] = "mse"  # "nmse": each block's error divided by its output energy
     objective: Literal["auto", "mlp", "residual", "block"] = "auto"  # what the tuning matches (objectives.py)
-    rank: int | None = None  # an explicit rank instead of the ratio (the ratio is then whatever it comes to)
     train_basis: bool = True  # tune the shared basis U too (else only V)
 
     def validate(self) -> None:
@@ -71,7 +70,6 @@ class FiPSConfig(GroupedConfig):
         need(0 < self.prune_end <= 1, f"{m}: prune_end must be in (0, 1], got {self.prune_end}")
         need(self.batch_tokens >= 1, f"{m}: batch_tokens must be >= 1, got {self.batch_tokens}")
         need(self.lr > 0, f"{m}: lr must be > 0, got {self.lr}")
-        need(self.rank is None or self.rank >= 1, f"{m}: rank must be >= 1, got {self.rank}")
 
 
 PAD_TAU = 32.0

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..budget import GroupBudget, GroupShape, Plan, keep_fraction, make_plan, solve_dense
-from ..config import GroupedConfig, need
+from ..config import GroupedConfig
 from .base import Compressed, Group, GroupMethod, Needs
 from .lowrank import lowrank_linear
 
@@ -27,11 +27,6 @@ class SVDConfig(GroupedConfig):
     method = "svd"
 
     update: bool = False  # SVD-LLM's closed-form update on the compressed model's inputs
-    rank: int | None = None  # an explicit rank for every linear instead of the ratio
-
-    def validate(self) -> None:
-        super().validate()
-        need(self.rank is None or self.rank >= 1, f"{self.method}: rank must be >= 1, got {self.rank}")
 
 
 @dataclass
