@@ -92,10 +92,9 @@ def run_one(model_name: str, method: str, ratio: float, seqlen: int, overrides: 
             row["group_errors"] = [(g.stats.rel_err_before, g.stats.rel_err_after) for g in result.report.groups]
             row["groups_kept_init"] = [i for i, g in enumerate(result.report.groups) if g.stats.kept_init]
             row["extra"] = result.report.extra  # what whole-model methods report (ffn-merge: its window)
-            model = layershare.load(Path(tmp) / "c", device=device)  # evaluate what was saved, not what is in memory
-            for m in model.modules():  # sparse V to dense for the evaluation's speed (same function; tests check)
-                if hasattr(m, "unpack"):
-                    m.unpack()
+            # evaluate what was saved, not what is in memory, in the default run-time form (tests check
+            # that every form computes the same function)
+            model = layershare.load(Path(tmp) / "c", device=device)
     model.to(device)
     ppl = layershare.evaluate_perplexity(model, tok, tokenize(tok, read_text(eval_text)), seqlen=seqlen,
                                          max_windows=max_windows)

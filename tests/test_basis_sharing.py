@@ -55,7 +55,7 @@ def test_attention_budget_and_round_trip(arch, tokens, input_ids, tmp_path):
     assert 0 < res.report.groups[0].stats.rel_err_before < 1  # the group's output error, measured
     with torch.no_grad():
         before = model(input_ids).logits
-        after = layershare.load(tmp_path / "c")(input_ids).logits
+        after = layershare.load(tmp_path / "c", runtime="compact")(input_ids).logits
     torch.testing.assert_close(after, before, atol=0, rtol=0)
 
 
@@ -70,7 +70,7 @@ def test_paper_whole_method_mlp_plus_attention(tokens, input_ids, tmp_path):
         assert abs(res.sizes.ratio - 0.2) < 0.01
         assert type(model.model.layers[0].self_attn.q_proj).__name__ == "SharedBasisLinear"
         with torch.no_grad():
-            torch.testing.assert_close(layershare.load(tmp_path / method)(input_ids).logits,
+            torch.testing.assert_close(layershare.load(tmp_path / method, runtime="compact")(input_ids).logits,
                                        model(input_ids).logits, atol=0, rtol=0)
 
 

@@ -59,7 +59,7 @@ def test_merge_removes_whole_mlps_and_round_trips(arch, tokens, input_ids, tmp_p
     # the chosen window has the lowest calibration loss among the candidates
     losses = res.report.extra["window_losses"]
     assert len(losses) == 2 and losses[window[0]] == min(losses.values())
-    loaded = layershare.load(tmp_path / "c")
+    loaded = layershare.load(tmp_path / "c", runtime="compact")
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids).logits, model(input_ids).logits, atol=0, rtol=0)
     from layershare.adapters import get_adapter

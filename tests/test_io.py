@@ -16,7 +16,7 @@ def test_save_load_gives_identical_logits_and_generates(arch, tokens, input_ids,
     layershare.compress(model, small_recipe(ratio=0.2, steps=5, lr=1e-3), data=tokens, output_dir=tmp_path / "c")
     with torch.no_grad():
         before = model(input_ids).logits
-    loaded = layershare.load(tmp_path / "c")
+    loaded = layershare.load(tmp_path / "c", runtime="compact")
     assert any(isinstance(m, SharedBasisLinear) and m.packed for m in loaded.modules())
     with torch.no_grad():
         after = loaded(input_ids).logits
@@ -33,7 +33,7 @@ def test_save_load_gives_identical_logits_and_generates(arch, tokens, input_ids,
 def test_loaded_model_holds_only_compressed_tensors(tokens, tmp_path):
     model = make_model("llama")
     res = layershare.compress(model, small_recipe(ratio=0.3), data=tokens, output_dir=tmp_path / "c")
-    loaded = layershare.load(tmp_path / "c")
+    loaded = layershare.load(tmp_path / "c", runtime="compact")
     stored = sum(p.numel() for p in loaded.parameters()) + sum(
         m.nnz() for m in loaded.modules() if isinstance(m, SharedBasisLinear))
     assert stored == res.sizes.stored_values
@@ -79,20 +79,20 @@ def test_foreign_and_truncated_checkpoints_are_refused(tokens, tmp_path):
     dense = make_model("llama")
     dense.save_pretrained(tmp_path / "dense")
     with pytest.raises(CheckpointError, match="not a layershare checkpoint"):
-        layershare.load(tmp_path / "dense")
+        layershare.load(tmp_path / "dense", runtime="compact")
     with pytest.raises(CheckpointError, match="not a directory"):
-        layershare.load(tmp_path / "missing")
+        layershare.load(tmp_path / "missing", runtime="compact")
 
     layershare.compress(make_model("llama"), small_recipe(), data=tokens, output_dir=tmp_path / "c")
     weights = tmp_path / "c" / "model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="truncated"):
-        layershare.load(tmp_path / "c")
+        layershare.load(tmp_path / "c", runtime="compact")
     # same size but garbage: the safetensors reader's error is reported as a checkpoint error
     weights.write_bytes(b"\0" * len(data))
     with pytest.raises(CheckpointError):
-        layershare.load(tmp_path / "c")
+        layershare.load(tmp_path / "c", runtime="compact")
 
 
 def test_config_entry_describes_layout(tokens, tmp_path):

@@ -36,7 +36,7 @@ def test_masa_budget_and_round_trip(arch, tokens, input_ids, tmp_path):
     assert on_disk < 4 * total  # really smaller than the dense float32 weights
     with torch.no_grad():
         before = model(input_ids).logits
-        after = layershare.load(tmp_path / "c")(input_ids).logits
+        after = layershare.load(tmp_path / "c", runtime="compact")(input_ids).logits
     torch.testing.assert_close(after, before, atol=0, rtol=0)
 
 
@@ -82,6 +82,6 @@ def test_fips_on_mlps_plus_masa_on_attention_in_one_recipe(tokens, input_ids, tm
                  if hasattr(m, "coef") for p in m.atoms.parameters()})  # each group's atoms, once
     assert (dense_attention - sum(kept.values())) / dense_total == pytest.approx(att.plan.model_ratio, abs=1e-9)
     assert res.sizes.ratio == pytest.approx(att.plan.model_ratio + mlp.plan.model_ratio, abs=1e-6)  # they add up
-    loaded = layershare.load(tmp_path / "c")
+    loaded = layershare.load(tmp_path / "c", runtime="compact")
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids).logits, model(input_ids).logits, atol=0, rtol=0)

@@ -50,7 +50,7 @@ def test_peer_budget_and_round_trip(method, arch, tokens, input_ids, tmp_path):
     assert res.sizes.weight_bytes <= on_disk <= res.sizes.weight_bytes + 32_000
     with torch.no_grad():
         before = model(input_ids).logits
-        after = layershare.load(tmp_path / "c")(input_ids).logits
+        after = layershare.load(tmp_path / "c", runtime="compact")(input_ids).logits
     torch.testing.assert_close(after, before, atol=0, rtol=0)
 
 
@@ -107,7 +107,7 @@ def test_closed_form_update_on_compressed_inputs(method, tokens, input_ids, tmp_
     assert any(not torch.allclose(on[k], off[k], atol=1e-4) for k in later)
     assert out[True][1] < out[False][1]
     with torch.no_grad():
-        reloaded = layershare.load(tmp_path / "True")(input_ids).logits
+        reloaded = layershare.load(tmp_path / "True", runtime="compact")(input_ids).logits
         torch.testing.assert_close(reloaded, out[True][0](input_ids).logits, atol=0, rtol=0)
 
 

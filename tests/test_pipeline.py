@@ -61,7 +61,7 @@ def test_loading_a_saved_model_imports_no_compressor(tokens, tmp_path):
         "import json, sys\n"
         "import layershare.io\n"
         "after_import = sorted(m for m in sys.modules if m.startswith('layershare'))\n"
-        f"m = layershare.io.load_compressed({str(tmp_path / 'c')!r})\n"
+        f"m = layershare.io.load_compressed({str(tmp_path / 'c')!r}, runtime='compact')\n"
         "after_load = sorted(m for m in sys.modules if m.startswith('layershare'))\n"
         "print(json.dumps({'import': after_import, 'load': after_load, 'class': type(m).__name__,\n"
         "                  'params': sum(p.numel() for p in m.parameters())}))\n")
@@ -189,7 +189,7 @@ def test_two_stage_recipe_compresses_attention_and_mlps(tokens, input_ids, tmp_p
     # plus the bitmask of the sparse V (which the FiPS plan counts too)
     planned = sum(s.plan.model_ratio for s in result.report.stages)
     assert abs(result.sizes.ratio - planned) < 1e-6, (result.sizes.ratio, planned)
-    loaded = layershare.load(tmp_path / "c")
+    loaded = layershare.load(tmp_path / "c", runtime="compact")
     with torch.no_grad():
         assert torch.equal(loaded(input_ids).logits, model(input_ids).logits)
     bases = json.loads((tmp_path / "c" / "config.json").read_text())["layershare"]["bases"]

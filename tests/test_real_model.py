@@ -35,7 +35,7 @@ def test_smollm2_fips_20_percent_is_smaller_reloads_and_stays_close(smol, tmp_pa
     comp = layershare.evaluate_perplexity(model, tok, held, seqlen=512, max_windows=6)
     # measured: dense 38.5, compressed 49.6 (a short run; the default recipe does far better)
     assert dense.ppl < comp.ppl < 2 * dense.ppl  # compressed, but still a language model
-    loaded = layershare.load(tmp_path / "smol")
+    loaded = layershare.load(tmp_path / "smol", runtime="compact")
     ids = tok("Emma Woodhouse, handsome, clever, and rich,", return_tensors="pt").input_ids
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=0, rtol=0)

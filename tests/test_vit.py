@@ -95,7 +95,7 @@ def test_block_objective_tunes_each_block_to_the_dense_block_output(pixels):
 def test_save_load_identical_logits(kind, pixels, tmp_path):
     model = make_vit(kind)
     layershare.compress(model, vit_recipe(ratio=0.3), data=pixels, output_dir=tmp_path / "out")
-    loaded = layershare.load(tmp_path / "out")
+    loaded = layershare.load(tmp_path / "out", runtime="compact")
     assert type(loaded) is type(model)
     with torch.no_grad():
         torch.testing.assert_close(loaded(pixel_values=pixels).logits, model(pixel_values=pixels).logits,
@@ -117,7 +117,7 @@ def test_peers_run_on_vit(method, pixels, tmp_path):
     model = make_vit("deit")
     res = layershare.compress(model, vit_recipe(method=method, ratio=0.2), data=pixels, output_dir=tmp_path / "o")
     assert abs(res.sizes.ratio - 0.2) < 0.01
-    loaded = layershare.load(tmp_path / "o")
+    loaded = layershare.load(tmp_path / "o", runtime="compact")
     with torch.no_grad():
         torch.testing.assert_close(loaded(pixel_values=pixels).logits, model(pixel_values=pixels).logits)
 
@@ -194,7 +194,7 @@ def test_timm_vit_full_rank_and_save_load(pixels, tmp_path):
                               depth=4, num_heads=2, num_classes=5).eval()
     res = layershare.compress(model, vit_recipe(ratio=0.3), data=pixels, output_dir=tmp_path / "t")
     assert abs(res.sizes.ratio - 0.3) < 0.01
-    loaded = layershare.load(tmp_path / "t")
+    loaded = layershare.load(tmp_path / "t", runtime="compact")
     with torch.no_grad():
         torch.testing.assert_close(loaded(pixels), model(pixels), atol=0, rtol=0)
 

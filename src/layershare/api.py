@@ -204,11 +204,13 @@ def stage_meta(stage) -> dict:
             **stage.extra}
 
 
-def load(path: str | Path, device: str = "cpu", model: nn.Module | None = None) -> nn.Module:
+def load(path: str | Path, device: str = "cpu", model: nn.Module | None = None, runtime: str = "auto") -> nn.Module:
     """A compressed model saved by `compress(..., output_dir=...)`, ready to run. `model`: an
     uncompressed skeleton of the same architecture, for a model that cannot be rebuilt from the
-    directory (transformers and timm ViTs are)."""
-    return load_compressed(path, device=device, model=model)
+    directory (transformers and timm ViTs are). `runtime`: the run-time form, "auto" (the
+    default: factored where that is smaller and faster, else merged), "compact" (the smallest:
+    what is stored), "factored", "csr" or "merged" (runtime.py; docs/runtime.md)."""
+    return load_compressed(path, device=device, model=model, runtime=runtime)
 
 
 def evaluate_perplexity(model: nn.Module, tokenizer, text, seqlen: int | None = None,
@@ -266,7 +268,9 @@ def finetune(model: nn.Module, teacher: nn.Module, data, preprocessing=None, ste
     finetuning_data), keeping every sparsity pattern; save to `output_dir` if given.
     Returns distill.FinetuneStats."""
     from . import distill
+    from .io import check_not_merged
 
+    check_not_merged(model, "fine-tune")
     if output_dir is not None:
         check_output_dir(output_dir, overwrite)
     inputs, labels = finetuning_data(model, data, preprocessing, max_samples, seqlen, seed)

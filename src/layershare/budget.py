@@ -97,6 +97,37 @@ def solve_group(shape: GroupShape, keep: float, density: float, bytes_per_param:
                        dense=shape.dense, v_size=rank * shape.H)
 
 
+def solve_nm(shape: GroupShape, keep: float, n: int, m: int, bytes_per_param: int) -> GroupBudget:
+    """Largest rank (a multiple of m) whose storage with exactly n of every m entries of V kept
+    fits keep * dense: the nonzeros are fixed by the pattern, so the group keeps slightly less
+    than asked (at most m ranks' worth)."""
+    target = keep * shape.dense - shape.n_bias
+    per_rank = shape.d + shape.H * n / m + mask_params(1, shape.H, bytes_per_param)
+    rank = int(target // per_rank) // m * m
+    if rank < m:
+        raise BudgetError(f"a group with d={shape.d}, H={shape.H} cannot keep {keep:.1%} of its MLP parameters "
+                          f"with an {n}:{m} V: not even rank {m} fits")
+    nnz = rank * shape.H * n // m
+    return GroupBudget(rank=rank, nnz=nnz, stored=stored_params(shape, rank, nnz, bytes_per_param),
+                       dense=shape.dense, v_size=rank * shape.H)
+
+
+def solve_pattern(shape: GroupShape, keep: float, pattern: str, density: float, bytes_per_param: int) -> GroupBudget:
+    """The group's budget for V's sparsity pattern: "unstructured" (at `density`), "N:M", or
+    "none" (a dense V: no bitmask)."""
+    if pattern == "none":
+        return solve_dense(shape, keep)
+    if pattern == "unstructured":
+        return solve_group(shape, keep, density, bytes_per_param)
+    n, m = parse_nm(pattern)
+    return solve_nm(shape, keep, n, m, bytes_per_param)
+
+
+def parse_nm(pattern: str) -> tuple[int, int]:
+    n, m = (int(v) for v in pattern.split(":"))
+    return n, m
+
+
 @dataclass(frozen=True)
 class Plan:
     keep: float  # fraction of MLP parameters each group keeps
@@ -155,7 +186,7 @@ def make_plan(shapes: list[GroupShape], total_params: int, keep: float, budgets)
 
 
 def plan(shapes: list[GroupShape], total_params: int, ratio: float, of: str, density: float,
-         bytes_per_param: int, method: str = "fips") -> Plan:
+         bytes_per_param: int, method: str = "fips", pattern: str = "unstructured") -> Plan:
     """Split a target ratio (of the whole model's or of the MLPs' parameters) over the groups.
 
     Every group keeps the same fraction of its dense MLP parameters, so the total hits the
@@ -164,15 +195,17 @@ def plan(shapes: list[GroupShape], total_params: int, ratio: float, of: str, den
     if not 0 < density <= 1:
         raise BudgetError(f"density must be in (0, 1], got {density}")
     keep = keep_fraction(shapes, total_params, ratio, of, method=method)
-    return make_plan(shapes, total_params, keep, [solve_group(s, keep, density, bytes_per_param) for s in shapes])
+    return make_plan(shapes, total_params, keep,
+                     [solve_pattern(s, keep, pattern, density, bytes_per_param) for s in shapes])
 
 
 def fixed_rank_plan(shapes: list[GroupShape], total_params: int, rank: int, density: float,
                     bytes_per_param: int) -> Plan:
-    """Every group at the given rank and V density (no target ratio)."""
+    """Every group at the given rank and V density (no target ratio; density 1 with
+    bytes_per_param 0: a dense V, no bitmask)."""
     groups = []
     for s in shapes:
-        nnz = max(1, int(round(density * rank * s.H)))
+        nnz = rank * s.H if density >= 1 else max(1, int(round(density * rank * s.H)))
         groups.append(GroupBudget(rank=rank, nnz=nnz, stored=stored_params(s, rank, nnz, bytes_per_param),
                                   dense=s.dense, v_size=rank * s.H))
     mlp = sum(s.dense for s in shapes)

@@ -11,7 +11,7 @@ import yaml
 from .config import RecipeError
 
 # flags that set a field of the main stage (when its method has that field), and the run's own
-STAGE_FLAGS = ("ratio", "ratio_of", "group_size", "sparsity", "schedule", "prune_score", "init", "objective",
+STAGE_FLAGS = ("ratio", "ratio_of", "group_size", "pattern", "sparsity", "schedule", "prune_score", "init", "objective",
                "steps", "lr")
 RUN_FLAGS = ("nsamples", "seqlen", "dtype", "device", "seed")
 DEFAULT_PROMPT = "It is a truth universally acknowledged"
@@ -37,7 +37,9 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
                    help="also compress the attention with this method (masa, basis-sharing-attention), run first")
     p.add_argument("--attention-ratio", type=float, help="fraction of the attention parameters it removes")
     p.add_argument("--group-size", type=int, help="adjacent blocks per group (sharing one basis)")
-    p.add_argument("--sparsity", type=float, help="FiPS: fraction of V entries pruned")
+    p.add_argument("--pattern", help="FiPS: V's sparsity pattern: auto (default), unstructured, 2:4, 1:4, none "
+                                     "(dense V, fastest at run time; docs/runtime.md)")
+    p.add_argument("--sparsity", type=float, help="FiPS: fraction of V entries pruned (unstructured pattern)")
     p.add_argument("--schedule", help="FiPS: gradual (default) or static pruning")
     p.add_argument("--prune-score",
                    help="FiPS: rank V entries by the output change they cause (activation, default) or by |V| (magnitude)")
@@ -127,7 +129,6 @@ def cmd_compress(args) -> int:
     import layershare
     from layershare.adapters import get_adapter
     from layershare.io import check_output_dir
-    from layershare.modules.shared_basis import unpack_all
 
     t_start = time.time()
     recipe = build_recipe(args)
@@ -167,8 +168,7 @@ def cmd_compress(args) -> int:
     print(f"  weights on disk     dense {_human(s.dense_bytes)} ({recipe.dtype})  ->  {_human(disk)}  "
           f"=  {1 - disk / s.dense_bytes:.2%} smaller")
     print(f"  saved to {result.output_dir}; reloading it from disk ...", flush=True)
-    loaded = layershare.load(result.output_dir)
-    unpack_all(loaded)  # dense V for evaluation speed: the same function (tests/test_io.py checks)
+    loaded = layershare.load(result.output_dir, runtime=args.runtime)
     if dense_eval is not None:
         comp_eval = _evaluate(loaded, prep, args.eval_text, args.eval_images, args.eval_seqlen, args.eval_windows,
                               "compressed")
@@ -220,13 +220,11 @@ def _record_eval(out: Path, source: str, dense, comp) -> None:
 def cmd_eval(args) -> int:
     import layershare
     from layershare.io import read_meta
-    from layershare.modules.shared_basis import unpack_all
 
     path = Path(args.model)
     if path.is_dir() and (path / "layershare.json").exists():
         read_meta(path)
-        model, prep = layershare.load(path), layershare.load_preprocessing(path)
-        unpack_all(model)  # dense V for evaluation speed: the same function (tests/test_io.py checks)
+        model, prep = layershare.load(path, runtime=args.runtime), layershare.load_preprocessing(path)
     else:
         model, prep = layershare.load_model(args.model)
     if args.images:
@@ -250,7 +248,7 @@ def cmd_finetune(args) -> int:
     if not teacher_name:
         raise ValueError(f"{args.dir} does not record its dense model: pass --teacher MODEL")
     print(f"loading {args.dir} and the teacher {teacher_name} ...", flush=True)
-    model, prep = layershare.load(args.dir), layershare.load_preprocessing(args.dir)
+    model, prep = layershare.load(args.dir, runtime="compact"), layershare.load_preprocessing(args.dir)
     teacher, _ = layershare.load_model(teacher_name)
     meta = {k: v for k, v in meta.items() if k not in ("weights_bytes", "format_version", "eval")}
     stats = layershare.finetune(model, teacher, args.data, prep, steps=args.steps, batch_size=args.batch_size,
@@ -310,6 +308,11 @@ def cmd_info(args) -> int:
     return 0
 
 
+RUNTIME_HELP = ("run-time form of the loaded compressed model: auto (factored where smaller and faster, else "
+                "merged), compact (smallest: as stored), factored, csr, merged (docs/runtime.md)")
+RUNTIMES = ("auto", "compact", "factored", "csr", "merged")  # runtime.RUNTIMES (not imported: the CLI starts fast)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="layershare", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -329,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--prompt", default=DEFAULT_PROMPT,
                    help="causal LMs: the saved model is reloaded and continues this prompt ('' to skip)")
     c.add_argument("--max-new-tokens", type=int, default=24)
+    c.add_argument("--runtime", default="auto", choices=RUNTIMES, help=RUNTIME_HELP)
     _add_recipe_args(c)
     c.set_defaults(func=cmd_compress)
 
@@ -340,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seqlen", type=int)
     e.add_argument("--max-images", type=int, help="a stratified subset of the images")
     e.add_argument("--max-windows", type=int, help="only the first N windows of the text (a slice; printed)")
+    e.add_argument("--runtime", default="auto", choices=RUNTIMES, help=RUNTIME_HELP)
     e.set_defaults(func=cmd_eval)
 
     f = sub.add_parser("finetune", help="distil the dense model into a compressed directory (end to end)")

@@ -50,12 +50,12 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 
 def _make_trainable(model: nn.Module) -> list[SharedBasisLinear]:
-    """Unpack every packed V into a dense V + fixed mask, and let every float tensor train."""
+    """Every frozen V to its training form (a dense V times a fixed 0/1 mask where it is sparse),
+    and let every float tensor train."""
     unpacked = []
     for m in model.modules():
-        if isinstance(m, SharedBasisLinear) and m.packed:
-            m.unpack()
-            m.mask = (m.V.detach() != 0).to(m.V.dtype)
+        if isinstance(m, SharedBasisLinear) and m.form != "train":
+            m.to_form("train")
             unpacked.append(m)
     for p in model.parameters():
         if p.is_floating_point():

@@ -70,7 +70,7 @@ def layer_map(model: nn.Module) -> dict:
     for name, m in model.named_modules():
         if isinstance(m, SharedBasisLinear):
             layers[name] = {"basis": ids[id(m.basis)], "role": m.role, "v_shape": list(m.v_shape),
-                            "bias": m.bias is not None, "sparse": m.packed}
+                            "bias": m.bias is not None, "sparse": m.sparse}
         elif isinstance(m, AtomLinear):
             layers[name] = {"kind": "atoms", "basis": ids[id(m.atoms)], "bias": m.bias is not None}
     shapes = {k: ({"atoms": list(b.shape)} if isinstance(b, MatrixAtoms) else list(b.U.shape))
@@ -148,8 +148,18 @@ def _save_config(model: nn.Module, entry: dict, folder: Path) -> None:
         del config.layershare
 
 
+def check_not_merged(model: nn.Module, action: str) -> None:
+    """Refuse a model whose compressed layers were merged into dense ones at load time."""
+    n = getattr(model, "layershare_merged", 0)
+    if n:
+        raise CheckpointError(f"cannot {action} this model: {n} of its compressed layers were merged into dense "
+                              f"ones when it was loaded (runtime='auto' or 'merged'); load it with "
+                              f"layershare.load(DIR, runtime='compact') to {action} it")
+
+
 def save_compressed(model: nn.Module, output_dir: str | Path, tokenizer=None, overwrite: bool = False,
                     dtype: str = "float32", meta: dict | None = None, recipe=None) -> Path:
+    check_not_merged(model, "save")
     output_dir = check_output_dir(output_dir, overwrite)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     torch_dtype = getattr(torch, dtype)
@@ -206,10 +216,16 @@ def read_meta(path: str | Path) -> tuple[dict, dict]:
 
 
 def load_compressed(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = torch.float32,
-                    model: nn.Module | None = None):
+                    model: nn.Module | None = None, runtime: str = "auto"):
     """A runnable model from a compressed directory, without the original weights: a transformers
     model rebuilt from its config, a timm model rebuilt from its architecture, or `model` (an
-    uncompressed skeleton of the same architecture, for models neither can rebuild) filled in."""
+    uncompressed skeleton of the same architecture, for models neither can rebuild) filled in.
+    The skeleton is built on the meta device and the file's tensors are assigned into it as they
+    are (no dense temporaries); `runtime` then picks the run-time form (runtime.py)."""
+    from .runtime import RUNTIMES, to_runtime
+
+    if runtime not in RUNTIMES:
+        raise ValueError(f"unknown runtime {runtime!r} (known: {', '.join(RUNTIMES)})")
     import transformers
     from accelerate import init_empty_weights
     from transformers import AutoConfig
@@ -237,15 +253,15 @@ def load_compressed(path: str | Path, device: str = "cpu", dtype: torch.dtype | 
         cls = getattr(transformers, entry.get("class", ""), None)
         with init_empty_weights():
             model = cls(config) if cls is not None else getattr(transformers, AUTO_CLASSES[task]).from_config(config)
-    bases = nn.ModuleDict({k: MatrixAtoms(torch.zeros(*shape["atoms"])) if isinstance(shape, dict)
-                           else SharedBasis(torch.zeros(*shape)) for k, shape in entry["bases"].items()})
+    bases = nn.ModuleDict({k: MatrixAtoms(torch.empty(*shape["atoms"], device="meta")) if isinstance(shape, dict)
+                           else SharedBasis(torch.empty(*shape, device="meta")) for k, shape in entry["bases"].items()})
     model.add_module(BASES_ATTR, bases)
     for name, spec in entry["layers"].items():
         if spec.get("kind") == "atoms":
             set_path(model, name, AtomLinear.empty(bases[spec["basis"]], spec["bias"]))
             continue
-        make = SharedBasisLinear.empty_packed if spec.get("sparse", True) else SharedBasisLinear.empty_dense
-        set_path(model, name, make(bases[spec["basis"]], tuple(spec["v_shape"]), spec["role"], spec["bias"]))
+        set_path(model, name, SharedBasisLinear.empty(bases[spec["basis"]], tuple(spec["v_shape"]), spec["role"],
+                                                      spec["bias"], sparse=spec.get("sparse", True)))
     for alias, source in entry.get("tied", {}).items():
         set_path(model, alias, get_path(model, source))
     try:
@@ -258,12 +274,11 @@ def load_compressed(path: str | Path, device: str = "cpu", dtype: torch.dtype | 
     result = model.load_state_dict(sd, strict=False, assign=True)
     if result.unexpected_keys:
         raise CheckpointError(f"{str(path)!r}: unexpected tensors {result.unexpected_keys[:5]}")
+    del sd
     if hasattr(model, "tie_weights"):
         model.tie_weights()
-    still_meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    still_meta = [n for n, p in list(model.named_parameters()) + list(model.named_buffers())
+                  if p.device.type == "meta"]
     if still_meta:
         raise CheckpointError(f"{str(path)!r}: tensors missing from {WEIGHTS}: {still_meta[:5]}")
-    for module in model.modules():  # buffers created on meta (non-persistent ones are rebuilt by from_config)
-        if isinstance(module, SharedBasisLinear) and module.packed:
-            module.V_csr = module.V_csr.to(dtype or module.V_csr.dtype)
-    return model.to(device).eval()
+    return to_runtime(model.to(device).eval(), runtime)

@@ -6,6 +6,12 @@ GMP sparsifier: the number of kept entries goes from `n_init` to `n_final` as
 updated every `every` steps, ranking |V| jointly over all V_i of the group. Pruned entries
 stay pruned (no regrowth); after t_end the mask is fixed at exactly `n_final` nonzeros.
 
+With an N:M pattern (`nm=(n, m)`: in every m consecutive entries along the input axis of each
+V's linear, the rank axis r for up/gate and the h axis for down, n are kept) the same ramp
+moves whole m-groups to N:M: at each update the groups whose pruning costs the least score
+(the sum of their m - n smallest) are made N:M, those already N:M first, until the group
+count the ramp asks for; at the end every m-group holds exactly n nonzeros.
+
 The ranking is by |V| (the paper's) or, with `ActivationScore`, by |V| times how much one unit
 of that entry moves the MLP's output on calibration data (`Recipe.prune_score = "activation"`).
 """
@@ -61,11 +67,33 @@ class ActivationScore:
         return scales
 
 
+def nm_view(t: torch.Tensor, role: str, m: int) -> torch.Tensor:
+    """V (r x h) as (groups, m): m consecutive entries along its linear's input axis (r for a
+    d -> h layer, whose weight is V^T; h for h -> d, whose weight is V)."""
+    r, h = t.shape
+    if role == IN:
+        return t.view(r // m, m, h).permute(0, 2, 1).reshape(-1, m)
+    return t.reshape(r * h // m, m)
+
+
+def nm_unview(g: torch.Tensor, role: str, m: int, shape) -> torch.Tensor:
+    r, h = shape
+    if role == IN:
+        return g.view(r // m, h, m).permute(0, 2, 1).reshape(r, h)
+    return g.reshape(r, h)
+
+
+def is_nm(V: torch.Tensor, role: str, n: int, m: int) -> bool:
+    """Whether every m-group along the input axis of V's linear has at most n nonzeros."""
+    return bool(((nm_view(V != 0, role, m)).sum(1) <= n).all())
+
+
 class GroupPruner:
     def __init__(self, layers: list[SharedBasisLinear], n_final: int, schedule: str, steps: int,
                  every: int = 10, end: float = 0.75, initial_density: float = 1.0,
-                 score: ActivationScore | None = None):
+                 score: ActivationScore | None = None, nm: tuple[int, int] | None = None):
         self.layers = layers
+        self.nm = nm
         self.score = score
         self.total = sum(layer.V.numel() for layer in layers)
         self.n_final = n_final
@@ -86,8 +114,11 @@ class GroupPruner:
     @torch.no_grad()
     def prune_to(self, keep: int) -> None:
         weights = self.score() if self.score is not None else [None] * len(self.layers)
-        scores = torch.cat([(layer.masked_V().abs() if w is None else layer.masked_V().abs() * w).flatten()
-                            for layer, w in zip(self.layers, weights)])
+        per_layer = [layer.masked_V().abs() if w is None else layer.masked_V().abs() * w
+                     for layer, w in zip(self.layers, weights)]
+        if self.nm is not None:
+            return self._prune_nm(keep, per_layer)
+        scores = torch.cat([s.flatten() for s in per_layer])
         if self.layers[0].mask is not None:  # already-pruned entries never come back
             scores = torch.where(torch.cat([l.mask.flatten() for l in self.layers]) > 0, scores, -1.0)
         flat = torch.zeros_like(scores)
@@ -97,7 +128,29 @@ class GroupPruner:
             n = layer.V.numel()
             layer.mask = flat[offset:offset + n].view_as(layer.V).clone()
             layer.V.mul_(layer.mask)
+            layer.sparse = True
             offset += n
+
+    def _prune_nm(self, keep: int, per_layer: list[torch.Tensor]) -> None:
+        n, m = self.nm
+        groups = [nm_view(s, layer.role, m) for s, layer in zip(per_layer, self.layers)]  # (G, m) each
+        masks = [nm_view(layer.mask, layer.role, m) if layer.mask is not None else torch.ones_like(g)
+                 for layer, g in zip(self.layers, groups)]
+        total_groups = sum(g.shape[0] for g in groups)
+        want = min(total_groups, int(round((self.total - keep) / (m - n))))  # m-groups made N:M
+        cost = torch.cat([torch.where(mk.sum(1) <= n, -1.0, g.sort(dim=1).values[:, :m - n].sum(1))
+                          for g, mk in zip(groups, masks)])
+        chosen = torch.zeros(total_groups, dtype=torch.bool, device=cost.device)
+        chosen[torch.topk(cost, want, largest=False, sorted=False).indices] = True
+        offset = 0
+        for layer, g, mk in zip(self.layers, groups, masks):
+            sel = chosen[offset:offset + g.shape[0]]
+            top = torch.zeros_like(g).scatter_(1, torch.topk(g.masked_fill(mk == 0, -1.0), n, dim=1).indices, 1.0)
+            new = torch.where(sel[:, None], top * mk, mk)
+            layer.mask = nm_unview(new, layer.role, m, layer.V.shape).contiguous()
+            layer.V.mul_(layer.mask)
+            layer.sparse = True
+            offset += g.shape[0]
 
     def step(self, t: int) -> None:
         if self.due(t):

@@ -21,12 +21,12 @@ the group's input metric, an approximation that keeps U shared.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 
 from ..adapters.base import IN, Adapter
-from ..budget import GroupBudget, GroupShape, Plan, fixed_rank_plan, plan
+from ..budget import BudgetError, GroupBudget, GroupShape, Plan, fixed_rank_plan, parse_nm, plan
 from ..config import GroupedConfig, need
 from ..modules.shared_basis import SharedBasis, SharedBasisLinear
 from ..modules.weights import weight_dxh
@@ -42,7 +42,14 @@ class FiPSConfig(GroupedConfig):
 
     method = "fips"
 
-    sparsity: float = 0.5  # fraction of V entries pruned (the budget solver then picks the rank)
+    # V's sparsity pattern: "unstructured" (the paper's: any `sparsity`), N:M ("2:4", "1:4": n of
+    # every m entries along the input axis of each V's linear), "none" (a dense V: no bitmask, the
+    # rank takes the whole budget; what runs fastest: docs/runtime.md), or "auto": "unstructured"
+    # when `sparsity` is given, else AUTO_PATTERN
+    pattern: Literal["auto", "unstructured", "2:4", "1:4", "none"] = "auto"
+    # fraction of V entries pruned (the budget solver then picks the rank); unset: 0.5 for
+    # "unstructured", fixed by the others (1 - n/m, 0 for "none")
+    sparsity: Optional[float] = None
     schedule: Literal["gradual", "static"] = "gradual"  # GMP's cubic ramp, or the final mask from the init
     prune_every: int = 10  # steps between mask updates (gradual)
     prune_end: float = 0.75  # fraction of the steps after which the mask is final (gradual)
@@ -64,13 +71,39 @@ class FiPSConfig(GroupedConfig):
     def validate(self) -> None:
         super().validate()
         m = self.method
-        need(0 <= self.sparsity < 1, f"{m}: sparsity must be in [0, 1), got {self.sparsity}")
+        if self.sparsity is not None:
+            need(0 <= self.sparsity < 1, f"{m}: sparsity must be in [0, 1), got {self.sparsity}")
+            fixed = {"none": 0.0, "2:4": 0.5, "1:4": 0.75}.get(self.pattern)
+            need(fixed is None or abs(self.sparsity - fixed) < 1e-9,
+                 f"{m}: pattern {self.pattern!r} fixes the sparsity at {fixed}; got sparsity {self.sparsity} "
+                 f"(leave it unset, or use pattern 'unstructured')")
         need(self.steps >= 0, f"{m}: steps must be >= 0, got {self.steps}")
         need(self.prune_every >= 1, f"{m}: prune_every must be >= 1, got {self.prune_every}")
         need(0 < self.prune_end <= 1, f"{m}: prune_end must be in (0, 1], got {self.prune_end}")
         need(self.batch_tokens >= 1, f"{m}: batch_tokens must be >= 1, got {self.batch_tokens}")
         need(self.lr > 0, f"{m}: lr must be > 0, got {self.lr}")
 
+
+    @property
+    def resolved_pattern(self) -> str:
+        if self.pattern != "auto":
+            return self.pattern
+        return "unstructured" if self.sparsity is not None else AUTO_PATTERN
+
+    @property
+    def density(self) -> float:
+        """Fraction of V's entries kept."""
+        p = self.resolved_pattern
+        if p == "unstructured":
+            return 1.0 - (0.5 if self.sparsity is None else self.sparsity)
+        if p == "none":
+            return 1.0
+        n, m = parse_nm(p)
+        return n / m
+
+
+# what pattern="auto" builds when no sparsity is given: see docs/runtime.md
+AUTO_PATTERN = "unstructured"
 
 PAD_TAU = 32.0
 
@@ -121,9 +154,16 @@ class FiPS(GroupMethod):
 
     def plan(self, shapes: list[GroupShape], total_params: int, bytes_per_param: int) -> Plan:
         c = self.config
+        pattern = c.resolved_pattern
+        if pattern not in ("unstructured", "none"):
+            n, m = parse_nm(pattern)
+            bad = [h for s in shapes for h, role in zip(s.hs, s.roles) if role != IN and h % m]
+            if bad or (c.rank and c.rank % m):
+                raise BudgetError(f"{self.name}: pattern {pattern} needs the rank and the MLP width of every "
+                                  f"down projection to be multiples of {m} (rank {c.rank}, widths {sorted(set(bad))})")
         if c.rank:  # explicit rank: the ratio is whatever it comes to
-            return fixed_rank_plan(shapes, total_params, c.rank, 1.0 - c.sparsity, bytes_per_param)
-        return plan(shapes, total_params, c.ratio, c.ratio_of, 1.0 - c.sparsity, bytes_per_param, self.name)
+            return fixed_rank_plan(shapes, total_params, c.rank, c.density, 0 if pattern == "none" else bytes_per_param)
+        return plan(shapes, total_params, c.ratio, c.ratio_of, c.density, bytes_per_param, self.name, pattern)
 
     def init(self, group: Group, budget: GroupBudget) -> Compressed:
         c = self.config
@@ -139,16 +179,22 @@ class FiPS(GroupMethod):
             layers[path] = SharedBasisLinear(basis, V, role, bias)
         params = [basis.U] + [p for layer in layers.values() for p in (layer.V, layer.bias) if p is not None]
         basis.U.requires_grad_(c.train_basis)
+        pattern = c.resolved_pattern
+        if pattern == "none":
+            return Compressed(modules=layers, shared={"basis": basis}, params=params, pruner=None)
         score = None
         if c.prune_score == "activation":
             score = ActivationScore(list(layers.values()), [group.grams[p] for p in group.paths],
                                     group.block_of())
         pruner = GroupPruner(list(layers.values()), budget.nnz, c.schedule, c.steps,
-                             every=c.prune_every, end=c.prune_end, score=score)
+                             every=c.prune_every, end=c.prune_end, score=score,
+                             nm=None if pattern == "unstructured" else parse_nm(pattern))
         return Compressed(modules=layers, shared={"basis": basis}, params=params, pruner=pruner)
 
     def materialize(self, compressed: Compressed) -> None:
-        compressed.pruner.finish()
+        if compressed.pruner is not None:
+            compressed.pruner.finish()
+        compressed.shared["basis"].forget()
         for layer in compressed.modules.values():
             layer.pack()
         for shared in compressed.shared.values():

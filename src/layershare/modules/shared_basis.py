@@ -4,12 +4,22 @@ A group of blocks shares one basis U (d x r). Each of the group's MLP linears ke
 own sparse projection V_i (r x h_i); its weight in d x h form is U @ V_i:
   d -> h (up/gate/fc1):  y = (x @ U) @ V_i + b
   h -> d (down/fc2):     y = (x @ V_i^T) @ U^T + b
-While tuning, V_i is a dense Parameter multiplied by a 0/1 mask. `pack()` turns it into a
-CSR tensor (int32 indices) so the loaded model holds only the nonzeros.
+The up and gate projections of a block read the same x through the same U: `SharedBasis.project`
+computes z = x @ U once per input and hands it to both.
+
+A layer is in one form at a time (`form`):
+  train    V a Parameter times a 0/1 mask (while tuning)
+  compact  what is stored: V's nonzeros + a bitmask of where they are (a sparse V) or the dense V;
+           a sparse V is rebuilt on every forward (the smallest resident form, the slowest)
+  factored V dense, zeros in place (dense matmuls: fast when the factors are smaller than W)
+  csr      V as a CSR tensor with int32 indices (8 bytes per nonzero)
+`pack()` freezes a tuned layer into compact form; runtime.py converts between forms and to
+`merged` (plain nn.Linear layers holding W = U V_i).
 """
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import torch
 from torch import nn
@@ -52,14 +62,45 @@ class SharedBasis(nn.Module):
     def __init__(self, U: torch.Tensor):
         super().__init__()
         self.U = nn.Parameter(U)
+        self._z = None  # (weakref to x, versions, z) of the last projection
+        self.projections = 0  # how many x @ U products were computed (tests count them)
 
     @property
     def rank(self) -> int:
         return self.U.shape[1]
 
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """z = x @ U, computed once for the layers that read the same x (up and gate): the last
+        result is reused while x is the same tensor, unchanged, and U unchanged."""
+        # inference tensors keep no version counter (and cannot change outside inference mode)
+        key = (-1 if x.is_inference() else x._version, self.U._version, torch.is_grad_enabled())
+        cached = self._z
+        if cached is not None and cached[0]() is x and cached[1] == key:
+            return cached[2]
+        z = x @ self.U.to(x.dtype)
+        self.projections += 1
+        self._z = (weakref.ref(x), key, z)
+        return z
+
+    def forget(self) -> None:
+        self._z = None
+
+    def _apply(self, fn, recurse=True):
+        self._z = None
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self):  # deepcopy/pickle: a weakref cannot be copied
+        state = dict(super().__getstate__())
+        state["_z"] = None
+        return state
+
+
+FORMS = ("train", "compact", "factored", "csr")
+
 
 class SharedBasisLinear(nn.Module):
-    def __init__(self, basis: SharedBasis, V: torch.Tensor, role: str, bias: torch.Tensor | None = None):
+    def __init__(self, basis: SharedBasis, V: torch.Tensor, role: str, bias: torch.Tensor | None = None,
+                 sparse: bool = False):
         super().__init__()
         # a plain attribute, not a submodule: the basis is owned (and saved) once, by the group
         object.__setattr__(self, "basis", basis)
@@ -67,46 +108,110 @@ class SharedBasisLinear(nn.Module):
         r, h = V.shape
         d = basis.U.shape[0]
         self.in_features, self.out_features = (d, h) if role == IN else (h, d)
+        self._v_shape = (r, h)
         self.V = nn.Parameter(V)
         self.register_buffer("mask", None, persistent=False)
         self.bias = nn.Parameter(bias) if bias is not None else None
-        self.packed = False
+        self.sparse = sparse  # stored as nonzeros + bitmask (a pruned V) or dense
+        self.form = "train"
 
-    # ---- tuning -------------------------------------------------------------------
+    @property
+    def packed(self) -> bool:
+        """Frozen with only V's nonzeros held (compact or CSR)."""
+        return self.form in ("compact", "csr")
+
+    @property
+    def v_shape(self) -> tuple[int, int]:
+        return self._v_shape
+
+    # ---- forward --------------------------------------------------------------------
     def masked_V(self) -> torch.Tensor:
         return self.V if self.mask is None else self.V * self.mask
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        U = self.basis.U
-        if self.packed:
-            return self._packed_forward(x)
-        V = self.masked_V()
+        if self.form == "csr":
+            return self._csr_forward(x)
+        V = self.masked_V() if self.form == "train" else self.V if self.form == "factored" else self._rebuild_V()
+        V = V.to(x.dtype)
         if self.role == IN:
-            y = (x @ U) @ V
+            y = self.basis.project(x) @ V
         else:
-            y = (x @ V.t()) @ U.t()
+            y = (x @ V.t()) @ self.basis.U.to(x.dtype).t()
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def _rebuild_V(self) -> torch.Tensor:
+        if not self.sparse:
+            return self.V
+        V = self.V_values.new_zeros(self.v_shape)
+        V[unpack_bits(self.V_mask, self.v_shape)] = self.V_values
+        return V
+
+    def _csr_forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        if self.role == IN:
+            z = self.basis.project(x2)  # (N, r)
+            y = (self.V_csr @ z.t().to(self.V_csr.dtype)).t()  # (N, h)
+        else:
+            z = (self.V_csr @ x2.t().to(self.V_csr.dtype)).t()  # (N, r)
+            y = z @ self.basis.U.t()
+        y = y.to(x.dtype).reshape(*lead, -1)
         return y if self.bias is None else y + self.bias
 
-    # ---- storage ------------------------------------------------------------------
-    @torch.no_grad()
-    def pack(self) -> None:
-        """Keep only V's nonzeros, as CSR with int32 indices, oriented for the forward."""
-        self._set_csr(self.masked_V().detach())
-        del self.V
-        self.register_parameter("V", None)
-        self.mask = None
-        self.packed = True
+    # ---- forms ----------------------------------------------------------------------
+    def dense_V(self) -> torch.Tensor:
+        """V as a dense (r x h) matrix, zeros included."""
+        if self.form == "train":
+            return self.masked_V().detach()
+        if self.form == "factored":
+            return self.V.detach()
+        if self.form == "csr":
+            dense = self.V_csr.to_dense()
+            return dense.t() if self.role == IN else dense
+        return self._rebuild_V().detach()
+
+    def _clear(self) -> None:
+        for name in ("V", "V_values", "V_mask", "mask"):
+            if name in self._parameters:
+                del self._parameters[name]
+            if name in self._buffers:
+                del self._buffers[name]
+        self.__dict__.pop("V_csr", None)
+        self.__dict__.pop("V", None)
 
     @torch.no_grad()
-    def unpack(self) -> None:
-        """Back to a dense V (zeros included): the same function, computed with dense matmuls.
-        Faster on CPU than the CSR product, but holds r x h values; for evaluation, not storage."""
-        if not self.packed:
-            return
+    def to_form(self, form: str) -> "SharedBasisLinear":
+        """Hold V in `form` (see the module docstring); the function computed is unchanged."""
+        if form not in FORMS:
+            raise ValueError(f"unknown form {form!r} (known: {', '.join(FORMS)})")
+        if form == self.form:
+            return self
         V = self.dense_V()
-        del self.V_csr
-        self.packed = False
-        self.V = nn.Parameter(V, requires_grad=False)
+        self._clear()
+        if form in ("train", "factored"):
+            self.V = nn.Parameter(V, requires_grad=form == "train")
+            if form == "train":
+                self.register_buffer("mask", (V != 0).to(V.dtype) if self.sparse else None, persistent=False)
+        elif form == "compact" and self.sparse:
+            keep = V != 0
+            self.register_buffer("V_values", V[keep].contiguous())
+            self.register_buffer("V_mask", pack_bits(keep))
+        elif form == "compact":
+            self.V = nn.Parameter(V, requires_grad=False)
+        else:  # csr: oriented for the forward
+            self._set_csr(V)
+        if form != "train":
+            self.register_buffer("mask", None, persistent=False)
+        self.form = form
+        return self
+
+    def pack(self) -> None:
+        """Freeze a tuned layer into its stored form: V's nonzeros + bitmask, or a dense V."""
+        self.to_form("compact")
+
+    def unpack(self) -> None:
+        """Back to a dense V (zeros included): the same function, computed with dense matmuls."""
+        self.to_form("factored")
 
     def _set_csr(self, V: torch.Tensor) -> None:
         dense = V.t() if self.role == IN else V  # IN: (h x r) @ z^T ; OUT: (r x h) @ x^T
@@ -116,104 +221,94 @@ class SharedBasisLinear(nn.Module):
         self.V_csr = _sparse_csr(csr.crow_indices(), csr.col_indices(), csr.values(), csr.shape)
 
     @classmethod
-    def empty_dense(cls, basis: SharedBasis, v_shape: tuple[int, int], role: str, bias: bool) -> "SharedBasisLinear":
-        """A module with a dense V (no mask, nothing packed), waiting for `load_state_dict`."""
+    def empty(cls, basis: SharedBasis, v_shape: tuple[int, int], role: str, bias: bool,
+              sparse: bool) -> "SharedBasisLinear":
+        """A compact layer on the meta device (no memory), waiting for `load_state_dict(assign=True)`."""
         d = basis.U.shape[0]
         out = v_shape[1] if role == IN else d
-        layer = cls(basis, torch.zeros(v_shape, dtype=basis.U.dtype), role,
-                    torch.zeros(out, dtype=basis.U.dtype) if bias else None)
+        meta = dict(device="meta", dtype=basis.U.dtype)
+        layer = cls(basis, torch.empty(v_shape, **meta), role, torch.empty(out, **meta) if bias else None,
+                    sparse=sparse)
+        layer._clear()
+        if sparse:
+            layer.register_buffer("V_values", torch.empty(0, **meta))
+            layer.register_buffer("V_mask", torch.empty(0, device="meta", dtype=torch.uint8))
+        else:
+            layer.V = nn.Parameter(torch.empty(v_shape, **meta), requires_grad=False)
+        layer.form = "compact"
         return layer.requires_grad_(False)
-
-    @classmethod
-    def empty_packed(cls, basis: SharedBasis, v_shape: tuple[int, int], role: str, bias: bool) -> "SharedBasisLinear":
-        """A packed module with all-zero V, waiting for `load_state_dict` (the loader's constructor)."""
-        d = basis.U.shape[0]
-        out = v_shape[1] if role == IN else d
-        layer = cls(basis, torch.zeros(v_shape, dtype=basis.U.dtype), role,
-                    torch.zeros(out, dtype=basis.U.dtype) if bias else None)
-        layer.pack()
-        return layer
-
-    @property
-    def v_shape(self) -> tuple[int, int]:
-        r = self.basis.U.shape[1]
-        h = self.out_features if self.role == IN else self.in_features
-        return (r, h)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
-        if self.packed:  # a CSR tensor is no parameter or buffer: move/cast it by hand
+        if self.form == "csr":  # a CSR tensor is no parameter or buffer: move/cast it by hand
             self.V_csr = fn(self.V_csr)
         return self
 
-    # ---- state dict: a packed V is saved as its nonzero values + a bitmask ------------
+    # ---- state dict: a sparse V is saved as its nonzero values + a bitmask -------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.packed:
-            mask = self.dense_V() != 0
-            destination[prefix + "V_values"] = self.dense_V()[mask]
-            destination[prefix + "V_mask"] = pack_bits(mask)
+        if self.sparse and self.form != "compact":
+            destination.pop(prefix + "V", None)
+            V = self.dense_V()
+            keep = V != 0
+            destination[prefix + "V_values"] = V[keep]
+            destination[prefix + "V_mask"] = pack_bits(keep)
+        elif not self.sparse and self.form == "csr":
+            destination[prefix + "V"] = self.dense_V()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        if self.packed:
-            keys = (prefix + "V_values", prefix + "V_mask")
+        keys = (prefix + "V_values", prefix + "V_mask")
+        if self.sparse and self.form == "compact":  # sizes known only from the file: assign as they are
             missing = [k for k in keys if k not in state_dict]
             if missing:
                 missing_keys.extend(missing)
+                return
+            values, bits = state_dict[keys[0]], state_dict[keys[1]]
+            n = self.v_shape[0] * self.v_shape[1]
+            if bits.numel() != (n + 7) // 8:
+                error_msgs.append(f"{prefix}V_mask: {bits.numel()} bytes, expected {(n + 7) // 8} for V of "
+                                  f"shape {self.v_shape}")
+            elif int(unpack_bits(bits, self.v_shape).sum()) != values.numel():
+                error_msgs.append(f"{prefix}: bitmask has {int(unpack_bits(bits, self.v_shape).sum())} ones "
+                                  f"but {values.numel()} values")
             else:
-                values, bits = state_dict[keys[0]], state_dict[keys[1]]
-                mask = unpack_bits(bits, self.v_shape)
-                if int(mask.sum()) != values.numel():
-                    error_msgs.append(f"{prefix}: bitmask has {int(mask.sum())} ones but {values.numel()} values")
-                else:
-                    V = torch.zeros(self.v_shape, dtype=values.dtype, device=values.device)
-                    V[mask] = values
-                    self._set_csr(V)
+                self._buffers["V_values"] = values
+                self._buffers["V_mask"] = bits.to(torch.uint8)
+            rest = {k: v for k, v in state_dict.items() if k not in keys}
+            super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys,
+                                          unexpected_keys, error_msgs)
+            for k in keys:  # the parent did not see them: they were consumed above
+                if k in missing_keys:
+                    missing_keys.remove(k)
+            return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
-        if self.packed:  # the parent does not know the packed keys: they were consumed above
-            for k in (prefix + "V_values", prefix + "V_mask"):
-                if k in unexpected_keys:
-                    unexpected_keys.remove(k)
-
-    def _packed_forward(self, x: torch.Tensor) -> torch.Tensor:
-        U = self.basis.U
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1])
-        if self.role == IN:
-            z = x2 @ U  # (N, r)
-            y = (self.V_csr @ z.t().to(self.V_csr.dtype)).t()  # (N, h)
-        else:
-            z = (self.V_csr @ x2.t().to(self.V_csr.dtype)).t()  # (N, r)
-            y = z @ U.t()
-        y = y.to(x.dtype).reshape(*lead, -1)
-        return y if self.bias is None else y + self.bias
-
-    def dense_V(self) -> torch.Tensor:
-        """V as a dense (r x h) matrix, zeros included."""
-        if not self.packed:
-            return self.masked_V().detach()
-        dense = self.V_csr.to_dense()
-        return dense.t() if self.role == IN else dense
-
-    @property
-    def sparse(self) -> bool:
-        """Whether V is stored sparse (values + bitmask); a dense V is stored as is."""
-        return self.packed or self.mask is not None
 
     def nnz(self) -> int:
-        return int(self.V_csr.values().numel()) if self.packed else int((self.masked_V() != 0).sum())
+        if self.form == "compact" and self.sparse:
+            return int(self.V_values.numel())
+        if self.form == "csr":
+            return int(self.V_csr.values().numel())
+        return int((self.dense_V() != 0).sum()) if self.sparse else self.v_shape[0] * self.v_shape[1]
+
+    def resident_bytes(self) -> int:
+        """Bytes this layer's own tensors hold (the shared basis not included)."""
+        n = sum(t.numel() * t.element_size() for t in list(self._parameters.values()) + list(self._buffers.values())
+                if t is not None and t.device.type != "meta")
+        if self.form == "csr":
+            c = self.V_csr
+            n += sum(t.numel() * t.element_size() for t in (c.values(), c.crow_indices(), c.col_indices()))
+        return n
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, role={self.role}, "
-                f"rank={self.basis.rank}, nnz={self.nnz()}, packed={self.packed}")
+                f"rank={self.basis.rank}, nnz={self.nnz()}, form={self.form}")
 
 
 def unpack_all(model: nn.Module) -> int:
-    """Turn every packed (CSR) V of `model` into a dense V with its zeros in place: the same
-    function, computed by dense products (SmolLM2 at 20%, one thread on a shared machine: 2.7x
-    faster per evaluation window than the CSR ones), at the memory of a dense V. Returns how many layers were unpacked."""
+    """Every compact or CSR layer of `model` to the factored form (dense V, zeros in place).
+    Returns how many layers changed."""
     n = 0
     for m in model.modules():
         if isinstance(m, SharedBasisLinear) and m.packed:

@@ -1,0 +1,148 @@
+"""Run-time forms of a compressed model, chosen when it is loaded (`layershare.load(DIR, runtime=...)`).
+
+  compact   what is stored on disk, held as is: shared bases once, each sparse V as its nonzeros
+            plus a bitmask (rebuilt into a dense V on every forward), MASA's atoms and
+            coefficients. The smallest resident model (within a few bytes of the file); the slowest.
+  factored  every V dense (zeros in place), products by dense matmuls; up and gate share x @ U.
+  csr       every sparse V as a CSR tensor (int32 indices: 8 bytes per nonzero).
+  merged    every compressed linear as a plain nn.Linear holding W = U V_i (or sum_k c_k D_k):
+            the dense model's size and speed; only the file is smaller.
+  auto      per shared group, the factored form where its factors hold fewer values than the
+            merged weights (then it also computes less: it is smaller and faster), else merged.
+            The default (docs/runtime.md has the measurements).
+"""
+from __future__ import annotations
+
+import gc
+
+import torch
+from torch import nn
+
+from .adapters.base import IN, set_path
+from .modules.atoms import AtomLinear, MatrixAtoms
+from .modules.shared_basis import SharedBasis, SharedBasisLinear
+from .store import BASES_ATTR
+
+RUNTIMES = ("auto", "compact", "factored", "csr", "merged")
+
+
+def _layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (SharedBasisLinear, AtomLinear))]
+
+
+def merged_linear(layer: nn.Module) -> nn.Linear:
+    """A plain nn.Linear computing what `layer` computes."""
+    with torch.no_grad():
+        if isinstance(layer, AtomLinear):
+            W = layer.weight
+        else:
+            UV = layer.basis.U @ layer.dense_V().to(layer.basis.U.dtype)  # (d, h)
+            W = UV.t() if layer.role == IN else UV  # nn.Linear's (out, in)
+        out = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                        device="meta", dtype=W.dtype)
+        out.weight = nn.Parameter(W.contiguous(), requires_grad=False)
+        if layer.bias is not None:
+            out.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+    return out
+
+
+def _shared_of(layer: nn.Module) -> nn.Module:
+    return layer.atoms if isinstance(layer, AtomLinear) else layer.basis
+
+
+def factored_is_smaller(shared: nn.Module, layers: list[nn.Module]) -> bool:
+    """Whether the shared module and dense per-layer factors hold fewer values than the merged
+    weights of `layers` (then the factored form also does fewer multiply-adds per token)."""
+    if isinstance(shared, MatrixAtoms):  # W = sum_k c_k D_k is rebuilt per call: never cheaper to run
+        return False
+    d, r = shared.U.shape
+    factored = d * r + sum(r * layer.v_shape[1] for layer in layers)
+    merged = sum(d * layer.v_shape[1] for layer in layers)
+    return factored < merged
+
+
+def to_runtime(model: nn.Module, runtime: str = "auto") -> nn.Module:
+    """Put every compressed layer of `model` in the run-time form `runtime` (see the module
+    docstring), in place; shared modules no layer uses any more are dropped. Returns `model`."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"unknown runtime {runtime!r} (known: {', '.join(RUNTIMES)})")
+    groups: dict[int, tuple[nn.Module, list[tuple[str, nn.Module]]]] = {}
+    for name, layer in _layers(model):
+        shared = _shared_of(layer)
+        groups.setdefault(id(shared), (shared, []))[1].append((name, layer))
+    merged = 0
+    for shared, members in groups.values():
+        layers = [m for _, m in members]
+        form = runtime
+        if runtime == "auto":
+            form = "factored" if factored_is_smaller(shared, layers) else "merged"
+        for name, layer in members:
+            if form == "merged":
+                set_path(model, name, merged_linear(layer))
+                merged += 1
+            elif isinstance(layer, SharedBasisLinear):
+                layer.to_form(form)
+    _drop_unused_shared(model)
+    # merged layers are plain nn.Linear: such a model runs, but cannot be saved or tuned as compressed
+    model.layershare_merged = getattr(model, "layershare_merged", 0) + merged
+    release_heap()
+    return model
+
+
+def release_heap() -> None:
+    """Collect garbage and hand freed heap back to the OS (glibc's malloc_trim), so the resident
+    memory after a conversion is what the model holds, not what it held on the way."""
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _drop_unused_shared(model: nn.Module) -> None:
+    store = getattr(model, BASES_ATTR, None)
+    if store is None:
+        return
+    used = {id(_shared_of(m)) for _, m in _layers(model)}
+    for k in [k for k, m in store.items() if id(m) not in used]:
+        del store[k]
+    if not len(store):
+        delattr(model, BASES_ATTR)
+
+
+def resident_bytes(model: nn.Module) -> int:
+    """Bytes of every tensor the model holds (parameters, buffers, CSR parts), each once."""
+    seen, total = set(), 0
+
+    def add(t: torch.Tensor | None) -> None:
+        nonlocal total
+        if t is None or t.device.type == "meta":
+            return
+        k = (t.data_ptr(), t.numel(), t.dtype)
+        if k not in seen:
+            seen.add(k)
+            total += t.numel() * t.element_size()
+
+    for m in model.modules():
+        for t in list(m._parameters.values()) + list(m._buffers.values()):
+            add(t)
+        csr = m.__dict__.get("V_csr")
+        if csr is not None:
+            for t in (csr.values(), csr.crow_indices(), csr.col_indices()):
+                add(t)
+    return total
+
+
+def forms(model: nn.Module) -> dict[str, int]:
+    """How many compressed layers are in each form (merged ones are plain nn.Linear, not counted)."""
+    out: dict[str, int] = {}
+    for _, m in _layers(model):
+        f = m.form if isinstance(m, SharedBasisLinear) else "atoms"
+        out[f] = out.get(f, 0) + 1
+    return out
+
+
+__all__ = ["RUNTIMES", "to_runtime", "resident_bytes", "merged_linear", "factored_is_smaller", "forms",
+           "SharedBasis"]

@@ -1,0 +1,129 @@
+"""Run-time forms (runtime.py), V's sparsity patterns and the shared x @ U."""
+import pytest
+import torch
+
+import layershare
+from layershare.config import RecipeError
+from layershare.methods.fips import FiPSConfig
+from layershare.modules.shared_basis import SharedBasis, SharedBasisLinear
+from layershare.runtime import RUNTIMES, factored_is_smaller, forms, resident_bytes, to_runtime
+from layershare.sparsity import is_nm
+
+from conftest import make_model, small_recipe
+
+FORMS = ["compact", "factored", "csr", "merged", "auto"]
+
+
+def _compressed(tmp_path, tokens, name, **fields):
+    model = make_model("llama")
+    res = layershare.compress(model, small_recipe(ratio=0.2, steps=5, **fields), data=tokens,
+                              output_dir=tmp_path / name)
+    return model, res
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4", "none"])
+def test_every_runtime_form_computes_the_tuned_function(pattern, tokens, input_ids, tmp_path):
+    model, _ = _compressed(tmp_path, tokens, "c", pattern=pattern)
+    with torch.no_grad():
+        ref = model(input_ids).logits
+    seen = set()
+    for rt in FORMS:
+        loaded = layershare.load(tmp_path / "c", runtime=rt)
+        with torch.no_grad():
+            out = loaded(input_ids).logits
+        tol = 0 if rt in ("compact", "factored", "auto") and (rt != "auto" or pattern == "none") else 2e-5
+        torch.testing.assert_close(out, ref, atol=tol * ref.abs().max().item(), rtol=0, msg=f"{pattern} {rt}")
+        seen.add(tuple(sorted(forms(loaded).items())))
+    assert len(seen) >= 3  # the forms really differ
+
+
+def test_compact_form_holds_what_is_stored(tokens, tmp_path):
+    _compressed(tmp_path, tokens, "c")
+    compact = layershare.load(tmp_path / "c", runtime="compact")
+    stored = (tmp_path / "c" / "model.safetensors").stat().st_size
+    assert abs(resident_bytes(compact) - stored) / stored < 0.05
+    factored = layershare.load(tmp_path / "c", runtime="factored")
+    assert resident_bytes(factored) > 1.05 * resident_bytes(compact)  # V's zeros are held there
+
+
+def test_auto_picks_factored_only_where_it_is_smaller(tokens, tmp_path):
+    _compressed(tmp_path, tokens, "none", pattern="none")
+    _compressed(tmp_path, tokens, "u", pattern="unstructured")
+    for name in ("none", "u"):
+        compact = layershare.load(tmp_path / name, runtime="compact")
+        bases = {id(m.basis): m.basis for m in compact.modules() if isinstance(m, SharedBasisLinear)}
+        groups = {k: [m for m in compact.modules() if isinstance(m, SharedBasisLinear) and id(m.basis) == k]
+                  for k in bases}
+        smaller = [factored_is_smaller(bases[k], ls) for k, ls in groups.items()]
+        n_layers = sum(len(ls) for ls in groups.values())
+        auto = to_runtime(compact, "auto")
+        assert forms(auto).get("factored", 0) == sum(len(groups[k]) for k, s in zip(groups, smaller) if s)
+        assert n_layers == 12
+    # dense V at 20%: rank well below d*H/(d+H), so factored; unstructured 50%: rank too high, merged
+    assert forms(layershare.load(tmp_path / "none")) == {"factored": 12}
+    assert forms(layershare.load(tmp_path / "u")) == {}
+    assert not hasattr(layershare.load(tmp_path / "u"), "layershare_bases")  # no basis left behind
+
+
+@pytest.mark.parametrize("pattern,n,m", [("2:4", 2, 4), ("1:4", 1, 4)])
+def test_nm_masks_are_nm_and_the_budget_counts_them(pattern, n, m, tokens, tmp_path):
+    _, res = _compressed(tmp_path, tokens, "c", pattern=pattern)
+    loaded = layershare.load(tmp_path / "c", runtime="factored")
+    layers = [l for l in loaded.modules() if isinstance(l, SharedBasisLinear)]
+    assert layers and all(is_nm(l.V, l.role, n, m) for l in layers)
+    assert all(l.basis.rank % m == 0 for l in layers)
+    for g, budget in enumerate(res.report.plan.groups):
+        nnz = sum(int((l.V != 0).sum()) for l in layers if l.basis.rank == budget.rank)
+        assert budget.nnz == budget.rank * sum(l.v_shape[1] for l in layers[:6]) * n // m
+    assert sum(int((l.V != 0).sum()) for l in layers) <= sum(b.nnz for b in res.report.plan.groups)
+    assert sum(int((l.V != 0).sum()) for l in layers) >= 0.99 * sum(b.nnz for b in res.report.plan.groups)
+    assert res.sizes.ratio >= 0.2  # the pattern fixes nnz: the group keeps at most what was asked
+
+
+def test_dense_v_has_no_bitmask(tokens, tmp_path):
+    _, res = _compressed(tmp_path, tokens, "c", pattern="none")
+    assert res.sizes.index_bytes == 0
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "c" / "model.safetensors"), "pt") as f:
+        assert not any(k.endswith("V_mask") for k in f.keys())
+
+
+def test_up_and_gate_share_one_projection_per_block(tokens, input_ids, tmp_path):
+    _compressed(tmp_path, tokens, "c", pattern="none")
+    model = layershare.load(tmp_path / "c", runtime="factored")
+    bases = list(model.layershare_bases.values())
+    for b in bases:
+        b.projections = 0
+    with torch.no_grad():
+        first = model(input_ids).logits
+        second = model(input_ids.flip(0)).logits  # another input: nothing stale is reused
+    blocks_per_group = 2
+    assert [b.projections for b in bases] == [2 * blocks_per_group] * len(bases)  # once per block per call
+    torch.testing.assert_close(second, model(input_ids.flip(0)).logits, atol=0, rtol=0)
+    assert not torch.equal(first, second)
+
+
+def test_projection_cache_sees_in_place_changes():
+    basis = SharedBasis(torch.randn(8, 4))
+    x = torch.randn(3, 8)
+    z = basis.project(x)
+    assert basis.project(x) is z
+    x.mul_(2)
+    torch.testing.assert_close(basis.project(x), 2 * z)
+    with torch.no_grad():
+        basis.U.mul_(3)
+    torch.testing.assert_close(basis.project(x), 6 * z)
+    assert basis.projections == 3
+
+
+def test_bad_runtime_and_pattern_are_refused(tokens, tmp_path):
+    with pytest.raises(ValueError, match="unknown runtime 'fast'.*auto, compact, factored, csr, merged"):
+        layershare.load(tmp_path / "missing", runtime="fast")
+    assert RUNTIMES == ("auto", "compact", "factored", "csr", "merged")
+    with pytest.raises(RecipeError, match="pattern '2:4' fixes the sparsity at 0.5; got sparsity 0.3"):
+        FiPSConfig(pattern="2:4", sparsity=0.3)
+    with pytest.raises(RecipeError, match="pattern"):
+        FiPSConfig(pattern="3:8")
+    assert FiPSConfig(sparsity=0.6).resolved_pattern == "unstructured"
+    assert FiPSConfig(pattern="1:4").density == 0.25
