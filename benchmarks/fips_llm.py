@@ -34,10 +34,15 @@ def main() -> None:
     ap.add_argument("--test-too", action="store_true",
                     help="with --validation: also measure the test book on the same compressed model (recorded "
                          "as ppl_test; the choice between variants is made on the validation numbers)")
+    ap.add_argument("--render", action="store_true", help="with --validation: only rewrite the table from the JSON "
+                                                               "(rows run elsewhere, e.g. on a GPU machine)")
     args = ap.parse_args()
     if args.validation:
-        rows, _ = run_all(args.runs, VALID_RESULTS, args.seqlen, json.loads(args.recipe), eval_text=VALID,
-                          max_windows=VALID_WINDOWS, label=args.label or "default", test_too=args.test_too)
+        if args.render:
+            rows = json.loads(VALID_RESULTS.read_text())
+        else:
+            rows, _ = run_all(args.runs, VALID_RESULTS, args.seqlen, json.loads(args.recipe), eval_text=VALID,
+                              max_windows=VALID_WINDOWS, label=args.label or "default", test_too=args.test_too)
         table = markdown_table(rows, label=True)
         (ROOT / "docs" / "llm_validation.md").write_text(
             "# Choosing defaults: variants on the validation book\n\n"

@@ -127,3 +127,17 @@ def test_bad_runtime_and_pattern_are_refused(tokens, tmp_path):
         FiPSConfig(pattern="3:8")
     assert FiPSConfig(sparsity=0.6).resolved_pattern == "unstructured"
     assert FiPSConfig(pattern="1:4").density == 0.25
+
+
+def test_a_merged_model_cannot_be_saved_or_finetuned(tokens, tmp_path):
+    from layershare.io import CheckpointError
+
+    _compressed(tmp_path, tokens, "c", pattern="unstructured")
+    merged = layershare.load(tmp_path / "c")  # auto: rank above the break-even, so merged
+    assert merged.layershare_merged == 12
+    with pytest.raises(CheckpointError, match="12 of its compressed layers were merged.*runtime='compact'"):
+        layershare.save_compressed(merged, tmp_path / "again") if hasattr(layershare, "save_compressed") else \
+            __import__("layershare.io", fromlist=["x"]).save_compressed(merged, tmp_path / "again")
+    assert not (tmp_path / "again").exists()
+    with pytest.raises(CheckpointError, match="cannot fine-tune"):
+        layershare.finetune(merged, make_model("llama"), tokens)

@@ -66,27 +66,30 @@ def to_runtime(model: nn.Module, runtime: str = "auto") -> nn.Module:
     docstring), in place; shared modules no layer uses any more are dropped. Returns `model`."""
     if runtime not in RUNTIMES:
         raise ValueError(f"unknown runtime {runtime!r} (known: {', '.join(RUNTIMES)})")
+    merged = _convert(model, runtime)  # in a function of its own: the replaced layers die with its frame
+    _drop_unused_shared(model)
+    # merged layers are plain nn.Linear: such a model runs, but cannot be saved or tuned as compressed
+    model.layershare_merged = getattr(model, "layershare_merged", 0) + merged
+    release_heap()
+    return model
+
+
+def _convert(model: nn.Module, runtime: str) -> int:
     groups: dict[int, tuple[nn.Module, list[tuple[str, nn.Module]]]] = {}
     for name, layer in _layers(model):
-        shared = _shared_of(layer)
-        groups.setdefault(id(shared), (shared, []))[1].append((name, layer))
+        groups.setdefault(id(_shared_of(layer)), (_shared_of(layer), []))[1].append((name, layer))
     merged = 0
     for shared, members in groups.values():
-        layers = [m for _, m in members]
         form = runtime
         if runtime == "auto":
-            form = "factored" if factored_is_smaller(shared, layers) else "merged"
+            form = "factored" if factored_is_smaller(shared, [m for _, m in members]) else "merged"
         for name, layer in members:
             if form == "merged":
                 set_path(model, name, merged_linear(layer))
                 merged += 1
             elif isinstance(layer, SharedBasisLinear):
                 layer.to_form(form)
-    _drop_unused_shared(model)
-    # merged layers are plain nn.Linear: such a model runs, but cannot be saved or tuned as compressed
-    model.layershare_merged = getattr(model, "layershare_merged", 0) + merged
-    release_heap()
-    return model
+    return merged
 
 
 def release_heap() -> None:

@@ -43,6 +43,8 @@ class ActivationScore:
     @torch.no_grad()
     def __call__(self) -> list[torch.Tensor]:
         U = self.layers[0].basis.U.detach()
+        if self.grams[0].device != U.device:  # the layers moved to the run's device after this was built
+            self.grams = [g.to(U.device) for g in self.grams]
         tail = {}  # block -> (column norms of the dense down weight, sqrt(G_h diag))
         for layer, G, block in zip(self.layers, self.grams, self.blocks):
             if layer.role != IN:
