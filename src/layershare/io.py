@@ -22,7 +22,6 @@ import uuid
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -206,6 +205,31 @@ def save_compressed(model: nn.Module, output_dir: str | Path, tokenizer=None, ov
     return output_dir
 
 
+ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+             "BOOL": torch.bool}
+
+
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, read into memory of its own (no memory map). A mapped
+    file keeps every page it ever read resident while any of its tensors lives, so the compact
+    tensors a run-time conversion replaces would stay counted; read like this, they are freed."""
+    out = {}
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        for k, v in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0] if kv[0] != "__metadata__" else -1):
+            if k == "__metadata__":
+                continue
+            start, end = v["data_offsets"]
+            buf = torch.empty(end - start, dtype=torch.uint8)
+            f.seek(8 + n + start)
+            if f.readinto(memoryview(buf.numpy())) != end - start:
+                raise ValueError(f"{k!r} ends past the end of the file")
+            out[k] = buf.view(ST_DTYPES[v["dtype"]]).reshape(v["shape"])
+    return out
+
+
 def read_meta(path: str | Path, verify: bool = True) -> tuple[dict, dict]:
     """(config.json, layershare.json) of a compressed directory, checked (checkpoint.py): complete,
     the entry's schema, the weights file's size and header against the entry and, with `verify`,
@@ -339,9 +363,8 @@ def load_compressed(path: str | Path, device: str = "cpu", dtype: torch.dtype | 
             raise CheckpointError(f"{where}: config.json ties {alias!r} to {source!r}, which differ in type or shape")
         set_path(model, alias, b)
     try:
-        with safe_open(str(path / WEIGHTS), framework="pt") as f:
-            sd = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError) as e:
+        sd = read_safetensors(path / WEIGHTS)
+    except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"{str(path)!r}: cannot read {WEIGHTS} ({e})") from e
     if dtype is not None:
         sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
