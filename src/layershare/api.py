@@ -66,8 +66,14 @@ def load_model(name: str, dtype: torch.dtype = torch.float32):
 
         from .images import ImagePreprocessor
 
-        model = AutoModelForImageClassification.from_pretrained(name, dtype=dtype)
+        model = AutoModelForImageClassification.from_pretrained(name, dtype=dtype, trust_remote_code=False)
         return model.eval(), ImagePreprocessor.from_pretrained(name)
+    from .io import is_compressed_dir
+
+    if is_compressed_dir(name):  # from_pretrained would fill its compressed MLPs with random weights
+        raise ValueError(f"{name!r} is a layershare compressed directory, not a dense model: load it with "
+                         f"layershare.load({name!r}) (`layershare eval` does); to compress further, add a stage "
+                         f"to the recipe of the original model instead of compressing the result again")
     kwargs: dict = {}
     if name in MODEL_ALIASES:
         folder, gguf = MODEL_ALIASES[name]()
@@ -83,10 +89,10 @@ def load_model(name: str, dtype: torch.dtype = torch.float32):
     # a GGUF file is parsed once for the tokenizer and again for the model (SmolLM2: ~25 s in all)
     with tqdm(total=2, desc=f"loading {Path(name).name}", unit="step", dynamic_ncols=True) as bar:
         bar.set_postfix_str("tokenizer")
-        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False, **kwargs)
         bar.update()
         bar.set_postfix_str("weights")
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False, **kwargs)
         bar.update()
     return model.eval(), tokenizer
 
@@ -204,13 +210,16 @@ def stage_meta(stage) -> dict:
             **stage.extra}
 
 
-def load(path: str | Path, device: str = "cpu", model: nn.Module | None = None, runtime: str = "auto") -> nn.Module:
+def load(path: str | Path, device: str = "cpu", model: nn.Module | None = None, runtime: str = "auto",
+         verify: bool = True) -> nn.Module:
     """A compressed model saved by `compress(..., output_dir=...)`, ready to run. `model`: an
     uncompressed skeleton of the same architecture, for a model that cannot be rebuilt from the
     directory (transformers and timm ViTs are). `runtime`: the run-time form, "auto" (the
     default: factored where that is smaller and faster, else merged), "compact" (the smallest:
-    what is stored), "factored", "csr" or "merged" (runtime.py; docs/runtime.md)."""
-    return load_compressed(path, device=device, model=model, runtime=runtime)
+    what is stored), "factored", "csr" or "merged" (runtime.py; docs/runtime.md). The directory is
+    verified first (checkpoint.py: schema, shapes, recorded hashes; `verify=False` skips the
+    hashes); a failed check raises io.CheckpointError."""
+    return load_compressed(path, device=device, model=model, runtime=runtime, verify=verify)
 
 
 def evaluate_perplexity(model: nn.Module, tokenizer, text, seqlen: int | None = None,
@@ -231,7 +240,7 @@ def load_preprocessing(path: str | Path):
         return ImagePreprocessor.load(path)
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
 
 
 def evaluate_accuracy(model: nn.Module, processor, images, batch_size: int = 256, max_images: int | None = None):

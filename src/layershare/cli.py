@@ -219,12 +219,12 @@ def _record_eval(out: Path, source: str, dense, comp) -> None:
 
 def cmd_eval(args) -> int:
     import layershare
-    from layershare.io import read_meta
+    from layershare.io import is_compressed_dir
 
     path = Path(args.model)
-    if path.is_dir() and (path / "layershare.json").exists():
-        read_meta(path)
-        model, prep = layershare.load(path, runtime=args.runtime), layershare.load_preprocessing(path)
+    if is_compressed_dir(path):
+        model = layershare.load(path, runtime=args.runtime, verify=not args.no_verify)
+        prep = layershare.load_preprocessing(path)
     else:
         model, prep = layershare.load_model(args.model)
     if args.images:
@@ -242,13 +242,14 @@ def cmd_finetune(args) -> int:
     import layershare
     from layershare.io import check_output_dir, read_meta
 
-    _, meta = read_meta(args.dir)
+    _, meta = read_meta(args.dir, verify=not args.no_verify)
     check_output_dir(args.output, args.overwrite)
     teacher_name = args.teacher or meta.get("source")
     if not teacher_name:
         raise ValueError(f"{args.dir} does not record its dense model: pass --teacher MODEL")
     print(f"loading {args.dir} and the teacher {teacher_name} ...", flush=True)
-    model, prep = layershare.load(args.dir, runtime="compact"), layershare.load_preprocessing(args.dir)
+    model = layershare.load(args.dir, runtime="compact", verify=not args.no_verify)
+    prep = layershare.load_preprocessing(args.dir)
     teacher, _ = layershare.load_model(teacher_name)
     meta = {k: v for k, v in meta.items() if k not in ("weights_bytes", "format_version", "eval")}
     stats = layershare.finetune(model, teacher, args.data, prep, steps=args.steps, batch_size=args.batch_size,
@@ -278,14 +279,17 @@ def _stages_of(meta: dict) -> list[dict]:
 def cmd_info(args) -> int:
     from layershare.io import read_meta
 
-    config, meta = read_meta(args.dir)
+    config, meta = read_meta(args.dir, verify=not args.no_verify)
     entry = config["layershare"]
     s = meta.get("sizes", {})
     print(f"{args.dir}: {config.get('model_type')} compressed with {meta.get('method')}")
     if s:
         print(f"  parameters  dense {s['dense_params']:,} -> stored {s['param_equivalents']:,.0f} "
               f"({s['ratio']:.2%} fewer; bitmask {s['index_bytes']:,} bytes counted)")
-    print(f"  weights file {meta['weights_bytes']:,} bytes; dtype {entry['dtype']}")
+    hashed = "weights_sha256" in meta
+    print(f"  weights file {meta['weights_bytes']:,} bytes; dtype {entry['dtype']}; "
+          + ("no hash recorded (saved before 2026-11-27): schema and shapes checked" if not hashed else
+             "schema, shapes and SHA-256 checked" if not args.no_verify else "schema and shapes checked (--no-verify)"))
     print(f"  shared bases/atoms {len(entry['bases'])}, compressed linears {len(entry['layers'])}, "
           f"tied modules {len(entry.get('tied', {}))}")
     for i, st in enumerate(_stages_of(meta)):
@@ -310,6 +314,7 @@ def cmd_info(args) -> int:
 
 RUNTIME_HELP = ("run-time form of the loaded compressed model: auto (factored where smaller and faster, else "
                 "merged), compact (smallest: as stored), factored, csr, merged (docs/runtime.md)")
+NO_VERIFY_HELP = "trust the directory without checking the SHA-256 recorded at save (the schema and shapes are still checked)"
 RUNTIMES = ("auto", "compact", "factored", "csr", "merged")  # runtime.RUNTIMES (not imported: the CLI starts fast)
 
 
@@ -345,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-images", type=int, help="a stratified subset of the images")
     e.add_argument("--max-windows", type=int, help="only the first N windows of the text (a slice; printed)")
     e.add_argument("--runtime", default="auto", choices=RUNTIMES, help=RUNTIME_HELP)
+    e.add_argument("--no-verify", action="store_true", help=NO_VERIFY_HELP)
     e.set_defaults(func=cmd_eval)
 
     f = sub.add_parser("finetune", help="distil the dense model into a compressed directory (end to end)")
@@ -364,10 +370,12 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--eval-text", help="report dense and fine-tuned perplexity on this text")
     f.add_argument("--eval-images", help="report dense and fine-tuned top-1 on this image folder")
     f.add_argument("--eval-seqlen", type=int)
+    f.add_argument("--no-verify", action="store_true", help=NO_VERIFY_HELP)
     f.set_defaults(func=cmd_finetune)
 
     i = sub.add_parser("info", help="what a compressed directory holds")
     i.add_argument("dir")
+    i.add_argument("--no-verify", action="store_true", help=NO_VERIFY_HELP)
     i.set_defaults(func=cmd_info)
     return parser
 

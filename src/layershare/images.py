@@ -176,8 +176,8 @@ class ImagePreprocessor:
             raise DataError(f"{str(model_dir)!r} has no preprocessor_config.json: the model's image "
                             "preprocessing is unknown (save its image processor with save_pretrained)")
         with _quiet_transformers():
-            processor = AutoImageProcessor.from_pretrained(str(model_dir))
-            config = AutoConfig.from_pretrained(str(model_dir)) if (model_dir / "config.json").is_file() else None
+            processor = AutoImageProcessor.from_pretrained(str(model_dir), trust_remote_code=False)
+            config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False) if (model_dir / "config.json").is_file() else None
         channels = getattr(config, "num_channels", None)
         if channels is None:
             mean = getattr(processor, "image_mean", None)

@@ -25,7 +25,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .adapters.base import get_path, set_path
+from .adapters.base import set_path
+from .checkpoint import (FORMAT_VERSION, CheckpointError, check_entry, check_hashes, check_header, entry_sha256,
+                         file_sha256, read_header)
 from .modules.atoms import AtomLinear, MatrixAtoms
 from .modules.shared_basis import SharedBasis, SharedBasisLinear
 from .store import BASES_ATTR
@@ -33,11 +35,6 @@ from .store import BASES_ATTR
 WEIGHTS = "model.safetensors"
 META = "layershare.json"
 RECIPE = "recipe.yaml"
-FORMAT_VERSION = 1
-
-
-class CheckpointError(ValueError):
-    pass
 
 
 class OutputExistsError(FileExistsError):
@@ -108,6 +105,8 @@ def state_dict_unique(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.T
     return out
 
 
+TIMM_KWARGS = {"img_size", "patch_size", "in_chans", "num_classes", "embed_dim", "depth", "num_heads", "mlp_ratio",
+               "qkv_bias", "class_token", "global_pool", "reg_tokens", "no_embed_class"}
 AUTO_CLASSES = {"causal-lm": "AutoModelForCausalLM", "image-classification": "AutoModelForImageClassification"}
 
 
@@ -147,6 +146,20 @@ def _save_config(model: nn.Module, entry: dict, folder: Path) -> None:
         del config.layershare
 
 
+def is_compressed_dir(path: str | Path) -> bool:
+    """Whether `path` is a directory layershare wrote (its config.json has a 'layershare' entry,
+    or it holds layershare.json), whatever else it lacks."""
+    path = Path(path)
+    if not path.is_dir():
+        return False
+    if (path / META).exists():
+        return True
+    try:
+        return "layershare" in json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
 def check_not_merged(model: nn.Module, action: str) -> None:
     """Refuse a model whose compressed layers were merged into dense ones at load time."""
     n = getattr(model, "layershare_merged", 0)
@@ -176,8 +189,9 @@ def save_compressed(model: nn.Module, output_dir: str | Path, tokenizer=None, ov
         if recipe is not None:
             recipe.to_yaml(tmp / RECIPE)
         info = {**(meta or {}), "weights_bytes": (tmp / WEIGHTS).stat().st_size,
-                "format_version": FORMAT_VERSION}
-        (tmp / META).write_text(json.dumps(info, indent=2, default=str))
+                "format_version": FORMAT_VERSION, "weights_sha256": file_sha256(tmp / WEIGHTS),
+                "entry_sha256": entry_sha256(json.loads((tmp / "config.json").read_text())["layershare"])}
+        (tmp / META).write_text(json.dumps(info, indent=2, default=str, sort_keys=True))
         if output_dir.exists():
             old = output_dir.parent / f".{output_dir.name}.old-{uuid.uuid4().hex[:8]}"
             os.rename(output_dir, old)
@@ -216,8 +230,10 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def read_meta(path: str | Path) -> tuple[dict, dict]:
-    """(config.json, layershare.json) of a compressed directory, checked for completeness."""
+def read_meta(path: str | Path, verify: bool = True) -> tuple[dict, dict]:
+    """(config.json, layershare.json) of a compressed directory, checked (checkpoint.py): complete,
+    the entry's schema, the weights file's size and header against the entry and, with `verify`,
+    the recorded hashes of both. Reads no tensor."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{str(path)!r} is not a directory")
@@ -232,15 +248,54 @@ def read_meta(path: str | Path) -> tuple[dict, dict]:
         raise CheckpointError(f"{str(path)!r}: corrupt metadata ({e})") from e
     if "layershare" not in config:
         raise CheckpointError(f"{str(path)!r} is not a layershare checkpoint: config.json has no 'layershare' entry")
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{str(path)!r}: {META} must hold a mapping")
     size = weights.stat().st_size
     if meta.get("weights_bytes") != size:
         raise CheckpointError(f"{str(path)!r}: {WEIGHTS} is {size:,} bytes but was saved as "
                               f"{meta.get('weights_bytes')!r} bytes (truncated or replaced)")
+    where = repr(str(path))
+    check_entry(config["layershare"], where)
+    check_header(config["layershare"], read_header(weights), BASES_ATTR, where)
+    if verify:
+        check_hashes(path, config["layershare"], meta, where)
     return config, meta
 
 
+def _module_at(model: nn.Module, path: str, where: str) -> nn.Module:
+    """The submodule at `path`, through registered submodules only (never other attributes)."""
+    mod = model
+    for part in path.split("."):
+        child = mod._modules.get(part) if isinstance(mod, nn.Module) else None
+        if child is None:
+            raise CheckpointError(f"{where}: config.json names {path!r}, which is not a module of the model")
+        mod = child
+    return mod
+
+
+def _check_replaced(model: nn.Module, name: str, spec: dict, entry: dict, where: str) -> None:
+    """The dense linear a compressed layer replaces exists and has the shapes the entry gives it."""
+    from .modules.weights import in_out_features, is_conv1d
+
+    target = _module_at(model, name, where)
+    if isinstance(target, (SharedBasisLinear, AtomLinear)):
+        raise CheckpointError(f"{where}: config.json lists {name!r} twice")
+    if not (isinstance(target, nn.Linear) or is_conv1d(target)):
+        raise CheckpointError(f"{where}: config.json names {name!r}, a {type(target).__name__}, as a compressed "
+                              f"linear")
+    base = entry["bases"][spec["basis"]]
+    if spec.get("kind") == "atoms":
+        _, out, inp = base["atoms"]
+    else:
+        d, h = base[0], spec["v_shape"][1]
+        inp, out = (d, h) if spec["role"] == "in" else (h, d)
+    if tuple(in_out_features(target)) != (inp, out):
+        raise CheckpointError(f"{where}: {name!r} maps {in_out_features(target)[0]} -> {in_out_features(target)[1]} "
+                              f"in the model but {inp} -> {out} in config.json")
+
+
 def load_compressed(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = torch.float32,
-                    model: nn.Module | None = None, runtime: str = "auto"):
+                    model: nn.Module | None = None, runtime: str = "auto", verify: bool = True):
     """A runnable model from a compressed directory, without the original weights: a transformers
     model rebuilt from its config, a timm model rebuilt from its architecture, or `model` (an
     uncompressed skeleton of the same architecture, for models neither can rebuild) filled in.
@@ -255,11 +310,10 @@ def load_compressed(path: str | Path, device: str = "cpu", dtype: torch.dtype | 
     from transformers import AutoConfig
 
     path = Path(path)
-    raw, _ = read_meta(path)
+    where = repr(str(path))
+    raw, _ = read_meta(path, verify=verify)
     entry = raw["layershare"]
-    task = entry.get("task", "causal-lm")
-    if task not in AUTO_CLASSES:
-        raise CheckpointError(f"{str(path)!r}: unknown task {task!r} (known: {', '.join(AUTO_CLASSES)})")
+    task = entry["task"]
     if model is not None:
         pass
     elif raw.get("library") == "timm":
@@ -267,34 +321,57 @@ def load_compressed(path: str | Path, device: str = "cpu", dtype: torch.dtype | 
             import timm
         except Exception as e:  # noqa: BLE001 - timm needs a working torchvision
             raise CheckpointError(f"{str(path)!r} holds a timm model, but timm cannot be imported ({e})") from e
+        spec = raw.get("timm")
+        if not isinstance(spec, dict) or not isinstance(spec.get("kwargs"), dict):
+            raise CheckpointError(f"{where}: config.json 'timm' must hold an architecture and its kwargs")
+        if spec.get("architecture") not in timm.list_models():
+            raise CheckpointError(f"{where}: config.json timm.architecture {spec.get('architecture')!r} is not a model "
+                                  f"timm registers")
+        unknown = set(spec["kwargs"]) - TIMM_KWARGS
+        if unknown:
+            raise CheckpointError(f"{where}: config.json timm.kwargs: {sorted(unknown)} are not shape arguments "
+                                  f"layershare writes ({', '.join(sorted(TIMM_KWARGS))})")
         with init_empty_weights():
-            model = timm.create_model(raw["timm"]["architecture"], pretrained=False, **raw["timm"]["kwargs"])
+            model = timm.create_model(spec["architecture"], pretrained=False, **spec["kwargs"])
     else:
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
         if hasattr(config, "layershare"):
             del config.layershare
         # the saved class when transformers has it (an Auto class can be ambiguous: DeiT has two)
-        cls = getattr(transformers, entry.get("class", ""), None)
+        cls = getattr(transformers, entry["class"], None)
+        if cls is not None and not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+            raise CheckpointError(f"{where}: config.json layershare.class: {entry['class']!r} is not a model class")
         with init_empty_weights():
             model = cls(config) if cls is not None else getattr(transformers, AUTO_CLASSES[task]).from_config(config)
     bases = nn.ModuleDict({k: MatrixAtoms(torch.empty(*shape["atoms"], device="meta")) if isinstance(shape, dict)
                            else SharedBasis(torch.empty(*shape, device="meta")) for k, shape in entry["bases"].items()})
     model.add_module(BASES_ATTR, bases)
     for name, spec in entry["layers"].items():
+        _check_replaced(model, name, spec, entry, where)
         if spec.get("kind") == "atoms":
             set_path(model, name, AtomLinear.empty(bases[spec["basis"]], spec["bias"]))
             continue
         set_path(model, name, SharedBasisLinear.empty(bases[spec["basis"]], tuple(spec["v_shape"]), spec["role"],
                                                       spec["bias"], sparse=spec.get("sparse", True)))
+    stored = read_header(path / WEIGHTS)
     for alias, source in entry.get("tied", {}).items():
-        set_path(model, alias, get_path(model, source))
+        a, b = _module_at(model, alias, where), _module_at(model, source, where)
+        if any(k.startswith(alias + ".") for k in stored):
+            raise CheckpointError(f"{where}: config.json ties {alias!r} to {source!r}, but {alias!r} has tensors of "
+                                  f"its own in {WEIGHTS}")
+        if type(a) is not type(b) or [p.shape for p in a.parameters()] != [p.shape for p in b.parameters()]:
+            raise CheckpointError(f"{where}: config.json ties {alias!r} to {source!r}, which differ in type or shape")
+        set_path(model, alias, b)
     try:
         sd = read_safetensors(path / WEIGHTS)
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"{str(path)!r}: cannot read {WEIGHTS} ({e})") from e
     if dtype is not None:
         sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
-    result = model.load_state_dict(sd, strict=False, assign=True)
+    try:
+        result = model.load_state_dict(sd, strict=False, assign=True)
+    except RuntimeError as e:  # size mismatches, bitmask / value count disagreements
+        raise CheckpointError(f"{where}: {e}") from e
     if result.unexpected_keys:
         raise CheckpointError(f"{str(path)!r}: unexpected tensors {result.unexpected_keys[:5]}")
     del sd

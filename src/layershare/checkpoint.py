@@ -1,0 +1,193 @@
+"""Verify a compressed directory before trusting it.
+
+Checked before anything is allocated: the `layershare` entry of config.json against its schema
+(every field named in the error), the safetensors header (read without loading a tensor)
+against the shapes the entry declares, and, when the directory records them, the SHA-256 of the
+weights file and of the entry (written at save; `verify=False` / `--no-verify` skips the hashes).
+Checked while loading (io.load_compressed): every compressed layer's path names a linear of the
+model with matching shapes, every tensor the model expects is in the file and no other.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+FORMAT_VERSION = 1
+DTYPES = ("float32", "bfloat16", "float16")
+TASKS = ("causal-lm", "image-classification")
+CLASS_SUFFIXES = ("ForCausalLM", "ForImageClassification")
+TIMM_CLASSES = ("VisionTransformer",)
+PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
+KEY = re.compile(r"^[A-Za-z0-9_]+$")
+MAX_DIM = 1 << 24  # no dimension of a real model comes near this
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def entry_sha256(entry: dict) -> str:
+    return hashlib.sha256(json.dumps(entry, sort_keys=True).encode()).hexdigest()
+
+
+def _fail(where: str, field: str, problem: str) -> CheckpointError:
+    return CheckpointError(f"{where}: config.json layershare.{field}: {problem}")
+
+
+def _dims(value, n: int, where: str, field: str) -> list[int]:
+    ok = (isinstance(value, list) and len(value) == n
+          and all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_DIM for v in value))
+    if not ok:
+        raise _fail(where, field, f"must be a list of {n} positive integers (at most {MAX_DIM:,}), got {value!r}")
+    return value
+
+
+def _flag(value, where: str, field: str) -> bool:
+    if not isinstance(value, bool):
+        raise _fail(where, field, f"must be true or false, got {value!r}")
+    return value
+
+
+def check_entry(entry, where: str) -> None:
+    """The entry's schema: types, ranges, known values, and references between its parts."""
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{where}: config.json 'layershare' must be a mapping, got {type(entry).__name__}")
+    version = entry.get("format_version")
+    if version != FORMAT_VERSION:
+        raise _fail(where, "format_version", f"{version!r} is not a format this version reads ({FORMAT_VERSION}); "
+                                             "a newer layershare wrote it, or the file was edited")
+    for field, allowed in (("dtype", DTYPES), ("task", TASKS)):
+        if entry.get(field) not in allowed:
+            raise _fail(where, field, f"{entry.get(field)!r} is not one of {', '.join(allowed)}")
+    cls = entry.get("class")
+    if not isinstance(cls, str) or not (cls.endswith(CLASS_SUFFIXES) or cls in TIMM_CLASSES) or not cls.isidentifier():
+        raise _fail(where, "class", f"{cls!r} is not a model class layershare loads (a transformers *ForCausalLM or "
+                                    f"*ForImageClassification, or timm's VisionTransformer)")
+    bases = entry.get("bases")
+    if not isinstance(bases, dict):
+        raise _fail(where, "bases", "must be a mapping")
+    ranks = {}
+    for k, shape in bases.items():
+        if not KEY.match(k):
+            raise _fail(where, f"bases[{k!r}]", "is not a valid name")
+        if isinstance(shape, dict):
+            if set(shape) != {"atoms"}:
+                raise _fail(where, f"bases[{k!r}]", f"must be [d, r] or {{'atoms': [K, out, in]}}, got {shape!r}")
+            ranks[k] = ("atoms", _dims(shape["atoms"], 3, where, f"bases[{k!r}].atoms"))
+        else:
+            ranks[k] = ("basis", _dims(shape, 2, where, f"bases[{k!r}]"))
+    layers = entry.get("layers")
+    if not isinstance(layers, dict):
+        raise _fail(where, "layers", "must be a mapping")
+    for name, spec in layers.items():
+        f = f"layers[{name!r}]"
+        if not PATH.match(name):
+            raise _fail(where, f, "is not a module path")
+        if not isinstance(spec, dict):
+            raise _fail(where, f, "must be a mapping")
+        kind = spec.get("kind", "basis")
+        expected = {"kind", "basis", "bias"} if kind == "atoms" else {"basis", "role", "v_shape", "bias", "sparse"}
+        if kind not in ("atoms", "basis") or set(spec) - expected or set(expected - {"kind"}) - set(spec):
+            raise _fail(where, f, f"must hold exactly {sorted(expected)}, got {sorted(spec)}")
+        if spec["basis"] not in ranks or ranks[spec["basis"]][0] != kind:
+            raise _fail(where, f"{f}.basis", f"{spec['basis']!r} is not a shared {kind} of this checkpoint")
+        _flag(spec["bias"], where, f"{f}.bias")
+        if kind == "atoms":
+            continue
+        _flag(spec["sparse"], where, f"{f}.sparse")
+        if spec["role"] not in ("in", "out"):
+            raise _fail(where, f"{f}.role", f"must be 'in' or 'out', got {spec['role']!r}")
+        r, _ = _dims(spec["v_shape"], 2, where, f"{f}.v_shape")
+        if r != ranks[spec["basis"]][1][1]:
+            raise _fail(where, f"{f}.v_shape", f"rank {r} differs from its basis's {ranks[spec['basis']][1][1]}")
+    tied = entry.get("tied", {})
+    if not isinstance(tied, dict) or not all(isinstance(k, str) and isinstance(v, str) and PATH.match(k)
+                                             and PATH.match(v) for k, v in tied.items()):
+        raise _fail(where, "tied", "must map module paths to module paths")
+
+
+def expected_shapes(entry: dict, bases_attr: str) -> dict[str, tuple[int, ...] | None]:
+    """The tensors the entry's compressed parts put in the weights file, with their shapes
+    (None: a sparse V's values, whose count only the bitmask fixes)."""
+    out: dict[str, tuple[int, ...] | None] = {}
+    for k, shape in entry["bases"].items():
+        if isinstance(shape, dict):
+            out[f"{bases_attr}.{k}.atoms"] = tuple(shape["atoms"])
+        else:
+            out[f"{bases_attr}.{k}.U"] = tuple(shape)
+    for name, spec in entry["layers"].items():
+        base = entry["bases"][spec["basis"]]
+        if spec.get("kind") == "atoms":
+            K, o, _ = base["atoms"]
+            out[f"{name}.coef"] = (K,)
+            if spec["bias"]:
+                out[f"{name}.bias"] = (o,)
+            continue
+        d = base[0]
+        r, h = spec["v_shape"]
+        if spec["sparse"]:
+            out[f"{name}.V_values"] = None
+            out[f"{name}.V_mask"] = ((r * h + 7) // 8,)
+        else:
+            out[f"{name}.V"] = (r, h)
+        if spec["bias"]:
+            out[f"{name}.bias"] = (h if spec["role"] == "in" else d,)
+    return out
+
+
+def read_header(path: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{name: (dtype, shape)} from a safetensors file's header, without reading a tensor."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 0 < n <= min(path.stat().st_size - 8, 100 << 20):
+                raise CheckpointError(f"{str(path)!r}: not a safetensors file (header length {n})")
+            header = json.loads(f.read(n))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{str(path)!r}: unreadable safetensors header ({e})") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{str(path)!r}: unreadable safetensors header")
+    out = {}
+    for k, v in header.items():
+        if k == "__metadata__":
+            continue
+        if not isinstance(v, dict) or not isinstance(v.get("shape"), list):
+            raise CheckpointError(f"{str(path)!r}: malformed header entry for {k!r}")
+        out[k] = (v.get("dtype"), tuple(v["shape"]))
+    return out
+
+
+def check_header(entry: dict, header: dict, bases_attr: str, where: str) -> None:
+    """Every compressed tensor the entry declares is in the file with its shape."""
+    for key, shape in expected_shapes(entry, bases_attr).items():
+        if key not in header:
+            raise CheckpointError(f"{where}: model.safetensors lacks {key!r}, which config.json declares")
+        got = header[key][1]
+        if shape is None:
+            r, h = entry["layers"][key[: -len(".V_values")]]["v_shape"]
+            if len(got) != 1 or got[0] > r * h:
+                raise CheckpointError(f"{where}: {key!r} has shape {list(got)}; expected at most {r * h} values")
+        elif got != shape:
+            raise CheckpointError(f"{where}: {key!r} has shape {list(got)} in model.safetensors but config.json "
+                                  f"declares {list(shape)}")
+
+
+def check_hashes(folder: Path, entry: dict, meta: dict, where: str) -> None:
+    want_w, want_e = meta.get("weights_sha256"), meta.get("entry_sha256")
+    if want_e is not None and entry_sha256(entry) != want_e:
+        raise CheckpointError(f"{where}: config.json's layershare entry does not match the hash recorded when it "
+                              f"was saved (edited?); load with verify=False (--no-verify) to trust it anyway")
+    if want_w is not None and file_sha256(folder / "model.safetensors") != want_w:
+        raise CheckpointError(f"{where}: model.safetensors does not match the SHA-256 recorded when it was saved "
+                              f"(corrupted or edited); load with verify=False (--no-verify) to trust it anyway")
