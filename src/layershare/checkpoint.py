@@ -17,7 +17,7 @@ from pathlib import Path
 FORMAT_VERSION = 1
 DTYPES = ("float32", "bfloat16", "float16")
 TASKS = ("causal-lm", "image-classification")
-CLASS_SUFFIXES = ("ForCausalLM", "ForImageClassification")
+CLASS_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForImageClassification", "ForImageClassificationWithTeacher")
 TIMM_CLASSES = ("VisionTransformer",)
 PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
 KEY = re.compile(r"^[A-Za-z0-9_]+$")
@@ -71,8 +71,8 @@ def check_entry(entry, where: str) -> None:
             raise _fail(where, field, f"{entry.get(field)!r} is not one of {', '.join(allowed)}")
     cls = entry.get("class")
     if not isinstance(cls, str) or not (cls.endswith(CLASS_SUFFIXES) or cls in TIMM_CLASSES) or not cls.isidentifier():
-        raise _fail(where, "class", f"{cls!r} is not a model class layershare loads (a transformers *ForCausalLM or "
-                                    f"*ForImageClassification, or timm's VisionTransformer)")
+        raise _fail(where, "class", f"{cls!r} is not a model class layershare loads (a transformers *ForCausalLM, "
+                                    f"*LMHeadModel or *ForImageClassification, or timm's VisionTransformer)")
     bases = entry.get("bases")
     if not isinstance(bases, dict):
         raise _fail(where, "bases", "must be a mapping")

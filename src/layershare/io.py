@@ -183,7 +183,8 @@ def save_compressed(model: nn.Module, output_dir: str | Path, tokenizer=None, ov
                  **({"method": meta.get("method")} if meta else {})}
         _save_config(model, entry, tmp)
         sd = state_dict_unique(model, torch_dtype)
-        save_file(sd, str(tmp / WEIGHTS), metadata={"format": "pt", "layershare": str(FORMAT_VERSION)})
+        # one metadata key: safetensors writes a map in hash order, so two keys would make runs differ
+        save_file(sd, str(tmp / WEIGHTS), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if recipe is not None:
