@@ -164,6 +164,17 @@ def plan(model: nn.Module, recipe=None) -> list[Stage]:
     return stages
 
 
+def check_context(model: nn.Module, seqlen: int, task: str) -> None:
+    """A calibration window longer than the model's context is refused before any work (GPT-2
+    would fail mid-run on its position table)."""
+    config = getattr(model, "config", None)
+    context = next((getattr(config, k) for k in ("max_position_embeddings", "n_positions", "n_ctx")
+                    if isinstance(getattr(config, k, None), int)), None)
+    if task == "causal-lm" and context is not None and seqlen > context:
+        raise ValueError(f"seqlen {seqlen} is longer than the model's context ({context} tokens); "
+                         f"use --seqlen {context} or less")
+
+
 def compress(model: nn.Module, recipe=None, data=None, tokenizer=None,
              output_dir: str | Path | None = None, overwrite: bool = False, batch_size: int = 8,
              processor=None, source: str | None = None, callbacks: list[Callback] | tuple = ()) -> CompressionResult:
@@ -177,9 +188,23 @@ def compress(model: nn.Module, recipe=None, data=None, tokenizer=None,
     Everything that can be checked is checked before the long work starts: the
     architecture, every stage's budget, the calibration length and the output directory.
     """
+    from contextlib import nullcontext
+
+    from .io import output_lock
+
+    if output_dir is not None:  # refused before the lock: a bad path gets its own message
+        check_output_dir(output_dir, overwrite)
+    with output_lock(output_dir) if output_dir is not None else nullcontext():
+        return _compress(model, recipe, data, tokenizer, output_dir, overwrite, batch_size, processor, source,
+                         callbacks)
+
+
+def _compress(model, recipe, data, tokenizer, output_dir, overwrite, batch_size, processor, source,
+              callbacks) -> CompressionResult:
     recipe = as_recipe(recipe)
     recipe.check_device()
     adapter = get_adapter(model)
+    check_context(model, recipe.seqlen, adapter.task)
     stages = plan(model, recipe)
     if output_dir is not None:
         check_output_dir(output_dir, overwrite)

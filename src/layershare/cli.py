@@ -121,6 +121,17 @@ def _full_command(args) -> str:
     return " ".join(shlex.quote(p) for p in parts)
 
 
+def check_apart(model: str, output: str) -> None:
+    """The output may not be the input model, lie inside it or hold it (--overwrite would destroy it)."""
+    src = Path(model)
+    if not src.exists():
+        return
+    src, out = src.resolve(), Path(output).resolve()
+    if out == src or src in out.parents or out in src.parents:
+        raise ValueError(f"--output {output!r} {'is' if out == src else 'overlaps'} the input model {model!r}: "
+                         f"choose a directory apart from it")
+
+
 def cmd_compress(args) -> int:
     import time
 
@@ -134,6 +145,7 @@ def cmd_compress(args) -> int:
     recipe = build_recipe(args)
     recipe.check_device()
     check_output_dir(args.output, args.overwrite)
+    check_apart(args.model, args.output)
     for flag, source in (("--calib", args.calib), ("--eval-text", args.eval_text), ("--eval-images", args.eval_images)):
         if source and ":" not in source and not Path(source).exists():  # before the model loads
             raise FileNotFoundError(f"{flag} {source!r}: no such file or directory")
@@ -146,6 +158,12 @@ def cmd_compress(args) -> int:
     if args.eval_text and task != "causal-lm" or args.eval_images and task != "image-classification":
         raise ValueError(f"{args.model} is a {task} model: use "
                          f"{'--eval-images' if task == 'image-classification' else '--eval-text'}")
+    if task == "causal-lm":  # read (and refuse bad text) before any model pass, not after the dense evaluation
+        from layershare.data import read_text
+
+        for source in (args.calib, args.eval_text):
+            if source:
+                read_text(source)
     stages = layershare.plan(model, recipe)  # a bad budget fails before the dense evaluation
     for st in stages:
         print(f"  stage {st.index + 1}: {st.method.name} on {st.method.part}, {len(st.groups)} group(s), "
@@ -320,6 +338,7 @@ RUNTIMES = ("auto", "compact", "factored", "csr", "merged")  # runtime.RUNTIMES 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="layershare", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("compress", help="compress a model and save it")
@@ -380,13 +399,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminate(signum, frame):  # SIGTERM ends a run the way Ctrl-C does: nothing half-written is left
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
     args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate) if threading_main() else None
     try:
         return args.func(args)
-    except (ValueError, FileExistsError, FileNotFoundError, RuntimeError) as e:
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("layershare: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, RuntimeError) as e:  # every expected failure: one line (--debug: traceback)
+        if args.debug:
+            raise
         print(f"layershare: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":

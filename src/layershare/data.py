@@ -56,8 +56,20 @@ def read_text(source: str | Path, column: str = "text") -> str:
         files = sorted(p for p in path.rglob("*.txt") if p.is_file())
         if not files:
             raise DataError(f"folder {src!r} holds no *.txt files")
-        return "\n\n".join(p.read_text(encoding="utf-8", errors="replace") for p in files)
-    return path.read_text(encoding="utf-8", errors="replace")
+        return "\n\n".join(read_text_file(p) for p in files)
+    return read_text_file(path)
+
+
+def read_text_file(path: Path) -> str:
+    """A UTF-8 text file; binary data or another encoding is refused, naming the file and where."""
+    data = path.read_bytes()
+    if b"\x00" in data[:1 << 20]:
+        raise DataError(f"{str(path)!r} looks binary (it holds NUL bytes), not text")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{str(path)!r} is not UTF-8 text (byte {e.start}: {data[e.start:e.start + 4]!r}); "
+                        f"convert it, e.g. iconv -f latin1 -t utf-8") from e
 
 
 def tokenize(tokenizer, text: str, add_special_tokens: bool = True) -> torch.Tensor:

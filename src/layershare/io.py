@@ -15,10 +15,13 @@ an interrupted save never leaves a directory that looks valid.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
+import signal
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -57,6 +60,58 @@ def check_output_dir(path: str | Path, overwrite: bool) -> Path:
     if not ancestor.is_dir():
         raise OutputExistsError(f"cannot create {str(path)!r}: {str(ancestor)!r} is not a directory")
     return path
+
+
+_HELD: dict[Path, int] = {}  # output directory -> pid of the process holding its lock (re-entrant there)
+
+
+@contextmanager
+def output_lock(output_dir: str | Path):
+    """One run at a time per output directory: an flock on `.NAME.lock` beside it (removed at the
+    end), held from the checks before the work to the end of the save. Inside it, what
+    interrupted runs left is cleaned: `.NAME.partial-*` folders are removed, and an `.NAME.old-*`
+    (a swap cut between its two renames) is put back at NAME if NAME is missing, else removed."""
+    path = Path(output_dir).absolute()
+    if _HELD.get(path) == os.getpid():  # (a forked child inherits the dict, not the right)
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = path.parent / f".{path.name}.lock"
+    fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise OutputExistsError(f"another layershare run is writing to {str(output_dir)!r}; wait for it to end "
+                                f"or choose another output") from None
+    _HELD[path] = os.getpid()
+    try:
+        for left in sorted(path.parent.glob(f".{path.name}.old-*")):
+            if not path.exists():
+                os.rename(left, path)
+            else:
+                shutil.rmtree(left, ignore_errors=True)
+        for left in path.parent.glob(f".{path.name}.partial-*"):
+            shutil.rmtree(left, ignore_errors=True)
+        yield
+    finally:
+        del _HELD[path]
+        try:  # removed while held, so it is never left behind
+            os.unlink(lock)
+        except OSError:
+            pass
+        os.close(fd)  # releases the lock
+
+
+@contextmanager
+def signals_deferred():
+    """Ctrl-C and SIGTERM wait until the block ends (the two renames of an overwrite)."""
+    sigs = {signal.SIGINT, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def layer_map(model: nn.Module) -> dict:
@@ -172,7 +227,11 @@ def check_not_merged(model: nn.Module, action: str) -> None:
 def save_compressed(model: nn.Module, output_dir: str | Path, tokenizer=None, overwrite: bool = False,
                     dtype: str = "float32", meta: dict | None = None, recipe=None) -> Path:
     check_not_merged(model, "save")
-    output_dir = check_output_dir(output_dir, overwrite)
+    with output_lock(output_dir):
+        return _save(model, check_output_dir(output_dir, overwrite), tokenizer, dtype, meta, recipe)
+
+
+def _save(model: nn.Module, output_dir: Path, tokenizer, dtype: str, meta: dict | None, recipe) -> Path:
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     torch_dtype = getattr(torch, dtype)
     tmp = output_dir.parent / f".{output_dir.name}.partial-{uuid.uuid4().hex[:8]}"
@@ -193,10 +252,11 @@ def save_compressed(model: nn.Module, output_dir: str | Path, tokenizer=None, ov
                 "format_version": FORMAT_VERSION, "weights_sha256": file_sha256(tmp / WEIGHTS),
                 "entry_sha256": entry_sha256(json.loads((tmp / "config.json").read_text())["layershare"])}
         (tmp / META).write_text(json.dumps(info, indent=2, default=str, sort_keys=True))
-        if output_dir.exists():
+        if output_dir.exists():  # either the old or the new directory is at output_dir, whatever signal comes
             old = output_dir.parent / f".{output_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(output_dir, old)
-            os.rename(tmp, output_dir)
+            with signals_deferred():
+                os.rename(output_dir, old)
+                os.rename(tmp, output_dir)
             shutil.rmtree(old)
         else:
             os.rename(tmp, output_dir)
