@@ -124,6 +124,9 @@ def test_bad_runtime_and_pattern_are_refused(tokens, tmp_path):
     with pytest.raises(ValueError, match="unknown runtime 'fast'.*auto, compact, factored, csr, merged"):
         layershare.load(tmp_path / "missing", runtime="fast")
     assert RUNTIMES == ("auto", "compact", "factored", "csr", "merged")
+    from layershare.cli import RUNTIMES as CLI_RUNTIMES  # the CLI's copy (it starts without torch)
+
+    assert CLI_RUNTIMES == RUNTIMES
     with pytest.raises(RecipeError, match="pattern '2:4' fixes the sparsity at 0.5; got sparsity 0.3"):
         FiPSConfig(pattern="2:4", sparsity=0.3)
     with pytest.raises(RecipeError, match="pattern"):

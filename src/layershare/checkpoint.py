@@ -145,8 +145,9 @@ def expected_shapes(entry: dict, bases_attr: str) -> dict[str, tuple[int, ...] |
     return out
 
 
-def read_header(path: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """{name: (dtype, shape)} from a safetensors file's header, without reading a tensor."""
+def raw_header(path: str | Path) -> tuple[int, dict]:
+    """(header length, the header's JSON mapping) of a safetensors file, checked for sanity: the
+    one parser of the format's header (read_header, io.read_safetensors)."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
@@ -158,14 +159,16 @@ def read_header(path: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
         raise CheckpointError(f"{str(path)!r}: unreadable safetensors header ({e})") from e
     if not isinstance(header, dict):
         raise CheckpointError(f"{str(path)!r}: unreadable safetensors header")
-    out = {}
     for k, v in header.items():
-        if k == "__metadata__":
-            continue
-        if not isinstance(v, dict) or not isinstance(v.get("shape"), list):
+        if k != "__metadata__" and (not isinstance(v, dict) or not isinstance(v.get("shape"), list)):
             raise CheckpointError(f"{str(path)!r}: malformed header entry for {k!r}")
-        out[k] = (v.get("dtype"), tuple(v["shape"]))
-    return out
+    return n, header
+
+
+def read_header(path: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{name: (dtype, shape)} from a safetensors file's header, without reading a tensor."""
+    _, header = raw_header(path)
+    return {k: (v.get("dtype"), tuple(v["shape"])) for k, v in header.items() if k != "__metadata__"}
 
 
 def check_header(entry: dict, header: dict, bases_attr: str, where: str) -> None:

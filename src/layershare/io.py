@@ -30,7 +30,7 @@ from torch import nn
 
 from .adapters.base import set_path
 from .checkpoint import (FORMAT_VERSION, CheckpointError, check_entry, check_hashes, check_header, entry_sha256,
-                         file_sha256, read_header)
+                         file_sha256, raw_header, read_header)
 from .modules.atoms import AtomLinear, MatrixAtoms
 from .modules.shared_basis import SharedBasis, SharedBasisLinear
 from .store import BASES_ATTR
@@ -275,13 +275,11 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors file, read into memory of its own (no memory map). A mapped
     file keeps every page it ever read resident while any of its tensors lives, so the compact
     tensors a run-time conversion replaces would stay counted; read like this, they are freed."""
+    n, header = raw_header(path)
+    header.pop("__metadata__", None)
     out = {}
     with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-        for k, v in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0] if kv[0] != "__metadata__" else -1):
-            if k == "__metadata__":
-                continue
+        for k, v in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
             start, end = v["data_offsets"]
             buf = torch.empty(end - start, dtype=torch.uint8)
             f.seek(8 + n + start)
@@ -414,19 +412,18 @@ def load_compressed(path: str | Path, device: str = "cpu", dtype: torch.dtype | 
             continue
         set_path(model, name, SharedBasisLinear.empty(bases[spec["basis"]], tuple(spec["v_shape"]), spec["role"],
                                                       spec["bias"], sparse=spec.get("sparse", True)))
-    stored = read_header(path / WEIGHTS)
+    try:
+        sd = read_safetensors(path / WEIGHTS)
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{str(path)!r}: cannot read {WEIGHTS} ({e})") from e
     for alias, source in entry.get("tied", {}).items():
         a, b = _module_at(model, alias, where), _module_at(model, source, where)
-        if any(k.startswith(alias + ".") for k in stored):
+        if any(k.startswith(alias + ".") for k in sd):
             raise CheckpointError(f"{where}: config.json ties {alias!r} to {source!r}, but {alias!r} has tensors of "
                                   f"its own in {WEIGHTS}")
         if type(a) is not type(b) or [p.shape for p in a.parameters()] != [p.shape for p in b.parameters()]:
             raise CheckpointError(f"{where}: config.json ties {alias!r} to {source!r}, which differ in type or shape")
         set_path(model, alias, b)
-    try:
-        sd = read_safetensors(path / WEIGHTS)
-    except (OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{str(path)!r}: cannot read {WEIGHTS} ({e})") from e
     if dtype is not None:
         sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
     try:

@@ -20,7 +20,7 @@ from torch import nn
 
 from .adapters.base import IN, set_path
 from .modules.atoms import AtomLinear, MatrixAtoms
-from .modules.shared_basis import SharedBasis, SharedBasisLinear
+from .modules.shared_basis import SharedBasisLinear
 from .store import BASES_ATTR
 
 RUNTIMES = ("auto", "compact", "factored", "csr", "merged")
@@ -147,5 +147,4 @@ def forms(model: nn.Module) -> dict[str, int]:
     return out
 
 
-__all__ = ["RUNTIMES", "to_runtime", "resident_bytes", "merged_linear", "factored_is_smaller", "forms",
-           "SharedBasis"]
+__all__ = ["RUNTIMES", "to_runtime", "resident_bytes", "merged_linear", "factored_is_smaller", "forms"]

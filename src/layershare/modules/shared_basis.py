@@ -265,12 +265,12 @@ class SharedBasisLinear(nn.Module):
                 return
             values, bits = state_dict[keys[0]], state_dict[keys[1]]
             n = self.v_shape[0] * self.v_shape[1]
-            if bits.numel() != (n + 7) // 8:
+            ones = int(unpack_bits(bits, self.v_shape).sum()) if bits.numel() == (n + 7) // 8 else None
+            if ones is None:
                 error_msgs.append(f"{prefix}V_mask: {bits.numel()} bytes, expected {(n + 7) // 8} for V of "
                                   f"shape {self.v_shape}")
-            elif int(unpack_bits(bits, self.v_shape).sum()) != values.numel():
-                error_msgs.append(f"{prefix}: bitmask has {int(unpack_bits(bits, self.v_shape).sum())} ones "
-                                  f"but {values.numel()} values")
+            elif ones != values.numel():
+                error_msgs.append(f"{prefix}: bitmask has {ones} ones but {values.numel()} values")
             else:
                 self._buffers["V_values"] = values
                 self._buffers["V_mask"] = bits.to(torch.uint8)
@@ -290,15 +290,6 @@ class SharedBasisLinear(nn.Module):
         if self.form == "csr":
             return int(self.V_csr.values().numel())
         return int((self.dense_V() != 0).sum()) if self.sparse else self.v_shape[0] * self.v_shape[1]
-
-    def resident_bytes(self) -> int:
-        """Bytes this layer's own tensors hold (the shared basis not included)."""
-        n = sum(t.numel() * t.element_size() for t in list(self._parameters.values()) + list(self._buffers.values())
-                if t is not None and t.device.type != "meta")
-        if self.form == "csr":
-            c = self.V_csr
-            n += sum(t.numel() * t.element_size() for t in (c.values(), c.crow_indices(), c.col_indices()))
-        return n
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, role={self.role}, "
