@@ -83,8 +83,13 @@ def run_one(model_name: str, method: str, ratio: float, seqlen: int, overrides: 
             recipe = make_recipe(model, method, ratio, {"device": device, **overrides})
             row["recipe"] = recipe.to_dict()
             t0 = time.time()
-            result = layershare.compress(model, recipe, data=CALIB, tokenizer=tok, output_dir=Path(tmp) / "c")
+            # a row for every feasible plan, its ratio as measured (ffn-merge removes whole MLPs)
+            result = layershare.compress(model, recipe, data=CALIB, tokenizer=tok, output_dir=Path(tmp) / "c",
+                                         allow_ratio_miss=True)
             row["seconds"] = time.time() - t0
+            missed = json.loads((Path(tmp) / "c" / "layershare.json").read_text()).get("ratio_missed")
+            if missed:
+                row["ratio_missed"] = missed
             row["peak_rss_mb"] = peak_rss_mb()
             row["stored_params"] = result.sizes.param_equivalents
             row["ratio_measured"] = result.sizes.ratio

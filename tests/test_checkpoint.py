@@ -169,3 +169,49 @@ def test_a_layer_path_must_name_a_linear_of_the_model(saved, tmp_path):
         (d / "layershare.json").write_text(json.dumps(meta))
         with pytest.raises(CheckpointError, match=message):
             layershare.load(d, verify=False)
+
+
+HOSTILE_LOAD = """
+import resource, sys
+import layershare, layershare.api, layershare.io, transformers
+from transformers import LlamaForCausalLM
+from layershare.io import CheckpointError
+vm = int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmSize:"))) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + (1 << 30), vm + (1 << 30)))  # 1 GiB more address space
+try:
+    layershare.load(sys.argv[1], verify=False)
+except CheckpointError as e:
+    print("refused:", e)
+    sys.exit(0)
+sys.exit(3)
+"""
+
+
+def _consistent_rank(rank):
+    """Every shape of the entry agrees with a basis of `rank`: only the weights file's header can
+    tell that the entry lies."""
+    def edit(en):
+        key = next(iter(en["bases"]))
+        en["bases"][key] = [en["bases"][key][0], rank]
+        for layer in en["layers"].values():
+            if layer["basis"] == key:
+                layer["v_shape"] = [rank, layer["v_shape"][1]]
+    return edit
+
+
+@pytest.mark.parametrize("edit", [
+    lambda en: en["bases"].update({k: [100000, 100000] for k in list(en["bases"])[:1]}),
+    _consistent_rank(10 ** 7),
+])
+def test_declared_shapes_are_refused_under_a_memory_limit(saved, tmp_path, edit):
+    """A config edited to declare a 40 GB basis (alone, or with every shape made consistent with
+    it) fails fast with CheckpointError in a process that could not allocate it (1 GiB of address
+    space left): nothing is allocated from the entry."""
+    import subprocess
+    import sys
+
+    d = _copy(saved, tmp_path)
+    _edit_entry(d, edit)
+    run = subprocess.run([sys.executable, "-c", HOSTILE_LOAD, str(d)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "refused:" in run.stdout and ("100000" in run.stdout or "10000000" in run.stdout), run.stdout

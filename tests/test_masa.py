@@ -48,7 +48,8 @@ def test_masa_error_falls_with_more_atoms(tokens, input_ids):
     errs = []
     for ratio in (0.7, 0.4):
         m = make_model("llama")
-        layershare.compress(m, small_recipe(method="masa", ratio=ratio, ratio_of="attention"), data=tokens)
+        layershare.compress(m, small_recipe(method="masa", ratio=ratio, ratio_of="attention"), data=tokens,
+                            allow_ratio_miss=True)  # whole atoms: the tiny model's ratios round by > 1 point
         with torch.no_grad():
             errs.append(float((m(input_ids).logits - dense).pow(2).mean()))
     assert errs[1] < errs[0]

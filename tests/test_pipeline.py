@@ -297,7 +297,7 @@ def test_a_group_that_comes_out_non_finite_stops_the_run_unsaved(method, tokens,
             return out
 
         monkeypatch.setattr(MASA, "compress", poisoned)
-        recipe, where = small_recipe(method="masa", ratio=0.1), r"stage 1 \(masa\).*layershare_bases\.s0_g0_t0"
+        recipe, where = small_recipe(method="masa", ratio=0.2), r"stage 1 \(masa\).*layershare_bases\.s0_g0_t0"
     with pytest.raises(NonFiniteError, match=where):
         layershare.compress(make_model("llama"), recipe, data=tokens, output_dir=tmp_path / "out")
     assert list(tmp_path.iterdir()) == []

@@ -18,7 +18,8 @@ from conftest import make_model, small_recipe
 
 NAMES = sorted(METHODS)
 # a ratio of the whole model each method reaches on the tiny llama (checked in the test with layershare.plan)
-SAVE_RATIO = {"ffn-merge": 0.2, "masa": 0.2, "basis-sharing-attention": 0.2}
+SAVE_RATIO = {"ffn-merge": 0.16,  # 2 of the 4 tiny MLPs: 16.25%
+              "masa": 0.2, "basis-sharing-attention": 0.2}
 
 
 def int_fields(cls) -> list[str]:

@@ -97,3 +97,78 @@ def test_a_missing_model_is_one_line(capsys):
     err = capsys.readouterr().err
     assert err.startswith("layershare: error: ") and len(err.splitlines()) == 1
     assert torch.get_num_threads() >= 1
+
+
+def test_a_ratio_missed_by_the_plan_is_refused_before_work_or_allowed_loudly(tokens, tmp_path, capsys):
+    from layershare.targets import RatioMissError, RatioMissWarning
+
+    recipe = small_recipe(ratio=0.2, pattern="2:4")  # ranks multiples of 4 on the tiny model: 21.28%
+    with pytest.raises(RatioMissError, match=r"the plan removes 21\.28% .* target of 20\.00% \(\+1\.28 points.*"
+                                             r"--allow-ratio-miss"):
+        layershare.compress(make_model("llama"), recipe, data=None, output_dir=tmp_path / "c")  # before the data
+    assert not any(tmp_path.iterdir())
+    with pytest.warns(RatioMissWarning, match="RATIO MISSED: the plan removes 21.28%"):
+        layershare.compress(make_model("llama"), recipe, data=tokens, output_dir=tmp_path / "c",
+                            allow_ratio_miss=True)
+    import json
+
+    missed = json.loads((tmp_path / "c" / "layershare.json").read_text())["ratio_missed"]
+    assert len(missed) == 2 and missed[0].startswith("the plan removes 21.28%")
+    assert missed[1].startswith("the compressed model has 21.")
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "c")]) == 0
+    assert capsys.readouterr().out.count("WARNING: RATIO MISSED") == 2
+    # within the tolerance: no entry at all
+    layershare.compress(make_model("llama"), small_recipe(ratio=0.2), data=tokens, output_dir=tmp_path / "u")
+    assert "ratio_missed" not in json.loads((tmp_path / "u" / "layershare.json").read_text())
+
+
+def test_a_result_that_misses_its_ratio_is_not_saved(tokens, tmp_path):
+    """All-zero MLPs prune to nothing: the plan is on target, the result is not (measured nonzeros)."""
+    from layershare.targets import RatioMissError
+
+    model = make_model("llama")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for lin in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+                lin.weight.zero_()
+    with pytest.raises(RatioMissError, match=r"the compressed model has \d+\.\d+% .* target of 20\.00%"):
+        layershare.compress(model, small_recipe(ratio=0.2), data=tokens, output_dir=tmp_path / "c")
+    assert not any(tmp_path.iterdir())
+
+
+def test_too_little_free_space_is_refused_before_work(tokens, tmp_path, monkeypatch, capsys):
+    import collections
+    import shutil
+
+    from layershare.io import OutputSpaceError
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 << 20, 9 << 20, 1 << 20))
+    with pytest.raises(OutputSpaceError, match=r"needs about \d+ MiB and .* has 1 MiB free"):
+        layershare.compress(make_model("llama"), small_recipe(), data=None, output_dir=tmp_path / "c")
+    assert not any(tmp_path.iterdir())
+
+
+def test_sigterm_mid_run_exits_130_and_leaves_nothing(model_dir, tmp_path):
+    """The real CLI in its own process, terminated while it tunes: exit 130, one line, no output,
+    no lock or partial folder left."""
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "calib.txt").write_text("It is a truth universally acknowledged. " * 400)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "layershare", "compress", str(model_dir), "--calib", str(tmp_path / "calib.txt"),
+           "--output", str(out), "--nsamples", "4", "--seqlen", "32", "--steps", "100000"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / ".out.lock").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(2)  # into the tuning steps
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "tiny-llama"]

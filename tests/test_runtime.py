@@ -16,8 +16,9 @@ FORMS = ["compact", "factored", "csr", "merged", "auto"]
 
 def _compressed(tmp_path, tokens, name, **fields):
     model = make_model("llama")
+    # N:M rounds the tiny model's ranks to multiples of M: 21.2-21.3% removed for 20%
     res = layershare.compress(model, small_recipe(ratio=0.2, steps=5, **fields), data=tokens,
-                              output_dir=tmp_path / name)
+                              output_dir=tmp_path / name, allow_ratio_miss=":" in fields.get("pattern", ""))
     return model, res
 
 

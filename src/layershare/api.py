@@ -26,10 +26,11 @@ from .data import DataError, calibration_batches, read_text, tokenize
 from .drivers import Callback
 from .evaluate.perplexity import Perplexity, perplexity
 from .finite import check_dense
-from .io import check_output_dir, load_compressed, save_compressed
+from .io import check_free_space, check_output_dir, load_compressed, save_compressed
 from .pipeline import CompressionReport, Stage, plan_stages, run_stages
 from .recipe import Recipe, RecipeError
 from .sizes import Sizes, measure
+from .targets import check_ratio
 
 
 def seed_everything(seed: int) -> None:
@@ -164,6 +165,22 @@ def plan(model: nn.Module, recipe=None) -> list[Stage]:
     return stages
 
 
+def preflight(model: nn.Module, recipe=None, output_dir=None, overwrite: bool = False,
+              allow_ratio_miss: bool = False) -> tuple[list[Stage], str | None]:
+    """Everything checkable before the long work, in one place (compress and the CLI call it):
+    the plan (plan()), its ratio against the recipe's (targets.py) and, with an output
+    directory, that directory and its free space against the planned size. Returns the stages
+    and the plan's ratio miss (None, or its message when allowed)."""
+    recipe = as_recipe(recipe)
+    stages = plan(model, recipe)
+    miss = check_ratio(stages, sum(s.plan.model_ratio for s in stages), "the plan removes", allow_ratio_miss)
+    if output_dir is not None:
+        check_output_dir(output_dir, overwrite)
+        kept = count_params(model) - sum(s.plan.removed for s in stages)
+        check_free_space(output_dir, int(kept * recipe.bytes_per_param * 1.05) + (16 << 20))
+    return stages, miss
+
+
 def check_context(model: nn.Module, seqlen: int, task: str) -> None:
     """A calibration window longer than the model's context is refused before any work (GPT-2
     would fail mid-run on its position table)."""
@@ -177,7 +194,8 @@ def check_context(model: nn.Module, seqlen: int, task: str) -> None:
 
 def compress(model: nn.Module, recipe=None, data=None, tokenizer=None,
              output_dir: str | Path | None = None, overwrite: bool = False, batch_size: int = 8,
-             processor=None, source: str | None = None, callbacks: list[Callback] | tuple = ()) -> CompressionResult:
+             processor=None, source: str | None = None, callbacks: list[Callback] | tuple = (),
+             allow_ratio_miss: bool = False) -> CompressionResult:
     """Compress `model` in place with `recipe` (see as_recipe; default FiPS at 20%).
 
     data: a text source (see data.read_text) or a 1-D tensor of token ids; for an image
@@ -185,8 +203,11 @@ def compress(model: nn.Module, recipe=None, data=None, tokenizer=None,
     model's preprocessing (images.ImagePreprocessor), or a pixel tensor (N, C, H, W).
     source: the dense model's name, recorded in the saved metadata (the teacher `layershare
     finetune` uses by default). callbacks: drivers.Callback objects told of every stage and group.
+    allow_ratio_miss: accept a plan or a result more than one point off the recipe's ratio
+    (targets.py; a warning, kept in the saved report) instead of raising RatioMissError.
     Everything that can be checked is checked before the long work starts: the
-    architecture, every stage's budget, the calibration length and the output directory.
+    architecture, every stage's budget and its ratio, the calibration length, the output
+    directory and its free space (preflight).
     """
     from contextlib import nullcontext
 
@@ -196,18 +217,17 @@ def compress(model: nn.Module, recipe=None, data=None, tokenizer=None,
         check_output_dir(output_dir, overwrite)
     with output_lock(output_dir) if output_dir is not None else nullcontext():
         return _compress(model, recipe, data, tokenizer, output_dir, overwrite, batch_size, processor, source,
-                         callbacks)
+                         callbacks, allow_ratio_miss)
 
 
 def _compress(model, recipe, data, tokenizer, output_dir, overwrite, batch_size, processor, source,
-              callbacks) -> CompressionResult:
+              callbacks, allow_ratio_miss=False) -> CompressionResult:
     recipe = as_recipe(recipe)
     recipe.check_device()
     adapter = get_adapter(model)
     check_context(model, recipe.seqlen, adapter.task)
-    stages = plan(model, recipe)
-    if output_dir is not None:
-        check_output_dir(output_dir, overwrite)
+    stages, miss = preflight(model, recipe, output_dir, overwrite, allow_ratio_miss)
+    misses = [miss]
     if data is None:
         raise DataError("compress needs calibration data (data=...)")
     prep = tokenizer if processor is None else processor  # what is saved beside the model
@@ -216,11 +236,14 @@ def _compress(model, recipe, data, tokenizer, output_dir, overwrite, batch_size,
     dense_params = count_params(model)
     report = run_stages(model, adapter, stages, recipe, batches, callbacks)
     sizes = measure(model, dense_params, recipe.bytes_per_param)
+    misses.append(check_ratio(stages, sizes.ratio, "the compressed model has", allow_ratio_miss))
     out = None
     if output_dir is not None:
         meta = {"method": recipe.method, "source": source, "recipe": recipe.to_dict(), "sizes": sizes.as_dict(),
                 "seconds": report.seconds, "dense_params": dense_params,
                 "stages": [stage_meta(s) for s in report.stages]}
+        if any(misses):
+            meta["ratio_missed"] = [m for m in misses if m]
         out = save_compressed(model, output_dir, tokenizer=prep, overwrite=overwrite, dtype=recipe.dtype, meta=meta,
                               recipe=recipe)
     return CompressionResult(model=model, report=report, sizes=sizes, output_dir=out)

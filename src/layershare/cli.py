@@ -139,6 +139,7 @@ def cmd_compress(args) -> int:
 
     import layershare
     from layershare.adapters import get_adapter
+    from layershare.api import preflight
     from layershare.io import check_output_dir
 
     t_start = time.time()
@@ -164,7 +165,8 @@ def cmd_compress(args) -> int:
         for source in (args.calib, args.eval_text):
             if source:
                 read_text(source)
-    stages = layershare.plan(model, recipe)  # a bad budget fails before the dense evaluation
+    # a bad budget, a missed ratio or too little disk space fail before the dense evaluation
+    stages, _ = preflight(model, recipe, args.output, args.overwrite, args.allow_ratio_miss)
     for st in stages:
         print(f"  stage {st.index + 1}: {st.method.name} on {st.method.part}, {len(st.groups)} group(s), "
               f"{st.plan.model_ratio:.2%} of the model's parameters removed", flush=True)
@@ -173,7 +175,8 @@ def cmd_compress(args) -> int:
                            "dense")
     kw = {"processor": prep} if vision else {"tokenizer": prep}
     result = layershare.compress(model, recipe, data=args.calib, output_dir=args.output,
-                                 overwrite=args.overwrite, source=args.model, **kw)
+                                 overwrite=args.overwrite, source=args.model,
+                                 allow_ratio_miss=args.allow_ratio_miss, **kw)
     del model, result.model
     s = result.sizes
     removed = ", ".join(f"{st.method} {st.plan.model_ratio:.2%}" for st in result.report.stages)
@@ -181,6 +184,8 @@ def cmd_compress(args) -> int:
     print(f"  compression time    {result.report.seconds:,.1f} s")
     print(f"  parameters          dense {s.dense_params:,}  ->  stored {s.param_equivalents:,.0f} "
           f"(values {s.stored_values:,} + bitmask {s.index_bytes:,} bytes)  =  {s.ratio:.2%} fewer")
+    for miss in json.loads((result.output_dir / "layershare.json").read_text()).get("ratio_missed", []):
+        print(f"  WARNING: RATIO MISSED: {miss} (accepted by --allow-ratio-miss; kept in layershare.json)")
     weights = result.output_dir / "model.safetensors"
     disk = weights.stat().st_size
     print(f"  weights on disk     dense {_human(s.dense_bytes)} ({recipe.dtype})  ->  {_human(disk)}  "
@@ -304,6 +309,8 @@ def cmd_info(args) -> int:
     if s:
         print(f"  parameters  dense {s['dense_params']:,} -> stored {s['param_equivalents']:,.0f} "
               f"({s['ratio']:.2%} fewer; bitmask {s['index_bytes']:,} bytes counted)")
+    for miss in meta.get("ratio_missed", []):
+        print(f"  WARNING: RATIO MISSED: {miss} (accepted with --allow-ratio-miss)")
     hashed = "weights_sha256" in meta
     print(f"  weights file {meta['weights_bytes']:,} bytes; dtype {entry['dtype']}; "
           + ("no hash recorded (saved before 2026-11-27): schema and shapes checked" if not hashed else
@@ -346,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib", required=True, help="calibration text (file, folder, saved dataset, hf:NAME, austen:BOOK) or, for an image classifier, an image folder with class sub-folders")
     c.add_argument("--output", required=True, help="output directory (refused if it exists, unless --overwrite)")
     c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--allow-ratio-miss", action="store_true",
+                   help="accept a plan or result more than 1 point of the model's parameters off --ratio "
+                        "(a warning, kept in layershare.json) instead of an error")
     c.add_argument("--task", choices=["causal-lm", "image-classification"],
                    help="check that the model is of this kind (it is detected from the model)")
     c.add_argument("--eval-text", help="also report dense and compressed perplexity on this text")

@@ -103,6 +103,7 @@ class StageConfig:
 
     method: ClassVar[str] = ""
     part: ClassVar[str] = "mlp"  # what the method compresses (the ratio_of it accepts besides "model")
+    sized_by: ClassVar[tuple[str, ...]] = ()  # fields that, when set, size the stage instead of the ratio
 
     ratio: float = 0.2
     ratio_of: Literal["model", "mlp", "attention"] = "model"
@@ -148,6 +149,7 @@ class GroupedConfig(StageConfig):
     groups: list[list[int]] | None = None
     propagate: Literal["dense", "compressed"] = "dense"
     rank: int | None = None  # an explicit rank instead of the ratio (the ratio is then whatever it comes to)
+    sized_by: ClassVar[tuple[str, ...]] = ("rank",)
 
     def validate(self) -> None:
         super().validate()

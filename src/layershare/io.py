@@ -62,6 +62,22 @@ def check_output_dir(path: str | Path, overwrite: bool) -> Path:
     return path
 
 
+class OutputSpaceError(OSError):
+    """Not enough free space where the output is to be written."""
+
+
+def check_free_space(path: str | Path, need: int) -> None:
+    """Refuse, before the work, an output whose file system has less than `need` bytes free
+    (the planned size; an --overwrite swap keeps the old copy until the new one is complete)."""
+    ancestor = Path(path).absolute()
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    free = shutil.disk_usage(ancestor).free
+    if free < need:
+        raise OutputSpaceError(f"not enough free space for {str(path)!r}: the compressed model needs about "
+                               f"{need / 2**20:,.0f} MiB and {str(ancestor)!r} has {free / 2**20:,.0f} MiB free")
+
+
 _HELD: dict[Path, int] = {}  # output directory -> pid of the process holding its lock (re-entrant there)
 
 

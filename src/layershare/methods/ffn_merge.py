@@ -18,6 +18,7 @@ Options (FFNMergeConfig): `window`, `corr_tokens` (tokens for the correlations, 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -38,6 +39,7 @@ class FFNMergeConfig(StageConfig):
     method = "ffn-merge"
 
     window: list[int] | None = None  # [first, last] blocks to merge (default: chosen by calibration loss)
+    sized_by: ClassVar[tuple[str, ...]] = ("window",)
     corr_tokens: int = 4096  # calibration tokens for the activation correlations
     select_batches: int = 1  # calibration batches the window is chosen on
 
