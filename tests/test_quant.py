@@ -1,0 +1,226 @@
+"""The quantization core: true-width packing, group-wise grids, fake quantization, storage, GPTQ."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from layershare.quant import (
+    BITS, QuantSpec, dequantize, fake_quantize, from_tensors, gptq, pack, quantize, stored_bits, to_tensors, unpack,
+)
+from layershare.quant.grid import choose_qparams, decode, encode
+
+SPECS = [QuantSpec(b, g, sym) for b in BITS for g in (32, 7) for sym in (True, False)]
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# ---- pack -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("n", [0, 1, 7, 1001])
+def test_pack_round_trip_at_true_width(bits, n):
+    codes = torch.randint(0, 2**bits, (n,), generator=_gen(n), dtype=torch.uint8)
+    packed = pack(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.dim() == 1
+    assert packed.numel() == -(-bits * n // 8)
+    assert torch.equal(unpack(packed, bits, n), codes)
+
+
+def test_pack_layout_is_a_little_endian_bit_stream():
+    codes = torch.tensor([[1, 2, 3], [4, 5, 6]], dtype=torch.uint8)  # any shape, read row-major
+    stream = int.from_bytes(bytes(pack(codes, 3).tolist()), "little")
+    assert stream == sum(c << (3 * k) for k, c in enumerate([1, 2, 3, 4, 5, 6]))
+    assert pack(codes, 3).numel() == 3  # 18 bits
+
+
+@pytest.mark.parametrize("bits", [1, 5, 16])
+def test_pack_refuses_unsupported_widths(bits):
+    with pytest.raises(ValueError, match="allowed are 2, 3, 4, 8"):
+        pack(torch.zeros(4, dtype=torch.uint8), bits)
+    with pytest.raises(ValueError, match="allowed are 2, 3, 4, 8"):
+        unpack(torch.zeros(4, dtype=torch.uint8), bits, 4)
+
+
+def test_pack_refuses_codes_out_of_range_and_bad_streams():
+    with pytest.raises(ValueError, match=r"out of range for 3 bits.*\[0, 7\]"):
+        pack(torch.tensor([0, 8], dtype=torch.uint8), 3)
+    with pytest.raises(ValueError, match="out of range"):
+        pack(torch.tensor([-1, 2]), 4)
+    with pytest.raises(ValueError, match="integer"):
+        pack(torch.tensor([0.0, 1.0]), 4)
+    with pytest.raises(ValueError, match="2 bytes"):
+        unpack(torch.zeros(3, dtype=torch.uint8), 3, 5)
+
+
+# ---- spec ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits", [1, 5, 16, True])
+def test_spec_refuses_widths_that_cannot_be_stored(bits):
+    with pytest.raises(ValueError, match="allowed are 2, 3, 4, 8"):
+        QuantSpec(bits, 32, True)
+
+
+@pytest.mark.parametrize("group_size", [0, -1, 1.5])
+def test_spec_refuses_group_sizes(group_size):
+    with pytest.raises(ValueError, match="positive integer"):
+        QuantSpec(4, group_size, True)
+
+
+# ---- quantize / dequantize -------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_error_within_half_a_step_with_short_last_group(spec):
+    w = torch.randn(3, 5, 100, generator=_gen(1)) * torch.logspace(-3, 1, 5)[:, None]
+    w[0, 0, :40] = 0  # one whole group of zeros, and a group with zeros in it
+    q = quantize(w, spec)
+    groups = -(-100 // spec.group_size)
+    assert q.codes.shape == w.shape and q.codes.dtype == torch.uint8 and int(q.codes.max()) <= spec.maxq
+    assert q.scales.shape == (3, 5, groups) and q.scales.dtype == torch.float16
+    assert (q.zeros is None) == spec.symmetric
+    if q.zeros is not None:
+        assert q.zeros.shape == (3, 5, groups) and int(q.zeros.max()) <= spec.maxq
+    step = q.scales.float().repeat_interleave(spec.group_size, -1)[..., :100]
+    err = (dequantize(q) - w).abs()
+    assert dequantize(q).dtype == torch.float32
+    assert (err <= step / 2).all()
+    assert (dequantize(q)[w == 0] == 0).all()  # zero is on both grids
+
+
+def test_the_grids_are_gptq_s():
+    w = torch.tensor([[-1.0, 0.5, 0.25, 3.0]])
+    sym = quantize(w, QuantSpec(4, 4, True))  # absmax / 7.5, levels -8..7, codes offset by 8
+    assert sym.scales.item() == pytest.approx(3.0 / 7.5, rel=1e-3)
+    assert sym.codes.tolist() == [[6, 9, 9, 15]]  # 3.0 / 0.4 = 7.5 clips to 7 (half a step)
+    asym = quantize(w, QuantSpec(2, 4, False))  # [min, max] in 3 steps, integer zero point
+    assert asym.scales.item() == pytest.approx(4.0 / 3, rel=1e-3) and asym.zeros.tolist() == [[1]]
+    assert asym.codes.tolist() == [[0, 1, 1, 3]]
+
+
+def test_matches_torchao_affine_arithmetic():
+    qp = pytest.importorskip("torchao.quantization.quant_primitives")
+    w = torch.randn(8, 128, generator=_gen(2))
+    for spec in (QuantSpec(4, 32, True), QuantSpec(3, 64, False), QuantSpec(8, 32, False)):
+        q = quantize(w, spec)
+        qmin, qmax = (-(2 ** (spec.bits - 1)), 2 ** (spec.bits - 1) - 1) if spec.symmetric else (0, spec.maxq)
+        zero = torch.zeros_like(q.scales, dtype=torch.int32) if spec.symmetric else q.zeros.to(torch.int32)
+        if spec.symmetric:  # ours are torchao's scales rounded up to the next float16
+            scale, _ = qp.choose_qparams_affine(w, qp.MappingType.SYMMETRIC, (1, 32), torch.int8, qmin, qmax,
+                                                scale_dtype=torch.float32)
+            below = torch.nextafter(q.scales, torch.tensor(0.0, dtype=torch.float16)).float()
+            assert (q.scales.float() >= scale.view(8, -1)).all() and (below < scale.view(8, -1)).all()
+        args = ((1, spec.group_size), q.scales.float(), zero, torch.int32, qmin, qmax)
+        ref = qp.quantize_affine(w, *args)
+        assert torch.equal(ref - qmin, q.codes.to(torch.int32))
+        assert torch.equal(qp.dequantize_affine(ref, *args), dequantize(q))
+
+
+def test_refuses_weights_beyond_float16_scales():
+    with pytest.raises(ValueError, match="float16"):
+        quantize(torch.tensor([[1e6, 0.0]]), QuantSpec(4, 2, True))
+    with pytest.raises(ValueError, match="float16"):
+        quantize(torch.tensor([[float("nan"), 0.0]]), QuantSpec(4, 2, False))
+
+
+# ---- fake quantization -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_fake_quantize_is_dequantize_of_quantize_with_identity_gradient(spec):
+    w = torch.randn(6, 100, generator=_gen(3), requires_grad=True)
+    out = fake_quantize(w, spec)
+    assert torch.equal(out, dequantize(quantize(w.detach(), spec)))
+    upstream = torch.randn(6, 100, generator=_gen(4))
+    out.backward(upstream)
+    assert torch.equal(w.grad, upstream)
+
+
+# ---- storage ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_safetensors_round_trip_and_stored_bits(spec, tmp_path):
+    shape = (5, 3, 101)
+    q = quantize(torch.randn(*shape, generator=_gen(5)), spec)
+    tensors = to_tensors(q, "layers.0.up.weight")
+    names = {f"layers.0.up.weight.{k}" for k in ("codes", "scales") + (() if spec.symmetric else ("zeros",))}
+    assert set(tensors) == names
+    save_file(tensors, tmp_path / "q.safetensors")
+    back = from_tensors(load_file(tmp_path / "q.safetensors"), "layers.0.up.weight", spec, shape)
+    assert torch.equal(back.codes, q.codes) and torch.equal(back.scales, q.scales)
+    assert (back.zeros is None and q.zeros is None) or torch.equal(back.zeros, q.zeros)
+    assert torch.equal(dequantize(back), dequantize(q))
+    stored = sum(t.numel() * t.element_size() * 8 for t in tensors.values())
+    assert 0 <= stored - stored_bits(shape, spec) < 8 * len(tensors)
+
+
+def test_from_tensors_refuses_missing_or_malformed_tensors():
+    spec = QuantSpec(3, 32, False)
+    tensors = to_tensors(quantize(torch.randn(4, 64, generator=_gen(6)), spec), "w")
+    with pytest.raises(ValueError, match="missing quantized tensors: w.zeros"):
+        from_tensors({k: v for k, v in tensors.items() if k != "w.zeros"}, "w", spec, (4, 64))
+    with pytest.raises(ValueError, match="w.scales"):
+        from_tensors(tensors, "w", spec, (4, 96))
+    with pytest.raises(ValueError, match="bytes"):
+        from_tensors(tensors, "w", QuantSpec(4, 32, False), (4, 64))
+
+
+# ---- GPTQ ------------------------------------------------------------------------------------
+
+def _correlated_inputs(rows: int, n: int, seed: int) -> torch.Tensor:
+    g = _gen(seed)
+    return torch.randn(rows, n, generator=g) @ torch.randn(n, n, generator=g) + torch.randn(n, generator=g)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(4, 32, True), QuantSpec(3, 24, False), QuantSpec(2, 100, False)], ids=str)
+def test_gptq_with_identity_hessian_is_rtn(spec):
+    w = torch.randn(16, 100, generator=_gen(7))
+    got, rtn = gptq(w, torch.eye(100, dtype=torch.float64), spec, blocksize=40), quantize(w, spec)
+    assert torch.equal(got.codes, rtn.codes) and torch.equal(got.scales, rtn.scales)
+    assert (got.zeros is None and rtn.zeros is None) or torch.equal(got.zeros, rtn.zeros)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_gptq_beats_rtn_on_correlated_inputs(bits, symmetric):
+    X = _correlated_inputs(512, 64, seed=8)
+    w = torch.randn(48, 64, generator=_gen(9))
+    spec = QuantSpec(bits, 32, symmetric)
+    errors = [(X @ (w - dequantize(q)).T).norm() for q in (quantize(w, spec), gptq(w, X.T.double() @ X.double(), spec))]
+    assert errors[1] < 0.9 * errors[0]
+
+
+def _textbook_gptq(w: torch.Tensor, H: torch.Tensor, spec: QuantSpec, percdamp: float = 0.01):
+    """GPTQ without lazy batches: quantize column j, subtract its error times row j of the upper
+    Cholesky factor of the dampened H^-1 from the remaining columns."""
+    H = H.double().clone()
+    H.diagonal().add_(percdamp * H.diagonal().mean())
+    U = torch.linalg.cholesky(torch.linalg.inv(H), upper=True).float()
+    W, Q = w.clone(), torch.empty_like(w)
+    for j in range(w.shape[1]):
+        if j % spec.group_size == 0:
+            scale, zero = choose_qparams(W[:, j : j + spec.group_size], spec)
+        Q[:, j] = decode(encode(W[:, j], scale, zero, spec), scale, zero, spec)
+        W[:, j:] -= ((W[:, j] - Q[:, j]) / U[j, j])[:, None] * U[j, j:][None, :]
+    return Q
+
+
+@pytest.mark.parametrize("blocksize", [1, 5, 128])
+@pytest.mark.parametrize("spec", [QuantSpec(3, 6, False), QuantSpec(4, 16, True)], ids=str)
+def test_gptq_matches_the_textbook_algorithm(spec, blocksize):
+    X = _correlated_inputs(64, 16, seed=10)
+    H = X.T.double() @ X.double()
+    w = torch.randn(8, 16, generator=_gen(11))
+    torch.testing.assert_close(dequantize(gptq(w, H, spec, blocksize=blocksize)), _textbook_gptq(w, H, spec))
+
+
+def test_gptq_dead_inputs_and_bad_arguments():
+    X = _correlated_inputs(64, 16, seed=12)
+    X[:, 3] = 0  # input 3 never fires: its weights are zeroed
+    w = torch.randn(8, 16, generator=_gen(13))
+    out = dequantize(gptq(w, X.T @ X, QuantSpec(4, 8, False)))
+    assert torch.isfinite(out).all() and (out[:, 3] == 0).all()
+    with pytest.raises(ValueError, match="in x in Hessian"):
+        gptq(w, torch.eye(8), QuantSpec(4, 8, True))
+    with pytest.raises(ValueError, match="positive definite"):
+        gptq(w, -torch.eye(16), QuantSpec(4, 8, True))
