@@ -18,6 +18,13 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
+try:  # transformers' from_pretrained loads layershare directories once layershare is imported (hf_quantizer.py)
+    from .hf_quantizer import register as _register
+
+    _register()
+except ImportError:  # a transformers without the quantizer registry: layershare.load still works
+    pass
+
 
 def __getattr__(name: str):
     if name in _EXPORTS:

@@ -195,7 +195,7 @@ def check_context(model: nn.Module, seqlen: int, task: str) -> None:
 def compress(model: nn.Module, recipe=None, data=None, tokenizer=None,
              output_dir: str | Path | None = None, overwrite: bool = False, batch_size: int = 8,
              processor=None, source: str | None = None, callbacks: list[Callback] | tuple = (),
-             allow_ratio_miss: bool = False) -> CompressionResult:
+             allow_ratio_miss: bool = False, max_shard_size: int | str | None = None) -> CompressionResult:
     """Compress `model` in place with `recipe` (see as_recipe; default FiPS at 20%).
 
     data: a text source (see data.read_text) or a 1-D tensor of token ids; for an image
@@ -205,6 +205,8 @@ def compress(model: nn.Module, recipe=None, data=None, tokenizer=None,
     finetune` uses by default). callbacks: drivers.Callback objects told of every stage and group.
     allow_ratio_miss: accept a plan or a result more than one point off the recipe's ratio
     (targets.py; a warning, kept in the saved report) instead of raising RatioMissError.
+    max_shard_size: split the weights into shards of at most this size ("5GB", or bytes) with
+    transformers' index file.
     Everything that can be checked is checked before the long work starts: the
     architecture, every stage's budget and its ratio, the calibration length, the output
     directory and its free space (preflight).
@@ -217,11 +219,11 @@ def compress(model: nn.Module, recipe=None, data=None, tokenizer=None,
         check_output_dir(output_dir, overwrite)
     with output_lock(output_dir) if output_dir is not None else nullcontext():
         return _compress(model, recipe, data, tokenizer, output_dir, overwrite, batch_size, processor, source,
-                         callbacks, allow_ratio_miss)
+                         callbacks, allow_ratio_miss, max_shard_size)
 
 
 def _compress(model, recipe, data, tokenizer, output_dir, overwrite, batch_size, processor, source,
-              callbacks, allow_ratio_miss=False) -> CompressionResult:
+              callbacks, allow_ratio_miss=False, max_shard_size=None) -> CompressionResult:
     recipe = as_recipe(recipe)
     recipe.check_device()
     adapter = get_adapter(model)
@@ -245,7 +247,7 @@ def _compress(model, recipe, data, tokenizer, output_dir, overwrite, batch_size,
         if any(misses):
             meta["ratio_missed"] = [m for m in misses if m]
         out = save_compressed(model, output_dir, tokenizer=prep, overwrite=overwrite, dtype=recipe.dtype, meta=meta,
-                              recipe=recipe)
+                              recipe=recipe, max_shard_size=max_shard_size)
     return CompressionResult(model=model, report=report, sizes=sizes, output_dir=out)
 
 

@@ -22,6 +22,9 @@ TIMM_CLASSES = ("VisionTransformer",)
 PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
 KEY = re.compile(r"^[A-Za-z0-9_]+$")
 MAX_DIM = 1 << 24  # no dimension of a real model comes near this
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"  # transformers' sharded layout
+SHARD = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 
 
 class CheckpointError(ValueError):
@@ -110,6 +113,9 @@ def check_entry(entry, where: str) -> None:
         r, _ = _dims(spec["v_shape"], 2, where, f"{f}.v_shape")
         if r != ranks[spec["basis"]][1][1]:
             raise _fail(where, f"{f}.v_shape", f"rank {r} differs from its basis's {ranks[spec['basis']][1][1]}")
+    guard = entry.get("guard")
+    if guard is not None and not (isinstance(guard, str) and PATH.match(guard) and guard.endswith(".weight")):
+        raise _fail(where, "guard", f"must be the path of a dense weight, got {guard!r}")
     tied = entry.get("tied", {})
     if not isinstance(tied, dict) or not all(isinstance(k, str) and isinstance(v, str) and PATH.match(k)
                                              and PATH.match(v) for k, v in tied.items()):
@@ -118,8 +124,12 @@ def check_entry(entry, where: str) -> None:
 
 def expected_shapes(entry: dict, bases_attr: str) -> dict[str, tuple[int, ...] | None]:
     """The tensors the entry's compressed parts put in the weights file, with their shapes
-    (None: a sparse V's values, whose count only the bitmask fixes)."""
+    (None: a sparse V's values, whose count only the bitmask fixes), and the guard: an empty
+    tensor at a dense weight's name, so that transformers without layershare refuses the
+    directory (hf_quantizer.py)."""
     out: dict[str, tuple[int, ...] | None] = {}
+    if entry.get("guard"):
+        out[entry["guard"]] = (0,)
     for k, shape in entry["bases"].items():
         if isinstance(shape, dict):
             out[f"{bases_attr}.{k}.atoms"] = tuple(shape["atoms"])
@@ -171,26 +181,89 @@ def read_header(path: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     return {k: (v.get("dtype"), tuple(v["shape"])) for k, v in header.items() if k != "__metadata__"}
 
 
+def weight_files(folder: Path, where: str) -> list[str]:
+    """The weights files of a directory: model.safetensors, or the shards its index names."""
+    index = folder / INDEX
+    if not index.exists():
+        return [WEIGHTS]
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{where}: unreadable {INDEX} ({e})") from e
+    bad = [f for f in files if not isinstance(f, str) or not SHARD.match(f)]
+    if bad or not files:
+        raise CheckpointError(f"{where}: {INDEX} names {bad[:3] or 'no'} weights files (expected model-NNNNN-of-"
+                              f"NNNNN.safetensors)")
+    return files
+
+
+def read_headers(folder: Path, files: list[str], where: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """The headers of all weights files as one mapping (a tensor in two files is refused); with an
+    index, its map must name the file each tensor is in."""
+    out: dict[str, tuple[str, tuple[int, ...]]] = {}
+    owner: dict[str, str] = {}
+    for name in files:
+        if not (folder / name).exists():
+            raise CheckpointError(f"{where}: weights file {name} is missing")
+        for k, v in read_header(folder / name).items():
+            if k in out:
+                raise CheckpointError(f"{where}: {k!r} is in both {owner[k]} and {name}")
+            out[k], owner[k] = v, name
+    if files != [WEIGHTS]:
+        weight_map = json.loads((folder / INDEX).read_text())["weight_map"]
+        if weight_map != owner:
+            raise CheckpointError(f"{where}: {INDEX} does not match the shards' contents")
+    return out
+
+
 def check_header(entry: dict, header: dict, bases_attr: str, where: str) -> None:
-    """Every compressed tensor the entry declares is in the file with its shape."""
+    """Every compressed tensor the entry declares is in the files with its shape."""
     for key, shape in expected_shapes(entry, bases_attr).items():
         if key not in header:
-            raise CheckpointError(f"{where}: model.safetensors lacks {key!r}, which config.json declares")
+            raise CheckpointError(f"{where}: the weights lack {key!r}, which config.json declares")
         got = header[key][1]
         if shape is None:
             r, h = entry["layers"][key[: -len(".V_values")]]["v_shape"]
             if len(got) != 1 or got[0] > r * h:
                 raise CheckpointError(f"{where}: {key!r} has shape {list(got)}; expected at most {r * h} values")
         elif got != shape:
-            raise CheckpointError(f"{where}: {key!r} has shape {list(got)} in model.safetensors but config.json "
+            raise CheckpointError(f"{where}: {key!r} has shape {list(got)} in the weights but config.json "
                                   f"declares {list(shape)}")
 
 
+def recorded_files(meta: dict) -> dict[str, dict]:
+    """{file: {"bytes", "sha256"}} as layershare.json records them (directories saved before
+    sharding: model.safetensors's "weights_bytes" and "weights_sha256")."""
+    if isinstance(meta.get("weights_files"), dict):
+        return meta["weights_files"]
+    if "weights_bytes" in meta:
+        return {WEIGHTS: {"bytes": meta["weights_bytes"], "sha256": meta.get("weights_sha256")}}
+    return {}
+
+
+def check_sizes(folder: Path, files: list[str], meta: dict, where: str) -> None:
+    """The weights files are the ones saved, each of its recorded size (cheap: no hashing)."""
+    recorded = recorded_files(meta)
+    if not recorded:  # written by transformers' save_pretrained: nothing recorded
+        return
+    if sorted(recorded) != files:
+        raise CheckpointError(f"{where}: the weights files are {files}, but {sorted(recorded)} were saved")
+    for name in files:
+        if not (folder / name).exists():
+            raise CheckpointError(f"{where}: weights file {name} is missing")
+        size = (folder / name).stat().st_size
+        if recorded[name].get("bytes") != size:
+            raise CheckpointError(f"{where}: {name} is {size:,} bytes but was saved as "
+                                  f"{recorded[name].get('bytes')!r} bytes (truncated or replaced)")
+
+
 def check_hashes(folder: Path, entry: dict, meta: dict, where: str) -> None:
-    want_w, want_e = meta.get("weights_sha256"), meta.get("entry_sha256")
+    want_e = meta.get("entry_sha256")
     if want_e is not None and entry_sha256(entry) != want_e:
         raise CheckpointError(f"{where}: config.json's layershare entry does not match the hash recorded when it "
                               f"was saved (edited?); load with verify=False (--no-verify) to trust it anyway")
-    if want_w is not None and file_sha256(folder / "model.safetensors") != want_w:
-        raise CheckpointError(f"{where}: model.safetensors does not match the SHA-256 recorded when it was saved "
-                              f"(corrupted or edited); load with verify=False (--no-verify) to trust it anyway")
+    for name, rec in sorted(recorded_files(meta).items()):
+        if rec.get("sha256") is not None and file_sha256(folder / name) != rec["sha256"]:
+            raise CheckpointError(f"{where}: {name} does not match the SHA-256 recorded when it was saved "
+                                  f"(corrupted or edited); load with verify=False (--no-verify) to trust it anyway")

@@ -236,8 +236,11 @@ def _record_eval(out: Path, source: str, dense, comp) -> None:
     meta = json.loads(meta_file.read_text())
     meta["eval"] = entry
     tmp = meta_file.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(meta, indent=2, default=str))
+    tmp.write_text(json.dumps(meta, indent=2, default=str, sort_keys=True))
     tmp.replace(meta_file)
+    from layershare.model_card import write_model_card
+
+    write_model_card(out)
 
 
 def cmd_eval(args) -> int:

@@ -29,13 +29,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .adapters.base import set_path
-from .checkpoint import (FORMAT_VERSION, CheckpointError, check_entry, check_hashes, check_header, entry_sha256,
-                         file_sha256, raw_header, read_header)
+from .checkpoint import (FORMAT_VERSION, INDEX, WEIGHTS, CheckpointError, check_entry, check_hashes, check_header,
+                         check_sizes, entry_sha256, file_sha256, raw_header, read_headers, weight_files)
 from .modules.atoms import AtomLinear, MatrixAtoms
 from .modules.shared_basis import SharedBasis, SharedBasisLinear
 from .store import BASES_ATTR
 
-WEIGHTS = "model.safetensors"
 META = "layershare.json"
 RECIPE = "recipe.yaml"
 
@@ -210,11 +209,16 @@ def _save_config(model: nn.Module, entry: dict, folder: Path) -> None:
         (folder / "config.json").write_text(json.dumps({"library": "timm", "timm": timm_spec(model),
                                                         "layershare": entry}, indent=2))
         return
-    config.layershare = entry
+    from .hf_quantizer import quantization_config
+
+    saved = {k: config.__dict__[k] for k in ("layershare", "quantization_config") if k in config.__dict__}
+    config.layershare, config.quantization_config = entry, quantization_config(entry)
     try:
         config.save_pretrained(folder)
     finally:
-        del config.layershare
+        for k in ("layershare", "quantization_config"):
+            config.__dict__.pop(k, None)
+        config.__dict__.update(saved)
 
 
 def is_compressed_dir(path: str | Path) -> bool:
@@ -241,13 +245,49 @@ def check_not_merged(model: nn.Module, action: str) -> None:
 
 
 def save_compressed(model: nn.Module, output_dir: str | Path, tokenizer=None, overwrite: bool = False,
-                    dtype: str = "float32", meta: dict | None = None, recipe=None) -> Path:
+                    dtype: str = "float32", meta: dict | None = None, recipe=None,
+                    max_shard_size: int | str | None = None) -> Path:
+    """Write the compressed directory: config.json (with the layershare entry and a
+    quantization_config that routes transformers' from_pretrained to hf_quantizer.py), the
+    weights (one model.safetensors, or shards of at most `max_shard_size` with the standard
+    index), layershare.json (the report, sizes and hashes), the tokenizer, the recipe and a
+    model card (README.md). Written beside the output and renamed into place when complete."""
     check_not_merged(model, "save")
     with output_lock(output_dir):
-        return _save(model, check_output_dir(output_dir, overwrite), tokenizer, dtype, meta, recipe)
+        return _save(model, check_output_dir(output_dir, overwrite), tokenizer, dtype, meta, recipe, max_shard_size)
 
 
-def _save(model: nn.Module, output_dir: Path, tokenizer, dtype: str, meta: dict | None, recipe) -> Path:
+def guard_key(model: nn.Module, entry: dict) -> str | None:
+    """A dense weight's name for the guard tensor (empty): transformers without layershare, finding
+    it where a full weight belongs, stops with a size mismatch instead of loading random MLPs."""
+    if entry["layers"]:
+        return sorted(entry["layers"])[0] + ".weight"
+    for alias in sorted(entry.get("tied", {})):  # ffn-merge: MLPs tied to another, with no tensors of their own
+        for name, _ in model.get_submodule(alias).named_parameters():
+            if name.endswith("weight"):
+                return f"{alias}.{name}"
+    return None
+
+
+def write_weights(sd: dict[str, torch.Tensor], folder: Path, max_shard_size: int | str | None) -> dict[str, dict]:
+    """model.safetensors, or shards and model.safetensors.index.json (huggingface_hub's split,
+    as save_pretrained writes them); {file: {"bytes", "sha256"}}."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    split = split_torch_state_dict_into_shards(sd, filename_pattern="model{suffix}.safetensors",
+                                               max_shard_size=max_shard_size or 1 << 62)
+    for name, keys in split.filename_to_tensors.items():
+        # one metadata key: safetensors writes a map in hash order, so two keys would make runs differ
+        save_file({k: sd[k] for k in keys}, str(folder / name), metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": {"total_size": split.metadata["total_size"]}, "weight_map": split.tensor_to_filename}
+        (folder / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True))
+    return {name: {"bytes": (folder / name).stat().st_size, "sha256": file_sha256(folder / name)}
+            for name in sorted(split.filename_to_tensors)}
+
+
+def _save(model: nn.Module, output_dir: Path, tokenizer, dtype: str, meta: dict | None, recipe,
+          max_shard_size=None) -> Path:
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     torch_dtype = getattr(torch, dtype)
     tmp = output_dir.parent / f".{output_dir.name}.partial-{uuid.uuid4().hex[:8]}"
@@ -256,18 +296,24 @@ def _save(model: nn.Module, output_dir: Path, tokenizer, dtype: str, meta: dict 
         entry = {"format_version": FORMAT_VERSION, "dtype": dtype, "task": model_task(model),
                  "class": type(model).__name__, **layer_map(model),
                  **({"method": meta.get("method")} if meta else {})}
-        _save_config(model, entry, tmp)
         sd = state_dict_unique(model, torch_dtype)
-        # one metadata key: safetensors writes a map in hash order, so two keys would make runs differ
-        save_file(sd, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        guard = guard_key(model, entry)
+        if guard is not None:
+            entry["guard"] = guard
+            sd[guard] = torch.zeros(0, dtype=torch_dtype)
+        _save_config(model, entry, tmp)
+        files = write_weights(sd, tmp, max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if recipe is not None:
             recipe.to_yaml(tmp / RECIPE)
-        info = {**(meta or {}), "weights_bytes": (tmp / WEIGHTS).stat().st_size,
-                "format_version": FORMAT_VERSION, "weights_sha256": file_sha256(tmp / WEIGHTS),
+        info = {**(meta or {}), "weights_bytes": sum(f["bytes"] for f in files.values()), "weights_files": files,
+                "format_version": FORMAT_VERSION,
                 "entry_sha256": entry_sha256(json.loads((tmp / "config.json").read_text())["layershare"])}
         (tmp / META).write_text(json.dumps(info, indent=2, default=str, sort_keys=True))
+        from .model_card import write_model_card
+
+        write_model_card(tmp, entry, info)
         if output_dir.exists():  # either the old or the new directory is at output_dir, whatever signal comes
             old = output_dir.parent / f".{output_dir.name}.old-{uuid.uuid4().hex[:8]}"
             with signals_deferred():
@@ -307,31 +353,30 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
 
 def read_meta(path: str | Path, verify: bool = True) -> tuple[dict, dict]:
     """(config.json, layershare.json) of a compressed directory, checked (checkpoint.py): complete,
-    the entry's schema, the weights file's size and header against the entry and, with `verify`,
-    the recorded hashes of both. Reads no tensor."""
+    the entry's schema, the weights files' sizes and headers against the entry and, with
+    `verify`, the recorded hashes. Reads no tensor. A directory written by transformers'
+    save_pretrained (hf_quantizer.py) has no layershare.json: its meta is {} and nothing is
+    recorded to check but the structure."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{str(path)!r} is not a directory")
-    cfg_file, meta_file, weights = path / "config.json", path / META, path / WEIGHTS
-    for f in (cfg_file, meta_file, weights):
-        if not f.exists():
-            raise CheckpointError(f"{str(path)!r} is not a layershare checkpoint: {f.name} is missing")
+    cfg_file, meta_file = path / "config.json", path / META
+    if not cfg_file.exists():
+        raise CheckpointError(f"{str(path)!r} is not a layershare checkpoint: config.json is missing")
     try:
         config = json.loads(cfg_file.read_text())
-        meta = json.loads(meta_file.read_text())
+        meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{str(path)!r}: corrupt metadata ({e})") from e
     if "layershare" not in config:
         raise CheckpointError(f"{str(path)!r} is not a layershare checkpoint: config.json has no 'layershare' entry")
     if not isinstance(meta, dict):
         raise CheckpointError(f"{str(path)!r}: {META} must hold a mapping")
-    size = weights.stat().st_size
-    if meta.get("weights_bytes") != size:
-        raise CheckpointError(f"{str(path)!r}: {WEIGHTS} is {size:,} bytes but was saved as "
-                              f"{meta.get('weights_bytes')!r} bytes (truncated or replaced)")
     where = repr(str(path))
+    files = weight_files(path, where)
+    check_sizes(path, files, meta, where)
     check_entry(config["layershare"], where)
-    check_header(config["layershare"], read_header(weights), BASES_ATTR, where)
+    check_header(config["layershare"], read_headers(path, files, where), BASES_ATTR, where)
     if verify:
         check_hashes(path, config["layershare"], meta, where)
     return config, meta
@@ -367,6 +412,48 @@ def _check_replaced(model: nn.Module, name: str, spec: dict, entry: dict, where:
     if tuple(in_out_features(target)) != (inp, out):
         raise CheckpointError(f"{where}: {name!r} maps {in_out_features(target)[0]} -> {in_out_features(target)[1]} "
                               f"in the model but {inp} -> {out} in config.json")
+
+
+class TiedPlaceholder(nn.Module):
+    """Where a tied module goes while transformers' loader runs: no tensors of its own (the
+    loader then expects none), replaced by its source afterwards (tie_modules)."""
+
+
+def build_skeleton(model: nn.Module, entry: dict, shapes: dict[str, tuple[int, ...]], where: str,
+                   tie: bool = True) -> nn.Module:
+    """Put the entry's compressed structure into `model` (an uncompressed skeleton) on the meta
+    device: the shared bases, every compressed layer (a sparse V's values sized from `shapes`,
+    the weights' tensor shapes) and the tied modules (with `tie=False`, placeholders until
+    tie_modules). The tensors are assigned afterwards, by load_compressed or by transformers'
+    loader (hf_quantizer.py)."""
+    bases = nn.ModuleDict({k: MatrixAtoms(torch.empty(*shape["atoms"], device="meta")) if isinstance(shape, dict)
+                           else SharedBasis(torch.empty(*shape, device="meta")) for k, shape in entry["bases"].items()})
+    model.add_module(BASES_ATTR, bases)
+    for name, spec in entry["layers"].items():
+        _check_replaced(model, name, spec, entry, where)
+        if spec.get("kind") == "atoms":
+            set_path(model, name, AtomLinear.empty(bases[spec["basis"]], spec["bias"]))
+            continue
+        layer = SharedBasisLinear.empty(bases[spec["basis"]], tuple(spec["v_shape"]), spec["role"], spec["bias"],
+                                        sparse=spec.get("sparse", True))
+        if layer.sparse and f"{name}.V_values" in shapes and f"{name}.V_mask" in shapes:
+            layer.V_values = torch.empty(tuple(shapes[f"{name}.V_values"]), device="meta")
+            layer.V_mask = torch.empty(tuple(shapes[f"{name}.V_mask"]), device="meta", dtype=torch.uint8)
+        set_path(model, name, layer)
+    for alias, source in entry.get("tied", {}).items():
+        a, b = _module_at(model, alias, where), _module_at(model, source, where)
+        if any(k.startswith(alias + ".") for k in shapes if k != entry.get("guard")):
+            raise CheckpointError(f"{where}: config.json ties {alias!r} to {source!r}, but {alias!r} has tensors of "
+                                  f"its own in the weights")
+        if type(a) is not type(b) or [p.shape for p in a.parameters()] != [p.shape for p in b.parameters()]:
+            raise CheckpointError(f"{where}: config.json ties {alias!r} to {source!r}, which differ in type or shape")
+        set_path(model, alias, b if tie else TiedPlaceholder())
+    return model
+
+
+def tie_modules(model: nn.Module, entry: dict) -> None:
+    for alias, source in entry.get("tied", {}).items():
+        set_path(model, alias, model.get_submodule(source))
 
 
 def load_compressed(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = torch.float32,
@@ -418,28 +505,15 @@ def load_compressed(path: str | Path, device: str = "cpu", dtype: torch.dtype | 
             raise CheckpointError(f"{where}: config.json layershare.class: {entry['class']!r} is not a model class")
         with init_empty_weights():
             model = cls(config) if cls is not None else getattr(transformers, AUTO_CLASSES[task]).from_config(config)
-    bases = nn.ModuleDict({k: MatrixAtoms(torch.empty(*shape["atoms"], device="meta")) if isinstance(shape, dict)
-                           else SharedBasis(torch.empty(*shape, device="meta")) for k, shape in entry["bases"].items()})
-    model.add_module(BASES_ATTR, bases)
-    for name, spec in entry["layers"].items():
-        _check_replaced(model, name, spec, entry, where)
-        if spec.get("kind") == "atoms":
-            set_path(model, name, AtomLinear.empty(bases[spec["basis"]], spec["bias"]))
-            continue
-        set_path(model, name, SharedBasisLinear.empty(bases[spec["basis"]], tuple(spec["v_shape"]), spec["role"],
-                                                      spec["bias"], sparse=spec.get("sparse", True)))
-    try:
-        sd = read_safetensors(path / WEIGHTS)
-    except (OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{str(path)!r}: cannot read {WEIGHTS} ({e})") from e
-    for alias, source in entry.get("tied", {}).items():
-        a, b = _module_at(model, alias, where), _module_at(model, source, where)
-        if any(k.startswith(alias + ".") for k in sd):
-            raise CheckpointError(f"{where}: config.json ties {alias!r} to {source!r}, but {alias!r} has tensors of "
-                                  f"its own in {WEIGHTS}")
-        if type(a) is not type(b) or [p.shape for p in a.parameters()] != [p.shape for p in b.parameters()]:
-            raise CheckpointError(f"{where}: config.json ties {alias!r} to {source!r}, which differ in type or shape")
-        set_path(model, alias, b)
+    sd = {}
+    for name in weight_files(path, where):
+        try:
+            sd.update(read_safetensors(path / name))
+        except (OSError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{str(path)!r}: cannot read {name} ({e})") from e
+    if entry.get("guard"):
+        sd.pop(entry["guard"], None)
+    build_skeleton(model, entry, {k: v.shape for k, v in sd.items()}, where)
     if dtype is not None:
         sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
     try:
@@ -454,5 +528,5 @@ def load_compressed(path: str | Path, device: str = "cpu", dtype: torch.dtype | 
     still_meta = [n for n, p in list(model.named_parameters()) + list(model.named_buffers())
                   if p.device.type == "meta"]
     if still_meta:
-        raise CheckpointError(f"{str(path)!r}: tensors missing from {WEIGHTS}: {still_meta[:5]}")
+        raise CheckpointError(f"{str(path)!r}: tensors missing from the weights: {still_meta[:5]}")
     return to_runtime(model.to(device).eval(), runtime)

@@ -1,0 +1,156 @@
+"""transformers' standard loading path for layershare directories.
+
+config.json carries `quantization_config: {"quant_method": "layershare", ...}`. Importing
+layershare registers LayershareConfig and LayershareQuantizer with transformers (its public
+`register_quantization_config` / `register_quantizer`), so that
+
+    AutoModelForCausalLM.from_pretrained(DIR)            # or AutoModelForImageClassification
+
+returns the compressed model: before the weights are read, the quantizer verifies the directory
+(checkpoint.py) and puts the compressed structure into transformers' empty skeleton
+(io.build_skeleton); transformers' own loader then reads the tensors by name (shards, device
+maps and dtypes as usual); after it, the layers are put in their run-time form (runtime.py,
+`runtime` below). `save_pretrained` on such a model writes the compressed tensors again.
+
+Without layershare, transformers only warns about an unknown quant_method and would load the
+dense skeleton with random MLPs. What stops it: the guard, an empty tensor saved under the name
+of one replaced dense weight (io.guard_key). transformers >= 4.48 refuses a checkpoint tensor
+whose shape differs from the model's unless `ignore_mismatched_sizes=True` is passed, so the
+load fails after its "Unknown quantization type, got layershare" warning (tested in
+tests/test_hf_loading.py by loading with the registration removed).
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .checkpoint import FORMAT_VERSION, CheckpointError, read_headers, weight_files
+
+QUANT_METHOD = "layershare"
+
+
+def quantization_config(entry: dict) -> dict:
+    """What config.json's quantization_config holds for a layershare directory."""
+    return {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION}
+
+
+class LayershareConfig(QuantizationConfigMixin):
+    """runtime: the run-time form the layers are put in after loading (runtime.RUNTIMES;
+    "compact", "factored" or "csr" keep the factors, so that save_pretrained can write them
+    again; "auto", the default, merges where that is smaller and faster). verify: check the
+    recorded SHA-256 of the weights (the structure is always checked)."""
+
+    def __init__(self, runtime: str = "auto", verify: bool = True, format_version: int = FORMAT_VERSION, **kwargs):
+        from .runtime import RUNTIMES
+
+        if runtime not in RUNTIMES:
+            raise ValueError(f"LayershareConfig: unknown runtime {runtime!r} (known: {', '.join(RUNTIMES)})")
+        self.quant_method = QUANT_METHOD
+        self.runtime, self.verify, self.format_version = runtime, verify, format_version
+
+    def to_dict(self) -> dict:  # what save_pretrained writes: not the load-time choices
+        return {"quant_method": QUANT_METHOD, "format_version": self.format_version}
+
+    def get_loading_attributes(self) -> dict:
+        """What a LayershareConfig passed to from_pretrained changes (transformers merges these
+        into the directory's own config)."""
+        return {"runtime": self.runtime, "verify": self.verify}
+
+
+class LayershareQuantizer(HfQuantizer):
+    requires_calibration = True  # it loads layershare directories; it cannot compress on the fly
+
+    def __init__(self, quantization_config: LayershareConfig, **kwargs):
+        super().__init__(quantization_config, **kwargs)
+        self.entry: dict | None = None
+
+    def validate_environment(self, *args, **kwargs):
+        if not self.pre_quantized:
+            raise ValueError("a LayershareConfig loads a directory layershare wrote; to compress a model, use "
+                             "layershare.compress or `layershare compress`")
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        from .io import build_skeleton, read_meta
+
+        if not checkpoint_files:
+            raise CheckpointError("a layershare directory loads from its safetensors files")
+        folder = Path(checkpoint_files[0]).parent
+        where = repr(str(folder))
+        config, _ = read_meta(folder, verify=self.quantization_config.verify)
+        self.entry = entry = config["layershare"]
+        shapes = {k: v[1] for k, v in read_headers(folder, weight_files(folder, where), where).items()}
+        build_skeleton(model, entry, shapes, where, tie=False)
+        # every tensor under a replaced layer's parent comes from the file (a missing one stays on the
+        # meta device and is refused after loading): the model's own init must not run there (GPT-2's
+        # re-initialises its MLP's c_proj.weight, which a compressed layer does not have)
+        for name in [*entry["layers"], *entry.get("tied", {})]:
+            parent = model.get_submodule(name.rpartition(".")[0])
+            parent._is_hf_initialized = True
+            model.get_submodule(name)._is_hf_initialized = True
+        ignore = {re.escape(entry["guard"])} if entry.get("guard") else set()
+        model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | ignore
+        model.config.layershare = entry
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        from .io import tie_modules
+        from .runtime import to_runtime
+
+        tie_modules(model, self.entry)
+        still_meta = [n for n, p in list(model.named_parameters()) + list(model.named_buffers())
+                      if p.device.type == "meta"]
+        if still_meta:
+            raise CheckpointError(f"tensors missing from the weights: {still_meta[:5]}")
+        return to_runtime(model, self.quantization_config.runtime)
+
+    def get_state_dict_and_metadata(self, model):
+        """The compressed tensors (and the guard) for save_pretrained; the config it writes keeps
+        the layershare entry and this quantization_config."""
+        from .io import check_not_merged, state_dict_unique
+
+        check_not_merged(model, "save_pretrained")
+        entry = getattr(model.config, "layershare", None) or self.entry
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        sd = state_dict_unique(model, dtype)
+        for alias in entry.get("tied", {}):
+            sd = {k: v for k, v in sd.items() if not k.startswith(alias + ".")}
+        if entry.get("guard"):
+            sd[entry["guard"]] = torch.zeros(0, dtype=dtype)
+        return sd, {"format": "pt"}
+
+    def is_serializable(self, **kwargs):
+        return True
+
+    @property
+    def is_trainable(self):
+        return False
+
+
+def register() -> None:
+    """Register the config and the quantizer with transformers (once; importing layershare does it),
+    and list the config among those whose loading attributes a from_pretrained argument sets
+    (`from_pretrained(DIR, quantization_config=LayershareConfig(runtime="compact"))`)."""
+    from transformers.quantizers import auto
+    from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+
+    if LayershareConfig not in auto.LOADING_ATTRIBUTES_CONFIG_TYPES:
+        auto.LOADING_ATTRIBUTES_CONFIG_TYPES = (*auto.LOADING_ATTRIBUTES_CONFIG_TYPES, LayershareConfig)
+
+    if AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) is not LayershareConfig:
+        AUTO_QUANTIZATION_CONFIG_MAPPING.pop(QUANT_METHOD, None)
+        register_quantization_config(QUANT_METHOD)(LayershareConfig)
+    if AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is not LayershareQuantizer:
+        AUTO_QUANTIZER_MAPPING.pop(QUANT_METHOD, None)
+        register_quantizer(QUANT_METHOD)(LayershareQuantizer)
+
+
+def unregister() -> None:
+    """Remove the registration (tests: what a user without layershare gets)."""
+    from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+
+    AUTO_QUANTIZATION_CONFIG_MAPPING.pop(QUANT_METHOD, None)
+    AUTO_QUANTIZER_MAPPING.pop(QUANT_METHOD, None)
