@@ -18,6 +18,21 @@ PEERS = {"fips": 0.2, "svd": 0.2, "svd-llm": 0.2, "basis-sharing": 0.2, "basis-s
 CASES = [("llama", m) for m in PEERS] + [("gemma3", "fips"), ("gpt2", "fips"), ("vit", "fips"), ("vit", "svd-llm")]
 
 
+_DONE: dict = {}
+
+
+@pytest.fixture(scope="module")
+def compressed(tmp_path_factory):
+    """(arch, method) -> (directory, an input): each compressed once for the module."""
+    def get(arch, method):
+        if (arch, method) not in _DONE:
+            tokens = torch.randint(0, VOCAB, (4096,), generator=torch.Generator().manual_seed(0))
+            out = tmp_path_factory.mktemp("hf") / f"{arch}-{method}"
+            _DONE[arch, method] = out, _compress(arch, method, out, tokens)
+        return _DONE[arch, method]
+    return get
+
+
 def _compress(arch, method, out, tokens, **save):
     if arch == "vit":
         from test_vit import make_vit, vit_recipe
@@ -40,53 +55,54 @@ def _auto(arch):
 
 
 @pytest.mark.parametrize("arch,method", CASES)
-def test_from_pretrained_is_the_compressed_model(arch, method, tokens, tmp_path):
-    x = _compress(arch, method, tmp_path / "c", tokens)
-    mine = layershare.load(tmp_path / "c")
-    theirs = _auto(arch).from_pretrained(tmp_path / "c")
+def test_from_pretrained_is_the_compressed_model(arch, method, compressed):
+    d, x = compressed(arch, method)
+    mine = layershare.load(d)
+    theirs = _auto(arch).from_pretrained(d)
     assert torch.equal(_logits(mine, x), _logits(theirs, x))
     assert theirs.config.quantization_config.quant_method == "layershare"
 
 
 @pytest.mark.parametrize("arch,method", [("llama", "fips"), ("llama", "ffn-merge"), ("vit", "fips")])
-def test_save_pretrained_round_trip_is_as_small(arch, method, tokens, tmp_path):
-    x = _compress(arch, method, tmp_path / "c", tokens)
-    model = _auto(arch).from_pretrained(tmp_path / "c", quantization_config=LayershareConfig(runtime="compact"))
+def test_save_pretrained_round_trip_is_as_small(arch, method, compressed, tmp_path):
+    d, x = compressed(arch, method)
+    model = _auto(arch).from_pretrained(d, quantization_config=LayershareConfig(runtime="compact"))
     model.save_pretrained(tmp_path / "again")
     back = _auto(arch).from_pretrained(tmp_path / "again")
-    assert torch.equal(_logits(back, x), _logits(layershare.load(tmp_path / "c"), x))
+    assert torch.equal(_logits(back, x), _logits(layershare.load(d), x))
     size = lambda d: sum(f.stat().st_size for f in d.glob("*.safetensors"))  # noqa: E731
-    assert abs(size(tmp_path / "again") - size(tmp_path / "c")) <= 0.01 * size(tmp_path / "c")
+    assert abs(size(tmp_path / "again") - size(d)) <= 0.01 * size(d)
     # the default run-time form merges layers for speed: it cannot write the factors back
-    merged = _auto(arch).from_pretrained(tmp_path / "c")
+    mine = layershare.load(d, runtime="factored")  # layershare.load's model saves the same way
+    mine.save_pretrained(tmp_path / "mine")
+    assert torch.equal(_logits(_auto(arch).from_pretrained(tmp_path / "mine"), x), _logits(back, x))
+    merged = _auto(arch).from_pretrained(d)
     if getattr(merged, "layershare_merged", 0):
         with pytest.raises(CheckpointError, match="runtime='compact'"):
             merged.save_pretrained(tmp_path / "no")
 
 
-def test_without_layershare_transformers_refuses(tokens, tmp_path):
-    _compress("llama", "fips", tmp_path / "c", tokens)
-    _compress("llama", "ffn-merge", tmp_path / "m", tokens)  # no compressed layer: the guard sits on a tied MLP
+def test_without_layershare_transformers_refuses(compressed):
+    dirs = [compressed("llama", "fips")[0], compressed("llama", "ffn-merge")[0]]  # ffn-merge: guard on a tied MLP
     unregister()
     try:
-        for d in ("c", "m"):
+        for d in dirs:
             with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
-                AutoModelForCausalLM.from_pretrained(tmp_path / d)
+                AutoModelForCausalLM.from_pretrained(d)
     finally:
         register()
-    assert AutoModelForCausalLM.from_pretrained(tmp_path / "c") is not None
+    assert AutoModelForCausalLM.from_pretrained(dirs[0]) is not None
 
 
-def test_sharded_output_loads_both_ways(tokens, tmp_path):
+def test_sharded_output_loads_both_ways(tokens, compressed, tmp_path):
     from layershare.checkpoint import INDEX
 
     x = _compress("llama", "fips", tmp_path / "s", tokens, max_shard_size=60_000)
-    _compress("llama", "fips", tmp_path / "one", tokens)
     shards = sorted(p.name for p in (tmp_path / "s").glob("model-*.safetensors"))
     assert len(shards) > 2 and not (tmp_path / "s" / "model.safetensors").exists()
     index = json.loads((tmp_path / "s" / INDEX).read_text())
     assert sorted(set(index["weight_map"].values())) == shards
-    one = _logits(layershare.load(tmp_path / "one"), x)
+    one = _logits(layershare.load(compressed("llama", "fips")[0]), x)
     assert torch.equal(_logits(layershare.load(tmp_path / "s"), x), one)
     assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "s"), x), one)
     data = bytearray((tmp_path / "s" / shards[1]).read_bytes())  # a flipped byte in one shard
@@ -99,10 +115,10 @@ def test_sharded_output_loads_both_ways(tokens, tmp_path):
         layershare.load(tmp_path / "s")
 
 
-def test_the_model_card_says_what_is_stored_and_how_to_load_it(tokens, tmp_path):
-    _compress("llama", "fips", tmp_path / "c", tokens)
-    card = (tmp_path / "c" / "README.md").read_text()
-    meta = json.loads((tmp_path / "c" / "layershare.json").read_text())
+def test_the_model_card_says_what_is_stored_and_how_to_load_it(compressed):
+    d = compressed("llama", "fips")[0]
+    card = (d / "README.md").read_text()
+    meta = json.loads((d / "layershare.json").read_text())
     bits = meta["weights_bytes"] * 8 / meta["sizes"]["dense_params"]
     assert card.startswith("---\n") and "layershare" in card.split("---")[1]
     assert f"{bits:.2f} bits per parameter" in card and "`fips`: ratio=0.2" in card

@@ -176,7 +176,7 @@ def cmd_compress(args) -> int:
     kw = {"processor": prep} if vision else {"tokenizer": prep}
     result = layershare.compress(model, recipe, data=args.calib, output_dir=args.output,
                                  overwrite=args.overwrite, source=args.model,
-                                 allow_ratio_miss=args.allow_ratio_miss, **kw)
+                                 allow_ratio_miss=args.allow_ratio_miss, max_shard_size=args.max_shard_size, **kw)
     del model, result.model
     s = result.sizes
     removed = ", ".join(f"{st.method} {st.plan.model_ratio:.2%}" for st in result.report.stages)
@@ -186,8 +186,7 @@ def cmd_compress(args) -> int:
           f"(values {s.stored_values:,} + bitmask {s.index_bytes:,} bytes)  =  {s.ratio:.2%} fewer")
     for miss in json.loads((result.output_dir / "layershare.json").read_text()).get("ratio_missed", []):
         print(f"  WARNING: RATIO MISSED: {miss} (accepted by --allow-ratio-miss; kept in layershare.json)")
-    weights = result.output_dir / "model.safetensors"
-    disk = weights.stat().st_size
+    disk = sum(p.stat().st_size for p in result.output_dir.glob("*.safetensors"))
     print(f"  weights on disk     dense {_human(s.dense_bytes)} ({recipe.dtype})  ->  {_human(disk)}  "
           f"=  {1 - disk / s.dense_bytes:.2%} smaller")
     print(f"  saved to {result.output_dir}; reloading it from disk ...", flush=True)
@@ -303,6 +302,7 @@ def _stages_of(meta: dict) -> list[dict]:
 
 
 def cmd_info(args) -> int:
+    from layershare.checkpoint import recorded_files
     from layershare.io import read_meta
 
     config, meta = read_meta(args.dir, verify=not args.no_verify)
@@ -314,9 +314,12 @@ def cmd_info(args) -> int:
               f"({s['ratio']:.2%} fewer; bitmask {s['index_bytes']:,} bytes counted)")
     for miss in meta.get("ratio_missed", []):
         print(f"  WARNING: RATIO MISSED: {miss} (accepted with --allow-ratio-miss)")
-    hashed = "weights_sha256" in meta
-    print(f"  weights file {meta['weights_bytes']:,} bytes; dtype {entry['dtype']}; "
-          + ("no hash recorded (saved before 2026-11-27): schema and shapes checked" if not hashed else
+    hashed = any(f.get("sha256") for f in recorded_files(meta).values())
+    files = sorted(Path(args.dir).glob("*.safetensors"))
+    total = sum(f.stat().st_size for f in files)
+    bits = f", {total * 8 / s['dense_params']:.2f} bits per dense parameter" if s else ""
+    print(f"  weights {total:,} bytes in {len(files)} file(s){bits}; dtype {entry['dtype']}; "
+          + ("no hash recorded (saved by transformers or before 2026-11-27): schema and shapes checked" if not hashed else
              "schema, shapes and SHA-256 checked" if not args.no_verify else "schema and shapes checked (--no-verify)"))
     print(f"  shared bases/atoms {len(entry['bases'])}, compressed linears {len(entry['layers'])}, "
           f"tied modules {len(entry.get('tied', {}))}")
@@ -356,6 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib", required=True, help="calibration text (file, folder, saved dataset, hf:NAME, austen:BOOK) or, for an image classifier, an image folder with class sub-folders")
     c.add_argument("--output", required=True, help="output directory (refused if it exists, unless --overwrite)")
     c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--max-shard-size", help="split the weights into shards of at most this size (e.g. 2GB; "
+                                            "transformers' model.safetensors.index.json layout)")
     c.add_argument("--allow-ratio-miss", action="store_true",
                    help="accept a plan or result more than 1 point of the model's parameters off --ratio "
                         "(a warning, kept in layershare.json) instead of an error")

@@ -130,6 +130,17 @@ class LayershareQuantizer(HfQuantizer):
         return False
 
 
+def attach(model, entry: dict, runtime: str) -> None:
+    """Make a model layershare.load built look like one from_pretrained built (its save_pretrained
+    then writes the compressed tensors and this quantization_config)."""
+    quantizer = LayershareQuantizer(LayershareConfig(runtime=runtime), pre_quantized=True)
+    quantizer.entry = entry
+    model.hf_quantizer = quantizer
+    model.config.quantization_config = quantizer.quantization_config
+    model.config.layershare = entry
+    model._weight_conversions = []  # the names are the model's own (as layershare wrote them): no renaming on save
+
+
 def register() -> None:
     """Register the config and the quantizer with transformers (once; importing layershare does it),
     and list the config among those whose loading attributes a from_pretrained argument sets

@@ -529,4 +529,9 @@ def load_compressed(path: str | Path, device: str = "cpu", dtype: torch.dtype | 
                   if p.device.type == "meta"]
     if still_meta:
         raise CheckpointError(f"{str(path)!r}: tensors missing from the weights: {still_meta[:5]}")
-    return to_runtime(model.to(device).eval(), runtime)
+    model = to_runtime(model.to(device).eval(), runtime)
+    if isinstance(model, transformers.PreTrainedModel):  # save_pretrained writes the compressed tensors
+        from .hf_quantizer import attach
+
+        attach(model, entry, runtime)
+    return model
