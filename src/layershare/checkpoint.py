@@ -113,6 +113,8 @@ def check_entry(entry, where: str) -> None:
         r, _ = _dims(spec["v_shape"], 2, where, f"{f}.v_shape")
         if r != ranks[spec["basis"]][1][1]:
             raise _fail(where, f"{f}.v_shape", f"rank {r} differs from its basis's {ranks[spec['basis']][1][1]}")
+    if entry.get("quant") is not None:
+        _check_quant(entry["quant"], where)
     guard = entry.get("guard")
     if guard is not None and not (isinstance(guard, str) and PATH.match(guard) and guard.endswith(".weight")):
         raise _fail(where, "guard", f"must be the path of a dense weight, got {guard!r}")
@@ -120,6 +122,29 @@ def check_entry(entry, where: str) -> None:
     if not isinstance(tied, dict) or not all(isinstance(k, str) and isinstance(v, str) and PATH.match(k)
                                              and PATH.match(v) for k, v in tied.items()):
         raise _fail(where, "tied", "must map module paths to module paths")
+
+
+def _check_quant(q, where: str) -> None:
+    from .quant.pack import BITS
+
+    if not isinstance(q, dict) or set(q) != {"bits", "group_size", "symmetric", "tensors"}:
+        raise _fail(where, "quant", "must hold exactly bits, group_size, symmetric and tensors")
+    if q["bits"] not in BITS or isinstance(q["bits"], bool):
+        raise _fail(where, "quant.bits", f"{q['bits']!r} is not one of {', '.join(map(str, BITS))}")
+    if isinstance(q["group_size"], bool) or not isinstance(q["group_size"], int) or not 0 < q["group_size"] <= MAX_DIM:
+        raise _fail(where, "quant.group_size", f"must be a positive integer, got {q['group_size']!r}")
+    _flag(q["symmetric"], where, "quant.symmetric")
+    if not isinstance(q["tensors"], dict):
+        raise _fail(where, "quant.tensors", "must be a mapping")
+    for name, t in q["tensors"].items():
+        f = f"quant.tensors[{name!r}]"
+        if not PATH.match(name) or not isinstance(t, dict) or set(t) != {"shape", "input_first"}:
+            raise _fail(where, f, "must be a tensor path mapped to its shape and input_first")
+        shape = t["shape"]
+        if not (isinstance(shape, list) and len(shape) in (1, 2, 3)):
+            raise _fail(where, f"{f}.shape", f"must be a list of 1 to 3 positive integers, got {shape!r}")
+        _dims(shape, len(shape), where, f"{f}.shape")
+        _flag(t["input_first"], where, f"{f}.input_first")
 
 
 def expected_shapes(entry: dict, bases_attr: str) -> dict[str, tuple[int, ...] | None]:
@@ -130,6 +155,11 @@ def expected_shapes(entry: dict, bases_attr: str) -> dict[str, tuple[int, ...] |
     out: dict[str, tuple[int, ...] | None] = {}
     if entry.get("guard"):
         out[entry["guard"]] = (0,)
+    quant = entry.get("quant")
+    if quant:
+        from .quant.model import packed_shapes
+
+        out.update(packed_shapes(quant))
     for k, shape in entry["bases"].items():
         if isinstance(shape, dict):
             out[f"{bases_attr}.{k}.atoms"] = tuple(shape["atoms"])
@@ -152,6 +182,8 @@ def expected_shapes(entry: dict, bases_attr: str) -> dict[str, tuple[int, ...] |
             out[f"{name}.V"] = (r, h)
         if spec["bias"]:
             out[f"{name}.bias"] = (h if spec["role"] == "in" else d,)
+    for name in (quant or {}).get("tensors", {}):
+        out.pop(name, None)  # stored as its packed buffers
     return out
 
 

@@ -30,7 +30,8 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=["quick", "default"],
                    help="quick: a few-minute FiPS recipe (fewer calibration windows and tuning steps); "
                         "default: the library's defaults")
-    p.add_argument("--method", help="compression method of the (last) stage (default fips)")
+    p.add_argument("--method", help="compression method of the (last) stage (default fips; none: no sharing, "
+                                    "with --bits)")
     p.add_argument("--ratio", type=float, help="fraction of parameters to remove (default 0.2)")
     p.add_argument("--ratio-of", help="'model' (default) or the part the method compresses ('mlp'; 'attention')")
     p.add_argument("--attention-method",
@@ -78,6 +79,9 @@ def build_recipe(args):
         raise RecipeError("give --recipe or --preset, not both")
     base = Recipe.from_yaml(args.recipe) if args.recipe else PRESETS[args.preset or "default"]()
     d = base.to_dict()
+    quant_stage = d["stages"].pop() if d["stages"][-1]["method"] == "quant" and len(d["stages"]) > 1 else None
+    if getattr(args, "method", None) == "none":  # quantization alone: the flags of --bits describe the only stage
+        return _quant_only(args, d, RUN_FLAGS, Recipe)
     main = dict(d["stages"][-1])
     if args.method and args.method != main["method"]:
         main = {"method": args.method, **{k: main[k] for k in ("ratio", "ratio_of") if k in main}}
@@ -97,11 +101,52 @@ def build_recipe(args):
         if args.attention_ratio is not None:
             att.update(ratio=args.attention_ratio, ratio_of="attention")
         stages = [att, main]
+    quant = _quant_stage(args, quant_stage)
+    if getattr(args, "quant", None) == "qat":
+        if main["method"] != "fips":
+            raise RecipeError(f"--quant qat trains through fake quantization inside FiPS's tuning; method "
+                              f"{main['method']!r} has no tuning loop (use --quant rtn or gptq)")
+        main.update(qat_bits=quant["bits"], qat_group_size=quant["group_size"], qat_symmetric=quant["symmetric"])
+    if quant is not None:
+        stages = stages + [quant]
     d["stages"] = stages
     for k in RUN_FLAGS:
         if getattr(args, k) is not None:
             d[k] = getattr(args, k)
     return Recipe.from_dict(d)
+
+
+def _quant_stage(args, base: dict | None) -> dict | None:
+    """The quantization stage --bits adds after the method (--quant: how the codes are chosen,
+    gptq by default; qat: the method tunes through fake quantization, then round to nearest)."""
+    if getattr(args, "bits", None) is None:
+        if getattr(args, "quant", None) is not None or getattr(args, "quant_group", None) is not None:
+            raise RecipeError("--quant and --quant-group need --bits")
+        return base
+    stage = {"method": "quant", **(base or {}), "bits": args.bits}
+    if args.quant_group is not None:
+        stage["group_size"] = args.quant_group
+    if args.quant is not None:
+        stage["algorithm"] = "rtn" if args.quant == "qat" else args.quant
+    from .methods import QuantConfig
+
+    return QuantConfig.from_dict(stage).to_dict()  # validated now, before any work
+
+
+def _quant_only(args, d: dict, run_flags, recipe_cls):
+    given = _stage_options(args)
+    if given or args.attention_method or args.attention_ratio is not None:
+        raise RecipeError(f"--method none quantizes the dense model: {', '.join(sorted(given)) or 'attention flags'} "
+                          f"do not apply")
+    if args.bits is None:
+        raise RecipeError("--method none does nothing without --bits (quantization alone)")
+    if args.quant == "qat":
+        raise RecipeError("--quant qat trains inside FiPS's tuning: it needs --method fips")
+    d["stages"] = [_quant_stage(args, None)]
+    for k in run_flags:
+        if getattr(args, k) is not None:
+            d[k] = getattr(args, k)
+    return recipe_cls.from_dict(d)
 
 
 def _full_command(args) -> str:
@@ -359,6 +404,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib", required=True, help="calibration text (file, folder, saved dataset, hf:NAME, austen:BOOK) or, for an image classifier, an image folder with class sub-folders")
     c.add_argument("--output", required=True, help="output directory (refused if it exists, unless --overwrite)")
     c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--bits", type=int, choices=(2, 3, 4, 8),
+                   help="add weight-only quantization after the method (--method none: quantize the dense model alone)")
+    c.add_argument("--quant", choices=("rtn", "gptq", "qat"),
+                   help="how the codes are chosen (default gptq; qat: FiPS tunes through fake quantization)")
+    c.add_argument("--quant-group", type=int, help="weights per quantization scale (default 128)")
     c.add_argument("--max-shard-size", help="split the weights into shards of at most this size (e.g. 2GB; "
                                             "transformers' model.safetensors.index.json layout)")
     c.add_argument("--allow-ratio-miss", action="store_true",

@@ -14,7 +14,7 @@ import typing
 from dataclasses import dataclass
 from typing import ClassVar, Literal, Union
 
-PARTS = {"mlp": "the MLPs", "attention": "the attention projections"}
+PARTS = {"mlp": "the MLPs", "attention": "the attention projections", "weights": "every linear weight's precision"}
 
 
 class RecipeError(ValueError):

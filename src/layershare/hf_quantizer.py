@@ -87,10 +87,11 @@ class LayershareQuantizer(HfQuantizer):
         # every tensor under a replaced layer's parent comes from the file (a missing one stays on the
         # meta device and is refused after loading): the model's own init must not run there (GPT-2's
         # re-initialises its MLP's c_proj.weight, which a compressed layer does not have)
-        for name in [*entry["layers"], *entry.get("tied", {})]:
+        for name in [*entry["layers"], *entry.get("tied", {}), *entry.get("quant", {}).get("tensors", {})]:
             parent = model.get_submodule(name.rpartition(".")[0])
             parent._is_hf_initialized = True
-            model.get_submodule(name)._is_hf_initialized = True
+            if name in entry["layers"] or name in entry.get("tied", {}):
+                model.get_submodule(name)._is_hf_initialized = True
         ignore = {re.escape(entry["guard"])} if entry.get("guard") else set()
         model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | ignore
         model.config.layershare = entry
@@ -100,6 +101,12 @@ class LayershareQuantizer(HfQuantizer):
         from .io import tie_modules
         from .runtime import to_runtime
 
+        if self.entry.get("quant"):
+            from .quant.model import dequantize_model
+
+            dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+            dequantize_model(model, self.entry["quant"], dtype)
+            model.layershare_quant = self.entry["quant"]
         tie_modules(model, self.entry)
         still_meta = [n for n, p in list(model.named_parameters()) + list(model.named_buffers())
                       if p.device.type == "meta"]

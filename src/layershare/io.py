@@ -160,7 +160,10 @@ def tied_modules(model: nn.Module) -> dict[str, str]:
 
 
 def state_dict_unique(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """State dict without aliases (tied embeddings once), floats cast to the storage dtype."""
+    """State dict without aliases (tied embeddings once), floats cast to the storage dtype (but
+    the packed form of quantized tensors, kept as it is), the float form of quantized tensors
+    left out (quant/model.py)."""
+    quantized = set((getattr(model, "layershare_quant", None) or {}).get("tensors", {}))
     seen: dict[int, str] = {}
     out = {}
     for k, v in model.state_dict().items():
@@ -171,7 +174,10 @@ def state_dict_unique(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.T
             continue
         if key is not None:
             seen[key] = k
-        out[k] = (v.to(dtype) if v.is_floating_point() else v).detach().contiguous().cpu()
+        if k in quantized:
+            continue
+        cast = v.is_floating_point() and not k.endswith("_qscales")
+        out[k] = (v.to(dtype) if cast else v).detach().contiguous().cpu()
     return out
 
 
@@ -262,6 +268,9 @@ def guard_key(model: nn.Module, entry: dict) -> str | None:
     it where a full weight belongs, stops with a size mismatch instead of loading random MLPs."""
     if entry["layers"]:
         return sorted(entry["layers"])[0] + ".weight"
+    quantized = [n for n in sorted(entry.get("quant", {}).get("tensors", {})) if n.endswith(".weight")]
+    if quantized:  # quantization alone: the float slot of a quantized weight
+        return quantized[0]
     for alias in sorted(entry.get("tied", {})):  # ffn-merge: MLPs tied to another, with no tensors of their own
         for name, _ in model.get_submodule(alias).named_parameters():
             if name.endswith("weight"):
@@ -295,7 +304,8 @@ def _save(model: nn.Module, output_dir: Path, tokenizer, dtype: str, meta: dict 
     try:
         entry = {"format_version": FORMAT_VERSION, "dtype": dtype, "task": model_task(model),
                  "class": type(model).__name__, **layer_map(model),
-                 **({"method": meta.get("method")} if meta else {})}
+                 **({"method": meta.get("method")} if meta else {}),
+                 **({"quant": model.layershare_quant} if getattr(model, "layershare_quant", None) else {})}
         sd = state_dict_unique(model, torch_dtype)
         guard = guard_key(model, entry)
         if guard is not None:
@@ -436,10 +446,15 @@ def build_skeleton(model: nn.Module, entry: dict, shapes: dict[str, tuple[int, .
             continue
         layer = SharedBasisLinear.empty(bases[spec["basis"]], tuple(spec["v_shape"]), spec["role"], spec["bias"],
                                         sparse=spec.get("sparse", True))
-        if layer.sparse and f"{name}.V_values" in shapes and f"{name}.V_mask" in shapes:
+        if layer.sparse and f"{name}.V_values" in shapes:
             layer.V_values = torch.empty(tuple(shapes[f"{name}.V_values"]), device="meta")
+        if layer.sparse and f"{name}.V_mask" in shapes:
             layer.V_mask = torch.empty(tuple(shapes[f"{name}.V_mask"]), device="meta", dtype=torch.uint8)
         set_path(model, name, layer)
+    if entry.get("quant"):
+        from .quant.model import prepare_skeleton
+
+        prepare_skeleton(model, entry["quant"])
     for alias, source in entry.get("tied", {}).items():
         a, b = _module_at(model, alias, where), _module_at(model, source, where)
         if any(k.startswith(alias + ".") for k in shapes if k != entry.get("guard")):
@@ -515,7 +530,7 @@ def load_compressed(path: str | Path, device: str = "cpu", dtype: torch.dtype | 
         sd.pop(entry["guard"], None)
     build_skeleton(model, entry, {k: v.shape for k, v in sd.items()}, where)
     if dtype is not None:
-        sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
+        sd = {k: (v.to(dtype) if v.is_floating_point() and not k.endswith("_qscales") else v) for k, v in sd.items()}
     try:
         result = model.load_state_dict(sd, strict=False, assign=True)
     except RuntimeError as e:  # size mismatches, bitmask / value count disagreements
@@ -523,6 +538,11 @@ def load_compressed(path: str | Path, device: str = "cpu", dtype: torch.dtype | 
     if result.unexpected_keys:
         raise CheckpointError(f"{str(path)!r}: unexpected tensors {result.unexpected_keys[:5]}")
     del sd
+    if entry.get("quant"):
+        from .quant.model import dequantize_model
+
+        dequantize_model(model, entry["quant"], dtype or torch.float32)
+        model.layershare_quant = entry["quant"]
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     still_meta = [n for n, p in list(model.named_parameters()) + list(model.named_buffers())

@@ -72,6 +72,10 @@ class Recipe:
                 raise RecipeError(f"stage {i + 1} ({s.method}) compresses {PARTS[s.part]}, which stage "
                                   f"{seen[s.part] + 1} ({self.stages[seen[s.part]].method}) already compresses")
             seen[s.part] = i
+        last = self.stages[-1]
+        for i, s in enumerate(self.stages[:-1]):
+            need(s.part != "weights", f"stage {i + 1} ({s.method}) quantizes the weights: it must be the last stage "
+                                      f"(stage {len(self.stages)} is {last.method})")
 
     # ---- convenience -------------------------------------------------------------------
     @classmethod

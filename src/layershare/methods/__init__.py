@@ -8,10 +8,11 @@ from .basis_sharing import BasisSharing, BasisSharingAttention, BasisSharingAtte
 from .ffn_merge import FFNMerge, FFNMergeConfig
 from .fips import FiPS, FiPSConfig
 from .masa import MASA, MASAConfig
+from .quant import QuantConfig, Quantize
 from .svd import SVD, SVDLLM, SVDConfig, SVDLLMConfig
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (FiPS, SVD, SVDLLM, BasisSharing, BasisSharingAttention,
-                                                            FFNMerge, MASA)}
+                                                            FFNMerge, MASA, Quantize)}
 
 
 def method_class(name: str) -> type[Method]:
@@ -42,5 +43,5 @@ def get_method(name: str) -> Method:
 
 
 __all__ = ["BasisSharingAttentionConfig", "BasisSharingConfig", "Compressed", "FFNMergeConfig", "FiPSConfig", "Group",
-           "GroupMethod", "MASAConfig", "METHODS", "Method", "Needs", "SVDConfig", "SVDLLMConfig", "WholeModelMethod",
+           "GroupMethod", "MASAConfig", "METHODS", "QuantConfig", "Method", "Needs", "SVDConfig", "SVDLLMConfig", "WholeModelMethod",
            "build_method", "config_class", "config_from_dict", "get_method", "method_class"]

@@ -67,6 +67,11 @@ class FiPSConfig(GroupedConfig):
     loss: Literal["mse", "nmse"] = "mse"  # "nmse": each block's error divided by its output energy
     objective: Literal["auto", "mlp", "residual", "block"] = "auto"  # what the tuning matches (objectives.py)
     train_basis: bool = True  # tune the shared basis U too (else only V)
+    # quantization-aware tuning: U and V pass through fake quantization (straight-through) on the grid
+    # a following quantization stage stores (`--bits B --quant qat` sets these and that stage)
+    qat_bits: Optional[int] = None
+    qat_group_size: int = 128
+    qat_symmetric: bool = True
 
     def validate(self) -> None:
         super().validate()
@@ -82,6 +87,12 @@ class FiPSConfig(GroupedConfig):
         need(0 < self.prune_end <= 1, f"{m}: prune_end must be in (0, 1], got {self.prune_end}")
         need(self.batch_tokens >= 1, f"{m}: batch_tokens must be >= 1, got {self.batch_tokens}")
         need(self.lr > 0, f"{m}: lr must be > 0, got {self.lr}")
+        if self.qat_bits is not None:
+            from ..quant.grid import QuantSpec
+
+            need(self.qat_bits in (2, 3, 4, 8), f"{m}: qat_bits must be one of 2, 3, 4, 8, got {self.qat_bits}")
+            need(self.qat_group_size >= 1, f"{m}: qat_group_size must be >= 1, got {self.qat_group_size}")
+            QuantSpec(self.qat_bits, self.qat_group_size, self.qat_symmetric)
 
 
     @property
@@ -179,6 +190,13 @@ class FiPS(GroupMethod):
             layers[path] = SharedBasisLinear(basis, V, role, bias)
         params = [basis.U] + [p for layer in layers.values() for p in (layer.V, layer.bias) if p is not None]
         basis.U.requires_grad_(c.train_basis)
+        if c.qat_bits is not None:
+            from ..quant.grid import QuantSpec
+
+            basis.fake_quant = QuantSpec(c.qat_bits, c.qat_group_size, c.qat_symmetric)
+            basis.fake_quant_input_first = any(layer.role == IN for layer in layers.values())
+            for layer in layers.values():
+                layer.fake_quant = basis.fake_quant
         pattern = c.resolved_pattern
         if pattern == "none":
             return Compressed(modules=layers, shared={"basis": basis}, params=params, pruner=None)
@@ -195,7 +213,9 @@ class FiPS(GroupMethod):
         if compressed.pruner is not None:
             compressed.pruner.finish()
         compressed.shared["basis"].forget()
+        compressed.shared["basis"].fake_quant = None  # the quantization stage stores the same grid
         for layer in compressed.modules.values():
+            layer.fake_quant = None
             layer.pack()
         for shared in compressed.shared.values():
             for p in shared.parameters():

@@ -64,6 +64,19 @@ class SharedBasis(nn.Module):
         self.U = nn.Parameter(U)
         self._z = None  # (weakref to x, versions, z) of the last projection
         self.projections = 0  # how many x @ U products were computed (tests count them)
+        self.fake_quant = None  # a quant.QuantSpec while tuning with quantization-aware training
+        self.fake_quant_input_first = True  # U's groups along d (shared with layers of role "in"), else along r
+
+    def effective_U(self) -> torch.Tensor:
+        """U as the forward uses it: while QAT is on, fake-quantized on the grid the quantization
+        stage will store (quant/model.py: along d when a layer of role "in" shares it)."""
+        if self.fake_quant is None:
+            return self.U
+        from ..quant.grid import fake_quantize
+
+        if self.fake_quant_input_first:
+            return fake_quantize(self.U.t(), self.fake_quant).t()
+        return fake_quantize(self.U, self.fake_quant)
 
     @property
     def rank(self) -> int:
@@ -73,11 +86,12 @@ class SharedBasis(nn.Module):
         """z = x @ U, computed once for the layers that read the same x (up and gate): the last
         result is reused while x is the same tensor, unchanged, and U unchanged."""
         # inference tensors keep no version counter (and cannot change outside inference mode)
-        key = (-1 if x.is_inference() else x._version, self.U._version, torch.is_grad_enabled())
+        key = (-1 if x.is_inference() else x._version, self.U._version, torch.is_grad_enabled(),
+               self.fake_quant)
         cached = self._z
         if cached is not None and cached[0]() is x and cached[1] == key:
             return cached[2]
-        z = x @ self.U.to(x.dtype)
+        z = x @ self.effective_U().to(x.dtype)
         self.projections += 1
         self._z = (weakref.ref(x), key, z)
         return z
@@ -114,6 +128,7 @@ class SharedBasisLinear(nn.Module):
         self.bias = nn.Parameter(bias) if bias is not None else None
         self.sparse = sparse  # stored as nonzeros + bitmask (a pruned V) or dense
         self.form = "train"
+        self.fake_quant = None  # a quant.QuantSpec while tuning with quantization-aware training
 
     @property
     def packed(self) -> bool:
@@ -132,12 +147,24 @@ class SharedBasisLinear(nn.Module):
         if self.form == "csr":
             return self._csr_forward(x)
         V = self.masked_V() if self.form == "train" else self.V if self.form == "factored" else self._rebuild_V()
+        if self.fake_quant is not None and self.form == "train":
+            V = self._fake_quantized(V)
         V = V.to(x.dtype)
         if self.role == IN:
             y = self.basis.project(x) @ V
         else:
-            y = (x @ V.t()) @ self.basis.U.to(x.dtype).t()
+            y = (x @ V.t()) @ self.basis.effective_U().to(x.dtype).t()
         return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def _fake_quantized(self, V: torch.Tensor) -> torch.Tensor:
+        """V on the grid the quantization stage will store: a sparse V's nonzero values in their
+        stored (row-major) order, a dense V along its input axis (straight-through gradients)."""
+        from ..quant.grid import fake_quantize
+
+        if self.sparse or self.mask is not None:
+            keep = self.mask.bool() if self.mask is not None else V != 0
+            return torch.zeros_like(V).masked_scatter(keep, fake_quantize(V.masked_select(keep), self.fake_quant))
+        return fake_quantize(V.t(), self.fake_quant).t() if self.role == IN else fake_quantize(V, self.fake_quant)
 
     def _rebuild_V(self) -> torch.Tensor:
         if not self.sparse:
@@ -258,7 +285,8 @@ class SharedBasisLinear(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         keys = (prefix + "V_values", prefix + "V_mask")
-        if self.sparse and self.form == "compact":  # sizes known only from the file: assign as they are
+        # sizes known only from the file: assign as they are (a quantized V's values come as packed buffers)
+        if self.sparse and self.form == "compact" and "V_values" in self._buffers:
             missing = [k for k in keys if k not in state_dict]
             if missing:
                 missing_keys.extend(missing)

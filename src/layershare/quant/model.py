@@ -1,0 +1,164 @@
+"""Quantization applied to a model's tensors, and its storage in a compressed directory.
+
+Which tensors (`targets`): every weight the model then holds that multiplies an input: plain
+linears (nn.Linear, GPT-2's Conv1D), FiPS's and the peers' shared bases U, each compressed
+layer's V (its nonzero values when sparse; the bitmask is kept as it is), MASA's atoms; the
+input embeddings and the LM head only with `embeddings=True`. Groups run along each weight's
+input axis (for a weight stored input-first, such as Conv1D's and, in layers of role "in", U and
+V, along the first axis; for a sparse V's values, along the values in their stored order).
+
+In memory, a quantized tensor keeps its float form (exactly the dequantized values: the model
+runs and tunes as before) and, beside it on the module that owns it, its packed codes, scales
+and zero points as buffers `{name}_qcodes`, `{name}_qscales`, `{name}_qzeros` (grid.to_tensors).
+The saved weights hold only the buffers; `quant_entry` records the spec and every quantized
+tensor's shape in config.json's layershare entry; loading rebuilds the float tensors from the
+buffers (`dequantize_model`), so every run-time form runs as for an unquantized model (no
+low-bit kernel: resident memory is the float model's plus the packed buffers).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..modules.atoms import MatrixAtoms
+from ..modules.shared_basis import SharedBasis, SharedBasisLinear
+from .grid import QTensor, QuantSpec, dequantize, from_tensors, quantize, to_tensors
+
+SUFFIXES = ("codes", "scales", "zeros")
+
+
+def _conv1d(module) -> bool:
+    return type(module).__name__ == "Conv1D"  # GPT-2's linear, weight stored (in, out)
+
+
+def targets(model: nn.Module, embeddings: bool = False) -> dict[str, tuple[nn.Module, str, bool]]:
+    """name -> (owner module, attribute, input-first): every tensor the quantization stage
+    quantizes (see the module docstring)."""
+    skip = set()
+    if not embeddings:
+        for get in ("get_input_embeddings", "get_output_embeddings"):
+            m = getattr(model, get, lambda: None)()
+            if m is not None:
+                skip.add(id(m))
+    from ..adapters.base import IN
+
+    users = [m for m in model.modules() if isinstance(m, SharedBasisLinear)]
+    has_in = {id(m.basis) for m in users if m.role == IN} | {id(m) for m in model.modules()
+                                                            if isinstance(m, SharedBasis) and not any(
+                                                                u.basis is m for u in users)}
+    out = {}
+    for name, m in model.named_modules():
+        if id(m) in skip:
+            continue
+        prefix = f"{name}." if name else ""
+        if isinstance(m, SharedBasis):  # x @ U in layers of role "in", z @ U.t() in "out": one grid, along d
+            out[prefix + "U"] = (m, "U", id(m) in has_in)  # when any layer of role "in" shares it
+        elif isinstance(m, MatrixAtoms):
+            out[prefix + "atoms"] = (m, "atoms", False)
+        elif isinstance(m, SharedBasisLinear):
+            attr = "V_values" if m.sparse and m.form == "compact" else "V"
+            out[prefix + attr] = (m, attr, attr == "V" and m.role == IN)  # z @ V for "in", x @ V.t() for "out"
+        elif isinstance(m, nn.Linear) or _conv1d(m):
+            out[prefix + "weight"] = (m, "weight", _conv1d(m))
+        elif embeddings and isinstance(m, nn.Embedding):
+            out[prefix + "weight"] = (m, "weight", False)
+    return out
+
+
+def _oriented(t: torch.Tensor, input_first: bool) -> torch.Tensor:
+    """The tensor with its input axis last (where the groups run)."""
+    return t.t() if input_first else t
+
+
+def set_tensor(owner: nn.Module, attr: str, value: torch.Tensor) -> None:
+    if attr in owner._parameters:
+        owner._parameters[attr] = nn.Parameter(value, requires_grad=owner._parameters[attr].requires_grad)
+    else:
+        owner._buffers[attr] = value
+
+
+def store(owner: nn.Module, attr: str, q: QTensor) -> None:
+    """Keep `q` packed beside the float tensor: buffers {attr}_qcodes/_qscales/_qzeros."""
+    for k, v in to_tensors(q, "q").items():
+        owner.register_buffer(f"{attr}_q{k.split('.')[-1]}", v)
+
+
+def quantize_tensor(owner: nn.Module, attr: str, input_first: bool, spec: QuantSpec,
+                    q: QTensor | None = None) -> QTensor:
+    """Quantize owner.attr in place (RTN, or the given codes, e.g. GPTQ's): the float tensor
+    becomes its dequantized values, the packed form is stored beside it."""
+    t = getattr(owner, attr)
+    if q is None:
+        q = quantize(_oriented(t.detach().float(), input_first), spec)
+    w = _oriented(dequantize(q), input_first).to(t.dtype).contiguous()
+    set_tensor(owner, attr, w)
+    store(owner, attr, q)
+    return q
+
+
+def quant_entry(spec: QuantSpec, tensors: dict[str, tuple[int, ...]], input_first: dict[str, bool]) -> dict:
+    """What config.json's layershare entry records of the quantization."""
+    return {"bits": spec.bits, "group_size": spec.group_size, "symmetric": spec.symmetric,
+            "tensors": {n: {"shape": list(s), "input_first": input_first[n]} for n, s in sorted(tensors.items())}}
+
+
+def spec_of(entry: dict) -> QuantSpec:
+    return QuantSpec(entry["bits"], entry["group_size"], entry["symmetric"])
+
+
+def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    path, _, attr = name.rpartition(".")
+    return model.get_submodule(path), attr
+
+
+def float_keys(qentry: dict) -> list[str]:
+    """The float tensors a saved directory does not hold (their packed buffers stand in)."""
+    return list(qentry["tensors"])
+
+
+def packed_shapes(qentry: dict) -> dict[str, tuple[int, ...]]:
+    """The packed buffers' names and shapes, as the saved weights must hold them (arithmetic
+    only: nothing of the declared size is allocated)."""
+    import math
+
+    spec = spec_of(qentry)
+    out = {}
+    for name, t in qentry["tensors"].items():
+        shape = tuple(t["shape"])
+        oriented = shape[::-1] if t["input_first"] else shape
+        groups = oriented[:-1] + (spec.groups(oriented[-1]),)
+        out[f"{name}_qcodes"] = ((spec.bits * math.prod(oriented) + 7) // 8,)
+        out[f"{name}_qscales"] = groups
+        if not spec.symmetric:
+            out[f"{name}_qzeros"] = ((spec.bits * math.prod(groups) + 7) // 8,)
+    return out
+
+
+def prepare_skeleton(model: nn.Module, qentry: dict) -> None:
+    """Before the weights are assigned: each quantized tensor's float slot is removed from its
+    owner (the file does not hold it) and its packed buffers are registered on the meta device."""
+    for name, shape in packed_shapes(qentry).items():
+        base, _, suffix = name.rpartition("_q")
+        owner, attr = _owner(model, base)
+        if attr in owner._parameters:
+            owner._parameters.pop(attr)
+            owner._layershare_quant_params = getattr(owner, "_layershare_quant_params", set()) | {attr}
+        else:
+            owner._buffers.pop(attr, None)
+        dtype = torch.float16 if suffix == "scales" else torch.uint8
+        owner.register_buffer(f"{attr}_q{suffix}", torch.empty(shape, device="meta", dtype=dtype))
+
+
+def dequantize_model(model: nn.Module, qentry: dict, dtype: torch.dtype = torch.float32) -> None:
+    """After the weights are assigned: every quantized tensor rebuilt from its packed buffers."""
+    spec = spec_of(qentry)
+    for name, t in qentry["tensors"].items():
+        owner, attr = _owner(model, name)
+        shape = tuple(t["shape"])
+        oriented = shape[::-1] if t["input_first"] else shape
+        bufs = {f"q.{s}": owner._buffers[f"{attr}_q{s}"] for s in SUFFIXES if f"{attr}_q{s}" in owner._buffers}
+        w = _oriented(dequantize(from_tensors(bufs, "q", spec, oriented)), t["input_first"]).to(dtype).contiguous()
+        if attr in getattr(owner, "_layershare_quant_params", ()):
+            owner._parameters[attr] = nn.Parameter(w, requires_grad=False)
+        else:
+            owner._buffers[attr] = w
