@@ -88,10 +88,12 @@ class LayershareQuantizer(HfQuantizer):
         # meta device and is refused after loading): the model's own init must not run there (GPT-2's
         # re-initialises its MLP's c_proj.weight, which a compressed layer does not have)
         for name in [*entry["layers"], *entry.get("tied", {}), *entry.get("quant", {}).get("tensors", {})]:
-            parent = model.get_submodule(name.rpartition(".")[0])
-            parent._is_hf_initialized = True
+            path = name.rpartition(".")[0]
+            model.get_submodule(path)._is_hf_initialized = True
             if name in entry["layers"] or name in entry.get("tied", {}):
                 model.get_submodule(name)._is_hf_initialized = True
+            elif "." in path:  # a quantized tensor's owner's parent (GPT-2's MLP re-initialises its c_proj)
+                model.get_submodule(path.rpartition(".")[0])._is_hf_initialized = True
         ignore = {re.escape(entry["guard"])} if entry.get("guard") else set()
         model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | ignore
         model.config.layershare = entry

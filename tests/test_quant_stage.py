@@ -1,0 +1,140 @@
+"""The quantization stage (methods/quant.py) and its storage (quant/model.py): alone and after
+FiPS, save -> load identical, the HF path, QAT's fake-quantized forward equal to the stored
+model, bits per weight from the entry against the files, refusals before any work (issue 18)."""
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import layershare
+from layershare import Recipe
+from layershare.cli import build_parser, build_recipe, main
+from layershare.config import RecipeError
+from layershare.methods import FiPSConfig, QuantConfig
+from layershare.modules.shared_basis import SharedBasis, SharedBasisLinear
+
+from conftest import VOCAB, make_model
+
+
+def _recipe(*stages):
+    return Recipe(stages=list(stages), nsamples=8, seqlen=32)
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("stages,arch", [
+    ([QuantConfig(bits=3, group_size=32, algorithm="gptq")], "llama"),
+    ([QuantConfig(bits=2, group_size=48, symmetric=False, algorithm="rtn")], "gpt2"),  # Conv1D; 48 does not divide 64
+    ([FiPSConfig(ratio=0.2, steps=0, batch_tokens=128), QuantConfig(bits=4, group_size=32)], "llama"),
+    ([FiPSConfig(ratio=0.2, steps=0, batch_tokens=128, pattern="none"), QuantConfig(bits=8, group_size=64)], "gemma3"),
+])
+def test_quantized_save_load_gives_identical_logits(stages, arch, tokens, input_ids, tmp_path):
+    model = make_model(arch)
+    res = layershare.compress(model, _recipe(*stages), data=tokens, output_dir=tmp_path / "q")
+    entry = json.loads((tmp_path / "q" / "config.json").read_text())["layershare"]
+    q = entry["quant"]
+    assert q["bits"] == stages[-1].bits and len(q["tensors"]) == res.report.stages[-1].extra["tensors"] > 0
+    mine = layershare.load(tmp_path / "q", runtime="compact")
+    assert torch.equal(_logits(mine, input_ids), _logits(model, input_ids))
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32, quantization_config=layershare
+                                                  .hf_quantizer.LayershareConfig(runtime="compact"))
+    assert torch.equal(_logits(theirs, input_ids), _logits(mine, input_ids))
+    # the loaded model keeps the packed form beside the dequantized tensor
+    owner = mine.get_submodule(next(iter(q["tensors"])).rpartition(".")[0])
+    name = next(iter(q["tensors"])).rpartition(".")[2]
+    assert hasattr(owner, f"{name}_qcodes") and hasattr(owner, f"{name}_qzeros") == (not q["symmetric"])
+
+
+def test_bits_per_weight_from_the_entry_match_the_files(tokens, tmp_path):
+    from layershare.checkpoint import read_headers, weight_files
+    from layershare.quant.grid import QuantSpec, stored_bits
+
+    model = make_model("llama")
+    layershare.compress(model, _recipe(QuantConfig(bits=3, group_size=32, algorithm="rtn")), data=tokens,
+                        output_dir=tmp_path / "q")
+    entry = json.loads((tmp_path / "q" / "config.json").read_text())["layershare"]
+    q = entry["quant"]
+    spec = QuantSpec(q["bits"], q["group_size"], q["symmetric"])
+    header = read_headers(tmp_path / "q", weight_files(tmp_path / "q", "q"), "q")
+    packed = {n for n in header if "_q" in n.rpartition(".")[2]}
+    other_bits = sum(32 * torch.Size(s).numel() for n, (_, s) in header.items() if n not in packed)
+    want = sum(stored_bits(tuple(t["shape"][::-1] if t["input_first"] else t["shape"]), spec)
+               for t in q["tensors"].values()) + other_bits
+    data = sum(f.stat().st_size for f in (tmp_path / "q").glob("*.safetensors"))
+    assert abs(want / 8 - data) <= 0.01 * data + 8 * len(header) + 20_000  # header JSON and per-tensor byte rounding
+    main(["info", str(tmp_path / "q")])
+
+
+def test_qat_forward_equals_the_stored_model(tokens, input_ids):
+    """The fake-quantized forward FiPS tunes through computes what the quantization stage stores."""
+    from layershare.quant.model import quantize_tensor, targets
+
+    model = make_model("llama")
+    spec_kw = dict(qat_bits=4, qat_group_size=16)
+    layershare.compress(model, _recipe(FiPSConfig(ratio=0.2, steps=3, batch_tokens=128, **spec_kw)), data=tokens)
+    from layershare.quant.grid import QuantSpec
+
+    spec = QuantSpec(4, 16, True)
+    layers = [m for m in model.modules() if isinstance(m, SharedBasisLinear)]
+    for layer in layers:  # the tuning form, fake quantization on
+        layer.to_form("train")
+        layer.fake_quant = layer.basis.fake_quant = spec
+    fake = _logits(model, input_ids)
+    for layer in layers:
+        layer.fake_quant = layer.basis.fake_quant = None
+        layer.pack()
+    for owner, attr, first in targets(model).values():
+        if isinstance(owner, (SharedBasis, SharedBasisLinear)):
+            quantize_tensor(owner, attr, first, spec)
+    torch.testing.assert_close(_logits(model, input_ids), fake, rtol=0, atol=1e-5)
+
+
+def test_the_tuning_measures_and_tunes_the_quantized_forward(tokens):
+    """With QAT, the error FiPS tunes (and reports) is the fake-quantized model's, and gradients
+    reach U and V through the straight-through estimator."""
+    runs = []
+    for qat in ({}, dict(qat_bits=2, qat_group_size=16)):
+        res = layershare.compress(make_model("llama"), _recipe(FiPSConfig(ratio=0.2, steps=2, batch_tokens=128,
+                                                                          **qat)), data=tokens)
+        runs.append([g.stats.rel_err_before for g in res.report.groups])
+    assert all(q > 2 * p for p, q in zip(*runs))  # 2-bit codes: a much larger error than the float factors'
+    from layershare.quant.grid import QuantSpec
+
+    layer = SharedBasisLinear(SharedBasis(torch.randn(8, 4, requires_grad=True)), torch.randn(4, 6), "in")
+    layer.fake_quant = layer.basis.fake_quant = QuantSpec(2, 4, True)
+    layer(torch.randn(3, 8)).pow(2).sum().backward()
+    assert layer.V.grad.abs().sum() > 0 and layer.basis.U.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--bits", "5"], "invalid choice: 5"),
+    (["--bits", "4", "--quant-group", "0"], "group_size must be a positive integer"),
+    (["--quant", "rtn"], "--quant and --quant-group need --bits"),
+    (["--method", "none"], "does nothing without --bits"),
+    (["--method", "none", "--bits", "4", "--ratio", "0.2"], "--method none quantizes the dense model"),
+    (["--method", "svd", "--bits", "4", "--quant", "qat"], "has no tuning loop"),
+])
+def test_a_quantization_that_cannot_be_stored_is_refused_before_work(argv, message, tmp_path, capsys):
+    argv = ["compress", "/nonexistent-model", "--calib", "x.txt", "--output", str(tmp_path / "o"), *argv]
+    if "invalid choice" in message:
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(argv)
+        assert message in capsys.readouterr().err
+        return
+    with pytest.raises(RecipeError, match=message):
+        build_recipe(build_parser().parse_args(argv))
+
+
+def test_cli_flags_build_the_stages(tmp_path):
+    args = lambda *a: build_parser().parse_args(["compress", "m", "--calib", "c", "--output", "o", *a])  # noqa: E731
+    r = build_recipe(args("--bits", "3", "--quant", "qat", "--quant-group", "64"))
+    assert [s.method for s in r.stages] == ["fips", "quant"]
+    assert (r.stages[0].qat_bits, r.stages[0].qat_group_size, r.stages[1].algorithm) == (3, 64, "rtn")
+    r = build_recipe(args("--method", "none", "--bits", "2"))
+    assert [s.method for s in r.stages] == ["quant"] and r.stages[0].algorithm == "gptq"
+    with pytest.raises(RecipeError, match="must be the last stage"):
+        _recipe(QuantConfig(bits=4), FiPSConfig())
