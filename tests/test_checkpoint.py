@@ -38,6 +38,13 @@ def _edit_entry(path, fn):
     (path / "config.json").write_text(json.dumps(cfg))
 
 
+def _record_size(d, meta):
+    """layershare.json told the new size of a rewritten weights file (the structure is what is tested)."""
+    size = (d / "model.safetensors").stat().st_size
+    meta["weights_bytes"] = meta["weights_files"]["model.safetensors"]["bytes"] = size
+    (d / "layershare.json").write_text(json.dumps(meta))
+
+
 def _logits(model, ids):
     with torch.no_grad():
         return model(ids).logits
@@ -45,7 +52,7 @@ def _logits(model, ids):
 
 def test_hashes_are_recorded_and_checked(saved, tmp_path, input_ids):
     meta = json.loads((saved / "layershare.json").read_text())
-    assert len(meta["weights_sha256"]) == 64 and len(meta["entry_sha256"]) == 64
+    assert len(meta["weights_files"]["model.safetensors"]["sha256"]) == 64 and len(meta["entry_sha256"]) == 64
     d = _copy(saved, tmp_path)
     data = bytearray((d / "model.safetensors").read_bytes())
     data[-400:] = bytes(400)  # 400 bytes overwritten in place: same size
@@ -72,9 +79,9 @@ def test_hashes_are_recorded_and_checked(saved, tmp_path, input_ids):
      "but config.json declares \\[100000, "),
     (lambda en: en["bases"].update({k: "big" for k in list(en["bases"])[:1]}), "must be a list of 2 positive integers"),
     (lambda en: en["layers"].update({"config.name_or_path": next(iter(en["layers"].values()))}),
-     "'config.name_or_path', which is not a module of the model|lacks 'config.name_or_path.V_values'"),
+     "'config.name_or_path', which is not a module of the model|lack 'config.name_or_path.V_values'"),
     (lambda en: en["layers"].update({"model.layers.0.input_layernorm": next(iter(en["layers"].values()))}),
-     "a LlamaRMSNorm, as a compressed linear|lacks 'model.layers.0.input_layernorm.V_values'"),
+     "a LlamaRMSNorm, as a compressed linear|lack 'model.layers.0.input_layernorm.V_values'"),
     (lambda en: en.update(tied={"model.layers.1.mlp": "model.layers.0.mlp"}), "has tensors of its own"),
     (lambda en: next(iter(en["layers"].values())).update(role="sideways"), "role: must be 'in' or 'out'"),
     (lambda en: next(iter(en["layers"].values())).update(sparse="yes"), "sparse: must be true or false"),
@@ -99,9 +106,8 @@ def test_a_missing_or_extra_tensor_is_refused(saved, tmp_path):
         change(sd)
         save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
         meta = json.loads((d / "layershare.json").read_text())
-        meta["weights_bytes"] = (d / "model.safetensors").stat().st_size
-        (d / "layershare.json").write_text(json.dumps(meta))
-        with pytest.raises(CheckpointError, match="lacks|unexpected tensors"):
+        _record_size(d, meta)
+        with pytest.raises(CheckpointError, match="lack|unexpected tensors"):
             layershare.load(d, verify=False)
 
 
@@ -160,13 +166,14 @@ def test_a_layer_path_must_name_a_linear_of_the_model(saved, tmp_path):
                          ("model.layers.0.input_layernorm", "a LlamaRMSNorm, as a compressed linear")):
         d = _copy(saved, tmp_path, new)
         old = next(iter(json.loads((d / "config.json").read_text())["layershare"]["layers"]))
-        _edit_entry(d, lambda en: en["layers"].update({new: en["layers"].pop(old)}))
+        _edit_entry(d, lambda en: en.update(layers={**{k: v for k, v in en["layers"].items() if k != old},
+                                                     new: en["layers"][old]},
+                                             guard=en["guard"].replace(old + ".", new + ".")))
         sd = {(new + k[len(old):] if k.startswith(old + ".") else k): v
               for k, v in load_file(str(d / "model.safetensors")).items()}
         save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
         meta = json.loads((d / "layershare.json").read_text())
-        meta["weights_bytes"] = (d / "model.safetensors").stat().st_size
-        (d / "layershare.json").write_text(json.dumps(meta))
+        _record_size(d, meta)
         with pytest.raises(CheckpointError, match=message):
             layershare.load(d, verify=False)
 
