@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "CompressionResult": "api", "compress": "api", "plan": "api", "evaluate_accuracy": "api",
-    "evaluate_perplexity": "api", "finetune": "api", "load": "api", "load_model": "api",
+    "evaluate_perplexity": "api", "evaluate_tasks": "api", "finetune": "api", "load": "api", "load_model": "api",
     "load_preprocessing": "api", "Recipe": "recipe", "RecipeError": "config", "Callback": "drivers",
     "FiPSConfig": "methods", "SVDConfig": "methods", "SVDLLMConfig": "methods", "BasisSharingConfig": "methods",
     "BasisSharingAttentionConfig": "methods", "FFNMergeConfig": "methods", "MASAConfig": "methods",

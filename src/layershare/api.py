@@ -280,6 +280,15 @@ def evaluate_perplexity(model: nn.Module, tokenizer, text, seqlen: int | None = 
     return perplexity(model, ids, seqlen=seqlen, max_windows=max_windows)
 
 
+def evaluate_tasks(model: nn.Module, tokenizer, tasks: list[str], limit: int | None = None, batch_size: int = 8):
+    """Zero-shot accuracy through lm-evaluation-harness (`pip install layershare[eval]`): the local
+    Austen suite (evaluate/tasks.py) or any lm-eval task name. Returns a list of
+    evaluate.lm_eval.TaskResult, one per task; see evaluate/lm_eval.py."""
+    from .evaluate.lm_eval import run_tasks
+
+    return run_tasks(model, tokenizer, list(tasks), limit=limit, batch_size=batch_size)
+
+
 def load_preprocessing(path: str | Path):
     """The tokenizer, or the image preprocessor, saved beside a compressed (or dense HF) model."""
     path = Path(path)

@@ -291,12 +291,23 @@ def cmd_eval(args) -> int:
     import layershare
     from layershare.io import is_compressed_dir
 
+    if args.limit is not None and not args.tasks:
+        raise ValueError("--limit applies to --tasks only")
     path = Path(args.model)
     if is_compressed_dir(path):
         model = layershare.load(path, runtime=args.runtime, verify=not args.no_verify)
         prep = layershare.load_preprocessing(path)
     else:
         model, prep = layershare.load_model(args.model)
+    if args.tasks:
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        results = layershare.evaluate_tasks(model, prep, tasks, limit=args.limit)
+        print(f"{args.model}: zero-shot, lm-evaluation-harness"
+              + (f" (the first {args.limit} examples of each task)" if args.limit else ""))
+        print(f"  {'task':<20} {'metric':<9} {'accuracy ± stderr':<18} {'n':>6}")
+        for r in results:
+            print(f"  {r.task:<20} {r.metric:<9} {f'{r.value:.2%} ± {r.stderr:.2%}':<18} {r.n:>6}")
+        return 0
     if args.images:
         acc = layershare.evaluate_accuracy(model, prep, args.images, max_images=args.max_images)
         print(f"{args.model}: top-1 {acc.top1:.2%}, top-5 {acc.top5:.2%} on {args.images}")
@@ -428,11 +439,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(c)
     c.set_defaults(func=cmd_compress)
 
-    e = sub.add_parser("eval", help="perplexity of a compressed directory or a dense model")
+    e = sub.add_parser("eval", help="perplexity, top-1 or zero-shot task accuracy of a compressed directory "
+                                    "or a dense model")
     e.add_argument("model")
     what = e.add_mutually_exclusive_group(required=True)
     what.add_argument("--text", help="perplexity on this text (causal LMs)")
     what.add_argument("--images", help="top-1/top-5 on this image folder (image classifiers)")
+    what.add_argument("--tasks", help="zero-shot accuracy through lm-evaluation-harness on these comma-separated tasks "
+                                      "(causal LMs): austen_lastword, austen_nextsent (local, README) or any lm-eval "
+                                      "task, e.g. piqa (its dataset must be reachable)")
+    e.add_argument("--limit", type=int, help="only the first N examples of each task (--tasks)")
     e.add_argument("--seqlen", type=int)
     e.add_argument("--max-images", type=int, help="a stratified subset of the images")
     e.add_argument("--max-windows", type=int, help="only the first N windows of the text (a slice; printed)")
