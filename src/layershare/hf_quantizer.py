@@ -157,8 +157,9 @@ def register() -> None:
     from transformers.quantizers import auto
     from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
-    if LayershareConfig not in auto.LOADING_ATTRIBUTES_CONFIG_TYPES:
-        auto.LOADING_ATTRIBUTES_CONFIG_TYPES = (*auto.LOADING_ATTRIBUTES_CONFIG_TYPES, LayershareConfig)
+    loading = getattr(auto, "LOADING_ATTRIBUTES_CONFIG_TYPES", None)
+    if loading is not None and LayershareConfig not in loading:
+        auto.LOADING_ATTRIBUTES_CONFIG_TYPES = (*loading, LayershareConfig)
 
     if AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) is not LayershareConfig:
         AUTO_QUANTIZATION_CONFIG_MAPPING.pop(QUANT_METHOD, None)

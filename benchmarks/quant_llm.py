@@ -1,0 +1,221 @@
+"""Quantization composed with sharing on SmolLM2-135M (issue 18): perplexity against bytes.
+
+    python benchmarks/quant_llm.py --device cuda                  # every row (a GPU: ~10 min)
+    python benchmarks/quant_llm.py --rows dense rtn-4 --device cpu
+    python benchmarks/quant_llm.py --render                       # table and plot from the JSON
+
+Rows: the dense model (bfloat16); round to nearest and GPTQ alone at 2, 3 and 4 bits; FiPS with
+quantization-aware tuning (qat: fake-quantized U and V inside the block-wise reconstruction, then
+the same grid stored) at 3 and 4 bits, its sharing ratio solved so that its linear weights take as
+many bits as GPTQ's at 2 and 3 bits (the paper's pairing: 3-bit FiPS against 2-bit quantization at
+one size); Basis Sharing and SVD-LLM with GPTQ at the same pairing. Every row: group size 128,
+symmetric, storage bfloat16 for what is not quantized (embeddings, norms), calibration Sense and
+Sensibility (the library's default windows), perplexity on the whole of Northanger Abbey in
+2048-token windows. "linear bits" are the bits of the attention and MLP weights (codes, scales,
+FiPS's bases, V values and bitmasks, all counted) per dense linear weight, measured on the saved
+file's tensors; "file" is the whole weights file. Each row also records its compression time and
+peak memory (GPU allocated, or RSS). QAT alone (a dense model tuned through fake quantization) is
+not built; GPTQ alone is the quantization-only baseline. Results: docs/quant_llm.json, .md, .png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import layershare
+from layershare import Recipe
+from layershare.methods import BasisSharingConfig, FiPSConfig, QuantConfig, SVDLLMConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "docs" / "quant_llm.json"
+CALIB, TEST = "austen:sensesensibility", "austen:northangerabbey"
+GROUP = 128
+PAIRS = {"fips-qat3@2": ("fips", 3, 2, "unstructured"), "fips-dense-v-qat3@2": ("fips", 3, 2, "none"),
+         "fips-qat4@3": ("fips", 4, 3, "unstructured"), "basis-sharing-gptq3@2": ("basis-sharing", 3, 2, None),
+         "svd-llm-gptq3@2": ("svd-llm", 3, 2, None)}
+# the paper's comparison first (a GPU lease may end before the last rows)
+ROWS = ["dense", "gptq-2", "gptq-3", "fips-qat3@2", "fips-qat4@3", "rtn-2", "rtn-3", "rtn-4", "gptq-4",
+        "basis-sharing-gptq3@2", "svd-llm-gptq3@2", "fips-dense-v-qat3@2"]
+
+
+def linear_numel(model) -> tuple[int, int]:
+    """(attention + MLP linear weights, of which MLP) of the model's blocks."""
+    from layershare.adapters import get_adapter, get_path
+
+    a = get_adapter(model)
+    blocks = a.blocks(model)
+    mlp = sum(get_path(b, n).weight.numel() for b in blocks for n in a.linears)
+    attn = sum(get_path(b, n).weight.numel() for b in blocks for n in a.attention)
+    return attn + mlp, mlp
+
+
+def planned_bits(model, method: str, ratio: float, bits: int, pattern: str | None) -> float:
+    """Bits of the linear weights after `method` at `ratio` of the MLPs, then `bits`-bit codes
+    (group GROUP, 16-bit scales): the attention's codes, the factors' codes, V's bitmask."""
+    total, mlp = linear_numel(model)
+    cfg = {"fips": FiPSConfig, "basis-sharing": BasisSharingConfig, "svd-llm": SVDLLMConfig}[method]
+    kw = {"pattern": pattern} if pattern else {}
+    stage = layershare.plan(model, Recipe(stages=[cfg(ratio=ratio, ratio_of="mlp", **kw)]))[0]
+    sparse = method == "fips" and pattern != "none"
+    masks = sum(g.v_size for g in stage.plan.groups) if sparse else 0
+    values = sum(g.stored for g in stage.plan.groups) - masks / 32  # the plan counts a bitmask at 4 bytes/param
+    kept = total - mlp + values
+    return kept * (bits + 16 / GROUP) + masks
+
+
+def solve_ratio(model, method: str, bits: int, target_bits: float, pattern: str | None) -> float:
+    """The MLP ratio whose planned bits meet `target_bits` (bisection)."""
+    lo, hi = 0.01, 0.95
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        if planned_bits(model, method, mid, bits, pattern) > target_bits:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def recipe_for(row: str, model, device: str, overrides: dict) -> Recipe:
+    run = {"dtype": "bfloat16", "device": device, **{k: overrides[k] for k in ("nsamples", "seqlen") if k in overrides}}
+    if row.startswith(("rtn-", "gptq-")):
+        algo, bits = row.split("-")
+        return Recipe(stages=[QuantConfig(bits=int(bits), group_size=GROUP, algorithm=algo)], **run)
+    method, bits, paired, pattern = PAIRS[row]
+    total, _ = linear_numel(model)
+    target = total * (paired + 16 / GROUP)  # GPTQ alone at `paired` bits
+    ratio = solve_ratio(model, method, bits, target, pattern)
+    if method == "fips":
+        steps = {"steps": overrides["steps"]} if "steps" in overrides else {}
+        main = FiPSConfig(ratio=ratio, ratio_of="mlp", pattern=pattern, qat_bits=bits, qat_group_size=GROUP, **steps)
+        quant = QuantConfig(bits=bits, group_size=GROUP, algorithm="rtn")
+    else:
+        main = {"basis-sharing": BasisSharingConfig, "svd-llm": SVDLLMConfig}[method](ratio=ratio, ratio_of="mlp")
+        quant = QuantConfig(bits=bits, group_size=GROUP, algorithm="gptq")
+    return Recipe(stages=[main, quant], **run)
+
+
+def linear_bits(folder: Path, dense_linear: int) -> tuple[float, int]:
+    """(bits per dense linear weight, bytes of the whole weights) from the saved files' tensors."""
+    from layershare.checkpoint import read_headers, weight_files
+
+    header = read_headers(folder, weight_files(folder, str(folder)), str(folder))
+    size = {"BF16": 2, "F16": 2, "F32": 4, "U8": 1}
+    nbytes = {k: size[d] * torch.Size(s).numel() for k, (d, s) in header.items()}
+    lin = sum(n for k, n in nbytes.items() if not any(x in k for x in ("embed", "norm", "lm_head")))
+    return lin * 8 / dense_linear, sum(nbytes.values())
+
+
+def peak_mb(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_row(row: str, model_name: str, loaded, device: str, overrides: dict) -> dict:
+    import copy
+
+    model, tok = copy.deepcopy(loaded[0]), loaded[1]  # the GGUF is read once for all rows
+    total, _ = linear_numel(model)
+    out = {"row": row, "model": model_name, "device": torch.cuda.get_device_name(device) if device.startswith("cuda")
+           else "cpu", "date": "2026-11-27"}
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "c"
+        if row == "dense":
+            from safetensors.torch import save_file
+
+            from layershare.io import state_dict_unique
+
+            path.mkdir()
+            save_file(state_dict_unique(model, torch.bfloat16), str(path / "model.safetensors"))
+            out.update(seconds=0.0, linear_bits=16.0, file_bytes=(path / "model.safetensors").stat().st_size)
+            model.to(device)
+        else:
+            recipe = recipe_for(row, model, device, overrides)
+            out["recipe"] = recipe.to_dict()
+            t0 = time.time()
+            res = layershare.compress(model, recipe, data=CALIB, tokenizer=tok, output_dir=path, allow_ratio_miss=True)
+            out["seconds"] = time.time() - t0
+            out["peak_mb"] = peak_mb(device)
+            out["ratio_of_model"] = res.sizes.ratio
+            out["linear_bits"], out["file_bytes"] = linear_bits(path, total)
+            del model, res
+            model = layershare.load(path, device=device)
+        kw = {"max_windows": overrides["eval_windows"]} if "eval_windows" in overrides else {}
+        ppl = layershare.evaluate_perplexity(model, tok, TEST, seqlen=2048, **kw)
+    out["ppl"], out["protocol"] = ppl.ppl, ppl.protocol
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| row | linear bits/weight | file MB | test ppl | compress s | peak MB | device |",
+             "|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: -r["linear_bits"]):
+        lines.append(f"| {r['row']} | {r['linear_bits']:.3f} | {r['file_bytes'] / 1e6:.1f} | {r['ppl']:.2f} | "
+                     f"{r['seconds']:.0f} | {r.get('peak_mb', 0):.0f} | {r['device']} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    groups = {"quantization alone (RTN)": "rtn-", "quantization alone (GPTQ)": "gptq-", "FiPS + QAT": "fips",
+              "Basis Sharing + GPTQ": "basis-sharing", "SVD-LLM + GPTQ": "svd-llm"}
+    for label, prefix in groups.items():
+        pts = sorted((r["linear_bits"], r["ppl"], r["row"]) for r in rows if r["row"].startswith(prefix))
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if len(pts) > 1 else "o", label=label)
+            for x, y, name in pts:
+                ax.annotate(name, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    dense = [r for r in rows if r["row"] == "dense"]
+    if dense:
+        ax.axhline(dense[0]["ppl"], color="gray", ls="--", lw=0.8, label=f"dense bf16 ({dense[0]['ppl']:.1f})")
+    ax.set_xlabel("bits per dense linear weight (everything counted)")
+    ax.set_ylabel("perplexity, Northanger Abbey (log)")
+    ax.set_yscale("log")
+    ax.set_title("SmolLM2-135M: sharing + quantization vs quantization alone")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", nargs="*", default=ROWS, choices=ROWS)
+    ap.add_argument("--model", default="smollm2-135m", help="alias or .gguf path")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", default=str(OUT), help="results JSON (rows merge by name)")
+    ap.add_argument("--set", default="{}", help='JSON overrides for a smoke run: {"nsamples", "seqlen", "steps", '
+                                                '"eval_windows"}')
+    ap.add_argument("--render", action="store_true", help="only write the table and the plot from the JSON")
+    args = ap.parse_args()
+    out = Path(args.out)
+    rows = {r["row"]: r for r in json.loads(out.read_text())} if out.exists() else {}
+    if not args.render:
+        loaded = layershare.load_model(args.model)
+        for row in args.rows:
+            rows[row] = run_row(row, args.model, loaded, args.device, json.loads(args.set))
+            print(json.dumps(rows[row]), flush=True)
+            out.write_text(json.dumps(list(rows.values()), indent=1))
+    result = table(list(rows.values()))
+    print(result)
+    if args.render:
+        (ROOT / "docs" / "quant_llm.md").write_text(
+            "# Quantization composed with sharing (SmolLM2-135M)\n\nWritten by `benchmarks/quant_llm.py`; the "
+            "protocol is its docstring. Rows sorted by size.\n\n" + result + "\n")
+        plot(list(rows.values()), ROOT / "docs" / "quant_llm.png")
+
+
+if __name__ == "__main__":
+    main()
