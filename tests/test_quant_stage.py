@@ -135,6 +135,6 @@ def test_cli_flags_build_the_stages(tmp_path):
     assert [s.method for s in r.stages] == ["fips", "quant"]
     assert (r.stages[0].qat_bits, r.stages[0].qat_group_size, r.stages[1].algorithm) == (3, 64, "rtn")
     r = build_recipe(args("--method", "none", "--bits", "2"))
-    assert [s.method for s in r.stages] == ["quant"] and r.stages[0].algorithm == "gptq"
+    assert [s.method for s in r.stages] == ["quant"] and r.stages[0].algorithm == "rtn"
     with pytest.raises(RecipeError, match="must be the last stage"):
         _recipe(QuantConfig(bits=4), FiPSConfig())

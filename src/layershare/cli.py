@@ -118,7 +118,7 @@ def build_recipe(args):
 
 def _quant_stage(args, base: dict | None) -> dict | None:
     """The quantization stage --bits adds after the method (--quant: how the codes are chosen,
-    gptq by default; qat: the method tunes through fake quantization, then round to nearest)."""
+    rtn by default; qat: the method tunes through fake quantization, then round to nearest)."""
     if getattr(args, "bits", None) is None:
         if getattr(args, "quant", None) is not None or getattr(args, "quant_group", None) is not None:
             raise RecipeError("--quant and --quant-group need --bits")
@@ -418,7 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--bits", type=int, choices=(2, 3, 4, 8),
                    help="add weight-only quantization after the method (--method none: quantize the dense model alone)")
     c.add_argument("--quant", choices=("rtn", "gptq", "qat"),
-                   help="how the codes are chosen (default gptq; qat: FiPS tunes through fake quantization)")
+                   help="how the codes are chosen (default rtn, by measurement: docs/quant_llm.md; qat: FiPS tunes "
+                        "through fake quantization)")
     c.add_argument("--quant-group", type=int, help="weights per quantization scale (default 128)")
     c.add_argument("--max-shard-size", help="split the weights into shards of at most this size (e.g. 2GB; "
                                             "transformers' model.safetensors.index.json layout)")
