@@ -100,8 +100,9 @@ def test_driver_is_chosen_by_the_methods_needs():
         method = build_method(config_class(name)())
         assert type(method) is cls
         assert driver_for(method) is DRIVERS[method.needs().driver]
-        # ffn-merge chooses its window by the whole model's loss; masa needs no data at all
-        whole = name in ("ffn-merge", "masa")
+        # ffn-merge chooses its window by the whole model's loss; masa needs no data at all; quant
+        # runs the whole model once (GPTQ's Hessians)
+        whole = name in ("ffn-merge", "masa", "quant")
         assert driver_for(method) is (run_whole_model if whole else run_sequential), name
 
 

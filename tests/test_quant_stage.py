@@ -138,3 +138,15 @@ def test_cli_flags_build_the_stages(tmp_path):
     assert [s.method for s in r.stages] == ["quant"] and r.stages[0].algorithm == "rtn"
     with pytest.raises(RecipeError, match="must be the last stage"):
         _recipe(QuantConfig(bits=4), FiPSConfig())
+
+
+def test_codes_that_no_longer_match_are_not_saved_and_finetune_refuses(tokens, tmp_path):
+    model = make_model("llama")
+    layershare.compress(model, _recipe(QuantConfig(bits=4, group_size=32)), data=tokens, output_dir=tmp_path / "q")
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight.add_(0.01)  # changed after quantizing
+    with pytest.raises(ValueError, match="q_proj.weight changed after it was quantized"):
+        layershare.io.save_compressed(model, tmp_path / "again")
+    assert not (tmp_path / "again").exists()
+    with pytest.raises(ValueError, match="fine-tuning a quantized model is not built"):
+        layershare.finetune(layershare.load(tmp_path / "q", runtime="compact"), make_model("llama"), tokens)

@@ -339,6 +339,9 @@ def finetune(model: nn.Module, teacher: nn.Module, data, preprocessing=None, ste
     from .io import check_not_merged
 
     check_not_merged(model, "fine-tune")
+    if getattr(model, "layershare_quant", None):
+        raise ValueError("fine-tuning a quantized model is not built (its codes would no longer match): fine-tune "
+                         "the compressed model before adding --bits")
     if output_dir is not None:
         check_output_dir(output_dir, overwrite)
     inputs, labels = finetuning_data(model, data, preprocessing, max_samples, seqlen, seed)

@@ -323,7 +323,10 @@ def cmd_finetune(args) -> int:
     import layershare
     from layershare.io import check_output_dir, read_meta
 
-    _, meta = read_meta(args.dir, verify=not args.no_verify)
+    config, meta = read_meta(args.dir, verify=not args.no_verify)
+    if config["layershare"].get("quant"):
+        raise ValueError(f"{args.dir} is quantized: fine-tuning a quantized model is not built (its codes would no "
+                         f"longer match); fine-tune the compressed model before adding --bits")
     check_output_dir(args.output, args.overwrite)
     teacher_name = args.teacher or meta.get("source")
     if not teacher_name:
@@ -379,6 +382,10 @@ def cmd_info(args) -> int:
              "schema, shapes and SHA-256 checked" if not args.no_verify else "schema and shapes checked (--no-verify)"))
     print(f"  shared bases/atoms {len(entry['bases'])}, compressed linears {len(entry['layers'])}, "
           f"tied modules {len(entry.get('tied', {}))}")
+    if entry.get("quant"):
+        q = entry["quant"]
+        print(f"  quantized: {len(q['tensors'])} tensors, {q['bits']}-bit codes, groups of {q['group_size']}, "
+              f"{'symmetric' if q['symmetric'] else 'with zero points'}, 16-bit scales (all counted above)")
     for i, st in enumerate(_stages_of(meta)):
         print(f"  stage {i + 1}: {st['method']}, {st['ratio']:.2%} of the model's parameters removed")
         if "window" in st:

@@ -306,6 +306,10 @@ def _save(model: nn.Module, output_dir: Path, tokenizer, dtype: str, meta: dict 
                  "class": type(model).__name__, **layer_map(model),
                  **({"method": meta.get("method")} if meta else {}),
                  **({"quant": model.layershare_quant} if getattr(model, "layershare_quant", None) else {})}
+        if entry.get("quant"):
+            from .quant.model import check_current
+
+            check_current(model, entry["quant"])
         sd = state_dict_unique(model, torch_dtype)
         guard = guard_key(model, entry)
         if guard is not None:

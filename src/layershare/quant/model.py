@@ -96,6 +96,20 @@ def quantize_tensor(owner: nn.Module, attr: str, input_first: bool, spec: QuantS
     return q
 
 
+def check_current(model: nn.Module, qentry: dict) -> None:
+    """Refuse to save codes that no longer match their float tensors (changed after quantizing)."""
+    spec = spec_of(qentry)
+    for name, t in qentry["tensors"].items():
+        owner, attr = _owner(model, name)
+        shape = tuple(t["shape"])
+        oriented = shape[::-1] if t["input_first"] else shape
+        bufs = {f"q.{s}": owner._buffers[f"{attr}_q{s}"] for s in SUFFIXES if f"{attr}_q{s}" in owner._buffers}
+        w = _oriented(dequantize(from_tensors(bufs, "q", spec, oriented)), t["input_first"])
+        if not torch.equal(w.to(getattr(owner, attr).dtype), getattr(owner, attr).detach()):
+            raise ValueError(f"{name} changed after it was quantized: its stored codes no longer match; "
+                             "quantize again (the quantization stage must be the last)")
+
+
 def quant_entry(spec: QuantSpec, tensors: dict[str, tuple[int, ...]], input_first: dict[str, bool]) -> dict:
     """What config.json's layershare entry records of the quantization."""
     return {"bits": spec.bits, "group_size": spec.group_size, "symmetric": spec.symmetric,
