@@ -46,7 +46,7 @@ def test_default_config_round_trips_through_yaml(name, tmp_path):
     assert back == recipe
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "quant"])  # quant has no list-valued field
 def test_non_default_lists_round_trip_through_yaml(name, tmp_path):
     """List-valued fields (explicit groups, ffn-merge's window) survive YAML as lists of ints."""
     cls = config_class(name)
@@ -70,7 +70,7 @@ def test_recipe_round_trips_through_a_saved_directory(name, tokens, tmp_path):
     recipe = small_recipe(method=name, ratio=SAVE_RATIO.get(name, 0.2))
     model = make_model("llama")
     stages = layershare.plan(model, recipe)  # feasible on the tiny model (raises BudgetError otherwise)
-    assert 0 < stages[0].plan.model_ratio < 1
+    assert 0 < stages[0].plan.model_ratio < 1 or name == "quant"  # quantization removes no parameter
     res = layershare.compress(model, recipe, data=tokens, output_dir=tmp_path / "c")
     assert res.output_dir == tmp_path / "c"
     assert Recipe.from_yaml(tmp_path / "c" / "recipe.yaml").to_dict() == recipe.to_dict()
