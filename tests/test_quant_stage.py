@@ -148,5 +148,11 @@ def test_codes_that_no_longer_match_are_not_saved_and_finetune_refuses(tokens, t
     with pytest.raises(ValueError, match="q_proj.weight changed after it was quantized"):
         layershare.io.save_compressed(model, tmp_path / "again")
     assert not (tmp_path / "again").exists()
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "q", quantization_config=layershare.hf_quantizer
+                                                  .LayershareConfig(runtime="compact"))
+    with torch.no_grad():
+        theirs.model.layers[1].mlp.up_proj.weight.mul_(2)
+    with pytest.raises(ValueError, match="up_proj.weight changed after it was quantized"):  # save_pretrained alike
+        theirs.save_pretrained(tmp_path / "theirs")
     with pytest.raises(ValueError, match="fine-tuning a quantized model is not built"):
         layershare.finetune(layershare.load(tmp_path / "q", runtime="compact"), make_model("llama"), tokens)

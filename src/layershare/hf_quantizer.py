@@ -119,16 +119,12 @@ class LayershareQuantizer(HfQuantizer):
     def get_state_dict_and_metadata(self, model):
         """The compressed tensors (and the guard) for save_pretrained; the config it writes keeps
         the layershare entry and this quantization_config."""
-        from .io import check_not_merged, state_dict_unique
+        from .io import check_not_merged, weights_to_save
 
         check_not_merged(model, "save_pretrained")
         entry = getattr(model.config, "layershare", None) or self.entry
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-        sd = state_dict_unique(model, dtype)
-        for alias in entry.get("tied", {}):
-            sd = {k: v for k, v in sd.items() if not k.startswith(alias + ".")}
-        if entry.get("guard"):
-            sd[entry["guard"]] = torch.zeros(0, dtype=dtype)
+        sd = weights_to_save(model, entry, dtype)
         return sd, {"format": "pt"}
 
     def is_serializable(self, **kwargs):

@@ -53,12 +53,18 @@ def check_output_dir(path: str | Path, overwrite: bool) -> Path:
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise OutputExistsError(f"output directory {str(path)!r} exists and is not empty; pass overwrite=True "
                                 f"(--overwrite) to replace it")
-    ancestor = path.absolute().parent
-    while not ancestor.exists():
-        ancestor = ancestor.parent
+    ancestor = nearest_existing(path)
     if not ancestor.is_dir():
         raise OutputExistsError(f"cannot create {str(path)!r}: {str(ancestor)!r} is not a directory")
     return path
+
+
+def nearest_existing(path: str | Path) -> Path:
+    """`path` itself if it exists, else its nearest existing ancestor (where it will be created)."""
+    ancestor = Path(path).absolute()
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    return ancestor
 
 
 class OutputSpaceError(OSError):
@@ -68,9 +74,7 @@ class OutputSpaceError(OSError):
 def check_free_space(path: str | Path, need: int) -> None:
     """Refuse, before the work, an output whose file system has less than `need` bytes free
     (the planned size; an --overwrite swap keeps the old copy until the new one is complete)."""
-    ancestor = Path(path).absolute()
-    while not ancestor.exists():
-        ancestor = ancestor.parent
+    ancestor = nearest_existing(path)
     free = shutil.disk_usage(ancestor).free
     if free < need:
         raise OutputSpaceError(f"not enough free space for {str(path)!r}: the compressed model needs about "
@@ -278,6 +282,20 @@ def guard_key(model: nn.Module, entry: dict) -> str | None:
     return None
 
 
+def weights_to_save(model: nn.Module, entry: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The tensors a compressed directory holds (layershare's writer and save_pretrained alike):
+    the state dict without aliases at the storage dtype, quantized tensors as their packed codes
+    (refused if the codes no longer match), and the entry's guard."""
+    if entry.get("quant"):
+        from .quant.model import check_current
+
+        check_current(model, entry["quant"])
+    sd = state_dict_unique(model, dtype)
+    if entry.get("guard"):
+        sd[entry["guard"]] = torch.zeros(0, dtype=dtype)
+    return sd
+
+
 def write_weights(sd: dict[str, torch.Tensor], folder: Path, max_shard_size: int | str | None) -> dict[str, dict]:
     """model.safetensors, or shards and model.safetensors.index.json (huggingface_hub's split,
     as save_pretrained writes them); {file: {"bytes", "sha256"}}."""
@@ -306,15 +324,10 @@ def _save(model: nn.Module, output_dir: Path, tokenizer, dtype: str, meta: dict 
                  "class": type(model).__name__, **layer_map(model),
                  **({"method": meta.get("method")} if meta else {}),
                  **({"quant": model.layershare_quant} if getattr(model, "layershare_quant", None) else {})}
-        if entry.get("quant"):
-            from .quant.model import check_current
-
-            check_current(model, entry["quant"])
-        sd = state_dict_unique(model, torch_dtype)
         guard = guard_key(model, entry)
         if guard is not None:
             entry["guard"] = guard
-            sd[guard] = torch.zeros(0, dtype=torch_dtype)
+        sd = weights_to_save(model, entry, torch_dtype)
         _save_config(model, entry, tmp)
         files = write_weights(sd, tmp, max_shard_size)
         if tokenizer is not None:

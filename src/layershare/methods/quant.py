@@ -64,10 +64,6 @@ class QuantConfig(StageConfig):
         return QuantSpec(self.bits, self.group_size, self.symmetric)
 
 
-def dense_v(layer: SharedBasisLinear) -> torch.Tensor:
-    return layer.masked_V() if layer.form == "train" else layer.V if layer.form == "factored" else layer._rebuild_V()
-
-
 class Quantize(WholeModelMethod):
     name = "quant"
     config_class = QuantConfig
@@ -117,7 +113,7 @@ class Quantize(WholeModelMethod):
                     if m.role == IN:                  # then only those layers' x are its input
                         add(id(m.basis), x)
                     elif id(m.basis) not in along_d:
-                        add(id(m.basis), x @ dense_v(m).to(x.dtype).t())
+                        add(id(m.basis), x @ m.dense_V().to(x.dtype).t())
                 else:
                     add(id(m), x)
             return fn

@@ -96,16 +96,21 @@ def quantize_tensor(owner: nn.Module, attr: str, input_first: bool, spec: QuantS
     return q
 
 
+def _stored(owner: nn.Module, attr: str, t: dict, spec: QuantSpec) -> torch.Tensor:
+    """The tensor owner.attr as its packed buffers hold it (float32, in its own orientation)."""
+    shape = tuple(t["shape"])
+    oriented = shape[::-1] if t["input_first"] else shape
+    bufs = {f"q.{s}": owner._buffers[f"{attr}_q{s}"] for s in SUFFIXES if f"{attr}_q{s}" in owner._buffers}
+    return _oriented(dequantize(from_tensors(bufs, "q", spec, oriented)), t["input_first"])
+
+
 def check_current(model: nn.Module, qentry: dict) -> None:
     """Refuse to save codes that no longer match their float tensors (changed after quantizing)."""
     spec = spec_of(qentry)
     for name, t in qentry["tensors"].items():
         owner, attr = _owner(model, name)
-        shape = tuple(t["shape"])
-        oriented = shape[::-1] if t["input_first"] else shape
-        bufs = {f"q.{s}": owner._buffers[f"{attr}_q{s}"] for s in SUFFIXES if f"{attr}_q{s}" in owner._buffers}
-        w = _oriented(dequantize(from_tensors(bufs, "q", spec, oriented)), t["input_first"])
-        if not torch.equal(w.to(getattr(owner, attr).dtype), getattr(owner, attr).detach()):
+        current = getattr(owner, attr).detach()
+        if not torch.equal(_stored(owner, attr, t, spec).to(current.dtype), current):
             raise ValueError(f"{name} changed after it was quantized: its stored codes no longer match; "
                              "quantize again (the quantization stage must be the last)")
 
@@ -123,11 +128,6 @@ def spec_of(entry: dict) -> QuantSpec:
 def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     path, _, attr = name.rpartition(".")
     return model.get_submodule(path), attr
-
-
-def float_keys(qentry: dict) -> list[str]:
-    """The float tensors a saved directory does not hold (their packed buffers stand in)."""
-    return list(qentry["tensors"])
 
 
 def packed_shapes(qentry: dict) -> dict[str, tuple[int, ...]]:
@@ -168,10 +168,7 @@ def dequantize_model(model: nn.Module, qentry: dict, dtype: torch.dtype = torch.
     spec = spec_of(qentry)
     for name, t in qentry["tensors"].items():
         owner, attr = _owner(model, name)
-        shape = tuple(t["shape"])
-        oriented = shape[::-1] if t["input_first"] else shape
-        bufs = {f"q.{s}": owner._buffers[f"{attr}_q{s}"] for s in SUFFIXES if f"{attr}_q{s}" in owner._buffers}
-        w = _oriented(dequantize(from_tensors(bufs, "q", spec, oriented)), t["input_first"]).to(dtype).contiguous()
+        w = _stored(owner, attr, t, spec).to(dtype).contiguous()
         if attr in getattr(owner, "_layershare_quant_params", ()):
             owner._parameters[attr] = nn.Parameter(w, requires_grad=False)
         else:
