@@ -140,7 +140,7 @@ def test_cli_flags_build_the_stages(tmp_path):
         _recipe(QuantConfig(bits=4), FiPSConfig())
 
 
-def test_codes_that_no_longer_match_are_not_saved_and_finetune_refuses(tokens, tmp_path):
+def test_codes_that_no_longer_match_are_not_saved(tokens, tmp_path):
     model = make_model("llama")
     layershare.compress(model, _recipe(QuantConfig(bits=4, group_size=32)), data=tokens, output_dir=tmp_path / "q")
     with torch.no_grad():
@@ -154,5 +154,29 @@ def test_codes_that_no_longer_match_are_not_saved_and_finetune_refuses(tokens, t
         theirs.model.layers[1].mlp.up_proj.weight.mul_(2)
     with pytest.raises(ValueError, match="up_proj.weight changed after it was quantized"):  # save_pretrained alike
         theirs.save_pretrained(tmp_path / "theirs")
-    with pytest.raises(ValueError, match="fine-tuning a quantized model is not built"):
-        layershare.finetune(layershare.load(tmp_path / "q", runtime="compact"), make_model("llama"), tokens)
+
+
+@pytest.mark.parametrize("stages", [[FiPSConfig(steps=0, batch_tokens=128), QuantConfig(bits=3, group_size=32)],
+                                    [QuantConfig(bits=2, group_size=32)]], ids=["fips+3bit", "dense-2bit"])
+def test_quantization_aware_finetune_lowers_the_loss_and_stores_what_it_trained(tokens, tmp_path, stages):
+    """finetune of a quantized model: trained through fake quantization (FiPS's U and sparse V
+    values by their own hooks, plain linears by a parametrization), its codes stored again; the
+    saved directory reloads to exactly the fine-tuned model."""
+    model = make_model("llama")
+    layershare.compress(model, _recipe(*stages), data=tokens, output_dir=tmp_path / "q", allow_ratio_miss=True)
+    student = layershare.load(tmp_path / "q", runtime="compact")
+    before = {k: v.clone() for k, v in student.state_dict().items() if k.endswith("_qcodes")}
+    stats = layershare.finetune(student, make_model("llama"), tokens, steps=12, batch_size=4, seqlen=32, lr=3e-3,
+                                output_dir=tmp_path / "qat")
+    assert stats.loss_after < 0.9 * stats.loss_before, (stats.loss_before, stats.loss_after)
+    after = student.state_dict()
+    assert sum(not torch.equal(v, after[k]) for k, v in before.items()) >= len(before) // 2  # new codes
+    assert not any(torch.nn.utils.parametrize.is_parametrized(m) for m in student.modules())
+    again = layershare.load(tmp_path / "qat", runtime="compact")
+    x = tokens[:24][None]
+    with torch.no_grad():
+        assert torch.equal(again(x).logits, student(x).logits)
+    sizes = [sum(f.stat().st_size for f in (tmp_path / d).glob("*.safetensors")) for d in ("q", "qat")]
+    assert abs(sizes[0] - sizes[1]) < 0.01 * sizes[0]
+    meta = json.loads((tmp_path / "qat" / "layershare.json").read_text())
+    assert meta["finetune"]["quantization_aware"] is True

@@ -15,6 +15,7 @@ _EXPORTS = {
     "load_preprocessing": "api", "Recipe": "recipe", "RecipeError": "config", "Callback": "drivers",
     "FiPSConfig": "methods", "SVDConfig": "methods", "SVDLLMConfig": "methods", "BasisSharingConfig": "methods",
     "BasisSharingAttentionConfig": "methods", "FFNMergeConfig": "methods", "MASAConfig": "methods",
+    "QuantConfig": "methods", "compress_checkpoint": "onload",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -333,28 +333,37 @@ def finetune(model: nn.Module, teacher: nn.Module, data, preprocessing=None, ste
              max_samples: int = 10_000, seqlen: int = 512, seed: int = 0, output_dir: str | Path | None = None,
              overwrite: bool = False, meta: dict | None = None):
     """Distil the dense `teacher` into the compressed `model` (in place) on `data` (see
-    finetuning_data), keeping every sparsity pattern; save to `output_dir` if given.
+    finetuning_data), keeping every sparsity pattern; save to `output_dir` if given. A quantized
+    model is trained through fake quantization on its own grid and its codes are stored again
+    (quantization-aware training, quant/qat.py).
     Returns distill.FinetuneStats."""
     from . import distill
     from .io import check_not_merged
 
     check_not_merged(model, "fine-tune")
-    if getattr(model, "layershare_quant", None):
-        raise ValueError("fine-tuning a quantized model is not built (its codes would no longer match): fine-tune "
-                         "the compressed model before adding --bits")
     if output_dir is not None:
         check_output_dir(output_dir, overwrite)
     inputs, labels = finetuning_data(model, data, preprocessing, max_samples, seqlen, seed)
     seed_everything(seed)
-    stats = distill.finetune(model, teacher, inputs, labels, steps=steps, batch_size=batch_size, lr=lr,
-                        temperature=temperature, label_weight=label_weight if labels is not None else 0.0,
-                        seed=seed)
+    quantized = bool(getattr(model, "layershare_quant", None))
+    if quantized:  # quantization-aware: trained through fake quantization, its codes stored again (quant/qat.py)
+        from .quant import qat
+
+        qat.enable(model)
+    try:
+        stats = distill.finetune(model, teacher, inputs, labels, steps=steps, batch_size=batch_size, lr=lr,
+                                 temperature=temperature, label_weight=label_weight if labels is not None else 0.0,
+                                 seed=seed)
+    finally:
+        if quantized:
+            qat.finish(model)
     if output_dir is not None:
         info = dict(meta or {})
         info["finetune"] = {"data": str(data), "samples": int(inputs.shape[0]), "steps": stats.steps,
                             "batch_size": batch_size, "lr": lr, "temperature": temperature,
                             "label_weight": label_weight, "loss_before": stats.loss_before,
-                            "loss_after": stats.loss_after, "seconds": stats.seconds}
+                            "loss_after": stats.loss_after, "seconds": stats.seconds,
+                            "quantization_aware": quantized}
         recipe = Recipe.from_dict(info["recipe"]) if "recipe" in info else None  # (a version-1 one is converted)
         save_compressed(model, output_dir, tokenizer=preprocessing, overwrite=overwrite,
                         dtype=recipe.dtype if recipe else "float32", meta=info, recipe=recipe)

@@ -51,8 +51,10 @@ def _to(obj, device):
 
 @torch.no_grad()
 def capture_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[torch.Tensor], device: str,
-                   adapter: Adapter | None = None) -> Captured:
-    """Hidden states entering block 0 and every block's call arguments, per batch."""
+                   adapter: Adapter | None = None, skip_blocks: bool = False) -> Captured:
+    """Hidden states entering block 0 and every block's call arguments, per batch.
+    skip_blocks: run no block (each returns its input; the model's own code computes every
+    block's arguments before its loop): the blocks may be on the meta device (onload.py)."""
     adapter = adapter or get_adapter(model)
     hidden: list[torch.Tensor] = []
     args: list[dict[int, tuple]] = []
@@ -70,6 +72,8 @@ def capture_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[torch.
             if "use_cache" in kw:
                 kw["use_cache"] = False
             current[idx] = (_to(tuple(a[1:]), "cpu"), _to(kw, "cpu"))
+            if skip_blocks and idx == len(blocks) - 1:
+                raise _Stop
         return hook
 
     def stop_hook(module, a, out):
@@ -77,6 +81,9 @@ def capture_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[torch.
 
     handles = [b.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
     handles.append(blocks[-1].register_forward_hook(stop_hook))
+    if skip_blocks:
+        for b in blocks:
+            b.forward = _identity
     try:
         for batch in tqdm(batches, desc="capture", leave=False, dynamic_ncols=True):
             current = {}
@@ -88,7 +95,14 @@ def capture_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[torch.
     finally:
         for h in handles:
             h.remove()
+        if skip_blocks:
+            for b in blocks:
+                del b.forward
     return Captured(hidden=hidden, args=args)
+
+
+def _identity(hidden_states=None, *args, **kwargs):
+    return kwargs["hidden_states"] if hidden_states is None else hidden_states
 
 
 @torch.no_grad()
@@ -116,7 +130,10 @@ def run_group(blocks: nn.ModuleList, group: list[int], cap: Captured, adapter: A
                 if x is not last[0]:
                     flat = x.detach().reshape(-1, x.shape[-1]).double().cpu()
                     last[:] = [x, flat.t() @ flat]
-                grams[path] = grams.get(path, 0) + last[1]
+                if path in grams:  # in place: a down projection's is h x h float64
+                    grams[path].add_(last[1])
+                else:
+                    grams[path] = last[1].clone()
                 counts[path] = counts.get(path, 0) + x.numel() // x.shape[-1]
             return hook
 

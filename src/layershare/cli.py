@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import sys
 from pathlib import Path
@@ -190,6 +191,8 @@ def cmd_compress(args) -> int:
     t_start = time.time()
     recipe = build_recipe(args)
     recipe.check_device()
+    if args.onload or int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        return cmd_compress_onloaded(args, recipe, t_start)
     check_output_dir(args.output, args.overwrite)
     check_apart(args.model, args.output)
     for flag, source in (("--calib", args.calib), ("--eval-text", args.eval_text), ("--eval-images", args.eval_images)):
@@ -250,6 +253,47 @@ def cmd_compress(args) -> int:
     if args.preset == "quick" or args.eval_windows:
         print("\nThis was the quick recipe" if args.preset == "quick" else "\nThe evaluation used a slice of the text",
               "(see above). The full recipe and the whole-text evaluation:\n  " + _full_command(args))
+    return 0
+
+
+def cmd_compress_onloaded(args, recipe, t_start: float) -> int:
+    """compress --onload (and every torchrun process): onload.compress_checkpoint."""
+    import time
+
+    from transformers import AutoTokenizer
+
+    from layershare.data import read_text
+    from layershare.onload import OnloadError, compress_checkpoint, world
+
+    refused = [flag for flag, given in (("--eval-text", args.eval_text), ("--eval-images", args.eval_images),
+                                        ("--max-shard-size", args.max_shard_size)) if given]
+    if refused:
+        raise OnloadError(f"{', '.join(refused)}: not with --onload, which writes one shard per group and never "
+                          f"holds the dense model; evaluate the output afterwards (layershare eval OUT --text ...)")
+    if not Path(args.model).is_dir():
+        raise OnloadError(f"--onload reads a local transformers directory; {args.model!r} is not one (an alias or "
+                          f".gguf file: load it and save_pretrained it first)")
+    check_apart(args.model, args.output)
+    if ":" not in args.calib and not Path(args.calib).exists():
+        raise FileNotFoundError(f"--calib {args.calib!r}: no such file or directory")
+    read_text(args.calib)
+    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=False)
+    rank, world_size, _ = world()
+    result = compress_checkpoint(args.model, recipe, data=args.calib, tokenizer=tokenizer, output_dir=args.output,
+                                 overwrite=args.overwrite, source=args.model, allow_ratio_miss=args.allow_ratio_miss)
+    if rank != 0:
+        return 0
+    s = result.sizes
+    print(f"\n{recipe.method} on {args.model} (onloaded, {world_size} process(es)): {s.ratio:.2%} of the model's "
+          f"parameters removed")
+    print(f"  compression time    {result.report.seconds:,.1f} s (this process)")
+    print(f"  parameters          dense {s.dense_params:,}  ->  stored {s.param_equivalents:,.0f}")
+    for miss in json.loads((result.output_dir / "layershare.json").read_text()).get("ratio_missed", []):
+        print(f"  WARNING: RATIO MISSED: {miss} (accepted by --allow-ratio-miss; kept in layershare.json)")
+    disk = sum(p.stat().st_size for p in result.output_dir.glob("*.safetensors"))
+    print(f"  weights on disk     {_human(disk)} in {len(list(result.output_dir.glob('*.safetensors')))} shards")
+    print(f"  saved to {result.output_dir}  (evaluate: layershare eval {result.output_dir} --text ...)")
+    print(f"  done in {time.time() - t_start:,.0f} s")
     return 0
 
 
@@ -324,9 +368,10 @@ def cmd_finetune(args) -> int:
     from layershare.io import check_output_dir, read_meta
 
     config, meta = read_meta(args.dir, verify=not args.no_verify)
-    if config["layershare"].get("quant"):
-        raise ValueError(f"{args.dir} is quantized: fine-tuning a quantized model is not built (its codes would no "
-                         f"longer match); fine-tune the compressed model before adding --bits")
+    q = config["layershare"].get("quant")
+    if q:
+        print(f"{args.dir} is quantized ({q['bits']}-bit): quantization-aware fine-tuning, its {len(q['tensors'])} "
+              f"quantized tensors trained through fake quantization and stored again at {q['bits']} bits", flush=True)
     check_output_dir(args.output, args.overwrite)
     teacher_name = args.teacher or meta.get("source")
     if not teacher_name:
@@ -430,6 +475,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quant-group", type=int, help="weights per quantization scale (default 128)")
     c.add_argument("--max-shard-size", help="split the weights into shards of at most this size (e.g. 2GB; "
                                             "transformers' model.safetensors.index.json layout)")
+    c.add_argument("--onload", action="store_true",
+                   help="never load the whole model: read each group's blocks from the checkpoint's safetensors "
+                        "when its turn comes (models larger than memory); resumable (rerun the same command after "
+                        "a crash); implied under torchrun, which splits the groups among its processes "
+                        "(docs/scale.md)")
     c.add_argument("--allow-ratio-miss", action="store_true",
                    help="accept a plan or result more than 1 point of the model's parameters off --ratio "
                         "(a warning, kept in layershare.json) instead of an error")

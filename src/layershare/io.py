@@ -163,15 +163,16 @@ def tied_modules(model: nn.Module) -> dict[str, str]:
     return tied
 
 
-def state_dict_unique(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def state_dict_unique(model: nn.Module, dtype: torch.dtype, keep=None) -> dict[str, torch.Tensor]:
     """State dict without aliases (tied embeddings once), floats cast to the storage dtype (but
     the packed form of quantized tensors, kept as it is), the float form of quantized tensors
-    left out (quant/model.py)."""
+    left out (quant/model.py). `keep(name)`: only those names (onload.py writes a model part by
+    part; the rest of it may be on the meta device)."""
     quantized = set((getattr(model, "layershare_quant", None) or {}).get("tensors", {}))
     seen: dict[int, str] = {}
     out = {}
     for k, v in model.state_dict().items():
-        if v.layout != torch.strided:
+        if v.layout != torch.strided or keep is not None and not keep(k):
             continue
         key = (v.data_ptr(), v.numel(), v.dtype) if v.numel() else None
         if key is not None and key in seen:
@@ -314,7 +315,9 @@ def write_weights(sd: dict[str, torch.Tensor], folder: Path, max_shard_size: int
 
 
 def _save(model: nn.Module, output_dir: Path, tokenizer, dtype: str, meta: dict | None, recipe,
-          max_shard_size=None) -> Path:
+          max_shard_size=None, write=None) -> Path:
+    """`write(entry, folder, dtype) -> {file: {"bytes", "sha256"}}` writes the tensors (default:
+    the model's, weights_to_save + write_weights; onload.py: the staged groups' shards)."""
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     torch_dtype = getattr(torch, dtype)
     tmp = output_dir.parent / f".{output_dir.name}.partial-{uuid.uuid4().hex[:8]}"
@@ -327,9 +330,14 @@ def _save(model: nn.Module, output_dir: Path, tokenizer, dtype: str, meta: dict 
         guard = guard_key(model, entry)
         if guard is not None:
             entry["guard"] = guard
-        sd = weights_to_save(model, entry, torch_dtype)
-        _save_config(model, entry, tmp)
-        files = write_weights(sd, tmp, max_shard_size)
+        if write is None:
+            sd = weights_to_save(model, entry, torch_dtype)
+            _save_config(model, entry, tmp)
+            files = write_weights(sd, tmp, max_shard_size)
+            del sd
+        else:
+            _save_config(model, entry, tmp)
+            files = write(entry, tmp, torch_dtype)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if recipe is not None:
@@ -453,9 +461,12 @@ def build_skeleton(model: nn.Module, entry: dict, shapes: dict[str, tuple[int, .
     the weights' tensor shapes) and the tied modules (with `tie=False`, placeholders until
     tie_modules). The tensors are assigned afterwards, by load_compressed or by transformers'
     loader (hf_quantizer.py)."""
-    bases = nn.ModuleDict({k: MatrixAtoms(torch.empty(*shape["atoms"], device="meta")) if isinstance(shape, dict)
-                           else SharedBasis(torch.empty(*shape, device="meta")) for k, shape in entry["bases"].items()})
-    model.add_module(BASES_ATTR, bases)
+    from .store import shared_modules
+
+    bases = shared_modules(model)  # a store already there (a resumed compression's) is added to
+    for k, shape in entry["bases"].items():
+        bases[k] = (MatrixAtoms(torch.empty(*shape["atoms"], device="meta")) if isinstance(shape, dict)
+                    else SharedBasis(torch.empty(*shape, device="meta")))
     for name, spec in entry["layers"].items():
         _check_replaced(model, name, spec, entry, where)
         if spec.get("kind") == "atoms":

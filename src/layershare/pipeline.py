@@ -12,7 +12,7 @@ from torch import nn
 from .adapters import Adapter
 from .budget import Plan
 from .config import RecipeError
-from .drivers import Callback, Callbacks, StageContext, StageReport, driver_for
+from .drivers import Callback, Callbacks, Residency, StageContext, StageReport, driver_for
 from .methods import METHODS, Method, build_method
 from .recipe import Recipe
 from .store import StageStore, shared_modules
@@ -61,19 +61,23 @@ def plan_stages(model: nn.Module, adapter: Adapter, recipe: Recipe) -> list[Stag
 
 
 def run_stages(model: nn.Module, adapter: Adapter, stages: list[Stage], recipe: Recipe,
-               batches: list[torch.Tensor], callbacks: list[Callback] | tuple = ()) -> CompressionReport:
-    """Compress `model` in place, stage after stage."""
+               batches: list[torch.Tensor], callbacks: list[Callback] | tuple = (),
+               residency: Residency | None = None) -> CompressionReport:
+    """Compress `model` in place, stage after stage. `residency`: where the weights are while it
+    runs (default: all in memory; onload.Onloaded: read group by group from the checkpoint)."""
     t0 = time.time()
     cb = Callbacks(callbacks)
+    residency = residency or Residency()
     model.eval()
-    model.to(recipe.device)
+    residency.place(model, recipe.device)
     for p in model.parameters():
         p.requires_grad_(False)
     shared_modules(model)
     report = CompressionReport()
     for stage in stages:
         ctx = StageContext(stage=stage.index, device=recipe.device, seed=recipe.seed,
-                           store=StageStore(model, stage.index, recipe.device), callbacks=cb)
+                           store=StageStore(model, stage.index, recipe.device), callbacks=cb,
+                           residency=residency)
         cb.on_stage_start(stage.index, stage.method, stage.plan)
         stage_report = driver_for(stage.method)(model, adapter, stage.method, batches, stage.groups, stage.plan, ctx)
         report.stages.append(stage_report)

@@ -38,7 +38,9 @@ class ActivationScore:
     def __init__(self, layers: list[SharedBasisLinear], grams: list[torch.Tensor], blocks: list[int]):
         self.layers, self.blocks = layers, blocks
         dev = layers[0].basis.U.device
-        self.grams = [g.to(dev, torch.float32) for g in grams]
+        # a down projection's statistic is used through its diagonal only (h, not h x h)
+        self.grams = [(g.to(dev, torch.float32) if layer.role == IN else g.diagonal().to(dev, torch.float32).clone())
+                      for layer, g in zip(layers, grams)]
 
     @torch.no_grad()
     def __call__(self) -> list[torch.Tensor]:
@@ -48,7 +50,7 @@ class ActivationScore:
         tail = {}  # block -> (column norms of the dense down weight, sqrt(G_h diag))
         for layer, G, block in zip(self.layers, self.grams, self.blocks):
             if layer.role != IN:
-                tail[block] = ((U @ layer.masked_V()).norm(dim=0), G.diagonal().clamp_min(0).sqrt())
+                tail[block] = ((U @ layer.masked_V()).norm(dim=0), G.clamp_min(0).sqrt())
         scales, Ms = [], {}  # Ms: U^T G_x U per block (its up and gate read the same input)
         for layer, G, block in zip(self.layers, self.grams, self.blocks):
             if layer.role != IN:
@@ -116,15 +118,29 @@ class GroupPruner:
     @torch.no_grad()
     def prune_to(self, keep: int) -> None:
         weights = self.score() if self.score is not None else [None] * len(self.layers)
-        per_layer = [layer.masked_V().abs() if w is None else layer.masked_V().abs() * w
-                     for layer, w in zip(self.layers, weights)]
         if self.nm is not None:
+            per_layer = [layer.masked_V().abs() if w is None else layer.masked_V().abs() * w
+                         for layer, w in zip(self.layers, weights)]
             return self._prune_nm(keep, per_layer)
-        scores = torch.cat([s.flatten() for s in per_layer])
-        if self.layers[0].mask is not None:  # already-pruned entries never come back
-            scores = torch.where(torch.cat([l.mask.flatten() for l in self.layers]) > 0, scores, -1.0)
-        flat = torch.zeros_like(scores)
-        flat[torch.topk(scores, keep, sorted=False).indices] = 1.0
+        # one flat score vector, filled layer by layer (a group's V entries are the largest tensors
+        # of a compression: no per-layer list, concatenation or masked copy beside it)
+        scores = torch.empty(self.total, dtype=self.layers[0].V.dtype, device=self.layers[0].V.device)
+        offset = 0
+        for i, layer in enumerate(self.layers):
+            n = layer.V.numel()
+            part = scores[offset:offset + n].view_as(layer.V)
+            torch.abs(layer.masked_V(), out=part)
+            if weights[i] is not None:
+                part.mul_(weights[i])
+                weights[i] = None
+            if layer.mask is not None:  # already-pruned entries never come back
+                part.masked_fill_(layer.mask <= 0, -1.0)
+            offset += n
+        idx = torch.topk(scores, keep, sorted=False).indices
+        del scores
+        flat = torch.zeros(self.total, dtype=self.layers[0].V.dtype, device=self.layers[0].V.device)
+        flat[idx] = 1.0
+        del idx
         offset = 0
         for layer in self.layers:
             n = layer.V.numel()

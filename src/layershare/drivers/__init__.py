@@ -2,7 +2,7 @@
 it needs (`Method.needs().driver`), never by its name."""
 from __future__ import annotations
 
-from .base import Callback, Callbacks, GroupReport, StageContext, StageReport
+from .base import Callback, Callbacks, GroupReport, Residency, StageContext, StageReport
 from .sequential import run_sequential
 from .whole_model import run_whole_model
 
@@ -17,4 +17,4 @@ def driver_for(method):
         raise ValueError(f"{method.name} asks for driver {needs.driver!r}; drivers: {', '.join(DRIVERS)}") from None
 
 
-__all__ = ["Callback", "Callbacks", "DRIVERS", "GroupReport", "StageContext", "StageReport", "driver_for"]
+__all__ = ["Callback", "Callbacks", "DRIVERS", "GroupReport", "Residency", "StageContext", "StageReport", "driver_for"]

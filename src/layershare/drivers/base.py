@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from ..budget import Plan
 from ..reconstruct import ReconStats
@@ -62,16 +63,51 @@ class Callbacks(Callback):
             c.on_stage_end(*a)
 
 
+class Residency:
+    """Where the model's weights are while a stage runs and which groups this process
+    compresses. This default holds the whole model in memory and compresses every group;
+    onload.Onloaded reads each group's blocks from the checkpoint when its turn comes, stages
+    the result on disk, resumes after a crash and splits the groups among torchrun's ranks."""
+
+    def place(self, model: nn.Module, device: str) -> None:
+        model.to(device)
+
+    def capture(self, model: nn.Module, blocks: nn.ModuleList, batches: list[torch.Tensor], device: str, adapter):
+        from ..capture import capture_inputs
+
+        return capture_inputs(model, blocks, batches, device, adapter)
+
+    def span(self, n_groups: int) -> range:
+        """The groups this process compresses."""
+        return range(n_groups)
+
+    def resume(self, stage: int, groups: list[list[int]], streams: dict) -> tuple[int, int, list[GroupReport]]:
+        """(first group to compress, the group whose inputs `streams` now hold, the reports of
+        the groups before the first that were compressed earlier). May replace the streams'
+        hidden states with staged ones."""
+        return self.span(len(groups)).start, 0, []
+
+    def onload(self, model: nn.Module, blocks: list[int]) -> None: ...
+
+    def offload(self, model: nn.Module, blocks: list[int]) -> None: ...
+
+    def done(self, model: nn.Module, stage: int, group: int, report: GroupReport, streams: dict) -> None:
+        """A group is compressed (its modules in the model, the streams at the next group's input)."""
+
+
 @dataclass
 class StageContext:
     """Where a stage runs: its index, the device, the seed, the store it registers shared
-    modules with, and the callbacks."""
+    modules with, the callbacks, and where the weights are (Residency)."""
 
     stage: int
     device: str
     seed: int
     store: StageStore
     callbacks: Callback = field(default_factory=Callback)
+    residency: Residency = field(default_factory=Residency)
 
-    def generator(self) -> torch.Generator:
-        return torch.Generator().manual_seed(self.seed)
+    def generator(self, group: int = 0) -> torch.Generator:
+        """The random numbers of one group, independent of every other group's (so a group
+        compressed after a resume, or on another process, draws the same ones)."""
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + self.stage * 10_007 + group)

@@ -36,21 +36,30 @@ def run_sequential(model: nn.Module, adapter: Adapter, method, batches: list[tor
                    groups: list[list[int]], plan: Plan, ctx: StageContext) -> StageReport:
     t0 = time.time()
     device = ctx.device
+    res = ctx.residency
     needs = method.needs()
     propagate = getattr(method.config, "propagate", "dense")
     blocks = adapter.blocks(model)
     report = StageReport(method=method.name, plan=plan)
-    gen = ctx.generator()
     objective = method.objective(adapter)
-    cap = capture_inputs(model, blocks, batches, device, adapter)
+    cap = res.capture(model, blocks, batches, device, adapter)
     # the hidden states of the model compressed so far: for the update, or as the next groups' inputs
     comp_cap = (Captured(hidden=cap.hidden, args=cap.args)
                 if needs.update_grams or propagate == "compressed" else None)
+    streams = {"dense": cap, "compressed": comp_cap}
+    first, ready, earlier = res.resume(ctx.stage, groups, streams)
+    report.groups.extend(earlier)
+    for g in range(ready, first):  # the dense inputs of the first group this process compresses
+        res.onload(model, groups[g])
+        _, _, cap.hidden = run_group(blocks, groups[g], cap, adapter, device, record=False)
+        res.offload(model, groups[g])
     release_memory()
-    bar = tqdm(list(enumerate(groups)), desc=f"{method.name} groups", dynamic_ncols=True)
+    todo = range(first, res.span(len(groups)).stop)
+    bar = tqdm([(g, groups[g]) for g in todo], desc=f"{method.name} groups", dynamic_ncols=True)
     for g, group_blocks in bar:
         tg = time.time()
         ctx.callbacks.on_group_start(ctx.stage, g, group_blocks)
+        res.onload(model, group_blocks)
         group = Group.of(model, adapter, g, group_blocks, method.linears(adapter))
         grams = {} if needs.grams else None
         linears = dict(zip(group.paths, group.modules))
@@ -77,7 +86,7 @@ def run_sequential(model: nn.Module, adapter: Adapter, method, batches: list[tor
         if needs.tuning:
             with torch.enable_grad():
                 stats = reconstruct(fns, X, Y, comp.params, comp.pruner, method.config, device,
-                                    desc=f"group {g + 1}/{len(groups)}", generator=gen)
+                                    desc=f"group {g + 1}/{len(groups)}", generator=ctx.generator(g))
         elif objective is not None:
             err = relative_error(fns, X, Y, device)
             stats = ReconStats(err, err, 0, [])
@@ -96,9 +105,10 @@ def run_sequential(model: nn.Module, adapter: Adapter, method, batches: list[tor
         cap.hidden = comp_cap.hidden if propagate == "compressed" else dense_out
         info = comp.info
         del comp, dense_out
-        release_memory()
         budget = plan.groups[g]
         group_report = GroupReport(group_blocks, budget.rank, budget.nnz, stats, time.time() - tg, info)
+        res.done(model, ctx.stage, g, group_report, streams)
+        release_memory()
         report.groups.append(group_report)
         ctx.callbacks.on_group_end(ctx.stage, g, group_report)
         bar.set_postfix(err=f"{stats.rel_err_before:.3f}->{stats.rel_err_after:.3f}"

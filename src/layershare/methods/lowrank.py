@@ -27,9 +27,11 @@ def cholesky(gram: torch.Tensor) -> torch.Tensor:
     """Lower-triangular L with gram + ridge = L L^T (float64); the ridge grows until it succeeds."""
     g = gram.double()
     ridge = EPS * float(g.diagonal().mean().clamp_min(1e-12))
-    eye = torch.eye(g.shape[0], dtype=g.dtype)
     for _ in range(8):
-        L, info = torch.linalg.cholesky_ex(g + ridge * eye)
+        a = g.clone()  # g + ridge I, without an identity matrix beside it (h x h float64 each)
+        a.diagonal().add_(ridge)
+        L, info = torch.linalg.cholesky_ex(a)
+        del a
         if int(info) == 0:
             return L
         ridge *= 10
