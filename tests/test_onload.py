@@ -55,9 +55,9 @@ def _same_files(a: Path, b: Path) -> list[str]:
 @pytest.mark.parametrize("arch,method", [("llama", "fips"), ("gpt_neox", "fips"), ("llama", "svd-llm")])
 def test_onloaded_equals_in_memory(tmp_path, tokens, arch, method):
     """Same tensors, bit for bit, same config entry and sizes (GPT-NeoX: its checkpoint names the
-    head embed_out; SVD-LLM: the compressed stream's update)."""
+    head embed_out; SVD-LLM with its update: the second, compressed stream of hidden states)."""
     dense = _dense(tmp_path, arch)
-    recipe = _recipe(method, **({} if method == "fips" else {"ratio": 0.1}))
+    recipe = _recipe(method, **({} if method == "fips" else {"ratio": 0.1, "update": True}))
     model = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32).eval()
     mem = layershare.compress(model, recipe, data=tokens, output_dir=tmp_path / "mem", allow_ratio_miss=True)
     onl = compress_checkpoint(dense, recipe, data=tokens, output_dir=tmp_path / "onl", allow_ratio_miss=True)
@@ -85,14 +85,20 @@ class _Interrupt(Callback):
             raise KeyboardInterrupt
 
 
-def test_resume_after_interrupt_is_byte_identical(tmp_path, tokens):
+@pytest.mark.parametrize("method", ["fips", "svd-llm"])
+def test_resume_after_interrupt_is_byte_identical(tmp_path, tokens, method):
+    """FiPS, and SVD-LLM with its update (the compressed stream comes back from the staging area)."""
     dense = _dense(tmp_path)
-    recipe = _recipe()
-    compress_checkpoint(dense, recipe, data=tokens, output_dir=tmp_path / "whole")
+    recipe = _recipe() if method == "fips" else _recipe(method, ratio=0.1, update=True)
+    whole = compress_checkpoint(dense, recipe, data=tokens, output_dir=tmp_path / "whole", allow_ratio_miss=True)
+    n = len(whole.report.stages[0].groups)
+    assert n >= 2
     with pytest.raises(KeyboardInterrupt):
-        compress_checkpoint(dense, recipe, data=tokens, output_dir=tmp_path / "out", callbacks=[_Interrupt(1)])
+        compress_checkpoint(dense, recipe, data=tokens, output_dir=tmp_path / "out", callbacks=[_Interrupt(n - 2)],
+                            allow_ratio_miss=True)
     staged = sorted(p.name for p in staging_dir(tmp_path / "out").iterdir())
-    assert [n for n in staged if n.endswith(".json") and n != "manifest.json"] == ["s0-g00000.json", "s0-g00001.json"]
+    assert [x for x in staged if x.endswith(".json") and x != "manifest.json"] == [
+        f"s0-g{g:05d}.json" for g in range(n - 1)]
     assert not (tmp_path / "out").exists()
     started = []
 
@@ -100,8 +106,9 @@ def test_resume_after_interrupt_is_byte_identical(tmp_path, tokens):
         def on_group_start(self, stage, group, blocks):
             started.append(group)
 
-    compress_checkpoint(dense, recipe, data=tokens, output_dir=tmp_path / "out", callbacks=[Count()])
-    assert started == [2, 3]  # the finished groups were not redone
+    compress_checkpoint(dense, recipe, data=tokens, output_dir=tmp_path / "out", callbacks=[Count()],
+                        allow_ratio_miss=True)
+    assert started == [n - 1]  # the finished groups were not redone
     assert _same_files(tmp_path / "whole", tmp_path / "out") == []
     assert not staging_dir(tmp_path / "out").exists()
 
@@ -192,8 +199,8 @@ def test_refusals_before_any_work(tmp_path, tokens, monkeypatch):
     from layershare.methods import QuantConfig
 
     with pytest.raises(OnloadError, match="one group-by-group stage.*fips, quant"):
-        compress_checkpoint(dense, [layershare.FiPSConfig(), QuantConfig(bits=4)], data=tokens,
-                            output_dir=tmp_path / "o")
+        compress_checkpoint(dense, layershare.Recipe(stages=[layershare.FiPSConfig(), QuantConfig(bits=4)],
+                                                     nsamples=8, seqlen=32), data=tokens, output_dir=tmp_path / "o")
     with pytest.raises(OnloadError, match="this recipe has: masa"):
         compress_checkpoint(dense, _recipe("masa", ratio=0.1), data=tokens, output_dir=tmp_path / "o",
                             allow_ratio_miss=True)
@@ -203,8 +210,8 @@ def test_refusals_before_any_work(tmp_path, tokens, monkeypatch):
         compress_checkpoint(tmp_path / "gguf", _recipe(), data=tokens, output_dir=tmp_path / "o")
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(OnloadError, match="svd-llm needs the model compressed so far.*cannot run on several"):
-        compress_checkpoint(dense, _recipe("svd-llm", ratio=0.1), data=tokens, output_dir=tmp_path / "o",
-                            allow_ratio_miss=True)
+        compress_checkpoint(dense, _recipe("svd-llm", ratio=0.1, update=True), data=tokens,
+                            output_dir=tmp_path / "o", allow_ratio_miss=True)
     assert not (tmp_path / "o").exists() and not staging_dir(tmp_path / "o").exists()
 
 

@@ -205,6 +205,17 @@ class SharedBasisLinear(nn.Module):
         self.__dict__.pop("V_csr", None)
         self.__dict__.pop("V", None)
 
+    def _pattern(self, V: torch.Tensor) -> torch.Tensor | None:
+        """Where a sparse V keeps entries: its bitmask or training mask where it has one (a kept
+        value may be exactly zero, e.g. quantized to zero), else its nonzeros."""
+        if not self.sparse:
+            return None
+        if self.form == "compact":
+            return unpack_bits(self.V_mask, self.v_shape)
+        if self.form == "train" and self.mask is not None:
+            return self.mask > 0
+        return V != 0
+
     @torch.no_grad()
     def to_form(self, form: str) -> "SharedBasisLinear":
         """Hold V in `form` (see the module docstring); the function computed is unchanged."""
@@ -213,13 +224,13 @@ class SharedBasisLinear(nn.Module):
         if form == self.form:
             return self
         V = self.dense_V()
+        keep = self._pattern(V)
         self._clear()
         if form in ("train", "factored"):
             self.V = nn.Parameter(V, requires_grad=form == "train")
             if form == "train":
-                self.register_buffer("mask", (V != 0).to(V.dtype) if self.sparse else None, persistent=False)
+                self.register_buffer("mask", keep.to(V.dtype) if self.sparse else None, persistent=False)
         elif form == "compact" and self.sparse:
-            keep = V != 0
             self.register_buffer("V_values", V[keep].contiguous())
             self.register_buffer("V_mask", pack_bits(keep))
         elif form == "compact":
