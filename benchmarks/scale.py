@@ -269,10 +269,10 @@ def render(results: dict) -> str:
               "forward with second moments peaks at 2.24 GB (the down projection's 8192 x 8192 float64 Gram "
               "matrix and each batch's product); the whitened init at 3.51 GB (that Gram matrix, its Cholesky "
               "factor, the whitened matrices); tuning holds V, its gradient, Adam's two moments and the mask "
-              "(1.2 GB) and each pruning step adds 1.5 GB for a moment (the scores and torch.topk's copy of 59M "
-              "(value, index) pairs): 4.73 GB. So the issue's target (peak under 25% of the float32 model, "
+              "(1.2 GB) and each pruning step adds 1.5 GB for a moment (the scores, the top-k selection over 59M "
+              "entries and its indices, the new mask; not broken down further): 4.73 GB. So the issue's target (peak under 25% of the float32 model, "
               "2.2 GB here) is missed by 2x. What would close it, not built: a threshold search instead of "
-              "top-k (no pair copy), Adam moments in bfloat16, the down projection's Gram matrix in float32 "
+              "top-k, Adam moments in bfloat16, the down projection's Gram matrix in float32 "
               "(about 2.5 GB by the same accounting). Onloading itself costs one block: the in-memory path "
               "would hold the 8.25 GiB model plus the same working state."]
     est = results.get("estimates") or []

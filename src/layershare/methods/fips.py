@@ -122,8 +122,8 @@ PAD_TAU = 32.0
 def shared_svd(mats: list[torch.Tensor], rank: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """U (d x rank) and the per-matrix V_i (rank x h_i) of the concatenated matrices [W_1 ... W_n]:
     U the top eigenvectors of sum_i W_i W_i^T (d x d, float64), V_i = U^T W_i (the truncated SVD;
-    d x d and one matrix at a time, never the d x sum(h_i) concatenation and its SVD's copies:
-    an 8x smaller peak on a 2B model's group; docs/scale.md)."""
+    d x d and one matrix at a time, never the d x sum(h_i) concatenation and its SVD's copies; the
+    same factors up to float64 rounding)."""
     dtype = mats[0].dtype
     mats = [m.double() for m in mats]
     d = mats[0].shape[0]
