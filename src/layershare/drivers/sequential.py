@@ -13,7 +13,9 @@ sequential pipeline, which knows no algorithm).
    the attention), the group's output error. `materialize` freezes them.
 4. The next group's inputs are the dense group's outputs (propagate="dense") or the
    compressed group's ("compressed").
-Only one group's activations are held at a time.
+Only one group's activations are held at a time. Where the weights are (all in memory, or read
+group by group from the checkpoint), which groups this process compresses and which are already
+done is the context's Residency (drivers/base.py; onload.py), never this driver's.
 """
 from __future__ import annotations
 
