@@ -262,7 +262,7 @@ def render(results: dict) -> str:
                                          "order; the tests show identity at equal thread counts)")]
     lines += ["", "**What the peak is made of.** Not the model: the per-group peaks are flat from the first "
               "group to the last (table below), and the process holds one block's weights at a time. It is "
-              "FiPS's working state for one block (d=2048, h=8192; V is rank 2,416 x 24,576 = 59M entries), "
+              "FiPS's working state for one block (d=2048, h=8192; V is rank 2,415 x 24,576 = 59M entries), "
               "measured in a separate profile of the first group (RSS sampled every 10 ms around each phase; "
               "GB = 10^9 bytes, the tables are in GiB; "
               "same recipe, alone): 0.81 GB before the group (libraries, calibration hidden states); the dense "
