@@ -101,8 +101,8 @@ def capture_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[torch.
     return Captured(hidden=hidden, args=args)
 
 
-def _identity(hidden_states=None, *args, **kwargs):
-    return kwargs["hidden_states"] if hidden_states is None else hidden_states
+def _identity(hidden_states, *args, **kwargs):
+    return hidden_states
 
 
 @torch.no_grad()

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import argparse
-import os
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -262,7 +262,6 @@ def cmd_compress_onloaded(args, recipe, t_start: float) -> int:
 
     from transformers import AutoTokenizer
 
-    from layershare.data import read_text
     from layershare.onload import OnloadError, compress_checkpoint, world
 
     refused = [flag for flag, given in (("--eval-text", args.eval_text), ("--eval-images", args.eval_images),
@@ -276,7 +275,6 @@ def cmd_compress_onloaded(args, recipe, t_start: float) -> int:
     check_apart(args.model, args.output)
     if ":" not in args.calib and not Path(args.calib).exists():
         raise FileNotFoundError(f"--calib {args.calib!r}: no such file or directory")
-    read_text(args.calib)
     tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=False)
     rank, world_size, _ = world()
     result = compress_checkpoint(args.model, recipe, data=args.calib, tokenizer=tokenizer, output_dir=args.output,

@@ -33,7 +33,7 @@ from .checkpoint import (FORMAT_VERSION, INDEX, WEIGHTS, CheckpointError, check_
                          check_sizes, entry_sha256, file_sha256, raw_header, read_headers, weight_files)
 from .modules.atoms import AtomLinear, MatrixAtoms
 from .modules.shared_basis import SharedBasis, SharedBasisLinear
-from .store import BASES_ATTR
+from .store import BASES_ATTR, shared_modules
 
 META = "layershare.json"
 RECIPE = "recipe.yaml"
@@ -330,13 +330,10 @@ def _save(model: nn.Module, output_dir: Path, tokenizer, dtype: str, meta: dict 
         guard = guard_key(model, entry)
         if guard is not None:
             entry["guard"] = guard
+        _save_config(model, entry, tmp)
         if write is None:
-            sd = weights_to_save(model, entry, torch_dtype)
-            _save_config(model, entry, tmp)
-            files = write_weights(sd, tmp, max_shard_size)
-            del sd
+            files = write_weights(weights_to_save(model, entry, torch_dtype), tmp, max_shard_size)
         else:
-            _save_config(model, entry, tmp)
             files = write(entry, tmp, torch_dtype)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -461,8 +458,6 @@ def build_skeleton(model: nn.Module, entry: dict, shapes: dict[str, tuple[int, .
     the weights' tensor shapes) and the tied modules (with `tie=False`, placeholders until
     tie_modules). The tensors are assigned afterwards, by load_compressed or by transformers'
     loader (hf_quantizer.py)."""
-    from .store import shared_modules
-
     bases = shared_modules(model)  # a store already there (a resumed compression's) is added to
     for k, shape in entry["bases"].items():
         bases[k] = (MatrixAtoms(torch.empty(*shape["atoms"], device="meta")) if isinstance(shape, dict)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from datetime import timedelta
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .capture import Captured, capture_inputs
-from .checkpoint import INDEX, file_sha256
+from .checkpoint import INDEX, file_sha256, raw_header, read_header
 from .drivers.base import GroupReport, Residency
 from .finite import NonFiniteError, non_finite_tensors
 from .reconstruct import ReconStats
@@ -50,8 +51,7 @@ class CheckpointSource:
         if index.exists():
             stored = dict(json.loads(index.read_text())["weight_map"])
         elif single.exists():
-            with safe_open(str(single), "pt") as f:
-                stored = {k: single.name for k in f.keys()}
+            stored = {k: single.name for k in read_header(single)}
         else:
             raise OnloadError(f"--onload reads a local transformers directory's safetensors weights; {str(path)!r} "
                               f"has neither model.safetensors nor {INDEX} (a .gguf file or an alias: load it and "
@@ -132,6 +132,11 @@ def _holders(model: nn.Module) -> dict[str, list[tuple[nn.Module, str, bool]]]:
     return out
 
 
+def _tensor(holders: list[tuple[nn.Module, str, bool]]) -> torch.Tensor:
+    m, attr, is_param = holders[0]
+    return (m._parameters if is_param else m._buffers)[attr]
+
+
 def _assign(holders: list[tuple[nn.Module, str, bool]], tensor: torch.Tensor) -> None:
     new = nn.Parameter(tensor, requires_grad=False) if holders[0][2] else tensor
     for m, attr, is_param in holders:
@@ -141,8 +146,7 @@ def _assign(holders: list[tuple[nn.Module, str, bool]], tensor: torch.Tensor) ->
 def to_meta(model: nn.Module, keep) -> None:
     """Every tensor whose name passes `keep` back to the meta device (ties kept)."""
     for name, holders in _holders(model).items():
-        m, attr, is_param = holders[0]
-        t = (m._parameters if is_param else m._buffers)[attr]
+        t = _tensor(holders)
         if keep(name) and t.device.type != "meta":
             _assign(holders, torch.empty_like(t, device="meta"))
 
@@ -175,8 +179,7 @@ class Onloaded(Residency):
 
     def _read(self, model: nn.Module, keep) -> None:
         holders = _holders(model)
-        want = [n for n, hs in holders.items() if keep(n)
-                and (hs[0][0]._parameters if hs[0][2] else hs[0][0]._buffers)[hs[0][1]].device.type == "meta"]
+        want = [n for n, hs in holders.items() if keep(n) and _tensor(hs).device.type == "meta"]
         missing = [n for n in want if n not in self.source.where]
         if missing:
             raise OnloadError(f"{self.source.path}: the checkpoint has no tensor named {missing[0]!r} "
@@ -188,8 +191,7 @@ class Onloaded(Residency):
     def place(self, model: nn.Module, device: str) -> None:
         self.device = device
         for holders in _holders(model).values():
-            m, attr, is_param = holders[0]
-            t = (m._parameters if is_param else m._buffers)[attr]
+            t = _tensor(holders)
             if t.device.type != "meta":
                 _assign(holders, t.to(device))
 
@@ -322,8 +324,6 @@ def write_output(model: nn.Module, residency: Onloaded, stage: int, n_groups: in
             try:
                 os.link(src, dst)
             except OSError:
-                import shutil
-
                 shutil.copyfile(src, dst)
         residency.onload_rest(model)
         rest = state_dict_unique(model, dtype, keep=residency._outside)
@@ -334,24 +334,16 @@ def write_output(model: nn.Module, residency: Onloaded, stage: int, n_groups: in
         del rest
         weight_map, total = {}, 0
         for name in names:
-            with safe_open(str(folder / name), "pt") as f:
-                for k in f.keys():
-                    sl = f.get_slice(k)
-                    numel = 1
-                    for d in sl.get_shape():
-                        numel *= d
-                    total += numel * _itemsize(sl.get_dtype())
+            for k, v in raw_header(folder / name)[1].items():
+                if k != "__metadata__":
                     weight_map[k] = name
+                    total += v["data_offsets"][1] - v["data_offsets"][0]
         (folder / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                indent=2, sort_keys=True))
         return {name: {"bytes": (folder / name).stat().st_size, "sha256": file_sha256(folder / name)}
                 for name in names}
 
     return write
-
-
-def _itemsize(st_dtype: str) -> int:
-    return {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2}.get(st_dtype, 1)
 
 
 # -- torchrun -------------------------------------------------------------------------------------

@@ -23,7 +23,6 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 MANIFEST = "manifest.json"
@@ -119,9 +118,10 @@ class Staging:
 
     def read_group(self, stage: int, group: int) -> tuple[dict, dict, dict[str, tuple[int, ...]]]:
         """(entry part, report, tensor shapes) of a finished group."""
+        from .checkpoint import read_header
+
         info = json.loads(self._name(stage, group, ".json").read_text())
-        with safe_open(str(self.weights(stage, group)), "pt") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        shapes = {k: shape for k, (_, shape) in read_header(self.weights(stage, group)).items()}
         return info["entry"], info["report"], shapes
 
     def hidden(self, stage: int, group: int) -> dict[str, torch.Tensor] | None:
