@@ -68,7 +68,7 @@ def test_activation_score_of_a_down_entry_is_the_output_change_it_causes():
     basis = SharedBasis(torch.randn(12, 6, generator=g))
     down = SharedBasisLinear(basis, torch.randn(6, 20, generator=g), "out", None)
     h = torch.randn(500, 20, generator=g) * torch.logspace(-1, 1, 20)  # channels of very different scale
-    scale = ActivationScore([down], [h.t() @ h / h.shape[0]], [0])()[0]
+    scale = next(ActivationScore([down], ActivationScore.statistics(["out"], [h.t() @ h / h.shape[0]]), [0])())
     with torch.no_grad():
         y = down(h)
         for k, j in [(0, 0), (3, 7), (5, 19)]:
@@ -87,6 +87,6 @@ def test_activation_score_keeps_the_entries_that_matter_on_the_data():
     V = torch.ones(4, 4)
     down = SharedBasisLinear(basis, V, "out", None)
     G = torch.diag(torch.tensor([100.0, 1.0, 1.0, 0.01]))
-    pruner = GroupPruner([down], n_final=4, schedule="static", steps=0, score=ActivationScore([down], [G], [0]))
+    pruner = GroupPruner([down], n_final=4, schedule="static", steps=0, score=ActivationScore([down], ActivationScore.statistics(["out"], [G]), [0]))
     pruner.finish()
     assert down.mask[:, 0].all() and not down.mask[:, 3].any()

@@ -37,6 +37,18 @@ def release_memory() -> None:
         pass
 
 
+def return_freed_memory() -> None:
+    """From now on, glibc gives every freed block of 1 MiB or more back to the OS at once
+    (M_MMAP_THRESHOLD fixed at 1 MiB instead of glibc's threshold that rises to 32 MiB after the
+    first large free, below which freed tensors stay in the heap, fragmented). Onloading (onload.py)
+    sets it: its peak is one group's working tensors, allocated and freed phase after phase
+    (measured on the 2B model: a group's peak RSS 2.58 -> 2.25 GiB, no change in time)."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 def _to(obj, device):
     if isinstance(obj, torch.Tensor):
         return obj.to(device)
@@ -122,18 +134,18 @@ def run_group(blocks: nn.ModuleList, group: list[int], cap: Captured, adapter: A
     handles = []
     if grams is not None:
         counts: dict[str, int] = {}
-        last: list = [None, None]  # the input tensor seen last and its x^T x: gate and up share one input
+        last: list = [None, None]  # the input tensor seen last, as float64 rows: gate and up share one input
 
         def accumulate(path):
             def hook(m, a, kw):
                 x = a[0] if a else next(iter(kw.values()))
                 if x is not last[0]:
-                    flat = x.detach().reshape(-1, x.shape[-1]).double().cpu()
-                    last[:] = [x, flat.t() @ flat]
-                if path in grams:  # in place: a down projection's is h x h float64
-                    grams[path].add_(last[1])
+                    last[:] = [x, x.detach().reshape(-1, x.shape[-1]).double().cpu()]
+                flat = last[1]
+                if path in grams:  # x^T x added in place: a down projection's is h x h float64, never a copy
+                    grams[path].addmm_(flat.t(), flat)
                 else:
-                    grams[path] = last[1].clone()
+                    grams[path] = flat.t() @ flat
                 counts[path] = counts.get(path, 0) + x.numel() // x.shape[-1]
             return hook
 

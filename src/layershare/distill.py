@@ -119,7 +119,9 @@ def finetune(student: nn.Module, teacher: nn.Module, inputs: torch.Tensor, label
 
     student.train()
     try:
-        curve = optimize(params, steps, lr, loss_at, weight_decay=weight_decay, desc="finetune", leave=True)
+        masked = [m for m in student.modules() if isinstance(m, SharedBasisLinear) and m.mask is not None]
+        curve = optimize(params, steps, lr, loss_at, weight_decay=weight_decay, desc="finetune", leave=True,
+                         after_step=lambda: [m.apply_mask() for m in masked])
     finally:
         student.eval()
         for p in student.parameters():

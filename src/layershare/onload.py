@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .capture import Captured, capture_inputs
+from .capture import Captured, capture_inputs, return_freed_memory
 from .checkpoint import INDEX, file_sha256, raw_header, read_header
 from .drivers.base import GroupReport, Residency
 from .finite import NonFiniteError, non_finite_tensors
@@ -392,6 +392,7 @@ def compress_checkpoint(model_dir: str | Path, recipe=None, data=None, tokenizer
     from .targets import check_ratio
 
     recipe = as_recipe(recipe)
+    return_freed_memory()
     rank, world_size, local_rank = world()
     if world_size > 1 and recipe.device.startswith("cuda"):
         recipe = dataclasses.replace(recipe, device=f"cuda:{local_rank}")

@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from .modules.shared_basis import pack_bits, unpack_bits
 from .train import optimize
 
 MlpFn = Callable[[torch.Tensor], torch.Tensor]
@@ -62,13 +63,17 @@ def relative_error(fns: list[MlpFn], X: list[torch.Tensor], Y: list[torch.Tensor
 @torch.no_grad()
 def _init_at_final_mask(fns, X, Y, params, pruner, device) -> tuple[float, tuple]:
     """The error of the untuned init at the final sparsity (what static pruning without tuning
-    gives), and that state (parameters, masks) to return to if tuning does worse."""
+    gives), and that state to return to if tuning does worse: every parameter, a pruned V as its
+    kept values and its mask (a fraction of the dense V's bytes, held through the whole tuning)."""
     if pruner is None:
         return relative_error(fns, X, Y, device), ([p.detach().clone() for p in params], [])
     saved = [(layer.V.detach().clone(), layer.mask) for layer in pruner.layers]
     pruner.prune_to(pruner.n_final)
     err = relative_error(fns, X, Y, device)
-    state = ([p.detach().clone() for p in params], [layer.mask.clone() for layer in pruner.layers])
+    masked = {id(layer.V): layer.mask for layer in pruner.layers}
+    values = [p.detach()[masked[id(p)]] if id(p) in masked else p.detach().clone() for p in params]
+    state = (values, [(pack_bits(layer.mask), layer.mask.shape) for layer in pruner.layers])
+    del masked
     for layer, (V, mask) in zip(pruner.layers, saved):
         layer.V.copy_(V)
         layer.mask = mask
@@ -78,11 +83,15 @@ def _init_at_final_mask(fns, X, Y, params, pruner, device) -> tuple[float, tuple
 @torch.no_grad()
 def _restore(params, pruner, state) -> None:
     values, masks = state
-    for p, v in zip(params, values):
-        p.copy_(v)
     if pruner is not None:
-        for layer, mask in zip(pruner.layers, masks):
-            layer.mask = mask
+        for layer, (bits, shape) in zip(pruner.layers, masks):
+            layer.mask = unpack_bits(bits, shape)
+    masked = {id(layer.V): layer.mask for layer in pruner.layers} if pruner is not None else {}
+    for p, v in zip(params, values):
+        if id(p) in masked:
+            p.zero_().masked_scatter_(masked[id(p)], v)
+        else:
+            p.copy_(v)
 
 
 def reconstruct(fns: list[MlpFn], X: list[torch.Tensor], Y: list[torch.Tensor], params: list[torch.nn.Parameter],
@@ -116,8 +125,12 @@ def reconstruct(fns: list[MlpFn], X: list[torch.Tensor], Y: list[torch.Tensor], 
             if pruner is not None and t > 0:
                 pruner.step(t)
 
+        def after_step() -> None:  # pruned entries back to zero (the forward reads V as it is)
+            for layer in pruner.layers if pruner is not None else ():
+                layer.apply_mask()
+
         curve = optimize(trainable, tune.steps, tune.lr, loss_at, weight_decay=tune.weight_decay, min_lr=0.01,
-                         before_step=before_step, desc=desc)
+                         before_step=before_step, after_step=after_step, desc=desc)
     if pruner is not None:
         pruner.finish()
     after = relative_error(fns, X, Y, device)

@@ -35,26 +35,32 @@ class ActivationScore:
     model's statistics. A block without a down projection in the group gets c_j = 1.
     """
 
-    def __init__(self, layers: list[SharedBasisLinear], grams: list[torch.Tensor], blocks: list[int]):
+    def __init__(self, layers: list[SharedBasisLinear], stats: list[torch.Tensor], blocks: list[int]):
+        """stats: `statistics(roles, grams)` of the layers' dense second moments."""
         self.layers, self.blocks = layers, blocks
-        dev = layers[0].basis.U.device
-        # a down projection's statistic is used through its diagonal only (h, not h x h)
-        self.grams = [(g.to(dev, torch.float32) if layer.role == IN else g.diagonal().to(dev, torch.float32).clone())
-                      for layer, g in zip(layers, grams)]
+        self.grams = stats
+
+    @staticmethod
+    def statistics(roles: list[str], grams: list[torch.Tensor]) -> list[torch.Tensor]:
+        """What the score keeps of each linear's input second moment, in float32: G_x (d x d) for
+        up/gate, only the diagonal of G_h (h, not h x h) for a down projection."""
+        return [g.to(torch.float32) if role == IN else g.diagonal().to(torch.float32).clone()
+                for role, g in zip(roles, grams)]
 
     @torch.no_grad()
-    def __call__(self) -> list[torch.Tensor]:
+    def __call__(self):
+        """The weights of each layer's entries (one r x h tensor per layer, made as it is asked for)."""
         U = self.layers[0].basis.U.detach()
-        if self.grams[0].device != U.device:  # the layers moved to the run's device after this was built
+        if self.grams[0].device != U.device:  # the layers run on another device than the statistics
             self.grams = [g.to(U.device) for g in self.grams]
         tail = {}  # block -> (column norms of the dense down weight, sqrt(G_h diag))
         for layer, G, block in zip(self.layers, self.grams, self.blocks):
             if layer.role != IN:
                 tail[block] = ((U @ layer.masked_V()).norm(dim=0), G.clamp_min(0).sqrt())
-        scales, Ms = [], {}  # Ms: U^T G_x U per block (its up and gate read the same input)
+        Ms = {}  # U^T G_x U per block (its up and gate read the same input)
         for layer, G, block in zip(self.layers, self.grams, self.blocks):
             if layer.role != IN:
-                scales.append(U.norm(dim=0)[:, None] * tail[block][1][None, :])
+                yield U.norm(dim=0)[:, None] * tail[block][1][None, :]
                 continue
             if block not in Ms:
                 Ms[block] = U.t() @ G @ U
@@ -67,8 +73,47 @@ class ActivationScore:
                 col = col_norm * h_rms / pre_ms.sqrt()
             else:
                 col = torch.ones(V.shape[1], device=V.device, dtype=V.dtype)
-            scales.append(row * col[None, :])
-        return scales
+            del V
+            yield row * col[None, :]
+
+
+def kth_largest(scores: torch.Tensor, k: int) -> int:
+    """The k-th largest entry of a float32 vector of scores >= 0 (or the -1 of pruned entries), as
+    its int32 bit pattern (the same order as the floats for these values): a binary search on
+    counts, each a comparison of the vector (no sort, top-k or index list of its size)."""
+    bits = scores.view(torch.int32)
+    lo, hi = 0, int(bits.max())
+    if int(torch.count_nonzero(bits >= 0)) < k:  # fewer scored entries than k: some pruned ones stay
+        lo = int(bits.min())
+    while lo < hi:  # the largest t with at least k entries >= t
+        mid = (lo + hi + 1) // 2
+        if int(torch.count_nonzero(bits >= mid)) >= k:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def top_k_masks(scores: torch.Tensor, k: int, shapes: list) -> list[torch.Tensor]:
+    """Bool masks (one per shape, laid end to end in `scores`) of the k largest scores; among
+    scores equal to the k-th, the first in order."""
+    if k <= 0:
+        return [torch.zeros(s, dtype=torch.bool, device=scores.device) for s in shapes]
+    t = kth_largest(scores, k)
+    bits = scores.view(torch.int32)
+    ties = k - int(torch.count_nonzero(bits > t))
+    masks, offset = [], 0
+    for shape in shapes:
+        n = shape[0] * shape[1]
+        part = bits[offset:offset + n]
+        mask = part > t
+        if ties > 0:
+            at = torch.nonzero(part == t).flatten()[:ties]
+            mask[at] = True
+            ties -= at.numel()
+        masks.append(mask.view(shape))
+        offset += n
+    return masks
 
 
 def nm_view(t: torch.Tensor, role: str, m: int) -> torch.Tensor:
@@ -117,37 +162,29 @@ class GroupPruner:
 
     @torch.no_grad()
     def prune_to(self, keep: int) -> None:
-        weights = self.score() if self.score is not None else [None] * len(self.layers)
+        weights = self.score() if self.score is not None else iter([None] * len(self.layers))
         if self.nm is not None:
             per_layer = [layer.masked_V().abs() if w is None else layer.masked_V().abs() * w
                          for layer, w in zip(self.layers, weights)]
             return self._prune_nm(keep, per_layer)
         # one flat score vector, filled layer by layer (a group's V entries are the largest tensors
-        # of a compression: no per-layer list, concatenation or masked copy beside it)
+        # of a compression: no per-layer list, concatenation, index list or masked copy beside it)
         scores = torch.empty(self.total, dtype=self.layers[0].V.dtype, device=self.layers[0].V.device)
         offset = 0
-        for i, layer in enumerate(self.layers):
+        for layer, w in zip(self.layers, weights):
             n = layer.V.numel()
             part = scores[offset:offset + n].view_as(layer.V)
             torch.abs(layer.masked_V(), out=part)
-            if weights[i] is not None:
-                part.mul_(weights[i])
-                weights[i] = None
+            if w is not None:
+                part.mul_(w)
+                del w
             if layer.mask is not None:  # already-pruned entries never come back
-                part.masked_fill_(layer.mask <= 0, -1.0)
+                part.masked_fill_(~layer.mask, -1.0)
             offset += n
-        idx = torch.topk(scores, keep, sorted=False).indices
-        del scores
-        flat = torch.zeros(self.total, dtype=self.layers[0].V.dtype, device=self.layers[0].V.device)
-        flat[idx] = 1.0
-        del idx
-        offset = 0
-        for layer in self.layers:
-            n = layer.V.numel()
-            layer.mask = flat[offset:offset + n].view_as(layer.V).clone()
-            layer.V.mul_(layer.mask)
+        for layer, mask in zip(self.layers, top_k_masks(scores, keep, [l.V.shape for l in self.layers])):
+            layer.mask = mask
+            layer.V.mul_(mask)
             layer.sparse = True
-            offset += n
 
     def _prune_nm(self, keep: int, per_layer: list[torch.Tensor]) -> None:
         n, m = self.nm
@@ -165,7 +202,7 @@ class GroupPruner:
             sel = chosen[offset:offset + g.shape[0]]
             top = torch.zeros_like(g).scatter_(1, torch.topk(g.masked_fill(mk == 0, -1.0), n, dim=1).indices, 1.0)
             new = torch.where(sel[:, None], top * mk, mk)
-            layer.mask = nm_unview(new, layer.role, m, layer.V.shape).contiguous()
+            layer.mask = nm_unview(new, layer.role, m, layer.V.shape) > 0
             layer.V.mul_(layer.mask)
             layer.sparse = True
             offset += g.shape[0]
@@ -173,8 +210,8 @@ class GroupPruner:
     def step(self, t: int) -> None:
         if self.due(t):
             keep = self.target(t)
-            current = None if self.layers[0].mask is None else int(sum(l.mask.sum() for l in self.layers))
-            if current is None or keep < current:
+            current = self.total if self.layers[0].mask is None else int(sum(l.mask.sum() for l in self.layers))
+            if keep < current:  # (nothing to prune yet: no all-true masks)
                 self.prune_to(keep)
 
     def finish(self) -> None:

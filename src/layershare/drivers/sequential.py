@@ -74,7 +74,7 @@ def run_sequential(model: nn.Module, adapter: Adapter, method, batches: list[tor
             group.update_grams = {}
             run_group(blocks, group_blocks, comp_cap, adapter, device, record=False,
                       grams=group.update_grams, linears=linears)
-        del linears
+        del linears, grams  # the group holds them; they go with it after init (a down projection's is h x h)
         comp = method.init(group, plan.groups[g])
         for path, module in comp.modules.items():
             dense = group.modules[group.paths.index(path)]

@@ -119,50 +119,68 @@ AUTO_PATTERN = "unstructured"
 PAD_TAU = 32.0
 
 
+def _top_basis(G: torch.Tensor, k: int) -> torch.Tensor:
+    """The top k eigenvectors (d x k, float64, descending) of the symmetric d x d matrix G."""
+    evals, U = torch.linalg.eigh(G)
+    return U.flip(1)[:, :k]
+
+
+def _project(P: torch.Tensor, mats: list[torch.Tensor], rank: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    """V_i = P^T W_i (float64, one at a time, stored in `dtype`), padded to `rank` rows: when the
+    budget asks for more rank than the matrices have, the rest of V repeats its top rows / PAD_TAU."""
+    k = P.shape[1]
+    out = []
+    for m in mats:
+        V = P.t() @ m.double()
+        if rank > k:
+            V = torch.cat([V, V[torch.arange(rank - k) % k] / PAD_TAU], dim=0)
+        out.append(V.to(dtype).contiguous())
+        del V
+    return out
+
+
+def _pad(U: torch.Tensor, rank: int) -> torch.Tensor:
+    """U with zero columns up to `rank` (their V rows are the padding above)."""
+    return torch.cat([U, U.new_zeros(U.shape[0], rank - U.shape[1])], dim=1) if rank > U.shape[1] else U
+
+
 def shared_svd(mats: list[torch.Tensor], rank: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """U (d x rank) and the per-matrix V_i (rank x h_i) of the concatenated matrices [W_1 ... W_n]:
     U the top eigenvectors of sum_i W_i W_i^T (d x d, float64), V_i = U^T W_i (the truncated SVD;
-    d x d and one matrix at a time, never the d x sum(h_i) concatenation and its SVD's copies; the
-    same factors up to float64 rounding)."""
-    dtype = mats[0].dtype
-    mats = [m.double() for m in mats]
-    d = mats[0].shape[0]
-    G = torch.zeros(d, d, dtype=torch.float64, device=mats[0].device)
+    d x d and one matrix at a time, never the d x sum(h_i) concatenation and its SVD's copies)."""
+    dtype, d = mats[0].dtype, mats[0].shape[0]
+    G = torch.zeros(d, d, dtype=torch.float64)
     for m in mats:
-        G.addmm_(m, m.t())
-    evals, U = torch.linalg.eigh(G)
+        m64 = m.double()
+        G.addmm_(m64, m64.t())
+        del m64
+    U = _top_basis(G, min(d, sum(m.shape[1] for m in mats), rank))
     del G
-    U = U.flip(1)  # descending
-    k = min(d, sum(m.shape[1] for m in mats))
-    U = U[:, :min(rank, k)]
-    Vs = [U.t() @ m for m in mats]
-    del mats
-    if rank > k:  # more rank than the matrices have: the rest of V repeats the top rows, scaled down
-        extra = rank - k
-        U = torch.cat([U, U.new_zeros(d, extra)], dim=1)
-        reps = (extra + k - 1) // k
-        Vs = [torch.cat([V, V.repeat(reps, 1)[:extra] / PAD_TAU], dim=0) for V in Vs]
-    return U.to(dtype).contiguous(), [V.to(dtype).contiguous() for V in Vs]
+    Vs = _project(U, mats, rank, dtype)
+    return _pad(U, rank).to(dtype).contiguous(), Vs
 
 
-def whitened_shared_svd(mats: list[torch.Tensor], roles: list[str], grams: list[torch.Tensor],
+def whitened_shared_svd(mats: list[torch.Tensor], roles: list[str], grams: list[torch.Tensor | None],
                         rank: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """shared_svd of the whitened blocks, mapped back (see the module docstring)."""
-    dtype = mats[0].dtype
+    """shared_svd of the whitened blocks, mapped back (see the module docstring), without any
+    h x h factor: with W'_i = L_x^T W_i L_i (L_i L_i^T = G_i, a down projection's input moment;
+    L_i = I for up/gate), sum_i W'_i W'_i^T = L_x^T (sum_i W_i G_i W_i^T) L_x, whose top
+    eigenvectors are U'; then U = L_x^-T U' and V_i = V'_i L_i^-1 = U'^T L_x^T W_i (L_i cancels).
+    `grams` is emptied as it goes (an h x h float64 moment is freed once used)."""
+    dtype, d = mats[0].dtype, mats[0].shape[0]
     Lx = cholesky(sum(g for g, r in zip(grams, roles) if r == IN))
-    white, Lh = [], []
-    for m, g, r in zip(mats, grams, roles):
-        L = cholesky(g) if r != IN else None
-        white.append(Lx.t() @ m.double() if L is None else Lx.t() @ m.double() @ L)
-        Lh.append(L)
-    U, Vs = shared_svd(white, rank)
-    del white
+    S = torch.zeros(d, d, dtype=torch.float64)
+    for i, (m, r) in enumerate(zip(mats, roles)):
+        m64 = m.double()
+        S.addmm_(m64 if r == IN else m64 @ grams[i].double(), m64.t())
+        grams[i] = None
+        del m64
+    grams.clear()
+    U = _top_basis(Lx.t() @ S @ Lx, min(d, sum(m.shape[1] for m in mats), rank))
+    del S
+    Vs = _project(Lx @ U, mats, rank, dtype)
     U = torch.linalg.solve_triangular(Lx.t(), U, upper=True)  # L_x^-T U'
-    out = []
-    for V, L in zip(Vs, Lh):  # V' L_h^-1, one at a time
-        out.append((V if L is None else torch.linalg.solve_triangular(L, V, upper=False, left=False)).to(dtype))
-    del Vs, Lh
-    return U.to(dtype).contiguous(), [V.contiguous() for V in out]
+    return _pad(U, rank).to(dtype).contiguous(), Vs
 
 
 class FiPS(GroupMethod):
@@ -193,10 +211,18 @@ class FiPS(GroupMethod):
     def init(self, group: Group, budget: GroupBudget) -> Compressed:
         c = self.config
         mats = [weight_dxh(m, role).float() for m, role in zip(group.modules, group.roles)]
+        pattern = c.resolved_pattern
+        stats = None  # what the activation score keeps of the second moments (a down projection's diagonal)
+        if c.prune_score == "activation" and pattern != "none":
+            stats = ActivationScore.statistics(group.roles, [group.grams[p] for p in group.paths])
         if c.init == "whitened":
-            U, Vs = whitened_shared_svd(mats, group.roles, [group.grams[p] for p in group.paths], budget.rank)
+            # the init frees the group's second moments as it goes (an h x h float64 one is a group's
+            # largest tensor): nothing else reads them after init
+            grams = [group.grams.pop(p) for p in group.paths]
+            U, Vs = whitened_shared_svd(mats, group.roles, grams, budget.rank)
         else:
             U, Vs = shared_svd(mats, budget.rank)
+        del mats
         basis = SharedBasis(U)
         layers = {}
         for path, m, role, V in zip(group.paths, group.modules, group.roles, Vs):
@@ -211,13 +237,9 @@ class FiPS(GroupMethod):
             basis.fake_quant_input_first = any(layer.role == IN for layer in layers.values())
             for layer in layers.values():
                 layer.fake_quant = basis.fake_quant
-        pattern = c.resolved_pattern
         if pattern == "none":
             return Compressed(modules=layers, shared={"basis": basis}, params=params, pruner=None)
-        score = None
-        if c.prune_score == "activation":
-            score = ActivationScore(list(layers.values()), [group.grams[p] for p in group.paths],
-                                    group.block_of())
+        score = ActivationScore(list(layers.values()), stats, group.block_of()) if stats is not None else None
         pruner = GroupPruner(list(layers.values()), budget.nnz, c.schedule, c.steps,
                              every=c.prune_every, end=c.prune_end, score=score,
                              nm=None if pattern == "unstructured" else parse_nm(pattern))

@@ -26,12 +26,15 @@ EPS = 1e-6  # ridge added to the Gram matrix, relative to its mean diagonal
 def cholesky(gram: torch.Tensor) -> torch.Tensor:
     """Lower-triangular L with gram + ridge = L L^T (float64); the ridge grows until it succeeds."""
     g = gram.double()
-    ridge = EPS * float(g.diagonal().mean().clamp_min(1e-12))
+    diag = g.diagonal().clone()
+    ridge = EPS * float(diag.mean().clamp_min(1e-12))
     for _ in range(8):
-        a = g.clone()  # g + ridge I, without an identity matrix beside it (h x h float64 each)
-        a.diagonal().add_(ridge)
-        L, info = torch.linalg.cholesky_ex(a)
-        del a
+        # g + ridge I in g itself, its diagonal restored after (no h x h float64 copy or identity beside it)
+        g.diagonal().copy_(diag).add_(ridge)
+        try:
+            L, info = torch.linalg.cholesky_ex(g)
+        finally:
+            g.diagonal().copy_(diag)
         if int(info) == 0:
             return L
         ridge *= 10

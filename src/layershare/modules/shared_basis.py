@@ -8,7 +8,9 @@ The up and gate projections of a block read the same x through the same U: `Shar
 computes z = x @ U once per input and hands it to both.
 
 A layer is in one form at a time (`form`):
-  train    V a Parameter times a 0/1 mask (while tuning)
+  train    V a Parameter and a bool mask of the entries it keeps (while tuning); V is zero outside
+           the mask (the pruner zeroes it, `apply_mask` again after every optimiser step), so
+           the forward reads V itself, with no masked copy of it
   compact  what is stored: V's nonzeros + a bitmask of where they are (a sparse V) or the dense V;
            a sparse V is rebuilt on every forward (the smallest resident form, the slowest)
   factored V dense, zeros in place (dense matmuls: fast when the factors are smaller than W)
@@ -143,10 +145,16 @@ class SharedBasisLinear(nn.Module):
     def masked_V(self) -> torch.Tensor:
         return self.V if self.mask is None else self.V * self.mask
 
+    @torch.no_grad()
+    def apply_mask(self) -> None:
+        """Zero V outside its mask (after an optimiser step moved pruned entries)."""
+        if self.mask is not None:
+            self.V.mul_(self.mask)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.form == "csr":
             return self._csr_forward(x)
-        V = self.masked_V() if self.form == "train" else self.V if self.form == "factored" else self._rebuild_V()
+        V = self.V if self.form in ("train", "factored") else self._rebuild_V()
         if self.fake_quant is not None and self.form == "train":
             V = self._fake_quantized(V)
         V = V.to(x.dtype)
@@ -162,7 +170,7 @@ class SharedBasisLinear(nn.Module):
         from ..quant.grid import fake_quantize
 
         if self.sparse or self.mask is not None:
-            keep = self.mask.bool() if self.mask is not None else V != 0
+            keep = self.mask if self.mask is not None else V != 0
             return torch.zeros_like(V).masked_scatter(keep, fake_quantize(V.masked_select(keep), self.fake_quant))
         return fake_quantize(V.t(), self.fake_quant).t() if self.role == IN else fake_quantize(V, self.fake_quant)
 
@@ -213,7 +221,7 @@ class SharedBasisLinear(nn.Module):
         if self.form == "compact":
             return unpack_bits(self.V_mask, self.v_shape)
         if self.form == "train" and self.mask is not None:
-            return self.mask > 0
+            return self.mask
         return V != 0
 
     @torch.no_grad()
@@ -229,7 +237,7 @@ class SharedBasisLinear(nn.Module):
         if form in ("train", "factored"):
             self.V = nn.Parameter(V, requires_grad=form == "train")
             if form == "train":
-                self.register_buffer("mask", keep.to(V.dtype) if self.sparse else None, persistent=False)
+                self.register_buffer("mask", keep if self.sparse else None, persistent=False)
         elif form == "compact" and self.sparse:
             self.register_buffer("V_values", V[keep].contiguous())
             self.register_buffer("V_mask", pack_bits(keep))
