@@ -176,17 +176,19 @@ def _v_entries(shape: dict, group_size: int) -> tuple[int, int]:
 
 
 def estimate(results: dict) -> list[dict]:
-    """Wall time and memory for Llama-3-8B and 70B from the 1-process run (assumptions in the doc)."""
+    """Wall time and memory for Llama-3-8B and 70B from the 1-process run and the phase profile
+    (benchmarks/scale_profile.py; assumptions in the doc)."""
     run = next(r for r in results["runs"] if r["processes"] == 1)
     per_block = sum(g["seconds"] for g in run["groups"]) / sum(len(g["blocks"]) for g in run["groups"])
-    peak = max(g["peak_rss"] for g in run["groups"])
+    peaks = results["profile"]["peaks"]
     d0, h0 = SHAPE["hidden_size"], SHAPE["intermediate_size"]
     _, v0 = _v_entries(SHAPE, 1)
-    grams0 = 2 * h0 * h0 * 8  # the down projection's input Gram matrix and its Cholesky factor, float64
-    # the process before its first group (libraries, calibration hidden states): 0.81 GB in a profile of
-    # this run's first group (RSS sampled every 10 ms; /tmp/ol/prof2.py in the session notes)
-    base = results.get("base_rss", 0.81e9)
-    tuning0 = peak - base - grams0  # the rest scales with the group's V (tuning state, pruning scores)
+    base = peaks["before the groups (libraries, calibration)"]
+    # the two large phases of a group: the dense forward (one block's weights and the down
+    # projection's h x h float64 second moment) and the tuning (V, Adam's moments, one gradient,
+    # activations: the group's V entries)
+    forward0 = peaks["dense forward + second moments"] - base - h0 * h0 * 8 - 12 * d0 * h0 * 4 / 3
+    tuning0 = max(peaks["tuning"], peaks["pruning"]) - base
     rows = []
     for name, shape in TARGETS.items():
         d, h, L = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
@@ -194,12 +196,13 @@ def estimate(results: dict) -> list[dict]:
         work = (d * h * (d + h)) / (d0 * h0 * (d0 + h0))
         cpu_h = per_block * work * L / 3600
         tuning = tuning0 * v / v0
-        grams = 2 * h * h * 8
+        block = 12 * d * h * 4 / 3  # one block's float32 weights (attention ~ d^2 x 4, MLP 3 d h)
+        forward = forward0 * d / d0 + h * h * 8 + block
         hidden = 8 * 256 * d * 4 * 2
         rows.append({"model": name, "blocks": L, "rank": rank, "v_entries": v, "work_per_block": work,
                      "cpu_hours": cpu_h, "gpu1_hours": cpu_h / GPU_SPEEDUP, "gpu8_hours": cpu_h / GPU_SPEEDUP / 8,
-                     "cpu_peak": base + tuning + grams + hidden, "gpu_mem": tuning,
-                     "host_ram": base + grams + hidden + 12 * d * h * 4 / 3})
+                     "cpu_peak": base + hidden + max(forward, tuning), "gpu_mem": tuning,
+                     "host_ram": base + hidden + forward})
     return rows
 
 
@@ -260,21 +263,23 @@ def render(results: dict) -> str:
         lines += ["", f"Output shards of 1 and 2 processes byte-identical: {same}"
                       + ("" if same else " (1 process ran 2 threads, each of 2 processes 1: float sums in another "
                                          "order; the tests show identity at equal thread counts)")]
-    lines += ["", "**What the peak is made of.** Not the model: the per-group peaks are flat from the first "
-              "group to the last (table below), and the process holds one block's weights at a time. It is "
-              "FiPS's working state for one block (d=2048, h=8192; V is rank 2,415 x 24,576 = 59M entries), "
-              "measured in a separate profile of the first group (RSS sampled every 10 ms around each phase; "
-              "GB = 10^9 bytes, the tables are in GiB; "
-              "same recipe, alone): 0.81 GB before the group (libraries, calibration hidden states); the dense "
-              "forward with second moments peaks at 2.24 GB (the down projection's 8192 x 8192 float64 Gram "
-              "matrix and each batch's product); the whitened init at 3.51 GB (that Gram matrix, its Cholesky "
-              "factor, the whitened matrices); tuning holds V, its gradient, Adam's two moments and the mask "
-              "(1.2 GB) and each pruning step adds 1.5 GB for a moment (the scores, the top-k selection over 59M "
-              "entries and its indices, the new mask; not broken down further): 4.73 GB. So the issue's target (peak under 25% of the float32 model, "
-              "2.2 GB here) is missed by 2x. What would close it, not built: a threshold search instead of "
-              "top-k, Adam moments in bfloat16, the down projection's Gram matrix in float32 "
-              "(about 2.5 GB by the same accounting). Onloading itself costs one block: the in-memory path "
-              "would hold the 8.25 GiB model plus the same working state."]
+    prof = results.get("profile")
+    if prof:
+        lines += ["", "**What the peak is made of** (benchmarks/scale_profile.py, " + prof["date"] + ": the same "
+                  "recipe on the first two blocks, RSS sampled every 10 ms and charged to the phase running; "
+                  "alone):", "", "| phase | peak RSS |", "|---|---|"]
+        lines += [f"| {k} | {v / 2**30:.2f} GiB |" for k, v in prof["peaks"].items()]
+        lines += ["", "Not the model: the per-group peaks are flat from the first group to the last (table below) "
+                  "and the process holds one block's weights at a time. The dense forward holds the block and the "
+                  "down projection's 8192 x 8192 float64 second moment (0.5 GiB); FiPS's init uses it without "
+                  "any h x h factor (the h-side whitening cancels: docs/design.md) and frees it; tuning holds V "
+                  "(rank 2,415 x 24,576 = 59M entries), Adam's two moments, one parameter's gradient at a time "
+                  "(each parameter is stepped inside the backward), the bool mask and the init kept as its "
+                  "nonzeros; pruning picks the kept entries by a threshold search (no top-k index list). "
+                  "About 0.36 GiB of every number is the libraries' code (file-backed pages). Before this "
+                  "work (session 14) the same group peaked at 4.27-4.51 GiB: a Cholesky factor of the "
+                  "second moment, float masks and a masked copy of V, all gradients and Adam's temporaries at "
+                  "once, a top-k over 59M scores with int64 indices, and freed memory kept by glibc."]
     est = results.get("estimates") or []
     if est:
         lines += ["", "## Estimates for Llama-3-8B and 70B (this recipe: 5 steps, 8 x 256 calibration tokens)", "",
@@ -285,16 +290,16 @@ def render(results: dict) -> str:
                          f"{e['gpu1_hours'] * 60:.0f} min | {e['gpu8_hours'] * 60:.0f} min | "
                          f"{e['cpu_peak'] / 2**30:.0f} GiB | {e['gpu_mem'] / 2**30:.0f} GiB | "
                          f"{e['host_ram'] / 2**30:.0f} GiB |")
-        lines += ["", "Assumptions: (1) time per block scales as d*h*(d+h) (the whitening products and the "
-                  "Cholesky factors dominate; the forward passes scale slower), from this run's mean time per "
-                  "block; (2) a GPU is " f"{GPU_SPEEDUP}x this CPU (SmolLM2-135M, default FiPS recipe: 2,217-2,938 s "
+        lines += ["", "Assumptions: (1) time per block scales as d*h*(d+h) (the whitening products "
+                  "dominate; the forward passes scale slower), from this run's mean time per block; (2) a GPU is " f"{GPU_SPEEDUP}x this CPU (SmolLM2-135M, default FiPS recipe: 2,217-2,938 s "
                   "here vs 86-93 s on an H200, both from shared machines, docs/llm_runs.json); (3) 8 GPUs divide "
                   "the groups 8 ways (the groups are independent under propagate='dense'; each rank's dense "
-                  "forward to its first group adds less than one forward of the model); (4) memory: the part of "
-                  "this run's per-group peak that is not the process's base or the down projection's Gram matrix "
-                  "and Cholesky factor (2 h^2 float64) scales with the group's V (the tuning state: V, its "
-                  "gradient, Adam's two moments, the mask, the pruning scores); on a GPU that part is GPU memory, "
-                  "the Gram matrices, calibration hidden states and one block's dense weights stay in host RAM. "
+                  "forward to its first group adds less than one forward of the model); (4) memory: a group's peak "
+                  "is the larger of its two phases in the profile above, each above the process's base: the "
+                  "dense forward (one block's float32 weights, the down projection's h^2 float64 second moment, "
+                  "the rest scaled with d) and the tuning (scaled with the group's V entries: V, Adam's moments, "
+                  "the mask, the pruning scores); on a GPU the tuning part is GPU memory, the second moments, "
+                  "calibration hidden states and one block's dense weights stay in host RAM. "
                   "The default recipe (200 steps, 64 x 512 tokens) multiplies the time by roughly 10-20x; its "
                   "memory is the same per group but for 16x the hidden states."]
     lines += ["", "Per group (1 process): seconds and peak RSS within the group", "",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -111,6 +112,32 @@ def test_resume_after_interrupt_is_byte_identical(tmp_path, tokens, method):
     assert started == [n - 1]  # the finished groups were not redone
     assert _same_files(tmp_path / "whole", tmp_path / "out") == []
     assert not staging_dir(tmp_path / "out").exists()
+
+
+def test_resume_adopts_finished_groups_after_an_unfinished_one(tmp_path, tokens):
+    """What a rerun with another process count meets: group 1 unfinished, groups 2.. finished (by
+    the other rank). They are adopted, not redone, and the output is the uninterrupted run's."""
+    dense = _dense(tmp_path)
+    whole = compress_checkpoint(dense, _recipe(), data=tokens, output_dir=tmp_path / "whole")
+    n = len(whole.report.stages[0].groups)
+    assert n >= 4
+    for out, after in (("other", n - 2), ("out", 0)):
+        with pytest.raises(KeyboardInterrupt):
+            compress_checkpoint(dense, _recipe(), data=tokens, output_dir=tmp_path / out,
+                                callbacks=[_Interrupt(after)])
+    other, mine = staging_dir(tmp_path / "other"), staging_dir(tmp_path / "out")
+    for g in range(2, n - 1):  # the other rank's groups, with the hidden states after its last
+        for f in other.glob(f"s0-g{g:05d}.*"):
+            shutil.copy(f, mine / f.name)
+    started = []
+
+    class Count(Callback):
+        def on_group_start(self, stage, group, blocks):
+            started.append(group)
+
+    compress_checkpoint(dense, _recipe(), data=tokens, output_dir=tmp_path / "out", callbacks=[Count()])
+    assert started == [1, n - 1]
+    assert _same_files(tmp_path / "whole", tmp_path / "out") == []
 
 
 def test_kill9_between_groups_then_resume_is_byte_identical(tmp_path, tokens):

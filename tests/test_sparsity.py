@@ -90,3 +90,53 @@ def test_activation_score_keeps_the_entries_that_matter_on_the_data():
     pruner = GroupPruner([down], n_final=4, schedule="static", steps=0, score=ActivationScore([down], ActivationScore.statistics(["out"], [G]), [0]))
     pruner.finish()
     assert down.mask[:, 0].all() and not down.mask[:, 3].any()
+
+
+def test_top_k_masks_match_a_sort_and_break_ties_by_position():
+    from layershare.sparsity import kth_largest, top_k_masks
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.rand(5000, generator=g)
+    scores[::7] = -1.0  # pruned entries
+    shapes = [(10, 200), (20, 150)]
+    for k in (1, 37, 2500, int((scores >= 0).sum())):
+        masks = top_k_masks(scores, k, shapes)
+        flat = torch.cat([m.flatten() for m in masks])
+        assert [tuple(m.shape) for m in masks] == shapes and all(m.dtype == torch.bool for m in masks)
+        assert int(flat.sum()) == k
+        expect = torch.zeros(5000, dtype=torch.bool)
+        expect[scores.sort(descending=True, stable=True).indices[:k]] = True
+        assert torch.equal(flat, expect)
+        assert kth_largest(scores, k) == int(scores.sort(descending=True).values[k - 1].view(torch.int32))
+    # ties at the threshold: the first ones in order (across the layers), exactly k in all
+    tied = torch.tensor([0.5, 0.2, 0.2, 0.9, 0.2, 0.2, -1.0, 0.2])
+    masks = top_k_masks(tied, 4, [(1, 3), (1, 5)])
+    assert torch.cat([m.flatten() for m in masks]).tolist() == [True, True, True, True, False, False, False, False]
+    # more than the scored entries: pruned ones fill the rest (never asked by the pruner, but exact)
+    assert int(torch.cat([m.flatten() for m in top_k_masks(tied, 8, [(1, 8)])]).sum()) == 8
+    assert not any(m.any() for m in top_k_masks(tied, 0, [(1, 8)]))
+
+
+def test_tuning_keeps_pruned_entries_at_zero_and_the_forward_masked():
+    """The training forward reads V itself: V must be zero outside its mask after every step."""
+    from layershare.train import optimize
+
+    layers = _layers()
+    pr = GroupPruner(layers, n_final=120, schedule="gradual", steps=30, every=5, end=0.6)
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(1))
+    target = [torch.randn(64, l.V.shape[1], generator=torch.Generator().manual_seed(2)) for l in layers]
+    seen = []
+
+    def after_step():
+        for l in layers:
+            l.apply_mask()
+        if layers[0].mask is not None:
+            seen.append(all(float(l.V.detach()[~l.mask].abs().max()) == 0.0 for l in layers))
+
+    optimize([layers[0].basis.U] + [l.V for l in layers], 30, 1e-2,
+             lambda t: sum(((l(x) - y) ** 2).mean() for l, y in zip(layers, target)),
+             before_step=lambda t: pr.step(t), after_step=after_step)
+    assert seen and all(seen)
+    with torch.no_grad():  # the forward equals the explicitly masked product
+        for l in layers:
+            assert torch.allclose(l(x), x @ l.basis.U @ (l.V * l.mask), atol=1e-6)

@@ -260,9 +260,14 @@ class Onloaded(Residency):
             return first, 0, earlier
         if first == self._span.stop:  # all done: nothing to run, no inputs needed
             return first, first, earlier
-        hidden = self.staging.hidden(stage, first - 1)
+        self._hidden_after(stage, first - 1, len(groups), streams)
+        return first, first, earlier
+
+    def _hidden_after(self, stage: int, group: int, n_groups: int, streams: dict) -> None:
+        """The streams at the input of group + 1, from the hidden states staged after `group`."""
+        hidden = self.staging.hidden(stage, group)
         if hidden is None:
-            raise OnloadError(f"{self.staging.dir}: group {first} (of 1 to {len(groups)}) is finished but the hidden "
+            raise OnloadError(f"{self.staging.dir}: group {group + 1} (of 1 to {n_groups}) is finished but the hidden "
                               f"states after it are missing; delete the staging area to start over")
         n = len(streams["dense"].hidden)
         dense = [hidden[f"dense.{i}"] for i in range(n)]
@@ -270,7 +275,19 @@ class Onloaded(Residency):
         if comp is not None:
             comp.hidden = [hidden[f"compressed.{i}"] for i in range(n)] if "compressed.0" in hidden else dense
         streams["dense"].hidden = dense
-        return first, first, earlier
+
+    def earlier(self, stage, group, groups, streams):
+        """A group after this process's first unfinished one can be finished too: the run before
+        had another number of processes (their ranges differ) or they ran side by side. It is
+        adopted, not redone; the streams come from its staged hidden states when the next group
+        is to be compressed here."""
+        if not self.staging.finished(stage, group):
+            return None
+        report = adopt(self.staging, stage, group, self.model)
+        nxt = group + 1
+        if nxt < self._span.stop and not self.staging.finished(stage, nxt):
+            self._hidden_after(stage, group, len(groups), streams)
+        return report
 
 
 def peak_rss_and_reset() -> int | None:

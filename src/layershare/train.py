@@ -37,6 +37,9 @@ def optimize(params: list[torch.nn.Parameter], steps: int, lr: float, loss_at: C
 
     def step_now(p: torch.Tensor) -> None:
         opts[p].step()
+        # the fused kernel changes p in place without telling autograd: say so (what a cache keyed
+        # on the version, SharedBasis.project's, and autograd's own checks rely on)
+        torch.autograd.graph.increment_version(p)
         opts[p].zero_grad(set_to_none=True)
 
     handles = [p.register_post_accumulate_grad_hook(step_now) for p in params]

@@ -87,6 +87,12 @@ class Residency:
         hidden states with staged ones."""
         return self.span(len(groups)).start, 0, []
 
+    def earlier(self, stage: int, group: int, groups: list[list[int]], streams: dict) -> GroupReport | None:
+        """The report of `group` if it was compressed earlier (by another run, or a process
+        count since changed), rebuilt in the model and the streams at the next group's input;
+        None if it is to be compressed now."""
+        return None
+
     def onload(self, model: nn.Module, blocks: list[int]) -> None: ...
 
     def offload(self, model: nn.Module, blocks: list[int]) -> None: ...

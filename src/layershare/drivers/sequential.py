@@ -15,7 +15,8 @@ sequential pipeline, which knows no algorithm).
    compressed group's ("compressed").
 Only one group's activations are held at a time. Where the weights are (all in memory, or read
 group by group from the checkpoint), which groups this process compresses and which are already
-done is the context's Residency (drivers/base.py; onload.py), never this driver's.
+done (before this process's first group or anywhere after it) is the context's Residency
+(drivers/base.py; onload.py), never this driver's.
 """
 from __future__ import annotations
 
@@ -59,6 +60,10 @@ def run_sequential(model: nn.Module, adapter: Adapter, method, batches: list[tor
     todo = range(first, res.span(len(groups)).stop)
     bar = tqdm([(g, groups[g]) for g in todo], desc=f"{method.name} groups", dynamic_ncols=True)
     for g, group_blocks in bar:
+        done_before = res.earlier(ctx.stage, g, groups, streams)
+        if done_before is not None:
+            report.groups.append(done_before)
+            continue
         tg = time.time()
         ctx.callbacks.on_group_start(ctx.stage, g, group_blocks)
         res.onload(model, group_blocks)

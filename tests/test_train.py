@@ -1,0 +1,35 @@
+import math
+
+import torch
+
+from layershare.train import optimize
+
+
+def _reference(params, steps, lr, loss_at, weight_decay, min_lr):
+    """One AdamW over all parameters, stepped after the backward (what optimize must equal)."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda t: min_lr + (1 - min_lr) * 0.5 * (1 + math.cos(math.pi * min(t, steps) / steps)))
+    for t in range(steps):
+        loss = loss_at(t)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+
+
+def test_stepping_inside_the_backward_equals_one_optimiser_after_it():
+    g = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(64, 8, generator=g), torch.randn(64, 5, generator=g)
+    a0, b0 = torch.randn(8, 3, generator=g), torch.randn(3, 5, generator=g)
+    out = []
+    for fn in (optimize, _reference):
+        a, b = torch.nn.Parameter(a0.clone()), torch.nn.Parameter(b0.clone())
+        unused = torch.nn.Parameter(torch.ones(2))  # no gradient: never stepped (AdamW skips it too)
+        loss_at = lambda t: ((X @ a @ b - Y) ** 2).mean() + (X @ a).pow(2).mean() * 1e-3  # a gets two paths
+        fn([a, b, unused], 25, 1e-2, loss_at, weight_decay=0.1, min_lr=0.01)
+        out.append((a, b, unused))
+    (a1, b1, u1), (a2, b2, u2) = out
+    assert torch.equal(a1, a2) and torch.equal(b1, b2) and torch.equal(u1, torch.ones(2))
+    assert not torch.equal(a1.detach(), a0)  # it trained
+    assert a1.grad is None and b1.grad is None  # each gradient freed by its own step
