@@ -183,7 +183,7 @@ def estimate(results: dict) -> list[dict]:
     peaks = results["profile"]["peaks"]
     d0, h0 = SHAPE["hidden_size"], SHAPE["intermediate_size"]
     _, v0 = _v_entries(SHAPE, 1)
-    base = peaks["before the groups (libraries, calibration)"]
+    base = peaks["RSS when the first group starts"]
     # the two large phases of a group: the dense forward (one block's weights and the down
     # projection's h x h float64 second moment) and the tuning (V, Adam's moments, one gradient,
     # activations: the group's V entries)

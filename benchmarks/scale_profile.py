@@ -25,6 +25,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = Path("/tmp/layershare-scale/dense")
 RANK = 2415
+BASE = "RSS when the first group starts"
 PHASES = [  # (module, attribute, label): the innermost running one is charged
     ("layershare.onload", "Onloaded.capture", "capture (embeddings, block arguments)"),
     ("layershare.onload", "Onloaded.onload", "onload (read one block)"),
@@ -92,21 +93,32 @@ def main() -> None:
         for p in path:
             owner = getattr(owner, p)
         wrap(owner, name, label)
+    class Marks(layershare.Callback):
+        def on_group_start(self, stage, group, blocks):
+            peaks.setdefault(BASE, proc.memory_info().rss)
+            phase[0] = "the driver, between those phases"
+
+        def on_stage_end(self, stage, report):
+            phase[0] = "assembling the output"
+
     threading.Thread(target=sample, daemon=True).start()
     with tempfile.TemporaryDirectory() as tmp:
         model = two_block_copy(Path(tmp) / "dense2")
-        phase[0] = "before the groups (libraries, calibration)"
+        phase[0] = "setup (skeleton, calibration, staging)"
         t0 = time.time()
         layershare.compress_checkpoint(
             model, layershare.Recipe(stages=[layershare.FiPSConfig(rank=RANK, steps=5, group_size=1)],
                                      nsamples=8, seqlen=256),
-            data="austen:emma", tokenizer=AutoTokenizer.from_pretrained(model), output_dir=Path(tmp) / "out")
+            data="austen:emma", tokenizer=AutoTokenizer.from_pretrained(model), output_dir=Path(tmp) / "out",
+            callbacks=[Marks()])
         phase[0] = "after"
         time.sleep(0.05)
         wall = time.time() - t0
     order = [label for _, _, label in PHASES]
-    rows = sorted(((k, v) for k, v in peaks.items() if k != "after"),
-                  key=lambda kv: order.index(kv[0]) if kv[0] in order else -1)
+    order = ["other", "setup (skeleton, calibration, staging)", PHASES[0][2], BASE] + order[1:] + [
+        "the driver, between those phases", "assembling the output"]
+    rows = sorted(((k, v) for k, v in peaks.items() if k in order), key=lambda kv: order.index(kv[0]))
+    rows = [("importing the libraries" if k == "other" else k, v) for k, v in rows]
     print(f"2-block model, FiPS rank {RANK}, 5 steps: {wall:.0f} s")
     for k, v in rows:
         print(f"  {k:45s} {v / 2**30:.2f} GiB")
