@@ -175,6 +175,11 @@ def _v_entries(shape: dict, group_size: int) -> tuple[int, int]:
     return rank, rank * 3 * shape["intermediate_size"] * group_size
 
 
+def _block_bytes(d: int, h: int) -> float:
+    """One block's float32 weights, roughly: attention ~ 4 d^2 (with h = 4d), MLP 3 d h."""
+    return 12 * d * h * 4 / 3
+
+
 def estimate(results: dict) -> list[dict]:
     """Wall time and memory for Llama-3-8B and 70B from the 1-process run and the phase profile
     (benchmarks/scale_profile.py; assumptions in the doc)."""
@@ -187,7 +192,7 @@ def estimate(results: dict) -> list[dict]:
     # the two large phases of a group: the dense forward (one block's weights and the down
     # projection's h x h float64 second moment) and the tuning (V, Adam's moments, one gradient,
     # activations: the group's V entries)
-    forward0 = peaks["dense forward + second moments"] - base - h0 * h0 * 8 - 12 * d0 * h0 * 4 / 3
+    forward0 = peaks["dense forward + second moments"] - base - h0 * h0 * 8 - _block_bytes(d0, h0)
     tuning0 = max(peaks["tuning"], peaks["pruning"]) - base
     rows = []
     for name, shape in TARGETS.items():
@@ -196,8 +201,7 @@ def estimate(results: dict) -> list[dict]:
         work = (d * h * (d + h)) / (d0 * h0 * (d0 + h0))
         cpu_h = per_block * work * L / 3600
         tuning = tuning0 * v / v0
-        block = 12 * d * h * 4 / 3  # one block's float32 weights (attention ~ d^2 x 4, MLP 3 d h)
-        forward = forward0 * d / d0 + h * h * 8 + block
+        forward = forward0 * d / d0 + h * h * 8 + _block_bytes(d, h)
         hidden = 8 * 256 * d * 4 * 2
         rows.append({"model": name, "blocks": L, "rank": rank, "v_entries": v, "work_per_block": work,
                      "cpu_hours": cpu_h, "gpu1_hours": cpu_h / GPU_SPEEDUP, "gpu8_hours": cpu_h / GPU_SPEEDUP / 8,
@@ -235,7 +239,8 @@ Each rank takes a contiguous range of groups, runs the dense model forward (one 
 to its first group, compresses its groups and stages them; rank 0 then writes the directory: one
 shard per group (hard links to the staged files) and one for the embeddings, norms and head,
 with transformers' `model.safetensors.index.json`. A crashed rank stops the job (torchrun ends
-the others); rerunning the command resumes every rank from its first unfinished group. A group
+the others); rerunning the command resumes every rank from its first unfinished group (finished
+groups are never redone, also after a change of the number of processes). A group
 that needs the compressed model so far as its input (SVD-LLM's and Basis Sharing's closed-form
 update, FiPS's `propagate: compressed`) is refused under torchrun before any work (it resumes in
 one process). The output is identical, byte for byte, whether it was made by 1 process or several

@@ -252,16 +252,14 @@ class Onloaded(Residency):
         self._span = self.span(len(groups))
         if not self._span:  # more processes than groups: nothing to do here
             return self._span.start, self._span.start, []
-        first, earlier = self._span.start, []
-        while first < self._span.stop and self.staging.finished(stage, first):
-            earlier.append(adopt(self.staging, stage, first, self.model))
+        first, done = self._span.start, []
+        while first < self._span.stop:  # the finished groups the range starts with (inputs from the staging)
+            report = self.earlier(stage, first, groups, streams)
+            if report is None:
+                break
+            done.append(report)
             first += 1
-        if first == self._span.start:
-            return first, 0, earlier
-        if first == self._span.stop:  # all done: nothing to run, no inputs needed
-            return first, first, earlier
-        self._hidden_after(stage, first - 1, len(groups), streams)
-        return first, first, earlier
+        return first, (0 if first == self._span.start else first), done
 
     def _hidden_after(self, stage: int, group: int, n_groups: int, streams: dict) -> None:
         """The streams at the input of group + 1, from the hidden states staged after `group`."""
@@ -277,10 +275,9 @@ class Onloaded(Residency):
         streams["dense"].hidden = dense
 
     def earlier(self, stage, group, groups, streams):
-        """A group after this process's first unfinished one can be finished too: the run before
-        had another number of processes (their ranges differ) or they ran side by side. It is
-        adopted, not redone; the streams come from its staged hidden states when the next group
-        is to be compressed here."""
+        """A finished group is adopted, not redone (at the start of the range after a crash; after
+        an unfinished one when the run before had another number of processes); the streams come
+        from its staged hidden states when the next group is to be compressed here."""
         if not self.staging.finished(stage, group):
             return None
         report = adopt(self.staging, stage, group, self.model)
