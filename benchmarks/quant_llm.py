@@ -39,9 +39,13 @@ GROUP = 128
 PAIRS = {"fips-qat3@2": ("fips", 3, 2, "unstructured"), "fips-dense-v-qat3@2": ("fips", 3, 2, "none"),
          "fips-qat4@3": ("fips", 4, 3, "unstructured"), "basis-sharing-gptq3@2": ("basis-sharing", 3, 2, None),
          "svd-llm-gptq3@2": ("svd-llm", 3, 2, None)}
+# rows ending in "+ft" are then distilled end to end through fake quantization (layershare.finetune of a
+# quantized model, quant/qat.py) with FINETUNE; "qat-B" is RTN-B distilled that way: QAT of the dense model alone
+FINETUNE = {"steps": 60, "batch_size": 4, "seqlen": 512, "lr": 1e-4}
 # the paper's comparison first (a GPU lease may end before the last rows)
 ROWS = ["dense", "gptq-2", "gptq-3", "fips-qat3@2", "fips-qat4@3", "rtn-2", "rtn-3", "rtn-4", "gptq-4",
-        "basis-sharing-gptq3@2", "svd-llm-gptq3@2", "fips-dense-v-qat3@2"]
+        "basis-sharing-gptq3@2", "svd-llm-gptq3@2", "fips-dense-v-qat3@2", "qat-2", "fips-qat3@2+ft", "qat-3",
+        "fips-qat4@3+ft"]
 
 
 def linear_numel(model) -> tuple[int, int]:
@@ -83,8 +87,10 @@ def solve_ratio(model, method: str, bits: int, target_bits: float, pattern: str 
 
 def recipe_for(row: str, model, device: str, overrides: dict) -> Recipe:
     run = {"dtype": "bfloat16", "device": device, **{k: overrides[k] for k in ("nsamples", "seqlen") if k in overrides}}
-    if row.startswith(("rtn-", "gptq-")):
+    row = row.removesuffix("+ft")
+    if row.startswith(("rtn-", "gptq-", "qat-")):
         algo, bits = row.split("-")
+        algo = "rtn" if algo == "qat" else algo  # QAT alone: RTN codes, then quantization-aware distillation
         return Recipe(stages=[QuantConfig(bits=int(bits), group_size=GROUP, algorithm=algo)], **run)
     method, bits, paired, pattern = PAIRS[row]
     total, _ = linear_numel(model)
@@ -123,7 +129,7 @@ def run_row(row: str, model_name: str, loaded, device: str, overrides: dict) -> 
     model, tok = copy.deepcopy(loaded[0]), loaded[1]  # the GGUF is read once for all rows
     total, _ = linear_numel(model)
     out = {"row": row, "model": model_name, "device": torch.cuda.get_device_name(device) if device.startswith("cuda")
-           else "cpu", "date": "2026-11-27"}
+           else "cpu", "date": time.strftime("%Y-%m-%d")}
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
     with tempfile.TemporaryDirectory() as tmp:
@@ -142,16 +148,40 @@ def run_row(row: str, model_name: str, loaded, device: str, overrides: dict) -> 
             out["recipe"] = recipe.to_dict()
             t0 = time.time()
             res = layershare.compress(model, recipe, data=CALIB, tokenizer=tok, output_dir=path, allow_ratio_miss=True)
-            out["seconds"] = time.time() - t0
-            out["peak_mb"] = peak_mb(device)
             out["ratio_of_model"] = res.sizes.ratio
-            out["linear_bits"], out["file_bytes"] = linear_bits(path, total)
             del model, res
+            out["seconds"] = time.time() - t0
+            if row.endswith("+ft") or row.startswith("qat-"):
+                out["finetune"] = finetune(path, loaded, device, overrides)
+                out["seconds"] += out["finetune"]["seconds"]  # compression + distillation, not the evaluation between
+                path = path.with_name("ft")
+            out["peak_mb"] = peak_mb(device)
+            out["linear_bits"], out["file_bytes"] = linear_bits(path, total)
             model = layershare.load(path, device=device)
         kw = {"max_windows": overrides["eval_windows"]} if "eval_windows" in overrides else {}
         ppl = layershare.evaluate_perplexity(model, tok, TEST, seqlen=2048, **kw)
     out["ppl"], out["protocol"] = ppl.ppl, ppl.protocol
     return out
+
+
+def finetune(path: Path, loaded, device: str, overrides: dict) -> dict:
+    """Distil the dense model into the quantized directory `path` through fake quantization
+    (FINETUNE, overridable with --set); saved beside it as "ft". Returns the settings and losses."""
+    import copy
+
+    from layershare.io import read_meta
+
+    ft = {k: overrides.get(k, v) for k, v in FINETUNE.items()}
+    _, meta = read_meta(path)
+    meta = {k: v for k, v in meta.items() if k not in ("weights_bytes", "format_version", "eval")}
+    model = layershare.load(path, device=device, runtime="compact")
+    kw = {"max_windows": overrides["eval_windows"]} if "eval_windows" in overrides else {}
+    before = layershare.evaluate_perplexity(model, loaded[1], TEST, seqlen=2048, **kw).ppl  # not timed below
+    teacher = copy.deepcopy(loaded[0])
+    stats = layershare.finetune(model, teacher, CALIB, loaded[1], steps=ft["steps"], batch_size=ft["batch_size"],
+                                lr=ft["lr"], seqlen=ft["seqlen"], output_dir=path.with_name("ft"), meta=meta)
+    return {**ft, "data": CALIB, "loss_before": stats.loss_before, "loss_after": stats.loss_after,
+            "seconds": stats.seconds, "ppl_before": before}
 
 
 def table(rows: list[dict]) -> str:

@@ -331,9 +331,10 @@ def finetuning_data(model: nn.Module, data, preprocessing, max_samples: int, seq
 def finetune(model: nn.Module, teacher: nn.Module, data, preprocessing=None, steps: int = 200,
              batch_size: int = 32, lr: float = 1e-4, temperature: float = 1.0, label_weight: float = 0.0,
              max_samples: int = 10_000, seqlen: int = 512, seed: int = 0, output_dir: str | Path | None = None,
-             overwrite: bool = False, meta: dict | None = None):
+             overwrite: bool = False, meta: dict | None = None, device: str | None = None):
     """Distil the dense `teacher` into the compressed `model` (in place) on `data` (see
-    finetuning_data), keeping every sparsity pattern; save to `output_dir` if given. A quantized
+    finetuning_data), keeping every sparsity pattern, on `device` (default: where `model` is);
+    save to `output_dir` if given. A quantized
     model is trained through fake quantization on its own grid and its codes are stored again
     (quantization-aware training, quant/qat.py).
     Returns distill.FinetuneStats."""
@@ -353,7 +354,7 @@ def finetune(model: nn.Module, teacher: nn.Module, data, preprocessing=None, ste
     try:
         stats = distill.finetune(model, teacher, inputs, labels, steps=steps, batch_size=batch_size, lr=lr,
                                  temperature=temperature, label_weight=label_weight if labels is not None else 0.0,
-                                 seed=seed)
+                                 seed=seed, device=device or str(next(model.parameters()).device))
     finally:
         if quantized:
             qat.finish(model)

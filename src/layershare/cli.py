@@ -382,7 +382,7 @@ def cmd_finetune(args) -> int:
     stats = layershare.finetune(model, teacher, args.data, prep, steps=args.steps, batch_size=args.batch_size,
                                 lr=args.lr, temperature=args.temperature, label_weight=args.label_weight,
                                 max_samples=args.max_samples, seqlen=args.seqlen, seed=args.seed,
-                                output_dir=args.output, overwrite=args.overwrite, meta=meta)
+                                output_dir=args.output, overwrite=args.overwrite, meta=meta, device=args.device)
     print(f"fine-tuned {stats.steps} steps in {stats.seconds:,.1f} s: distillation loss "
           f"{stats.loss_before:.4f} -> {stats.loss_after:.4f}; saved to {args.output}")
     if args.eval_text or args.eval_images:
@@ -526,6 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--max-samples", type=int, default=10_000, help="images, or text windows of --seqlen tokens")
     f.add_argument("--seqlen", type=int, default=512)
     f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--device", default="cpu", help="where to train (cpu, cuda, cuda:1, ...)")
     f.add_argument("--eval-text", help="report dense and fine-tuned perplexity on this text")
     f.add_argument("--eval-images", help="report dense and fine-tuned top-1 on this image folder")
     f.add_argument("--eval-seqlen", type=int)
