@@ -14,8 +14,15 @@ Sensibility (the library's default windows), perplexity on the whole of Northang
 2048-token windows. "linear bits" are the bits of the attention and MLP weights (codes, scales,
 FiPS's bases, V values and bitmasks, all counted) per dense linear weight, measured on the saved
 file's tensors; "file" is the whole weights file. Each row also records its compression time and
-peak memory (GPU allocated, or RSS). QAT alone (a dense model tuned through fake quantization) is
-not built; GPTQ alone is the quantization-only baseline. Results: docs/quant_llm.json, .md, .png.
+peak memory (GPU allocated, or RSS; run one row per process for a per-row RSS peak).
+
+QAT (the paper's baseline is 2-bit QAT of the dense model): "qat-B" is RTN at B bits, then
+`layershare.finetune` of the quantized directory, which distils the dense model into it end to end
+through fake quantization on the stored grid (quant/qat.py) with FINETUNE (steps x batch windows
+of the calibration book); "ROW+ft" is ROW then the same distillation, so FiPS+QAT and QAT alone
+get the same end-to-end budget (FiPS also has its block-wise tuning: its compression time says
+what that costs). Such rows also record the perplexity before the distillation ("ppl_before").
+Results: docs/quant_llm.json (docs/quant_llm_cpu.json for CPU rows), .md, .png.
 """
 from __future__ import annotations
 
@@ -34,6 +41,7 @@ from layershare.methods import BasisSharingConfig, FiPSConfig, QuantConfig, SVDL
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "quant_llm.json"
+OUT_CPU = ROOT / "docs" / "quant_llm_cpu.json"  # rows run on the 2-core CPU (--device cpu --out ...)
 CALIB, TEST = "austen:sensesensibility", "austen:northangerabbey"
 GROUP = 128
 PAIRS = {"fips-qat3@2": ("fips", 3, 2, "unstructured"), "fips-dense-v-qat3@2": ("fips", 3, 2, "none"),
@@ -166,12 +174,12 @@ def run_row(row: str, model_name: str, loaded, device: str, overrides: dict) -> 
 
 def finetune(path: Path, loaded, device: str, overrides: dict) -> dict:
     """Distil the dense model into the quantized directory `path` through fake quantization
-    (FINETUNE, overridable with --set); saved beside it as "ft". Returns the settings and losses."""
+    (FINETUNE, each overridable with --set as ft_KEY); saved beside it as "ft". Returns the settings and losses."""
     import copy
 
     from layershare.io import read_meta
 
-    ft = {k: overrides.get(k, v) for k, v in FINETUNE.items()}
+    ft = {k: overrides.get("ft_" + k, v) for k, v in FINETUNE.items()}
     _, meta = read_meta(path)
     meta = {k: v for k, v in meta.items() if k not in ("weights_bytes", "format_version", "eval")}
     model = layershare.load(path, device=device, runtime="compact")
@@ -189,8 +197,20 @@ def table(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: -r["linear_bits"]):
         lines.append(f"| {r['row']} | {r['linear_bits']:.3f} | {r['file_bytes'] / 1e6:.1f} | {r['ppl']:.2f} | "
-                     f"{r['seconds']:.0f} | {r.get('peak_mb', 0):.0f} | {r['device']} |")
+                     f"{r['seconds']:.0f} | {r.get('peak_mb', 0):.0f} | {r['device']}{' (shared)' if r.get('shared') else ''} |")
     return "\n".join(lines)
+
+
+def notes(rows: list[dict]) -> str:
+    """The distillation settings and the perplexity before it, for the rows that have one."""
+    lines = []
+    for r in rows:
+        f = r.get("finetune")
+        if f:
+            lines.append(f"- {r['row']}: perplexity {f['ppl_before']:.2f} before the distillation ({f['steps']} steps "
+                         f"x {f['batch_size']} windows x {f['seqlen']} tokens of {f['data']}, lr {f['lr']:g}, "
+                         f"{f['seconds']:.0f} s; loss {f['loss_before']:.3f} -> {f['loss_after']:.3f})")
+    return "\n".join(lines) + ("\n" if lines else "")
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -200,14 +220,25 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    groups = {"quantization alone (RTN)": "rtn-", "quantization alone (GPTQ)": "gptq-", "FiPS + QAT": "fips",
-              "Basis Sharing + GPTQ": "basis-sharing", "SVD-LLM + GPTQ": "svd-llm"}
+    groups = {"quantization alone (RTN)": "rtn-", "quantization alone (GPTQ)": "gptq-",
+              "QAT alone (distilled)": "qat-", "FiPS + QAT": "fips", "Basis Sharing + GPTQ": "basis-sharing",
+              "SVD-LLM + GPTQ": "svd-llm"}
+
+    def where(r):
+        return "" if r["device"].startswith("NVIDIA") else f" ({r['device'].upper()})"
+
     for label, prefix in groups.items():
-        pts = sorted((r["linear_bits"], r["ppl"], r["row"]) for r in rows if r["row"].startswith(prefix))
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if len(pts) > 1 else "o", label=label)
-            for x, y, name in pts:
-                ax.annotate(name, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        for ft in (False, True):
+            for dev in sorted({where(r) for r in rows}):
+                pts = sorted((r["linear_bits"], r["ppl"], r["row"]) for r in rows if r["row"].startswith(prefix)
+                             and r["row"].endswith("+ft") == ft and where(r) == dev)
+                if not pts:
+                    continue
+                name = label + (" + distillation" if ft else "") + dev
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], ("s" if dev else "o") + ("-" if len(pts) > 1 else ""),
+                        label=name)
+                for x, y, row in pts:
+                    ax.annotate(row, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
     dense = [r for r in rows if r["row"] == "dense"]
     if dense:
         ax.axhline(dense[0]["ppl"], color="gray", ls="--", lw=0.8, label=f"dense bf16 ({dense[0]['ppl']:.1f})")
@@ -227,7 +258,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=str(OUT), help="results JSON (rows merge by name)")
     ap.add_argument("--set", default="{}", help='JSON overrides for a smoke run: {"nsamples", "seqlen", "steps", '
-                                                '"eval_windows"}')
+                                                '"eval_windows", "ft_steps", "ft_batch_size", "ft_seqlen", "ft_lr"}')
     ap.add_argument("--render", action="store_true", help="only write the table and the plot from the JSON")
     args = ap.parse_args()
     out = Path(args.out)
@@ -238,13 +269,19 @@ def main() -> None:
             rows[row] = run_row(row, args.model, loaded, args.device, json.loads(args.set))
             print(json.dumps(rows[row]), flush=True)
             out.write_text(json.dumps(list(rows.values()), indent=1))
-    result = table(list(rows.values()))
-    print(result)
-    if args.render:
+    print(table(list(rows.values())))
+    if args.render:  # every results file: one table per file, one plot
+        parts, every = [], []
+        for f in (OUT, OUT_CPU):
+            if f.exists():
+                found = json.loads(f.read_text())
+                every += found
+                parts.append(f"## {f.name}\n\n" + table(found) + "\n\n" + notes(found))
         (ROOT / "docs" / "quant_llm.md").write_text(
-            "# Quantization composed with sharing (SmolLM2-135M)\n\nWritten by `benchmarks/quant_llm.py`; the "
-            "protocol is its docstring. Rows sorted by size.\n\n" + result + "\n")
-        plot(list(rows.values()), ROOT / "docs" / "quant_llm.png")
+            "# Quantization composed with sharing (SmolLM2-135M)\n\nWritten by `benchmarks/quant_llm.py --render`; "
+            "the protocol is its docstring. Rows sorted by size; \"compress s\" includes the distillation of "
+            "QAT rows (not the evaluation).\n\n" + "\n".join(parts))
+        plot(every, ROOT / "docs" / "quant_llm.png")
 
 
 if __name__ == "__main__":
