@@ -302,3 +302,18 @@ def test_transformers4_vit_layout_is_recognised():
     expected = block.output.dense(torch.nn.functional.gelu(block.intermediate.dense(x)))
     torch.testing.assert_close(adapter.mlp_forward(block, x), expected)
     assert get_adapter(make_vit()).name == "vit"
+
+
+def test_api_finetune_trains_where_the_model_is_unless_told(tokens, monkeypatch):
+    """layershare.finetune passes the student's device to the training loop (it used to train on
+    the CPU whatever the model's device), and an explicit device overrides it."""
+    import layershare.distill as distill
+
+    seen = []
+    monkeypatch.setattr(distill, "finetune", lambda *a, **kw: seen.append(kw["device"]) or distill.FinetuneStats(
+        loss_before=1.0, loss_after=1.0, steps=1, seconds=0.0, curve=[1.0]))
+    teacher = make_model("llama")
+    student = copy.deepcopy(teacher).to("meta")  # a device other than the CPU, without a GPU
+    layershare.finetune(student, teacher, tokens[:1024].view(1, -1), steps=1, batch_size=1, seqlen=32)
+    layershare.finetune(student, teacher, tokens[:1024].view(1, -1), steps=1, batch_size=1, seqlen=32, device="cpu")
+    assert seen == ["meta", "cpu"]
