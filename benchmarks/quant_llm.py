@@ -49,7 +49,7 @@ PAIRS = {"fips-qat3@2": ("fips", 3, 2, "unstructured"), "fips-dense-v-qat3@2": (
          "svd-llm-gptq3@2": ("svd-llm", 3, 2, None)}
 # rows ending in "+ft" are then distilled end to end through fake quantization (layershare.finetune of a
 # quantized model, quant/qat.py) with FINETUNE; "qat-B" is RTN-B distilled that way: QAT of the dense model alone
-FINETUNE = {"steps": 60, "batch_size": 4, "seqlen": 512, "lr": 1e-4}
+FINETUNE = {"steps": 40, "batch_size": 4, "seqlen": 512, "lr": 1e-3}  # at 1e-4 a 2-bit model did not move in 10 steps
 # the paper's comparison first (a GPU lease may end before the last rows)
 ROWS = ["dense", "gptq-2", "gptq-3", "fips-qat3@2", "fips-qat4@3", "rtn-2", "rtn-3", "rtn-4", "gptq-4",
         "basis-sharing-gptq3@2", "svd-llm-gptq3@2", "fips-dense-v-qat3@2", "qat-2", "fips-qat3@2+ft", "qat-3",

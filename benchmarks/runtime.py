@@ -46,6 +46,10 @@ VARIANTS = {
     "svd-llm": ({"method": "svd-llm"}, ["auto"]),
     "basis-sharing": ({"method": "basis-sharing"}, ["auto"]),
     "ffn-merge": ({"method": "ffn-merge"}, ["auto"]),
+    # quantized (issue 18): loading dequantizes every quantized tensor once (no low-bit kernel), so these
+    # rows measure what that costs; the ratio applies to FiPS only ("quant" alone is sized by its bits)
+    "rtn 4-bit": ({"method": "quant", "bits": 4}, ["auto"]),
+    "fips (unstructured 50%) + rtn 4-bit": ({"method": "fips", "pattern": "unstructured", "bits": 4}, ["auto"]),
 }
 
 
@@ -107,7 +111,15 @@ def compress(model_name: str, label: str, ratio: float, steps: int, device: str)
 
     src = dense_dir(model_name)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    recipe = layershare.Recipe.of(method, ratio=ratio, device=device, **overrides)
+    bits = overrides.pop("bits", None)
+    if method == "quant":
+        recipe = layershare.Recipe.of(method, bits=bits, device=device)
+    else:
+        recipe = layershare.Recipe.of(method, ratio=ratio, device=device, **overrides)
+        if bits:  # then quantized: the stage after the method, round to nearest, group 128
+            from layershare.methods import QuantConfig
+
+            recipe.stages.append(QuantConfig(bits=bits))
     if model_name.endswith("-shape"):  # random weights: a few random windows calibrate as well as any
         recipe.nsamples = 8
         data = torch.randint(0, model.config.vocab_size, (recipe.nsamples * recipe.seqlen + 1,),

@@ -46,8 +46,8 @@ class QuantConfig(StageConfig):
     group_size: int = 128
     symmetric: bool = True
     # "rtn" by measurement (docs/quant_llm.md, SmolLM2-135M, group 128, H100): 3-bit ppl 237 vs GPTQ's 357,
-    # 2-bit both unusable, GPTQ ahead at 4 bits (41.4 vs 44.5); on the CPU GPTQ wins at 3 bits (162.6 vs
-    # 232.4 on 4 windows): the GPU path of GPTQ is suspect until that is explained
+    # 2-bit both unusable, GPTQ ahead at 4 bits (41.4 vs 44.5); the same 3-bit recipe on the CPU: RTN 234.0,
+    # GPTQ 336.6 (so not the GPU path; why GPTQ loses here is not found)
     algorithm: Literal["rtn", "gptq"] = "rtn"
     embeddings: bool = False
     damp: float = 0.01  # GPTQ's dampening, a fraction of the mean Hessian diagonal
