@@ -94,7 +94,8 @@ def solve_ratio(model, method: str, bits: int, target_bits: float, pattern: str 
 
 
 def recipe_for(row: str, model, device: str, overrides: dict) -> Recipe:
-    run = {"dtype": "bfloat16", "device": device, **{k: overrides[k] for k in ("nsamples", "seqlen") if k in overrides}}
+    run = {"dtype": "bfloat16", "device": device,
+           **{k: overrides[k] for k in ("nsamples", "seqlen", "seed") if k in overrides}}
     row = row.removesuffix("+ft")
     if row.startswith(("rtn-", "gptq-", "qat-")):
         algo, bits = row.split("-")
@@ -257,7 +258,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m", help="alias or .gguf path")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=str(OUT), help="results JSON (rows merge by name)")
-    ap.add_argument("--set", default="{}", help='JSON overrides for a smoke run: {"nsamples", "seqlen", "steps", '
+    ap.add_argument("--set", default="{}", help='JSON overrides for a smoke run: {"nsamples", "seqlen", "seed", "steps", '
                                                 '"eval_windows", "ft_steps", "ft_batch_size", "ft_seqlen", "ft_lr"}')
     ap.add_argument("--render", action="store_true", help="only write the table and the plot from the JSON")
     args = ap.parse_args()
