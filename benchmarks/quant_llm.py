@@ -1,6 +1,7 @@
 """Quantization composed with sharing on SmolLM2-135M (issue 18): perplexity against bytes.
 
-    python benchmarks/quant_llm.py --device cuda                  # every row (a GPU: ~10 min)
+    python benchmarks/quant_llm.py --device cuda                  # every row (H100: ~10 min before the
+                                                                  # distillation rows were added)
     python benchmarks/quant_llm.py --rows dense rtn-4 --device cpu
     python benchmarks/quant_llm.py --render                       # table and plot from the JSON
 
