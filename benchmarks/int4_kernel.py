@@ -48,8 +48,9 @@ def main() -> None:
     rows = []
     for out_f, in_f in SHAPES:
         w = torch.randn(out_f, in_f) * 0.02
+        g = 128 if in_f % 128 == 0 else 64
         for bits in (3, 4):
-            spec = QuantSpec(bits, 128 if in_f % 128 == 0 else 64, True)
+            spec = QuantSpec(bits, g, True)
             qt = quantize(w, spec)
             ref_w = dequantize(qt)
             x = torch.randn(4, in_f)
@@ -58,16 +59,13 @@ def main() -> None:
             ref = x @ ref_w.t()
             err = float((y - ref).abs().max() / ref.abs().max())
             rows.append({"shape": [out_f, in_f], "bits": bits, "check": "exactness", "rel_err_fp32": err})
-        packed4 = {}
-        for dtype in (torch.float32, torch.bfloat16):
-            qt = quantize(w, QuantSpec(4, 128 if in_f % 128 == 0 else 64, True))
-            packed4[dtype] = to_int4(qt.codes, qt.scales, 4, dtype)
+        qt4 = quantize(w, QuantSpec(4, g, True))
+        packed4 = {dtype: to_int4(qt4.codes, qt4.scales, 4, dtype) for dtype in (torch.float32, torch.bfloat16)}
         for tokens in (1, 8, 512):
             for dtype in (torch.float32, torch.bfloat16):
                 x = torch.randn(tokens, in_f, dtype=dtype)
                 wd = w.to(dtype)
                 packed, sz = packed4[dtype]
-                g = 128 if in_f % 128 == 0 else 64
                 reps = 20 if tokens <= 8 else 3
                 dense = median_us(lambda: x @ wd.t(), reps)
                 int4 = median_us(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, g, sz), reps)

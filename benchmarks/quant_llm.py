@@ -168,10 +168,18 @@ def run_row(row: str, model_name: str, loaded, device: str, overrides: dict) -> 
             out["peak_mb"] = peak_mb(device)
             out["linear_bits"], out["file_bytes"] = linear_bits(path, total)
             model = layershare.load(path, device=device)
-        kw = {"max_windows": overrides["eval_windows"]} if "eval_windows" in overrides else {}
-        ppl = layershare.evaluate_perplexity(model, tok, TEST, seqlen=2048, **kw)
+        ppl = layershare.evaluate_perplexity(model, tok, TEST, seqlen=2048, **eval_windows(overrides))
     out["ppl"], out["protocol"] = ppl.ppl, ppl.protocol
     return out
+
+
+def eval_windows(overrides: dict) -> dict:
+    """The test book's first N windows only (--set eval_windows, a smoke run), else all of it."""
+    return {"max_windows": overrides["eval_windows"]} if "eval_windows" in overrides else {}
+
+
+def test_ppl(model, tok, overrides: dict) -> float:
+    return layershare.evaluate_perplexity(model, tok, TEST, seqlen=2048, **eval_windows(overrides)).ppl
 
 
 def finetune(path: Path, loaded, device: str, overrides: dict) -> dict:
@@ -183,10 +191,8 @@ def finetune(path: Path, loaded, device: str, overrides: dict) -> dict:
 
     ft = {k: overrides.get("ft_" + k, v) for k, v in FINETUNE.items()}
     _, meta = read_meta(path)
-    meta = {k: v for k, v in meta.items() if k not in ("weights_bytes", "format_version", "eval")}
     model = layershare.load(path, device=device, runtime="compact")
-    kw = {"max_windows": overrides["eval_windows"]} if "eval_windows" in overrides else {}
-    before = layershare.evaluate_perplexity(model, loaded[1], TEST, seqlen=2048, **kw).ppl  # not timed below
+    before = test_ppl(model, loaded[1], overrides)  # not timed below
     teacher = copy.deepcopy(loaded[0])
     stats = layershare.finetune(model, teacher, CALIB, loaded[1], steps=ft["steps"], batch_size=ft["batch_size"],
                                 lr=ft["lr"], seqlen=ft["seqlen"], output_dir=path.with_name("ft"), meta=meta)

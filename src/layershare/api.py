@@ -358,8 +358,8 @@ def finetune(model: nn.Module, teacher: nn.Module, data, preprocessing=None, ste
     finally:
         if quantized:
             qat.finish(model)
-    if output_dir is not None:
-        info = dict(meta or {})
+    if output_dir is not None:  # the source directory's entry, less what describes its own file and evaluation
+        info = {k: v for k, v in (meta or {}).items() if k not in ("weights_bytes", "format_version", "eval")}
         info["finetune"] = {"data": str(data), "samples": int(inputs.shape[0]), "steps": stats.steps,
                             "batch_size": batch_size, "lr": lr, "temperature": temperature,
                             "label_weight": label_weight, "loss_before": stats.loss_before,

@@ -378,7 +378,6 @@ def cmd_finetune(args) -> int:
     model = layershare.load(args.dir, runtime="compact", verify=not args.no_verify)
     prep = layershare.load_preprocessing(args.dir)
     teacher, _ = layershare.load_model(teacher_name)
-    meta = {k: v for k, v in meta.items() if k not in ("weights_bytes", "format_version", "eval")}
     stats = layershare.finetune(model, teacher, args.data, prep, steps=args.steps, batch_size=args.batch_size,
                                 lr=args.lr, temperature=args.temperature, label_weight=args.label_weight,
                                 max_samples=args.max_samples, seqlen=args.seqlen, seed=args.seed,
