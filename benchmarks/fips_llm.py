@@ -17,7 +17,18 @@ from __future__ import annotations
 import argparse
 import json
 
-from runner import CALIB, RESULTS, ROOT, TEST, VALID, VALID_RESULTS, VALID_WINDOWS, markdown_table, protocols, run_all
+from runner import (
+    CALIB,
+    RESULTS,
+    ROOT,
+    TEST,
+    VALID,
+    VALID_RESULTS,
+    VALID_WINDOWS,
+    markdown_table,
+    protocols,
+    run_all,
+)
 
 RUNS = ["smollm2-135m:dense:0", "smollm2-135m:fips:0.1", "smollm2-135m:fips:0.2", "smollm2-135m:fips:0.3",
         "gemma3-270m:dense:0", "gemma3-270m:fips:0.2"]

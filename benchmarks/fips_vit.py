@@ -37,7 +37,7 @@ def run_one(run: str, overrides: dict) -> dict:
     import torch
 
     import layershare
-    from layershare.assets import fmnist_vit_dir
+    from layershare.data.assets import fmnist_vit_dir
 
     torch.set_num_threads(os.cpu_count() or 1)
     method, ratio, *ft = run.split(":")

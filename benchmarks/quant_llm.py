@@ -5,14 +5,18 @@
     python benchmarks/quant_llm.py --rows dense rtn-4 --device cpu
     python benchmarks/quant_llm.py --render                       # table and plot from the JSON
 
-Rows: the dense model (bfloat16); round to nearest and GPTQ alone at 2, 3 and 4 bits; FiPS with
+Rows: the dense model (bfloat16); round to nearest and GPTQ alone at 2, 3 and 4 bits (GPTQ: the
+library's, sequential block by block, quant/sequential.py; damp 0.01, blocksize 128; "-wN": N
+calibration windows instead of the library's 64, "-act": act_order); FiPS with
 quantization-aware tuning (qat: fake-quantized U and V inside the block-wise reconstruction, then
 the same grid stored) at 3 and 4 bits, its sharing ratio solved so that its linear weights take as
 many bits as GPTQ's at 2 and 3 bits (the paper's pairing: 3-bit FiPS against 2-bit quantization at
 one size); Basis Sharing and SVD-LLM with GPTQ at the same pairing. Every row: group size 128,
 symmetric, storage bfloat16 for what is not quantized (embeddings, norms), calibration Sense and
 Sensibility (the library's default windows), perplexity on the whole of Northanger Abbey in
-2048-token windows. "linear bits" are the bits of the attention and MLP weights (codes, scales,
+2048-token windows (`--validation N`: also the first N 2048-token windows of Mansfield Park, the
+validation book that settings are chosen on, as "val_ppl"; `--shared`: the rows are marked as
+measured while the machine ran other work, which slows them). "linear bits" are the bits of the attention and MLP weights (codes, scales,
 FiPS's bases, V values and bitmasks, all counted) per dense linear weight, measured on the saved
 file's tensors; "file" is the whole weights file. Each row also records its compression time and
 peak memory (GPU allocated, or RSS; run one row per process for a per-row RSS peak).
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import resource
 import tempfile
 import time
@@ -43,7 +48,7 @@ from layershare.methods import BasisSharingConfig, FiPSConfig, QuantConfig, SVDL
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "quant_llm.json"
 OUT_CPU = ROOT / "docs" / "quant_llm_cpu.json"  # rows run on the 2-core CPU (--device cpu --out ...)
-CALIB, TEST = "austen:sensesensibility", "austen:northangerabbey"
+CALIB, VALID, TEST = "austen:sensesensibility", "austen:mansfieldpark", "austen:northangerabbey"
 GROUP = 128
 PAIRS = {"fips-qat3@2": ("fips", 3, 2, "unstructured"), "fips-dense-v-qat3@2": ("fips", 3, 2, "none"),
          "fips-qat4@3": ("fips", 4, 3, "unstructured"), "basis-sharing-gptq3@2": ("basis-sharing", 3, 2, None),
@@ -54,7 +59,7 @@ FINETUNE = {"steps": 40, "batch_size": 4, "seqlen": 512, "lr": 1e-3}  # at 1e-4 
 # the paper's comparison first (a GPU lease may end before the last rows)
 ROWS = ["dense", "gptq-2", "gptq-3", "fips-qat3@2", "fips-qat4@3", "rtn-2", "rtn-3", "rtn-4", "gptq-4",
         "basis-sharing-gptq3@2", "svd-llm-gptq3@2", "fips-dense-v-qat3@2", "qat-2", "fips-qat3@2+ft", "qat-3",
-        "fips-qat4@3+ft"]
+        "fips-qat4@3+ft", "gptq-3-w16", "gptq-3-act", "gptq-4-act", "fips20-gptq-4", "fips20-rtn-4"]
 
 
 def linear_numel(model) -> tuple[int, int]:
@@ -99,9 +104,10 @@ def recipe_for(row: str, model, device: str, overrides: dict) -> Recipe:
            **{k: overrides[k] for k in ("nsamples", "seqlen", "seed") if k in overrides}}
     row = row.removesuffix("+ft")
     if row.startswith(("rtn-", "gptq-", "qat-")):
-        algo, bits = row.split("-")
-        algo = "rtn" if algo == "qat" else algo  # QAT alone: RTN codes, then quantization-aware distillation
-        return Recipe(stages=[QuantConfig(bits=int(bits), group_size=GROUP, algorithm=algo)], **run)
+        quant, windows = quant_stage(row)
+        return Recipe(stages=[quant], **{**run, **windows})
+    if row.startswith("fips20-"):  # FiPS at the library's default (20% of the model), then quantization
+        return Recipe(stages=[FiPSConfig(ratio=0.2), quant_stage(row.removeprefix("fips20-"))[0]], **run)
     method, bits, paired, pattern = PAIRS[row]
     total, _ = linear_numel(model)
     target = total * (paired + 16 / GROUP)  # GPTQ alone at `paired` bits
@@ -116,9 +122,19 @@ def recipe_for(row: str, model, device: str, overrides: dict) -> Recipe:
     return Recipe(stages=[main, quant], **run)
 
 
+def quant_stage(row: str) -> tuple[QuantConfig, dict]:
+    """ALGO-BITS[-wN][-act] -> the quantization stage and the run's calibration windows (qat-B:
+    RTN codes, then the quantization-aware distillation)."""
+    algo, bits, *options = row.split("-")
+    act = "act" in options
+    windows = {"nsamples": int(o[1:]) for o in options if o.startswith("w")}
+    stage = QuantConfig(bits=int(bits), group_size=GROUP, algorithm="rtn" if algo == "qat" else algo, act_order=act)
+    return stage, windows
+
+
 def linear_bits(folder: Path, dense_linear: int) -> tuple[float, int]:
     """(bits per dense linear weight, bytes of the whole weights) from the saved files' tensors."""
-    from layershare.checkpoint import read_headers, weight_files
+    from layershare.checkpoint.verify import read_headers, weight_files
 
     header = read_headers(folder, weight_files(folder, str(folder)), str(folder))
     size = {"BF16": 2, "F16": 2, "F32": 4, "U8": 1}
@@ -133,13 +149,14 @@ def peak_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_row(row: str, model_name: str, loaded, device: str, overrides: dict) -> dict:
+def run_row(row: str, model_name: str, loaded, device: str, overrides: dict, validation: int = 0,
+            shared: bool = False) -> dict:
     import copy
 
     model, tok = copy.deepcopy(loaded[0]), loaded[1]  # the GGUF is read once for all rows
     total, _ = linear_numel(model)
     out = {"row": row, "model": model_name, "device": torch.cuda.get_device_name(device) if device.startswith("cuda")
-           else "cpu", "date": time.strftime("%Y-%m-%d")}
+           else "cpu", "date": time.strftime("%Y-%m-%d"), **({"shared": True} if shared else {})}
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
     with tempfile.TemporaryDirectory() as tmp:
@@ -147,7 +164,7 @@ def run_row(row: str, model_name: str, loaded, device: str, overrides: dict) -> 
         if row == "dense":
             from safetensors.torch import save_file
 
-            from layershare.io import state_dict_unique
+            from layershare.checkpoint.save import state_dict_unique
 
             path.mkdir()
             save_file(state_dict_unique(model, torch.bfloat16), str(path / "model.safetensors"))
@@ -169,6 +186,9 @@ def run_row(row: str, model_name: str, loaded, device: str, overrides: dict) -> 
             out["linear_bits"], out["file_bytes"] = linear_bits(path, total)
             model = layershare.load(path, device=device)
         ppl = layershare.evaluate_perplexity(model, tok, TEST, seqlen=2048, **eval_windows(overrides))
+        if validation:
+            val = layershare.evaluate_perplexity(model, tok, VALID, seqlen=2048, max_windows=validation)
+            out["val_ppl"], out["val_protocol"] = val.ppl, f"{VALID}: {val.protocol}"
     out["ppl"], out["protocol"] = ppl.ppl, ppl.protocol
     return out
 
@@ -187,7 +207,7 @@ def finetune(path: Path, loaded, device: str, overrides: dict) -> dict:
     (FINETUNE, each overridable with --set as ft_KEY); saved beside it as "ft". Returns the settings and losses."""
     import copy
 
-    from layershare.io import read_meta
+    from layershare.checkpoint.read import read_meta
 
     ft = {k: overrides.get("ft_" + k, v) for k, v in FINETUNE.items()}
     _, meta = read_meta(path)
@@ -201,11 +221,13 @@ def finetune(path: Path, loaded, device: str, overrides: dict) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| row | linear bits/weight | file MB | test ppl | compress s | peak MB | device |",
-             "|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: -r["linear_bits"]):
-        lines.append(f"| {r['row']} | {r['linear_bits']:.3f} | {r['file_bytes'] / 1e6:.1f} | {r['ppl']:.2f} | "
-                     f"{r['seconds']:.0f} | {r.get('peak_mb', 0):.0f} | {r['device']}{' (shared)' if r.get('shared') else ''} |")
+    lines = ["| row | linear bits/weight | file MB | test ppl | validation ppl | compress s | peak MB | device | date |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (-r["linear_bits"], r["row"])):
+        val = f"{r['val_ppl']:.2f}" if "val_ppl" in r else "-"
+        lines.append(f"| {r['row']} | {r['linear_bits']:.3f} | {r['file_bytes'] / 1e6:.1f} | {r['ppl']:.2f} | {val} | "
+                     f"{r['seconds']:.0f} | {r.get('peak_mb', 0):.0f} | {r['device']}{' (shared)' if r.get('shared') else ''}"
+                     f" | {r['date']} |")
     return "\n".join(lines)
 
 
@@ -228,17 +250,19 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    groups = {"quantization alone (RTN)": "rtn-", "quantization alone (GPTQ)": "gptq-",
-              "QAT alone (distilled)": "qat-", "FiPS + QAT": "fips", "Basis Sharing + GPTQ": "basis-sharing",
-              "SVD-LLM + GPTQ": "svd-llm"}
+    # one line per kind of row (the -wN/-act variants of GPTQ are in the table, not on the plot)
+    groups = {"quantization alone (RTN)": r"rtn-\d", "quantization alone (GPTQ)": r"gptq-\d",
+              "QAT alone (distilled)": r"qat-\d", "FiPS + QAT": r"fips-.*", "FiPS 20% + GPTQ": r"fips20-gptq-\d",
+              "FiPS 20% + RTN": r"fips20-rtn-\d", "Basis Sharing + GPTQ": r"basis-sharing.*", "SVD-LLM + GPTQ": r"svd-llm.*"}
 
     def where(r):
         return "" if r["device"].startswith("NVIDIA") else f" ({r['device'].upper()})"
 
-    for label, prefix in groups.items():
+    for label, pattern in groups.items():
         for ft in (False, True):
             for dev in sorted({where(r) for r in rows}):
-                pts = sorted((r["linear_bits"], r["ppl"], r["row"]) for r in rows if r["row"].startswith(prefix)
+                pts = sorted((r["linear_bits"], r["ppl"], r["row"]) for r in rows
+                             if re.fullmatch(pattern, r["row"].removesuffix("+ft"))
                              and r["row"].endswith("+ft") == ft and where(r) == dev)
                 if not pts:
                     continue
@@ -267,6 +291,9 @@ def main() -> None:
     ap.add_argument("--out", default=str(OUT), help="results JSON (rows merge by name)")
     ap.add_argument("--set", default="{}", help='JSON overrides for a smoke run: {"nsamples", "seqlen", "seed", "steps", '
                                                 '"eval_windows", "ft_steps", "ft_batch_size", "ft_seqlen", "ft_lr"}')
+    ap.add_argument("--validation", type=int, default=0, metavar="N",
+                    help=f"also the perplexity on the first N 2048-token windows of {VALID} (val_ppl)")
+    ap.add_argument("--shared", action="store_true", help="mark the rows as measured on a machine running other work")
     ap.add_argument("--render", action="store_true", help="only write the table and the plot from the JSON")
     args = ap.parse_args()
     out = Path(args.out)
@@ -274,7 +301,8 @@ def main() -> None:
     if not args.render:
         loaded = layershare.load_model(args.model)
         for row in args.rows:
-            rows[row] = run_row(row, args.model, loaded, args.device, json.loads(args.set))
+            rows[row] = run_row(row, args.model, loaded, args.device, json.loads(args.set), args.validation,
+                                args.shared)
             print(json.dumps(rows[row]), flush=True)
             out.write_text(json.dumps(list(rows.values()), indent=1))
     print(table(list(rows.values())))

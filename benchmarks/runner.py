@@ -37,9 +37,9 @@ def peak_rss_mb() -> float:
 
 def make_recipe(model, method: str, ratio: float, overrides: dict):
     """One stage, or for "MLP+ATTENTION" the attention stage then the MLP stage, the ratio split
-    by layershare.budget.split_ratio; `overrides` are run fields or fields of the (MLP) stage."""
+    by layershare.compression.budget.split_ratio; `overrides` are run fields or fields of the (MLP) stage."""
     import layershare
-    from layershare.budget import split_ratio
+    from layershare.compression.budget import split_ratio
     from layershare.methods import config_class
     from layershare.recipe import RUN_FIELDS
 
@@ -58,7 +58,7 @@ def run_one(model_name: str, method: str, ratio: float, seqlen: int, overrides: 
     import torch
 
     import layershare
-    from layershare.data import read_text, tokenize
+    from layershare.data.text import read_text, tokenize
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1)))
     device = os.environ.get("BENCH_DEVICE", "cpu")
@@ -72,7 +72,7 @@ def run_one(model_name: str, method: str, ratio: float, seqlen: int, overrides: 
             # the same writer as the compressed models (GGUF-loaded models refuse save_pretrained)
             from safetensors.torch import save_file
 
-            from layershare.io import state_dict_unique
+            from layershare.checkpoint.save import state_dict_unique
 
             save_file(state_dict_unique(model, torch.float32), str(Path(tmp) / "dense.safetensors"))
             row["bytes_on_disk"] = (Path(tmp) / "dense.safetensors").stat().st_size
@@ -216,7 +216,7 @@ def protocols(rows: list[dict]) -> str:
 
 
 if __name__ == "__main__":  # a child: python runner.py MODEL:METHOD:RATIO SPEC_JSON (see run_all)
-    from layershare.budget import BudgetError
+    from layershare.compression.budget import BudgetError
 
     m, meth, ratio = parse_run(sys.argv[1])
     try:

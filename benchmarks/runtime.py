@@ -82,10 +82,10 @@ def dense_dir(model_name: str) -> Path:
     path = OUT / model_name / "dense"
     if (path / "config.json").exists():
         return path
-    import layershare
     from safetensors.torch import save_file
 
-    from layershare.io import state_dict_unique
+    import layershare
+    from layershare.checkpoint.save import state_dict_unique
 
     model, tok = layershare.load_model(model_name)
     path.mkdir(parents=True, exist_ok=True)
@@ -140,9 +140,10 @@ def measure(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec["threads"])
-    import layershare
-    from layershare.runtime import resident_bytes
     from transformers import AutoModelForCausalLM
+
+    import layershare
+    from layershare.runtime.forms import resident_bytes
 
     dev = spec["device"]
     cuda = dev.startswith("cuda")
@@ -187,7 +188,7 @@ def measure(spec: dict) -> dict:
                       pad_token_id=0)
             row[f"decode_b{b}_tok_s"] = b * 128 / timed(lambda: model.generate(ids, **kw), 1)
         if spec.get("ppl_windows"):
-            from layershare.data import read_text, tokenize
+            from layershare.data.text import read_text, tokenize
 
             tok = layershare.load_preprocessing(spec["dir"])
             ppl = layershare.evaluate_perplexity(model, tok, tokenize(tok, read_text(TEST)), seqlen=2048,

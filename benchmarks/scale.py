@@ -37,7 +37,7 @@ def generate(out: Path, seed: int = 0) -> None:
     from safetensors.torch import save_file
     from transformers import AutoTokenizer, LlamaConfig
 
-    from layershare.assets import smollm2_gguf
+    from layershare.data.assets import smollm2_gguf
 
     if (out / "model.safetensors.index.json").exists():
         print(f"{out}: already generated")
@@ -281,8 +281,8 @@ def render(results: dict) -> str:
                   "(rank 2,415 x 24,576 = 59M entries), Adam's two moments, one parameter's gradient at a time "
                   "(each parameter is stepped inside the backward), the bool mask and the init kept as its "
                   "nonzeros; pruning picks the kept entries by a threshold search (no top-k index list). "
-                  "About 0.36 GiB of every number is the libraries' code (file-backed pages). Before this "
-                  "work (session 14) the same group peaked at 4.27-4.51 GiB: a Cholesky factor of the "
+                  "About 0.36 GiB of every number is the libraries' code (file-backed pages). Before commit "
+                  "fd17c90 (2026-11-28) the same group peaked at 4.27-4.51 GiB: a Cholesky factor of the "
                   "second moment, float masks and a masked copy of V, all gradients and Adam's temporaries at "
                   "once, a top-k over 59M scores with int64 indices, and freed memory kept by glibc."]
     est = results.get("estimates") or []

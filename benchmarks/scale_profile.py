@@ -27,16 +27,16 @@ SOURCE = Path("/tmp/layershare-scale/dense")
 RANK = 2415
 BASE = "RSS when the first group starts"
 PHASES = [  # (module, attribute, label): the innermost running one is charged
-    ("layershare.onload", "Onloaded.capture", "capture (embeddings, block arguments)"),
-    ("layershare.onload", "Onloaded.onload", "onload (read one block)"),
-    ("layershare.drivers.sequential", "run_group", "dense forward + second moments"),
+    ("layershare.compression.onload", "Onloaded.capture", "capture (embeddings, block arguments)"),
+    ("layershare.compression.onload", "Onloaded.onload", "onload (read one block)"),
+    ("layershare.compression.drivers.sequential", "run_group", "dense forward + second moments"),
     ("layershare.methods.fips", "FiPS.init", "init (whitened, shared basis)"),
-    ("layershare.reconstruct", "_init_at_final_mask", "init's error at the final mask"),
-    ("layershare.drivers.sequential", "reconstruct", "tuning"),
-    ("layershare.sparsity", "GroupPruner.prune_to", "pruning"),
+    ("layershare.compression.reconstruct", "_init_at_final_mask", "init's error at the final mask"),
+    ("layershare.compression.drivers.sequential", "reconstruct", "tuning"),
+    ("layershare.compression.sparsity", "GroupPruner.prune_to", "pruning"),
     ("layershare.methods.fips", "FiPS.materialize", "materialize (pack)"),
-    ("layershare.onload", "Onloaded.done", "staging the group"),
-    ("layershare.io", "_save", "writing the output"),
+    ("layershare.compression.onload", "Onloaded.done", "staging the group"),
+    ("layershare.checkpoint.save", "_save", "writing the output"),
 ]
 
 
@@ -62,8 +62,9 @@ def two_block_copy(dst: Path) -> Path:
 def main() -> None:
     import importlib
 
-    import layershare
     from transformers import AutoTokenizer
+
+    import layershare
 
     if not (SOURCE / "model.safetensors.index.json").exists():
         raise SystemExit(f"{SOURCE}: run benchmarks/scale.py first (it generates the model)")

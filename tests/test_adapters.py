@@ -1,12 +1,11 @@
 import pytest
 import torch
+from conftest import ARCHS, make_model, small_recipe
 from torch import nn
 
 import layershare
 from layershare.adapters import UnsupportedModelError, get_adapter
 from layershare.modules.shared_basis import SharedBasisLinear
-
-from conftest import ARCHS, make_model, small_recipe
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -38,7 +37,7 @@ def test_unknown_architecture_lists_supported():
 @pytest.mark.parametrize("arch", ["gemma3", "gpt2"])
 def test_pre_hooks_capture_all_keyword_arguments(arch, tokens):
     """Blocks are re-run with exactly the keyword arguments the model passed (masks, rope, ...)."""
-    from layershare.capture import capture_inputs
+    from layershare.compression.capture import capture_inputs
 
     model = make_model(arch)
     blocks = get_adapter(model).blocks(model)

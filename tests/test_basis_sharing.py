@@ -2,13 +2,12 @@
 (MLP up/gate; attention Q/K/V), the output-side matrices per layer; on the attention too."""
 import pytest
 import torch
+from conftest import make_model, small_recipe
 
 import layershare
-from layershare.budget import count_params
+from layershare.compression.budget import count_params
 from layershare.config import RecipeError
 from layershare.methods import BasisSharingAttentionConfig, config_class
-
-from conftest import make_model, small_recipe
 
 
 def test_one_basis_per_type_and_group(tokens):

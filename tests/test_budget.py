@@ -1,11 +1,10 @@
 import pytest
 import torch
+from conftest import make_model, small_recipe
 
 import layershare
-from layershare.budget import BudgetError, GroupShape, plan, solve_group
+from layershare.compression.budget import BudgetError, GroupShape, plan, solve_group
 from layershare.methods.fips import shared_svd
-
-from conftest import make_model, small_recipe
 
 
 @pytest.mark.parametrize("d,hs", [(64, (160, 160, 160)), (576, (1536,) * 6), (768, (3072, 3072)),

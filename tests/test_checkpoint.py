@@ -5,13 +5,12 @@ import resource
 
 import pytest
 import torch
+from conftest import make_model, small_recipe
 from safetensors.torch import load_file, save_file
 
 import layershare
+from layershare.checkpoint.verify import CheckpointError
 from layershare.cli import main
-from layershare.io import CheckpointError
-
-from conftest import make_model, small_recipe
 
 
 @pytest.fixture(scope="module")
@@ -180,9 +179,9 @@ def test_a_layer_path_must_name_a_linear_of_the_model(saved, tmp_path):
 
 HOSTILE_LOAD = """
 import resource, sys
-import layershare, layershare.api, layershare.io, transformers
+import layershare, layershare.api, layershare.checkpoint.read, transformers
 from transformers import LlamaForCausalLM
-from layershare.io import CheckpointError
+from layershare.checkpoint.verify import CheckpointError
 vm = int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmSize:"))) * 1024
 resource.setrlimit(resource.RLIMIT_AS, (vm + (1 << 30), vm + (1 << 30)))  # 1 GiB more address space
 try:

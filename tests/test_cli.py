@@ -2,10 +2,9 @@ import json
 
 import pytest
 import torch
+from conftest import SAMPLE_TEXT
 
 from layershare.cli import main
-
-from conftest import SAMPLE_TEXT
 
 
 @pytest.fixture

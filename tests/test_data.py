@@ -2,12 +2,11 @@ import math
 
 import pytest
 import torch
+from conftest import SAMPLE_TEXT, make_model, small_recipe
 
 import layershare
-from layershare.data import DataError, calibration_batches, read_text, tokenize
+from layershare.data.text import DataError, calibration_batches, read_text, tokenize
 from layershare.evaluate.perplexity import perplexity
-
-from conftest import SAMPLE_TEXT, make_model, small_recipe
 
 
 def test_too_little_calibration_text_says_needed_and_available(tokens):

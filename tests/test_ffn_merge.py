@@ -1,12 +1,15 @@
 """ffn-merge on tiny models: alignment, exact budget in whole MLPs, window choice, tied save/load."""
 import pytest
 import torch
+from conftest import make_model, small_recipe
 
 import layershare
-from layershare.budget import BudgetError, count_params
-from layershare.methods.ffn_merge import correlation, linear_sum_assignment, permuted_weights
-
-from conftest import make_model, small_recipe
+from layershare.compression.budget import BudgetError, count_params
+from layershare.methods.ffn_merge import (
+    correlation,
+    linear_sum_assignment,
+    permuted_weights,
+)
 
 
 def test_hungarian_matching_recovers_a_permutation_of_hidden_units():

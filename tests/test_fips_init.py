@@ -2,11 +2,10 @@
 MLP outputs than the plain SVD init at the same rank and sparsity."""
 import pytest
 import torch
+from conftest import make_model, small_recipe
 
 import layershare
 from layershare.config import RecipeError
-
-from conftest import make_model, small_recipe
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3"])

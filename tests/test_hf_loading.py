@@ -5,13 +5,12 @@ import json
 
 import pytest
 import torch
+from conftest import VOCAB, make_model, small_recipe
 from transformers import AutoModelForCausalLM, AutoModelForImageClassification
 
 import layershare
-from layershare.hf_quantizer import LayershareConfig, register, unregister
-from layershare.io import CheckpointError
-
-from conftest import VOCAB, make_model, small_recipe
+from layershare.checkpoint.hf_quantizer import LayershareConfig, register, unregister
+from layershare.checkpoint.verify import CheckpointError
 
 PEERS = {"fips": 0.2, "svd": 0.2, "svd-llm": 0.2, "basis-sharing": 0.2, "basis-sharing-attention": 0.2,
          "ffn-merge": 0.16, "masa": 0.2}
@@ -95,7 +94,7 @@ def test_without_layershare_transformers_refuses(compressed):
 
 
 def test_sharded_output_loads_both_ways(tokens, compressed, tmp_path):
-    from layershare.checkpoint import INDEX
+    from layershare.checkpoint.verify import INDEX
 
     x = _compress("llama", "fips", tmp_path / "s", tokens, max_shard_size=60_000)
     shards = sorted(p.name for p in (tmp_path / "s").glob("model-*.safetensors"))

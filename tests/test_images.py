@@ -13,11 +13,19 @@ import torch
 import transformers as tf
 from PIL import Image
 
-from layershare import assets
-from layershare.data import DataError
-from layershare.evaluate import accuracy
-from layershare.images import (ImageFolder, ImagePreprocessor, calibration_images, class_mapping,
-                               evaluation_batches, image_folder, load_image, stratified_indices)
+from layershare.data import assets as assets
+from layershare.data.images import (
+    ImageFolder,
+    ImagePreprocessor,
+    calibration_images,
+    class_mapping,
+    evaluation_batches,
+    image_folder,
+    load_image,
+    stratified_indices,
+)
+from layershare.data.text import DataError
+from layershare.evaluate.vision import accuracy
 
 
 def write_image(path, size=(12, 10), mode="RGB", seed=0, fmt=None):

@@ -2,12 +2,12 @@ import json
 
 import pytest
 import torch
+from conftest import make_model, small_recipe
 
 import layershare
-from layershare.io import CheckpointError, OutputExistsError
+from layershare.checkpoint.outputs import OutputExistsError
+from layershare.checkpoint.verify import CheckpointError
 from layershare.modules.shared_basis import SharedBasisLinear, unpack_all
-
-from conftest import make_model, small_recipe
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt2", "opt"])
@@ -64,7 +64,7 @@ def test_unavailable_device_is_refused_before_work(tokens, tmp_path):
 
 
 def test_interrupted_save_leaves_no_output_dir(tokens, tmp_path, monkeypatch):
-    import layershare.io as io
+    import layershare.checkpoint.save as io
 
     def boom(*a, **k):
         raise KeyboardInterrupt

@@ -9,11 +9,18 @@ import torch
 
 pytest.importorskip("lm_eval")
 
-from layershare.evaluate.tasks import (LASTWORD_WORDS, NEXTSENT_WORDS, TASKS, lastword_examples,  # noqa: E402
-                                       nextsent_examples, sentences, write_tasks)
-from layershare.testing import make_model  # noqa: E402
-
 from conftest import SAMPLE_TEXT, small_recipe  # noqa: E402
+
+from layershare.evaluate.tasks import (  # noqa: E402
+    LASTWORD_WORDS,
+    NEXTSENT_WORDS,
+    TASKS,
+    lastword_examples,
+    nextsent_examples,
+    sentences,
+    write_tasks,
+)
+from layershare.testing import make_model  # noqa: E402
 
 WORDS = sorted({w.strip(".,").lower() for w in SAMPLE_TEXT.split()})
 
@@ -111,11 +118,11 @@ def test_unknown_or_unreachable_task_is_one_error(task_dir, monkeypatch):
 
 def test_cli_tasks_on_a_compressed_dir(tmp_path, tokenizer, monkeypatch, capsys):
     import layershare
-    import layershare.assets
+    import layershare.data.assets
     from layershare.cli import main
 
     monkeypatch.setenv("LAYERSHARE_CACHE", str(tmp_path / "cache"))  # the default task dir, from TEXT
-    monkeypatch.setattr(layershare.assets, "austen_book", lambda name: TEXT)
+    monkeypatch.setattr(layershare.data.assets, "austen_book", lambda name: TEXT)
     tokens = torch.randint(0, 128, (1024,), generator=torch.Generator().manual_seed(0))
     out = tmp_path / "c"
     layershare.compress(make_model("llama", vocab=300), small_recipe(ratio=0.2, nsamples=2, seqlen=16),

@@ -1,12 +1,11 @@
 """MASA on tiny models: matrix PCA is exact with all atoms, the budget is honest, save -> load."""
 import pytest
 import torch
+from conftest import make_model, small_recipe
 
 import layershare
-from layershare.budget import BudgetError, count_params
+from layershare.compression.budget import BudgetError, count_params
 from layershare.methods.masa import matrix_pca
-
-from conftest import make_model, small_recipe
 
 
 def test_matrix_pca_exact_with_all_atoms_and_optimal_with_fewer():

@@ -1,14 +1,13 @@
 """Reconstruction targets: what is recorded is what the compressed model recomputes."""
 import pytest
 import torch
+from conftest import make_model, small_recipe
 
 import layershare
 from layershare.adapters import get_adapter
-from layershare.objectives import Objective
-from layershare.capture import capture_inputs, run_group
+from layershare.compression.capture import capture_inputs, run_group
+from layershare.compression.objectives import Objective
 from layershare.config import RecipeError
-
-from conftest import make_model, small_recipe
 
 
 def _record(model, tokens, name):

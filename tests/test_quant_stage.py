@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from conftest import make_model
 from transformers import AutoModelForCausalLM
 
 import layershare
@@ -13,8 +14,6 @@ from layershare.cli import build_parser, build_recipe, main
 from layershare.config import RecipeError
 from layershare.methods import FiPSConfig, QuantConfig
 from layershare.modules.shared_basis import SharedBasis, SharedBasisLinear
-
-from conftest import VOCAB, make_model
 
 
 def _recipe(*stages):
@@ -40,7 +39,7 @@ def test_quantized_save_load_gives_identical_logits(stages, arch, tokens, input_
     assert q["bits"] == stages[-1].bits and len(q["tensors"]) == res.report.stages[-1].extra["tensors"] > 0
     mine = layershare.load(tmp_path / "q", runtime="compact")
     assert torch.equal(_logits(mine, input_ids), _logits(model, input_ids))
-    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32, quantization_config=layershare
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32, quantization_config=layershare.checkpoint
                                                   .hf_quantizer.LayershareConfig(runtime="compact"))
     assert torch.equal(_logits(theirs, input_ids), _logits(mine, input_ids))
     # the loaded model keeps the packed form beside the dequantized tensor
@@ -50,7 +49,7 @@ def test_quantized_save_load_gives_identical_logits(stages, arch, tokens, input_
 
 
 def test_bits_per_weight_from_the_entry_match_the_files(tokens, tmp_path):
-    from layershare.checkpoint import read_headers, weight_files
+    from layershare.checkpoint.verify import read_headers, weight_files
     from layershare.quant.grid import QuantSpec, stored_bits
 
     model = make_model("llama")
@@ -146,9 +145,9 @@ def test_codes_that_no_longer_match_are_not_saved(tokens, tmp_path):
     with torch.no_grad():
         model.model.layers[0].self_attn.q_proj.weight.add_(0.01)  # changed after quantizing
     with pytest.raises(ValueError, match="q_proj.weight changed after it was quantized"):
-        layershare.io.save_compressed(model, tmp_path / "again")
+        layershare.checkpoint.save.save_compressed(model, tmp_path / "again")
     assert not (tmp_path / "again").exists()
-    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "q", quantization_config=layershare.hf_quantizer
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "q", quantization_config=layershare.checkpoint.hf_quantizer
                                                   .LayershareConfig(runtime="compact"))
     with torch.no_grad():
         theirs.model.layers[1].mlp.up_proj.weight.mul_(2)

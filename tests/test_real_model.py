@@ -6,7 +6,7 @@ import torch
 
 import layershare
 
-pytestmark = pytest.mark.real_model
+pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
@@ -17,8 +17,8 @@ def smol():
 
 
 def test_smollm2_fips_20_percent_is_smaller_reloads_and_stays_close(smol, tmp_path):
-    from layershare.assets import AssetError
-    from layershare.data import read_text, tokenize
+    from layershare.data.assets import AssetError
+    from layershare.data.text import read_text, tokenize
 
     model, tok = smol
     try:

@@ -7,14 +7,21 @@ import types
 import typing
 
 import pytest
+from conftest import make_model, small_recipe
 
 import layershare
 from layershare import Recipe
 from layershare.config import RecipeError
-from layershare.methods import (METHODS, FFNMergeConfig, FiPSConfig, MASAConfig, SVDConfig, SVDLLMConfig,
-                                config_class, config_from_dict)
-
-from conftest import make_model, small_recipe
+from layershare.methods import (
+    METHODS,
+    FFNMergeConfig,
+    FiPSConfig,
+    MASAConfig,
+    SVDConfig,
+    SVDLLMConfig,
+    config_class,
+    config_from_dict,
+)
 
 NAMES = sorted(METHODS)
 # a ratio of the whole model each method reaches on the tiny llama (checked in the test with layershare.plan)

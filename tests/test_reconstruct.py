@@ -1,8 +1,7 @@
 import pytest
+from conftest import make_model, small_recipe
 
 import layershare
-
-from conftest import make_model, small_recipe
 
 
 def test_tuning_lowers_reconstruction_error(tokens):

@@ -5,13 +5,12 @@ import signal
 
 import pytest
 import torch
+from conftest import make_model, small_recipe
 
 import layershare
+from layershare.checkpoint.outputs import OutputExistsError, output_lock, signals_deferred
 from layershare.cli import main
-from layershare.data import DataError, read_text
-from layershare.io import OutputExistsError, output_lock, signals_deferred
-
-from conftest import make_model, small_recipe
+from layershare.data.text import DataError, read_text
 
 
 def test_two_runs_cannot_write_one_output(tokens, tmp_path):
@@ -100,7 +99,7 @@ def test_a_missing_model_is_one_line(capsys):
 
 
 def test_a_ratio_missed_by_the_plan_is_refused_before_work_or_allowed_loudly(tokens, tmp_path, capsys):
-    from layershare.targets import RatioMissError, RatioMissWarning
+    from layershare.compression.targets import RatioMissError, RatioMissWarning
 
     recipe = small_recipe(ratio=0.2, pattern="2:4")  # ranks multiples of 4 on the tiny model: 21.28%
     with pytest.raises(RatioMissError, match=r"the plan removes 21\.28% .* target of 20\.00% \(\+1\.28 points.*"
@@ -130,7 +129,7 @@ def test_a_result_that_misses_its_ratio_is_not_saved(tokens, tmp_path, monkeypat
     import dataclasses
 
     import layershare.api as api
-    from layershare.targets import RatioMissError
+    from layershare.compression.targets import RatioMissError
 
     measure = api.measure
     monkeypatch.setattr(api, "measure", lambda *a, **k: dataclasses.replace(
@@ -144,7 +143,7 @@ def test_too_little_free_space_is_refused_before_work(tokens, tmp_path, monkeypa
     import collections
     import shutil
 
-    from layershare.io import OutputSpaceError
+    from layershare.checkpoint.outputs import OutputSpaceError
 
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 << 20, 9 << 20, 1 << 20))

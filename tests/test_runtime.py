@@ -1,17 +1,23 @@
 """Run-time forms (runtime.py), V's sparsity patterns and the shared x @ U."""
 import pytest
 import torch
+from conftest import make_model, small_recipe
 
 import layershare
+from layershare.compression.sparsity import is_nm
 from layershare.config import RecipeError
 from layershare.methods.fips import FiPSConfig
 from layershare.modules.shared_basis import SharedBasis, SharedBasisLinear
-from layershare.runtime import RUNTIMES, factored_is_smaller, forms, resident_bytes, to_runtime
-from layershare.sparsity import is_nm
+from layershare.runtime import kernels
+from layershare.runtime.forms import (
+    RUNTIMES,
+    factored_is_smaller,
+    forms,
+    resident_bytes,
+    to_runtime,
+)
 
-from conftest import make_model, small_recipe
-
-FORMS = ["compact", "factored", "csr", "merged", "auto"]
+FORMS = ["compact", "factored", "csr", "merged", "sparse", "auto"]
 
 
 def _compressed(tmp_path, tokens, name, **fields):
@@ -63,9 +69,10 @@ def test_auto_picks_factored_only_where_it_is_smaller(tokens, tmp_path):
         auto = to_runtime(compact, "auto")
         assert forms(auto).get("factored", 0) == sum(len(groups[k]) for k, s in zip(groups, smaller) if s)
         assert n_layers == 12
-    # dense V at 20%: rank well below d*H/(d+H), so factored; unstructured 50%: rank too high, merged
+    # dense V at 20%: rank well below d*H/(d+H), so factored; unstructured 50%: rank too high for
+    # the factored form, so the sparse kernels where they are built (smaller than merged), else merged
     assert forms(layershare.load(tmp_path / "none")) == {"factored": 12}
-    assert forms(layershare.load(tmp_path / "u")) == {}
+    assert forms(layershare.load(tmp_path / "u")) == ({"kernel": 12} if kernels.available() else {})
     assert not hasattr(layershare.load(tmp_path / "u"), "layershare_bases")  # no basis left behind
 
 
@@ -124,8 +131,10 @@ def test_projection_cache_sees_in_place_changes():
 def test_bad_runtime_and_pattern_are_refused(tokens, tmp_path):
     with pytest.raises(ValueError, match="unknown runtime 'fast'.*auto, compact, factored, csr, merged"):
         layershare.load(tmp_path / "missing", runtime="fast")
-    assert RUNTIMES == ("auto", "compact", "factored", "csr", "merged")
-    from layershare.cli import RUNTIMES as CLI_RUNTIMES  # the CLI's copy (it starts without torch)
+    assert RUNTIMES == ("auto", "compact", "factored", "csr", "merged", "sparse")
+    from layershare.cli import (
+        RUNTIMES as CLI_RUNTIMES,  # the CLI's copy (it starts without torch)
+    )
 
     assert CLI_RUNTIMES == RUNTIMES
     with pytest.raises(RecipeError, match="pattern '2:4' fixes the sparsity at 0.5; got sparsity 0.3"):
@@ -137,14 +146,14 @@ def test_bad_runtime_and_pattern_are_refused(tokens, tmp_path):
 
 
 def test_a_merged_model_cannot_be_saved_or_finetuned(tokens, tmp_path):
-    from layershare.io import CheckpointError
+    from layershare.checkpoint.verify import CheckpointError
 
     _compressed(tmp_path, tokens, "c", pattern="unstructured")
-    merged = layershare.load(tmp_path / "c")  # auto: rank above the break-even, so merged
+    merged = layershare.load(tmp_path / "c", runtime="merged")
     assert merged.layershare_merged == 12
     with pytest.raises(CheckpointError, match="12 of its compressed layers were merged.*runtime='compact'"):
         layershare.save_compressed(merged, tmp_path / "again") if hasattr(layershare, "save_compressed") else \
-            __import__("layershare.io", fromlist=["x"]).save_compressed(merged, tmp_path / "again")
+            __import__("layershare.checkpoint.save", fromlist=["x"]).save_compressed(merged, tmp_path / "again")
     assert not (tmp_path / "again").exists()
     with pytest.raises(CheckpointError, match="cannot fine-tune"):
         layershare.finetune(merged, make_model("llama"), tokens)

@@ -1,7 +1,7 @@
 import torch
 
+from layershare.compression.sparsity import GroupPruner
 from layershare.modules.shared_basis import SharedBasis, SharedBasisLinear
-from layershare.sparsity import GroupPruner
 
 
 def _layers(seed=0):
@@ -62,7 +62,7 @@ def test_pack_round_trip_keeps_product():
 def test_activation_score_of_a_down_entry_is_the_output_change_it_causes():
     """For a down projection (y = U V h) zeroing V[k, j] moves the output by U[:, k] V[k, j] h_j:
     the score times |V[k, j]| must be that change's RMS over the data the statistics came from."""
-    from layershare.sparsity import ActivationScore
+    from layershare.compression.sparsity import ActivationScore
 
     g = torch.Generator().manual_seed(0)
     basis = SharedBasis(torch.randn(12, 6, generator=g))
@@ -81,7 +81,7 @@ def test_activation_score_of_a_down_entry_is_the_output_change_it_causes():
 
 def test_activation_score_keeps_the_entries_that_matter_on_the_data():
     """Two entries of equal magnitude: the one reading a loud input channel is kept."""
-    from layershare.sparsity import ActivationScore
+    from layershare.compression.sparsity import ActivationScore
 
     basis = SharedBasis(torch.eye(4))
     V = torch.ones(4, 4)
@@ -93,7 +93,7 @@ def test_activation_score_keeps_the_entries_that_matter_on_the_data():
 
 
 def test_top_k_masks_match_a_sort_and_break_ties_by_position():
-    from layershare.sparsity import kth_largest, top_k_masks
+    from layershare.compression.sparsity import kth_largest, top_k_masks
 
     g = torch.Generator().manual_seed(0)
     scores = torch.rand(5000, generator=g)
@@ -119,7 +119,7 @@ def test_top_k_masks_match_a_sort_and_break_ties_by_position():
 
 def test_tuning_keeps_pruned_entries_at_zero_and_the_forward_masked():
     """The training forward reads V itself: V must be zero outside its mask after every step."""
-    from layershare.train import optimize
+    from layershare.compression.train import optimize
 
     layers = _layers()
     pr = GroupPruner(layers, n_final=120, schedule="gradual", steps=30, every=5, end=0.6)

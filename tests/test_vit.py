@@ -4,15 +4,14 @@ import copy
 import pytest
 import torch
 import transformers as tf
+from conftest import make_model, small_recipe
 
 import layershare
 from layershare.adapters import get_adapter
-from layershare.distill import distillation_loss
-from layershare.modules.shared_basis import SharedBasisLinear
-from layershare.objectives import Objective
+from layershare.compression.distill import distillation_loss
+from layershare.compression.objectives import Objective
 from layershare.config import RecipeError
-
-from conftest import make_model, small_recipe
+from layershare.modules.shared_basis import SharedBasisLinear
 
 VISION = ["vit", "deit"]
 
@@ -77,7 +76,7 @@ def test_budget_hits_target_and_saved_bytes_agree(ratio, pixels, tmp_path):
 def test_block_objective_tunes_each_block_to_the_dense_block_output(pixels):
     """Block objective: inputs and targets are whole blocks (tokens kept together), and tuning
     lowers every group's error."""
-    from layershare.capture import capture_inputs, run_group
+    from layershare.compression.capture import capture_inputs, run_group
 
     model = make_vit("vit")
     adapter = get_adapter(model)
@@ -123,8 +122,8 @@ def test_peers_run_on_vit(method, pixels, tmp_path):
 
 
 def test_finetune_lowers_distillation_loss_and_keeps_the_size(pixels):
-    from layershare.distill import finetune
-    from layershare.sizes import measure
+    from layershare.checkpoint.sizes import measure
+    from layershare.compression.distill import finetune
 
     teacher = make_vit("vit")
     student = copy.deepcopy(teacher)
@@ -139,7 +138,7 @@ def test_finetune_lowers_distillation_loss_and_keeps_the_size(pixels):
 
 
 def test_finetune_works_for_causal_lms(tokens):
-    from layershare.distill import finetune
+    from layershare.compression.distill import finetune
 
     teacher = make_model("llama")
     student = copy.deepcopy(teacher)
@@ -307,7 +306,7 @@ def test_transformers4_vit_layout_is_recognised():
 def test_api_finetune_trains_where_the_model_is_unless_told(tokens, monkeypatch):
     """layershare.finetune passes the student's device to the training loop (it used to train on
     the CPU whatever the model's device), and an explicit device overrides it."""
-    import layershare.distill as distill
+    import layershare.compression.distill as distill
 
     seen = []
     monkeypatch.setattr(distill, "finetune", lambda *a, **kw: seen.append(kw["device"]) or distill.FinetuneStats(

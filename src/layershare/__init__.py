@@ -1,7 +1,7 @@
 """layershare: make pretrained transformers smaller by sharing parameters across layers.
 
-The public names are imported on first use, so `import layershare.io` (loading a compressed
-model) does not import the compressor.
+The public names are imported on first use, so `layershare.load` (checkpoint/load.py)
+imports nothing of the compressor.
 """
 from __future__ import annotations
 
@@ -10,17 +10,21 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "CompressionResult": "api", "compress": "api", "plan": "api", "evaluate_accuracy": "api",
-    "evaluate_perplexity": "api", "evaluate_tasks": "api", "finetune": "api", "load": "api", "load_model": "api",
-    "load_preprocessing": "api", "Recipe": "recipe", "RecipeError": "config", "Callback": "drivers",
+    # compressing (imports the compressor)
+    "compress": "api", "plan": "api", "finetune": "api", "CompressionResult": "api",
+    "compress_checkpoint": "compression.onload", "Callback": "compression.drivers",
+    "Recipe": "recipe", "RecipeError": "config",
     "FiPSConfig": "methods", "SVDConfig": "methods", "SVDLLMConfig": "methods", "BasisSharingConfig": "methods",
     "BasisSharingAttentionConfig": "methods", "FFNMergeConfig": "methods", "MASAConfig": "methods",
-    "QuantConfig": "methods", "compress_checkpoint": "onload",
+    "QuantConfig": "methods",
+    # loading, running and measuring (lean: no compressor)
+    "load": "checkpoint.load", "load_model": "data.models", "load_preprocessing": "data.models",
+    "evaluate_perplexity": "evaluate", "evaluate_tasks": "evaluate", "evaluate_accuracy": "evaluate",
 }
 __all__ = sorted(_EXPORTS)
 
 try:  # transformers' from_pretrained loads layershare directories once layershare is imported (hf_quantizer.py)
-    from .hf_quantizer import register as _register
+    from layershare.checkpoint.hf_quantizer import register as _register
 
     _register()
 except ImportError:  # a transformers without the quantizer registry: layershare.load still works

@@ -1,6 +1,6 @@
 """`python -m layershare ...` (and `torchrun -m layershare ...`): the command line."""
 import sys
 
-from .cli import main
+from layershare.cli import main
 
 sys.exit(main())

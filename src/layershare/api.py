@@ -8,8 +8,6 @@
 """
 from __future__ import annotations
 
-import json
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,85 +15,32 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from .adapters import get_adapter
-from .budget import Plan, count_params
-from .config import StageConfig
-from .data import DataError, calibration_batches, read_text, tokenize
-from .drivers import Callback
-from .evaluate.perplexity import Perplexity, perplexity
-from .finite import check_dense
-from .io import check_free_space, check_output_dir, load_compressed, save_compressed
-from .pipeline import CompressionReport, Stage, plan_stages, run_stages
-from .recipe import Recipe, RecipeError
-from .sizes import Sizes, measure
-from .targets import check_ratio
+from layershare.adapters import get_adapter
+from layershare.checkpoint.outputs import check_free_space, check_output_dir
+from layershare.checkpoint.save import save_compressed
+from layershare.checkpoint.sizes import Sizes, measure
+from layershare.compression.budget import Plan, count_params
+from layershare.compression.drivers import Callback
+from layershare.compression.finite import check_dense
+from layershare.compression.pipeline import (
+    CompressionReport,
+    Stage,
+    plan_stages,
+    run_stages,
+)
+from layershare.compression.targets import check_ratio, stage_target
+from layershare.config import StageConfig
+from layershare.data.models import is_image_model_dir, load_model, load_preprocessing  # noqa: F401 (public)
+from layershare.data.text import DataError, calibration_batches, read_text, tokenize
+from layershare.evaluate import evaluate_accuracy, evaluate_perplexity, evaluate_tasks  # noqa: F401 (public)
+from layershare.recipe import Recipe, RecipeError
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def is_image_model_dir(path: str | Path) -> bool:
-    """Whether a local Hugging Face directory holds an image classifier (by its config)."""
-    cfg = Path(path) / "config.json"
-    if not cfg.exists():
-        return False
-    config = json.loads(cfg.read_text())
-    return any("ForImageClassification" in a for a in config.get("architectures") or [])
-
-
-def load_model(name: str, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) from an alias ("smollm2-135m", "gemma3-270m"), a local HF directory,
-    or a .gguf file; (model, image preprocessor) for an image classifier's directory or the
-    alias "fmnist-vit" (the Fashion-MNIST ViT of benchmarks/train_fmnist_vit.py). Nothing is
-    downloaded: HF_HUB_OFFLINE is set for the call."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .assets import MODEL_ALIASES, fmnist_vit_dir
-
-    IMAGE_MODEL_ALIASES = {"fmnist-vit": fmnist_vit_dir}
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if name in IMAGE_MODEL_ALIASES:
-        name = str(IMAGE_MODEL_ALIASES[name]())
-    if Path(name).is_dir() and is_image_model_dir(name):
-        from transformers import AutoModelForImageClassification
-
-        from .images import ImagePreprocessor
-
-        model = AutoModelForImageClassification.from_pretrained(name, dtype=dtype, trust_remote_code=False)
-        return model.eval(), ImagePreprocessor.from_pretrained(name)
-    from .io import is_compressed_dir
-
-    if is_compressed_dir(name):  # from_pretrained would fill its compressed MLPs with random weights
-        raise ValueError(f"{name!r} is a layershare compressed directory, not a dense model: load it with "
-                         f"layershare.load({name!r}) (`layershare eval` does); to compress further, add a stage "
-                         f"to the recipe of the original model instead of compressing the result again")
-    kwargs: dict = {}
-    if name in MODEL_ALIASES:
-        folder, gguf = MODEL_ALIASES[name]()
-        path, kwargs = str(folder), {"gguf_file": gguf}
-    elif name.endswith(".gguf"):
-        p = Path(name)
-        path, kwargs = str(p.parent), {"gguf_file": p.name}
-    else:
-        path = name
-        if not Path(path).exists():
-            raise FileNotFoundError(f"model {name!r}: not an alias ({', '.join(MODEL_ALIASES)}), "
-                                    f"a local directory or a .gguf file")
-    # a GGUF file is parsed once for the tokenizer and again for the model (SmolLM2: ~25 s in all)
-    with tqdm(total=2, desc=f"loading {Path(name).name}", unit="step", dynamic_ncols=True) as bar:
-        bar.set_postfix_str("tokenizer")
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False, **kwargs)
-        bar.update()
-        bar.set_postfix_str("weights")
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False, **kwargs)
-        bar.update()
-    return model.eval(), tokenizer
 
 
 @dataclass
@@ -135,7 +80,7 @@ def _image_calibration(data, processor, recipe: Recipe, batch_size: int) -> list
         return list(data[:recipe.nsamples].split(batch_size))
     if processor is None:
         raise DataError("calibration images need the model's preprocessing (pass processor=...)")
-    from .images import calibration_images
+    from layershare.data.images import calibration_images
 
     return calibration_images(data, processor, recipe.nsamples, recipe.seed, batch_size)
 
@@ -174,6 +119,12 @@ def preflight(model: nn.Module, recipe=None, output_dir=None, overwrite: bool = 
     recipe = as_recipe(recipe)
     stages = plan(model, recipe)
     miss = check_ratio(stages, sum(s.plan.model_ratio for s in stages), "the plan removes", allow_ratio_miss)
+    empty = [s for s in stages if (stage_target(s) or 0) > 0 and s.plan.removed <= 0]
+    if empty:  # its modules would store as many values as the dense ones, plus their format's overhead
+        s = empty[0]
+        raise ValueError(f"stage {s.index + 1} ({s.method.name}, ratio {s.method.config.ratio:g}) removes no "
+                         f"parameter of this model: the ratio is below the smallest step the method can take, and "
+                         f"the output would be larger than the dense model; ask for a larger ratio")
     if output_dir is not None:
         check_output_dir(output_dir, overwrite)
         kept = count_params(model) - sum(s.plan.removed for s in stages)
@@ -181,15 +132,15 @@ def preflight(model: nn.Module, recipe=None, output_dir=None, overwrite: bool = 
     return stages, miss
 
 
-def check_context(model: nn.Module, seqlen: int, task: str) -> None:
-    """A calibration window longer than the model's context is refused before any work (GPT-2
-    would fail mid-run on its position table)."""
+def check_context(model: nn.Module, seqlen: int, task: str, flag: str = "--seqlen") -> None:
+    """A window longer than the model's context is refused before any work (GPT-2 would fail
+    mid-run on its position table; a rotary model would run on positions it never saw)."""
     config = getattr(model, "config", None)
     context = next((getattr(config, k) for k in ("max_position_embeddings", "n_positions", "n_ctx")
                     if isinstance(getattr(config, k, None), int)), None)
     if task == "causal-lm" and context is not None and seqlen > context:
         raise ValueError(f"seqlen {seqlen} is longer than the model's context ({context} tokens); "
-                         f"use --seqlen {context} or less")
+                         f"use {flag} {context} or less")
 
 
 def compress(model: nn.Module, recipe=None, data=None, tokenizer=None,
@@ -213,8 +164,10 @@ def compress(model: nn.Module, recipe=None, data=None, tokenizer=None,
     """
     from contextlib import nullcontext
 
-    from .io import output_lock
+    from layershare.checkpoint.outputs import output_lock
+    from layershare.checkpoint.save import shard_size
 
+    max_shard_size = shard_size(max_shard_size)  # a bad size is refused now, not when saving
     if output_dir is not None:  # refused before the lock: a bad path gets its own message
         check_output_dir(output_dir, overwrite)
     with output_lock(output_dir) if output_dir is not None else nullcontext():
@@ -232,23 +185,53 @@ def _compress(model, recipe, data, tokenizer, output_dir, overwrite, batch_size,
     misses = [miss]
     if data is None:
         raise DataError("compress needs calibration data (data=...)")
+    origin = {"source": None}
+    if output_dir is not None and source is not None:  # the teacher finetune finds, and the hash that proves it
+        from layershare.checkpoint.source import record
+
+        origin = record(source)
     prep = tokenizer if processor is None else processor  # what is saved beside the model
     batches = _calibration(data, prep, recipe, batch_size, adapter.task)
     seed_everything(recipe.seed)
     dense_params = count_params(model)
-    report = run_stages(model, adapter, stages, recipe, batches, callbacks)
-    sizes = measure(model, dense_params, recipe.bytes_per_param)
-    misses.append(check_ratio(stages, sizes.ratio, "the compressed model has", allow_ratio_miss))
+    try:
+        report = run_stages(model, adapter, stages, recipe, batches, callbacks)
+        sizes = measure(model, dense_params, recipe.bytes_per_param)
+        misses.append(check_ratio(stages, sizes.ratio, "the compressed model has", allow_ratio_miss))
+    except ValueError as e:  # (the inputs were checked before the work:) the result failed a check
+        e.exit_code = 1
+        raise
     out = None
     if output_dir is not None:
-        meta = {"method": recipe.method, "source": source, "recipe": recipe.to_dict(), "sizes": sizes.as_dict(),
+        meta = {"method": recipe.method, **origin, "recipe": recipe.to_dict(), "sizes": sizes.as_dict(),
                 "seconds": report.seconds, "dense_params": dense_params,
                 "stages": [stage_meta(s) for s in report.stages]}
         if any(misses):
             meta["ratio_missed"] = [m for m in misses if m]
         out = save_compressed(model, output_dir, tokenizer=prep, overwrite=overwrite, dtype=recipe.dtype, meta=meta,
                               recipe=recipe, max_shard_size=max_shard_size)
+        warn_if_larger(out, sizes.dense_bytes, recipe.dtype)
     return CompressionResult(model=model, report=report, sizes=sizes, output_dir=out)
+
+
+class LargerThanDenseWarning(UserWarning):
+    """The compressed weights take more bytes than the dense ones would."""
+
+
+def warn_if_larger(out: Path, dense_bytes: int, dtype: str) -> str | None:
+    """Warn (and return the message) when the saved weights are larger than the dense model's
+    at the same dtype (a ratio too small to pay for the format's own overhead)."""
+    import json
+    import warnings
+
+    disk = json.loads((out / "layershare.json").read_text())["weights_bytes"]
+    if disk <= dense_bytes:
+        return None
+    msg = (f"LARGER THAN DENSE: the compressed weights take {disk:,} bytes, {disk / dense_bytes - 1:.2%} more than "
+           f"the dense model's {dense_bytes:,} ({dtype}): the ratio is too small to pay for the compressed format's "
+           f"overhead (bitmasks, shared bases, headers); ask for a larger ratio")
+    warnings.warn(msg, LargerThanDenseWarning, stacklevel=3)
+    return msg
 
 
 def stage_meta(stage) -> dict:
@@ -260,63 +243,14 @@ def stage_meta(stage) -> dict:
             **stage.extra}
 
 
-def load(path: str | Path, device: str = "cpu", model: nn.Module | None = None, runtime: str = "auto",
-         verify: bool = True) -> nn.Module:
-    """A compressed model saved by `compress(..., output_dir=...)`, ready to run. `model`: an
-    uncompressed skeleton of the same architecture, for a model that cannot be rebuilt from the
-    directory (transformers and timm ViTs are). `runtime`: the run-time form, "auto" (the
-    default: factored where that is smaller and faster, else merged), "compact" (the smallest:
-    what is stored), "factored", "csr" or "merged" (runtime.py; docs/runtime.md). The directory is
-    verified first (checkpoint.py: schema, shapes, recorded hashes; `verify=False` skips the
-    hashes); a failed check raises io.CheckpointError."""
-    return load_compressed(path, device=device, model=model, runtime=runtime, verify=verify)
-
-
-def evaluate_perplexity(model: nn.Module, tokenizer, text, seqlen: int | None = None,
-                        max_windows: int | None = None) -> Perplexity:
-    """Perplexity over the whole text (a source for data.read_text, or a 1-D tensor of token ids);
-    see evaluate/perplexity.py for the protocol."""
-    ids = text.flatten() if isinstance(text, torch.Tensor) else tokenize(tokenizer, read_text(text))
-    return perplexity(model, ids, seqlen=seqlen, max_windows=max_windows)
-
-
-def evaluate_tasks(model: nn.Module, tokenizer, tasks: list[str], limit: int | None = None, batch_size: int = 8):
-    """Zero-shot accuracy through lm-evaluation-harness (`pip install layershare[eval]`): the local
-    Austen suite (evaluate/tasks.py) or any lm-eval task name. Returns a list of
-    evaluate.lm_eval.TaskResult, one per task; see evaluate/lm_eval.py."""
-    from .evaluate.lm_eval import run_tasks
-
-    return run_tasks(model, tokenizer, list(tasks), limit=limit, batch_size=batch_size)
-
-
-def load_preprocessing(path: str | Path):
-    """The tokenizer, or the image preprocessor, saved beside a compressed (or dense HF) model."""
-    path = Path(path)
-    config = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else {}
-    if config.get("layershare", {}).get("task") == "image-classification" or is_image_model_dir(path):
-        from .images import ImagePreprocessor
-
-        return ImagePreprocessor.load(path)
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-
-
-def evaluate_accuracy(model: nn.Module, processor, images, batch_size: int = 256, max_images: int | None = None):
-    """Top-1 / top-5 on an image folder (class sub-folders, or "fmnist:test"); see evaluate/vision.py."""
-    from .evaluate.vision import accuracy
-
-    return accuracy(model, images, processor, batch_size=batch_size, max_images=max_images)
-
-
 def finetuning_data(model: nn.Module, data, preprocessing, max_samples: int, seqlen: int = 512,
                     seed: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(inputs, labels) to fine-tune on: for an image classifier, up to `max_samples` images of a
     folder (stratified) with their labels; for a causal LM, up to `max_samples` non-overlapping
     `seqlen`-token windows of a text (no labels: distillation only)."""
     if get_adapter(model).task == "image-classification":
-        from .evaluate.vision import model_id2label
-        from .images import evaluation_batches
+        from layershare.data.images import evaluation_batches
+        from layershare.evaluate.vision import model_id2label
 
         xs, ys = zip(*evaluation_batches(data, preprocessing, 256, id2label=model_id2label(model),
                                          max_images=max_samples, seed=seed))
@@ -326,6 +260,29 @@ def finetuning_data(model: nn.Module, data, preprocessing, max_samples: int, seq
     if n < 1:
         raise DataError(f"fine-tuning text has {ids.numel():,} tokens, fewer than one window of {seqlen}")
     return torch.cat(calibration_batches(ids, n, seqlen, n, seed, "fine-tuning text")), None
+
+
+def output_width(model: nn.Module) -> int | None:
+    """How many logits the model gives per position (its vocabulary, or its classes)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    width = getattr(head, "out_features", None)
+    config = getattr(model, "config", None)
+    return width or getattr(config, "vocab_size", None) or getattr(config, "num_labels", None)
+
+
+def check_teacher(student: nn.Module, teacher: nn.Module) -> None:
+    """A teacher of another kind or vocabulary is refused before any forward: distillation
+    compares the two output distributions entry by entry."""
+    from layershare.compression.distill import FinetuneError
+
+    kinds = get_adapter(student).task, get_adapter(teacher).task
+    if kinds[0] != kinds[1]:
+        raise FinetuneError(f"the teacher is a {kinds[1]} model, the student a {kinds[0]} one")
+    widths = output_width(student), output_width(teacher)
+    if None not in widths and widths[0] != widths[1]:
+        what = "vocabulary" if kinds[0] == "causal-lm" else "classes"
+        raise FinetuneError(f"the teacher's {what} has {widths[1]:,} entries, the student's {widths[0]:,}: "
+                            f"distil from the dense model the student was compressed from")
 
 
 def finetune(model: nn.Module, teacher: nn.Module, data, preprocessing=None, steps: int = 200,
@@ -338,17 +295,19 @@ def finetune(model: nn.Module, teacher: nn.Module, data, preprocessing=None, ste
     model is trained through fake quantization on its own grid and its codes are stored again
     (quantization-aware training, quant/qat.py).
     Returns distill.FinetuneStats."""
-    from . import distill
-    from .io import check_not_merged
+    from layershare.checkpoint.save import check_not_merged
+    from layershare.compression import distill
 
     check_not_merged(model, "fine-tune")
     if output_dir is not None:
         check_output_dir(output_dir, overwrite)
+    check_teacher(model, teacher)
+    check_context(model, seqlen, get_adapter(model).task)
     inputs, labels = finetuning_data(model, data, preprocessing, max_samples, seqlen, seed)
     seed_everything(seed)
     quantized = bool(getattr(model, "layershare_quant", None))
     if quantized:  # quantization-aware: trained through fake quantization, its codes stored again (quant/qat.py)
-        from .quant import qat
+        from layershare.quant import qat
 
         qat.enable(model)
     try:

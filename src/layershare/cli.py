@@ -9,13 +9,97 @@ from pathlib import Path
 
 import yaml
 
-from .config import RecipeError
+from layershare.config import RecipeError
 
 # flags that set a field of the main stage (when its method has that field), and the run's own
 STAGE_FLAGS = ("ratio", "ratio_of", "group_size", "pattern", "sparsity", "schedule", "prune_score", "init", "objective",
                "steps", "lr")
 RUN_FLAGS = ("nsamples", "seqlen", "dtype", "device", "seed")
 DEFAULT_PROMPT = "It is a truth universally acknowledged"
+
+
+def _at_least(low: int):
+    """An argparse type: a whole number >= low (refused at parse time, before anything loads)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    return parse
+
+
+def _positive(text: str) -> float:
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the command line's one-line errors (exit 2)."""
+
+    def error(self, message):
+        self.exit(2, f"layershare: error: {message} (see `{self.prog} --help`)\n")
+
+
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx")
+
+
+def _config_of(name: str) -> dict | None:
+    """config.json of a local model directory (dense or compressed), read without loading it."""
+    path = Path(name) / "config.json"
+    try:
+        config = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def _context(config) -> int | None:
+    """The model's context (positions) from its config (a dict or a transformers config)."""
+    if config is None:
+        return None
+    if not isinstance(config, dict):
+        config = {k: getattr(config, k, None) for k in CONTEXT_KEYS}
+    for sub in (config, config.get("text_config") or {}):
+        for k in CONTEXT_KEYS:
+            if isinstance(sub.get(k), int) and not isinstance(sub.get(k), bool):
+                return sub[k]
+    return None
+
+
+def _check_seqlen(flag: str, seqlen: int | None, config, name: str) -> None:
+    context = _context(config)
+    if seqlen is not None and context is not None and seqlen > context:
+        raise ValueError(f"{flag} {seqlen} is longer than the context of {name} ({context} tokens): positions past "
+                         f"it were never trained; use {flag} {context} or less")
+
+
+def _check_sources(*flags: tuple[str, str | None]) -> None:
+    """Local inputs exist (before any model loads); 'name:spec' sources are checked when read."""
+    for flag, source in flags:
+        if source and ":" not in source and not Path(source).exists():
+            raise FileNotFoundError(f"{flag} {source!r}: no such file or directory")
 
 
 def _human(n: float) -> str:
@@ -37,7 +121,8 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ratio-of", help="'model' (default) or the part the method compresses ('mlp'; 'attention')")
     p.add_argument("--attention-method",
                    help="also compress the attention with this method (masa, basis-sharing-attention), run first")
-    p.add_argument("--attention-ratio", type=float, help="fraction of the attention parameters it removes")
+    p.add_argument("--attention-ratio", type=float, help="fraction of the attention parameters it removes (default: "
+                                                         "the method's default ratio, 0.2, of the attention)")
     p.add_argument("--group-size", type=int, help="adjacent blocks per group (sharing one basis)")
     p.add_argument("--pattern", help="FiPS: V's sparsity pattern: auto (default), unstructured, 2:4, 1:4, none "
                                      "(dense V, fastest at run time; docs/runtime.md)")
@@ -73,8 +158,8 @@ def _stage_options(args) -> dict:
 def build_recipe(args):
     """The recipe the flags describe: --recipe or --preset, then the flags on top. A flag that
     is not an option of the stage's method is an error (it would do nothing)."""
-    from .methods import config_class
-    from .recipe import PRESETS, Recipe
+    from layershare.methods import config_class
+    from layershare.recipe import PRESETS, Recipe
 
     if args.recipe and args.preset:
         raise RecipeError("give --recipe or --preset, not both")
@@ -101,6 +186,8 @@ def build_recipe(args):
             att = {"method": args.attention_method}
         if args.attention_ratio is not None:
             att.update(ratio=args.attention_ratio, ratio_of="attention")
+        elif "ratio" not in att and config_class(att["method"]).part == "attention":
+            att["ratio_of"] = "attention"  # its default ratio is of the attention, as --attention-ratio's would be
         stages = [att, main]
     quant = _quant_stage(args, quant_stage)
     if getattr(args, "quant", None) == "qat":
@@ -129,7 +216,7 @@ def _quant_stage(args, base: dict | None) -> dict | None:
         stage["group_size"] = args.quant_group
     if args.quant is not None:
         stage["algorithm"] = "rtn" if args.quant == "qat" else args.quant
-    from .methods import QuantConfig
+    from layershare.methods import QuantConfig
 
     return QuantConfig.from_dict(stage).to_dict()  # validated now, before any work
 
@@ -186,21 +273,27 @@ def cmd_compress(args) -> int:
     import layershare
     from layershare.adapters import get_adapter
     from layershare.api import preflight
-    from layershare.io import check_output_dir
+    from layershare.checkpoint.outputs import check_output_dir
+
+    from layershare.checkpoint.save import shard_size
 
     t_start = time.time()
+    shard_size(args.max_shard_size)  # every option that can be checked is, before any model loads
     recipe = build_recipe(args)
     recipe.check_device()
+    dense_config = _config_of(args.model)
+    if not (dense_config or {}).get("layershare"):
+        _check_seqlen("--seqlen", recipe.seqlen, dense_config, args.model)
+        _check_seqlen("--eval-seqlen", args.eval_seqlen, dense_config, args.model)
     if args.onload or int(os.environ.get("WORLD_SIZE", 1)) > 1:
         return cmd_compress_onloaded(args, recipe, t_start)
     check_output_dir(args.output, args.overwrite)
     check_apart(args.model, args.output)
-    for flag, source in (("--calib", args.calib), ("--eval-text", args.eval_text), ("--eval-images", args.eval_images)):
-        if source and ":" not in source and not Path(source).exists():  # before the model loads
-            raise FileNotFoundError(f"{flag} {source!r}: no such file or directory")
+    _check_sources(("--calib", args.calib), ("--eval-text", args.eval_text), ("--eval-images", args.eval_images))
     t0 = time.time()
     model, prep = layershare.load_model(args.model)
     print(f"loaded {args.model} in {time.time() - t0:.1f} s", flush=True)
+    _check_seqlen("--eval-seqlen", args.eval_seqlen, getattr(model, "config", None), args.model)
     task = get_adapter(model).task
     if args.task and args.task != task:
         raise ValueError(f"--task {args.task}: {args.model} is a {task} model")
@@ -208,7 +301,7 @@ def cmd_compress(args) -> int:
         raise ValueError(f"{args.model} is a {task} model: use "
                          f"{'--eval-images' if task == 'image-classification' else '--eval-text'}")
     if task == "causal-lm":  # read (and refuse bad text) before any model pass, not after the dense evaluation
-        from layershare.data import read_text
+        from layershare.data.text import read_text
 
         for source in (args.calib, args.eval_text):
             if source:
@@ -235,8 +328,9 @@ def cmd_compress(args) -> int:
     for miss in json.loads((result.output_dir / "layershare.json").read_text()).get("ratio_missed", []):
         print(f"  WARNING: RATIO MISSED: {miss} (accepted by --allow-ratio-miss; kept in layershare.json)")
     disk = sum(p.stat().st_size for p in result.output_dir.glob("*.safetensors"))
-    print(f"  weights on disk     dense {_human(s.dense_bytes)} ({recipe.dtype})  ->  {_human(disk)}  "
-          f"=  {1 - disk / s.dense_bytes:.2%} smaller")
+    change = f"{1 - disk / s.dense_bytes:.2%} smaller" if disk <= s.dense_bytes else \
+        f"{disk / s.dense_bytes - 1:.2%} LARGER than dense (the ratio is too small to pay for the format)"
+    print(f"  weights on disk     dense {_human(s.dense_bytes)} ({recipe.dtype})  ->  {_human(disk)}  =  {change}")
     print(f"  saved to {result.output_dir}; reloading it from disk ...", flush=True)
     loaded = layershare.load(result.output_dir, runtime=args.runtime)
     if dense_eval is not None:
@@ -262,7 +356,7 @@ def cmd_compress_onloaded(args, recipe, t_start: float) -> int:
 
     from transformers import AutoTokenizer
 
-    from layershare.onload import OnloadError, compress_checkpoint, world
+    from layershare.compression.onload import OnloadError, compress_checkpoint, world
 
     refused = [flag for flag, given in (("--eval-text", args.eval_text), ("--eval-images", args.eval_images),
                                         ("--max-shard-size", args.max_shard_size)) if given]
@@ -272,9 +366,11 @@ def cmd_compress_onloaded(args, recipe, t_start: float) -> int:
     if not Path(args.model).is_dir():
         raise OnloadError(f"--onload reads a local transformers directory; {args.model!r} is not one (an alias or "
                           f".gguf file: load it and save_pretrained it first)")
+    from layershare.checkpoint.outputs import check_output_dir
+
+    check_output_dir(args.output, args.overwrite)
     check_apart(args.model, args.output)
-    if ":" not in args.calib and not Path(args.calib).exists():
-        raise FileNotFoundError(f"--calib {args.calib!r}: no such file or directory")
+    _check_sources(("--calib", args.calib))
     tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=False)
     rank, world_size, _ = world()
     result = compress_checkpoint(args.model, recipe, data=args.calib, tokenizer=tokenizer, output_dir=args.output,
@@ -296,14 +392,21 @@ def cmd_compress_onloaded(args, recipe, t_start: float) -> int:
 
 
 def _evaluate(model, prep, text, images, seqlen, windows=None, which=""):
-    import layershare
+    import math
 
-    if text:
-        if which:
-            print(f"  perplexity of the {which} model on {text} ...", flush=True)
-        return layershare.evaluate_perplexity(model, prep, text, seqlen=seqlen, max_windows=windows)
-    if images:
-        return layershare.evaluate_accuracy(model, prep, images)
+    import layershare
+    from layershare.evaluate.nonfinite import NonFiniteResult, watch
+
+    with watch(model, f"the {which or 'evaluated'} model's logits are not finite"):
+        if text:
+            if which:
+                print(f"  perplexity of the {which} model on {text} ...", flush=True)
+            result = layershare.evaluate_perplexity(model, prep, text, seqlen=seqlen, max_windows=windows)
+            if not math.isfinite(result.ppl):
+                raise NonFiniteResult(f"the {which or 'evaluated'} model's perplexity on {text} is {result.ppl}")
+            return result
+        if images:
+            return layershare.evaluate_accuracy(model, prep, images)
     return None
 
 
@@ -324,23 +427,42 @@ def _record_eval(out: Path, source: str, dense, comp) -> None:
     tmp = meta_file.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(meta, indent=2, default=str, sort_keys=True))
     tmp.replace(meta_file)
-    from layershare.model_card import write_model_card
+    from layershare.checkpoint.model_card import write_model_card
 
     write_model_card(out)
 
 
 def cmd_eval(args) -> int:
     import layershare
-    from layershare.io import is_compressed_dir
+    from layershare.checkpoint.read import is_compressed_dir
 
     if args.limit is not None and not args.tasks:
         raise ValueError("--limit applies to --tasks only")
+    for flag, value, applies in (("--max-windows", args.max_windows, args.text), ("--seqlen", args.seqlen, args.text),
+                                 ("--max-images", args.max_images, args.images)):
+        if value is not None and not applies:
+            raise ValueError(f"{flag} applies to {'--text' if flag != '--max-images' else '--images'} only")
+    _check_sources(("--text", args.text), ("--images", args.images))
+    _check_seqlen("--seqlen", args.seqlen, _config_of(args.model), args.model)
     path = Path(args.model)
     if is_compressed_dir(path):
         model = layershare.load(path, runtime=args.runtime, verify=not args.no_verify)
         prep = layershare.load_preprocessing(path)
     else:
         model, prep = layershare.load_model(args.model)
+    _check_seqlen("--seqlen", args.seqlen, getattr(model, "config", None), args.model)
+    from layershare.evaluate.nonfinite import watch
+
+    with watch(model, f"{args.model}: the logits are not finite"):
+        return _run_eval(args, model, prep)
+
+
+def _run_eval(args, model, prep) -> int:
+    import math
+
+    import layershare
+    from layershare.evaluate.nonfinite import NonFiniteResult
+
     if args.tasks:
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
         results = layershare.evaluate_tasks(model, prep, tasks, limit=args.limit)
@@ -356,6 +478,8 @@ def cmd_eval(args) -> int:
         print(f"  protocol: {acc.protocol}")
         return 0
     ppl = layershare.evaluate_perplexity(model, prep, args.text, seqlen=args.seqlen, max_windows=args.max_windows)
+    if not math.isfinite(ppl.ppl):  # finite logits, an overflowing mean loss
+        raise NonFiniteResult(f"{args.model}: perplexity {ppl.ppl} on {args.text} (mean loss {ppl.nll:.4g} nats)")
     print(f"{args.model}: perplexity {ppl.ppl:.3f} on {args.text}")
     print(f"  protocol: {ppl.protocol}")
     return 0
@@ -363,19 +487,37 @@ def cmd_eval(args) -> int:
 
 def cmd_finetune(args) -> int:
     import layershare
-    from layershare.io import check_output_dir, read_meta
+    from layershare.checkpoint.read import read_meta
+    from layershare.checkpoint.outputs import check_output_dir
+
+    import torch
+
+    from layershare.checkpoint.source import recorded_teacher, weight_files
 
     config, meta = read_meta(args.dir, verify=not args.no_verify)
+    check_output_dir(args.output, args.overwrite)
+    check_apart(args.dir, args.output)
+    _check_sources(("--data", args.data), ("--eval-text", args.eval_text), ("--eval-images", args.eval_images))
+    _check_seqlen("--seqlen", args.seqlen, config, args.dir)
+    _check_seqlen("--eval-seqlen", args.eval_seqlen, config, args.dir)
+    # the teacher: the one named, or the recorded one if its weights are those it was compressed from
+    if args.teacher and weight_files(args.teacher) is None:
+        raise FileNotFoundError(f"--teacher {args.teacher!r}: not an alias, a local directory or a .gguf file")
+    teacher_name = args.teacher or recorded_teacher(meta, args.dir)
+    check_apart(teacher_name, args.output)
+    teacher_config = _config_of(teacher_name)
+    if teacher_config is not None:
+        vocab = config.get("vocab_size"), teacher_config.get("vocab_size")
+        if None not in vocab and vocab[0] != vocab[1]:
+            raise ValueError(f"the teacher {teacher_name} has a vocabulary of {vocab[1]:,} tokens, {args.dir} one of "
+                             f"{vocab[0]:,}: distil from the dense model it was compressed from")
     q = config["layershare"].get("quant")
     if q:
         print(f"{args.dir} is quantized ({q['bits']}-bit): quantization-aware fine-tuning, its {len(q['tensors'])} "
               f"quantized tensors trained through fake quantization and stored again at {q['bits']} bits", flush=True)
-    check_output_dir(args.output, args.overwrite)
-    teacher_name = args.teacher or meta.get("source")
-    if not teacher_name:
-        raise ValueError(f"{args.dir} does not record its dense model: pass --teacher MODEL")
     print(f"loading {args.dir} and the teacher {teacher_name} ...", flush=True)
-    model = layershare.load(args.dir, runtime="compact", verify=not args.no_verify)
+    # trained in float32 whatever the storage dtype (saved at that dtype again)
+    model = layershare.load(args.dir, runtime="compact", verify=not args.no_verify, dtype=torch.float32)
     prep = layershare.load_preprocessing(args.dir)
     teacher, _ = layershare.load_model(teacher_name)
     stats = layershare.finetune(model, teacher, args.data, prep, steps=args.steps, batch_size=args.batch_size,
@@ -403,13 +545,14 @@ def _stages_of(meta: dict) -> list[dict]:
 
 
 def cmd_info(args) -> int:
-    from layershare.checkpoint import recorded_files
-    from layershare.io import read_meta
+    from layershare.checkpoint.read import read_meta
+    from layershare.checkpoint.verify import recorded_files
 
     config, meta = read_meta(args.dir, verify=not args.no_verify)
     entry = config["layershare"]
     s = meta.get("sizes", {})
-    print(f"{args.dir}: {config.get('model_type')} compressed with {meta.get('method')}")
+    method = meta.get("method") or entry.get("method") or "a method layershare.json does not record"
+    print(f"{args.dir}: {config.get('model_type')} compressed with {method}")
     if s:
         print(f"  parameters  dense {s['dense_params']:,} -> stored {s['param_equivalents']:,.0f} "
               f"({s['ratio']:.2%} fewer; bitmask {s['index_bytes']:,} bytes counted)")
@@ -419,16 +562,17 @@ def cmd_info(args) -> int:
     files = sorted(Path(args.dir).glob("*.safetensors"))
     total = sum(f.stat().st_size for f in files)
     bits = f", {total * 8 / s['dense_params']:.2f} bits per dense parameter" if s else ""
+    covered = "the weights and config.json" if meta.get("config_sha256") else "the weights and the layershare entry"
     print(f"  weights {total:,} bytes in {len(files)} file(s){bits}; dtype {entry['dtype']}; "
-          + ("no hash recorded (saved by transformers or before 2026-11-27): schema and shapes checked" if not hashed else
-             "schema, shapes and SHA-256 checked" if not args.no_verify else "schema and shapes checked (--no-verify)"))
+          + (f"schema, shapes and the SHA-256 of {covered} checked" if not args.no_verify else
+             "schema and shapes checked, hashes not (--no-verify" + ("" if hashed else "; none recorded") + ")"))
     print(f"  shared bases/atoms {len(entry['bases'])}, compressed linears {len(entry['layers'])}, "
           f"tied modules {len(entry.get('tied', {}))}")
     if entry.get("quant"):
         q = entry["quant"]
         print(f"  quantized: {len(q['tensors'])} tensors, {q['bits']}-bit codes, groups of {q['group_size']}, "
               f"{'symmetric' if q['symmetric'] else 'with zero points'}, 16-bit scales (all counted above)")
-    for i, st in enumerate(_stages_of(meta)):
+    for i, st in enumerate(_stages_of(meta) if meta else []):  # (without layershare.json: nothing recorded)
         print(f"  stage {i + 1}: {st['method']}, {st['ratio']:.2%} of the model's parameters removed")
         if "window" in st:
             print(f"    merged MLPs of blocks {st['window']} (one MLP, tied)")
@@ -448,14 +592,32 @@ def cmd_info(args) -> int:
     return 0
 
 
-RUNTIME_HELP = ("run-time form of the loaded compressed model: auto (factored where smaller and faster, else "
-                "merged), compact (smallest: as stored), factored, csr, merged (docs/runtime.md)")
+RUNTIME_HELP = ("run-time form of the loaded compressed model: auto (sparse kernels, else factored, where smaller "
+                "and faster, else merged), compact (smallest: as stored), factored, csr, merged, sparse (native "
+                "kernels on the stored sparse V; docs/runtime.md)")
 NO_VERIFY_HELP = "trust the directory without checking the SHA-256 recorded at save (the schema and shapes are still checked)"
-RUNTIMES = ("auto", "compact", "factored", "csr", "merged")  # runtime.RUNTIMES (not imported: the CLI starts fast)
+RUNTIMES = ("auto", "compact", "factored", "csr", "merged", "sparse")  # runtime.RUNTIMES (not imported: the CLI starts fast)
+
+
+def _version() -> str:
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    from layershare import __version__
+
+    def of(pkg: str) -> str:
+        try:
+            return version(pkg)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return (f"layershare {__version__} (torch {of('torch')}, transformers {of('transformers')}, "
+            f"Python {platform.python_version()})")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="layershare", description=__doc__)
+    parser = _Parser(prog="layershare", description=__doc__)
+    parser.add_argument("--version", action="version", version=_version())
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -484,12 +646,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="check that the model is of this kind (it is detected from the model)")
     c.add_argument("--eval-text", help="also report dense and compressed perplexity on this text")
     c.add_argument("--eval-images", help="also report dense and compressed top-1/top-5 on this image folder")
-    c.add_argument("--eval-seqlen", type=int, help="evaluation window (default: model context, at most 2048)")
-    c.add_argument("--eval-windows", type=int,
+    c.add_argument("--eval-seqlen", type=_at_least(2), help="evaluation window (default: model context, at most 2048)")
+    c.add_argument("--eval-windows", type=_at_least(1),
                    help="evaluate on the first N windows of --eval-text only (a fixed slice; printed with the number)")
     c.add_argument("--prompt", default=DEFAULT_PROMPT,
                    help="causal LMs: the saved model is reloaded and continues this prompt ('' to skip)")
-    c.add_argument("--max-new-tokens", type=int, default=24)
+    c.add_argument("--max-new-tokens", type=_at_least(1), default=24)
     c.add_argument("--runtime", default="auto", choices=RUNTIMES, help=RUNTIME_HELP)
     _add_recipe_args(c)
     c.set_defaults(func=cmd_compress)
@@ -503,10 +665,11 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--tasks", help="zero-shot accuracy through lm-evaluation-harness on these comma-separated tasks "
                                       "(causal LMs): austen_lastword, austen_nextsent (local, README) or any lm-eval "
                                       "task, e.g. piqa (its dataset must be reachable)")
-    e.add_argument("--limit", type=int, help="only the first N examples of each task (--tasks)")
-    e.add_argument("--seqlen", type=int)
-    e.add_argument("--max-images", type=int, help="a stratified subset of the images")
-    e.add_argument("--max-windows", type=int, help="only the first N windows of the text (a slice; printed)")
+    e.add_argument("--limit", type=_at_least(1), help="only the first N examples of each task (--tasks)")
+    e.add_argument("--seqlen", type=_at_least(2), help="tokens per window (default: the model's context, at most "
+                                                       "2048; longer than the context is refused)")
+    e.add_argument("--max-images", type=_at_least(1), help="a stratified subset of the images")
+    e.add_argument("--max-windows", type=_at_least(1), help="only the first N windows of the text (a slice; printed)")
     e.add_argument("--runtime", default="auto", choices=RUNTIMES, help=RUNTIME_HELP)
     e.add_argument("--no-verify", action="store_true", help=NO_VERIFY_HELP)
     e.set_defaults(func=cmd_eval)
@@ -516,19 +679,22 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--data", required=True, help="training text (LMs) or image folder with class sub-folders")
     f.add_argument("--output", required=True, help="output directory (refused if it exists, unless --overwrite)")
     f.add_argument("--overwrite", action="store_true")
-    f.add_argument("--teacher", help="the dense model (default: the one the directory was compressed from)")
-    f.add_argument("--steps", type=int, default=200)
-    f.add_argument("--batch-size", type=int, default=32)
-    f.add_argument("--lr", type=float, default=1e-4)
-    f.add_argument("--temperature", type=float, default=1.0)
-    f.add_argument("--label-weight", type=float, default=0.0, help="weight of the label cross-entropy (images)")
-    f.add_argument("--max-samples", type=int, default=10_000, help="images, or text windows of --seqlen tokens")
-    f.add_argument("--seqlen", type=int, default=512)
+    f.add_argument("--teacher", help="the dense model (default: the one the directory was compressed from, if the "
+                                     "SHA-256 of its weights is still the one recorded then)")
+    f.add_argument("--steps", type=_at_least(1), default=200)
+    f.add_argument("--batch-size", type=_at_least(1), default=32)
+    f.add_argument("--lr", type=_positive, default=1e-4)
+    f.add_argument("--temperature", type=_positive, default=1.0)
+    f.add_argument("--label-weight", type=_non_negative, default=0.0,
+                   help="weight of the label cross-entropy (images)")
+    f.add_argument("--max-samples", type=_at_least(1), default=10_000,
+                   help="images, or text windows of --seqlen tokens")
+    f.add_argument("--seqlen", type=_at_least(2), default=512)
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--device", default="cpu", help="where to train (cpu, cuda, cuda:1, ...)")
     f.add_argument("--eval-text", help="report dense and fine-tuned perplexity on this text")
     f.add_argument("--eval-images", help="report dense and fine-tuned top-1 on this image folder")
-    f.add_argument("--eval-seqlen", type=int)
+    f.add_argument("--eval-seqlen", type=_at_least(2))
     f.add_argument("--no-verify", action="store_true", help=NO_VERIFY_HELP)
     f.set_defaults(func=cmd_finetune)
 
@@ -543,11 +709,26 @@ def _terminate(signum, frame):  # SIGTERM ends a run the way Ctrl-C does: nothin
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def _format_warning(message, category, filename, lineno, line=None, _default=None):
+    """layershare's own warnings on one line; others as Python prints them."""
+    if category.__module__.startswith("layershare"):
+        return f"layershare: warning: {message}\n"
+    return _default(message, category, filename, lineno, line)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 done; 2 an input or option refused (before the work, or when read); 1 the
+    work ran and its result failed a check (NaN or infinite logits, a diverged fine-tuning, a
+    result off its ratio), or an unexpected error; 130 interrupted. Every failure is one line on
+    stderr (`--debug`: the traceback)."""
+    import functools
     import signal
+    import warnings
 
     args = build_parser().parse_args(argv)
     previous = signal.signal(signal.SIGTERM, _terminate) if threading_main() else None
+    formatwarning = warnings.formatwarning
+    warnings.formatwarning = functools.partial(_format_warning, _default=formatwarning)
     try:
         return args.func(args)
     except KeyboardInterrupt:
@@ -555,12 +736,18 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print("layershare: interrupted; nothing was written", file=sys.stderr)
         return 130
-    except (ValueError, OSError, RuntimeError) as e:  # every expected failure: one line (--debug: traceback)
+    except Exception as e:  # noqa: BLE001 - every failure: one line (--debug: the traceback)
         if args.debug:
             raise
-        print(f"layershare: error: {e}", file=sys.stderr)
-        return 2
+        expected = isinstance(e, (ValueError, OSError, RuntimeError))
+        message = "; ".join([str(e) or type(e).__name__, *getattr(e, "__notes__", [])])
+        if not expected:
+            message = (f"unexpected {type(e).__name__}: {message} (rerun with --debug for the traceback, and "
+                       f"please report it)")
+        print("layershare: error: " + " ".join(message.split()), file=sys.stderr)
+        return getattr(e, "exit_code", 2 if expected else 1)
     finally:
+        warnings.formatwarning = formatwarning
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 

@@ -17,8 +17,15 @@ from typing import Literal
 
 import yaml
 
-from .config import PARTS, RecipeError, StageConfig, check_fields, make_groups, need
-from .methods import FiPSConfig, config_class, config_from_dict
+from layershare.config import (
+    PARTS,
+    RecipeError,
+    StageConfig,
+    check_fields,
+    make_groups,
+    need,
+)
+from layershare.methods import FiPSConfig, config_class, config_from_dict
 
 __all__ = ["Recipe", "RecipeError", "make_groups"]
 

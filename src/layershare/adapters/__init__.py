@@ -3,12 +3,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import IN, OUT, Adapter, get_path, set_path
-from .gpt2 import GPT2
-from .gpt_neox import GPT_NEOX
-from .llama import GATED
-from .opt import OPT
-from .vit import TIMM_VIT, VIT, VIT_LEGACY
+from layershare.adapters.base import IN, OUT, Adapter, get_path, set_path
+from layershare.adapters.gpt2 import GPT2
+from layershare.adapters.gpt_neox import GPT_NEOX
+from layershare.adapters.llama import GATED
+from layershare.adapters.opt import OPT
+from layershare.adapters.vit import TIMM_VIT, VIT, VIT_LEGACY
 
 ADAPTERS: tuple[Adapter, ...] = (GATED, GPT2, OPT, GPT_NEOX, VIT, VIT_LEGACY, TIMM_VIT)
 

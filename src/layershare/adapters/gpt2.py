@@ -1,5 +1,5 @@
 """GPT-2: Conv1D c_fc (d -> 4d) and c_proj (4d -> d); Conv1D stores weights as (in, out)."""
-from .base import IN, OUT, Adapter
+from layershare.adapters.base import IN, OUT, Adapter
 
 GPT2 = Adapter(
     name="gpt2",

@@ -1,5 +1,5 @@
 """GPT-NeoX / Pythia: mlp.dense_h_to_4h and mlp.dense_4h_to_h."""
-from .base import IN, OUT, Adapter
+from layershare.adapters.base import IN, OUT, Adapter
 
 GPT_NEOX = Adapter(
     name="gpt_neox",

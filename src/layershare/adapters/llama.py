@@ -4,7 +4,7 @@ Gemma-2/3 wrap the MLP in pre/post feed-forward norms, outside `mlp`. The "mlp" 
 matches the raw MLP output as for Llama; "residual" matches it after the post norm
 (`mlp_post`, what reaches the residual stream; see objectives.py).
 """
-from .base import IN, OUT, Adapter
+from layershare.adapters.base import IN, OUT, Adapter
 
 GATED = Adapter(
     name="llama",

@@ -1,5 +1,5 @@
 """OPT: fc1/fc2 live directly in the decoder layer, with `activation_fn` between them."""
-from .base import IN, OUT, Adapter
+from layershare.adapters.base import IN, OUT, Adapter
 
 OPT = Adapter(
     name="opt",

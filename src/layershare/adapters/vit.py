@@ -14,7 +14,7 @@ dense previous block's output and trained to match the dense block's output.
 """
 from torch import nn
 
-from .base import IN, OUT, Adapter
+from layershare.adapters.base import IN, OUT, Adapter
 
 _VISION = dict(task="image-classification", input_name="pixel_values", objective="block")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .tasks import TASKS, write_tasks
+from layershare.evaluate.tasks import TASKS, write_tasks
 
 SEED = 1234  # lm-eval's own default seeds, fixed here so a rerun gives the same numbers
 HEADLINE = ("acc_norm", "acc")  # the metric reported per task: the first the task has
@@ -66,7 +66,7 @@ def run_tasks(model: nn.Module, tokenizer, tasks: list[str], limit: int | None =
     acc_norm where the task has it, else acc, else its first metric). `limit`: the first N
     examples of each task only. `task_dir`: where the local suite is (default: written to the
     layershare cache by tasks.write_tasks)."""
-    from ..adapters import get_adapter
+    from layershare.adapters import get_adapter
 
     if get_adapter(model).task != "causal-lm":
         raise ValueError("downstream tasks need a causal language model, not an image classifier")

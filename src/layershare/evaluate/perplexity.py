@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ..data import DataError
-from ..forward import nll_sum
+from layershare.data.text import DataError
+from layershare.runtime.forward import nll_sum
 
 
 @dataclass

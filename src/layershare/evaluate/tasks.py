@@ -132,7 +132,7 @@ def write_tasks(directory: str | Path | None = None, text: str | None = None, n:
     """Write both tasks' jsonl data and YAML files into `directory` (default: the layershare
     cache's lm_eval_tasks/) from `text` (default: the book BOOK) and return the directory,
     ready for lm-eval's TaskManager(include_path=...)."""
-    from ..assets import austen_book, cache_dir
+    from layershare.data.assets import austen_book, cache_dir
 
     directory = Path(directory) if directory is not None else cache_dir() / "lm_eval_tasks"
     directory.mkdir(parents=True, exist_ok=True)

@@ -14,9 +14,14 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ..data import DataError
-from ..forward import logits as model_logits
-from ..images import ImagePreprocessor, evaluation_batches, evaluation_indices, image_folder
+from layershare.data.images import (
+    ImagePreprocessor,
+    evaluation_batches,
+    evaluation_indices,
+    image_folder,
+)
+from layershare.data.text import DataError
+from layershare.runtime.forward import logits as model_logits
 
 
 @dataclass

@@ -2,14 +2,26 @@
 config dataclass and its Method) and one line here."""
 from __future__ import annotations
 
-from ..config import RecipeError, StageConfig
-from .base import Compressed, Group, GroupMethod, Method, Needs, WholeModelMethod
-from .basis_sharing import BasisSharing, BasisSharingAttention, BasisSharingAttentionConfig, BasisSharingConfig
-from .ffn_merge import FFNMerge, FFNMergeConfig
-from .fips import FiPS, FiPSConfig
-from .masa import MASA, MASAConfig
-from .quant import QuantConfig, Quantize
-from .svd import SVD, SVDLLM, SVDConfig, SVDLLMConfig
+from layershare.config import RecipeError, StageConfig
+from layershare.methods.base import (
+    Compressed,
+    Group,
+    GroupMethod,
+    Method,
+    Needs,
+    WholeModelMethod,
+)
+from layershare.methods.basis_sharing import (
+    BasisSharing,
+    BasisSharingAttention,
+    BasisSharingAttentionConfig,
+    BasisSharingConfig,
+)
+from layershare.methods.ffn_merge import FFNMerge, FFNMergeConfig
+from layershare.methods.fips import FiPS, FiPSConfig
+from layershare.methods.masa import MASA, MASAConfig
+from layershare.methods.quant import QuantConfig, Quantize
+from layershare.methods.svd import SVD, SVDLLM, SVDConfig, SVDLLMConfig
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (FiPS, SVD, SVDLLM, BasisSharing, BasisSharingAttention,
                                                             FFNMerge, MASA, Quantize)}

@@ -25,11 +25,11 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..adapters.base import Adapter, get_path
-from ..budget import GroupBudget, GroupShape, Plan, count_params
-from ..config import StageConfig, make_groups
-from ..modules.weights import in_out_features
-from ..objectives import resolve_objective
+from layershare.adapters.base import Adapter, get_path
+from layershare.compression.budget import GroupBudget, GroupShape, Plan, count_params
+from layershare.compression.objectives import resolve_objective
+from layershare.config import StageConfig, make_groups
+from layershare.modules.weights import in_out_features
 
 
 @dataclass(frozen=True)

@@ -31,13 +31,26 @@ from dataclasses import dataclass
 
 import torch
 
-from ..adapters.base import IN, OUT, Adapter
-from ..budget import BudgetError, GroupBudget, GroupShape, Plan, keep_fraction, make_plan, solve_dense
-from ..config import GroupedConfig
-from ..modules.shared_basis import SharedBasis, SharedBasisLinear
-from ..modules.weights import weight_dxh
-from .base import Compressed, Group, GroupMethod, Needs
-from .lowrank import lowrank_linear, refit_output, to_basis, whitened_factors
+from layershare.adapters.base import IN, OUT, Adapter
+from layershare.compression.budget import (
+    BudgetError,
+    GroupBudget,
+    GroupShape,
+    Plan,
+    keep_fraction,
+    make_plan,
+    solve_dense,
+)
+from layershare.config import GroupedConfig
+from layershare.methods.base import Compressed, Group, GroupMethod, Needs
+from layershare.methods.lowrank import (
+    lowrank_linear,
+    refit_output,
+    to_basis,
+    whitened_factors,
+)
+from layershare.modules.shared_basis import SharedBasis, SharedBasisLinear
+from layershare.modules.weights import weight_dxh
 
 UPDATE_FROM = 0.4  # the paper updates the coefficients from 40% compression on
 

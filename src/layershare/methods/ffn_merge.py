@@ -25,13 +25,20 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..adapters.base import IN, Adapter, get_path, set_path
-from ..budget import BudgetError, GroupBudget, GroupShape, Plan, make_plan, out_of_range
-from ..capture import release_memory
-from ..config import StageConfig, need
-from ..forward import mean_nll
-from ..modules.weights import hidden_axis
-from .base import WholeModelMethod
+from layershare.adapters.base import IN, Adapter, get_path, set_path
+from layershare.compression.budget import (
+    BudgetError,
+    GroupBudget,
+    GroupShape,
+    Plan,
+    make_plan,
+    out_of_range,
+)
+from layershare.compression.capture import release_memory
+from layershare.config import StageConfig, need
+from layershare.methods.base import WholeModelMethod
+from layershare.modules.weights import hidden_axis
+from layershare.runtime.forward import mean_nll
 
 
 @dataclass

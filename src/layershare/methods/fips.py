@@ -25,15 +25,23 @@ from typing import Literal, Optional
 
 import torch
 
-from ..adapters.base import IN, Adapter
-from ..budget import BudgetError, GroupBudget, GroupShape, Plan, fixed_rank_plan, parse_nm, plan
-from ..config import GroupedConfig, need
-from ..modules.shared_basis import SharedBasis, SharedBasisLinear
-from ..modules.weights import weight_dxh
-from ..objectives import resolve_objective
-from ..sparsity import ActivationScore, GroupPruner
-from .base import Compressed, Group, GroupMethod, Needs
-from .lowrank import cholesky
+from layershare.adapters.base import IN, Adapter
+from layershare.compression.budget import (
+    BudgetError,
+    GroupBudget,
+    GroupShape,
+    Plan,
+    fixed_rank_plan,
+    parse_nm,
+    plan,
+)
+from layershare.compression.objectives import resolve_objective
+from layershare.compression.sparsity import ActivationScore, GroupPruner
+from layershare.config import GroupedConfig, need
+from layershare.methods.base import Compressed, Group, GroupMethod, Needs
+from layershare.methods.lowrank import cholesky
+from layershare.modules.shared_basis import SharedBasis, SharedBasisLinear
+from layershare.modules.weights import weight_dxh
 
 
 @dataclass
@@ -88,7 +96,7 @@ class FiPSConfig(GroupedConfig):
         need(self.batch_tokens >= 1, f"{m}: batch_tokens must be >= 1, got {self.batch_tokens}")
         need(self.lr > 0, f"{m}: lr must be > 0, got {self.lr}")
         if self.qat_bits is not None:
-            from ..quant.grid import QuantSpec
+            from layershare.quant.grid import QuantSpec
 
             need(self.qat_bits in (2, 3, 4, 8), f"{m}: qat_bits must be one of 2, 3, 4, 8, got {self.qat_bits}")
             need(self.qat_group_size >= 1, f"{m}: qat_group_size must be >= 1, got {self.qat_group_size}")
@@ -231,7 +239,7 @@ class FiPS(GroupMethod):
         params = [basis.U] + [p for layer in layers.values() for p in (layer.V, layer.bias) if p is not None]
         basis.U.requires_grad_(c.train_basis)
         if c.qat_bits is not None:
-            from ..quant.grid import QuantSpec
+            from layershare.quant.grid import QuantSpec
 
             basis.fake_quant = QuantSpec(c.qat_bits, c.qat_group_size, c.qat_symmetric)
             basis.fake_quant_input_first = any(layer.role == IN for layer in layers.values())

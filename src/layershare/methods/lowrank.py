@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import torch
 
-from ..adapters.base import IN
-from ..modules.shared_basis import SharedBasis, SharedBasisLinear
-from ..modules.weights import weight_dxh
+from layershare.adapters.base import IN
+from layershare.modules.shared_basis import SharedBasis, SharedBasisLinear
+from layershare.modules.weights import weight_dxh
 
 EPS = 1e-6  # ridge added to the Gram matrix, relative to its mean diagonal
 

@@ -17,12 +17,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..adapters.base import Adapter, get_path, set_path
-from ..budget import BudgetError, GroupBudget, Plan, removal
-from ..config import StageConfig, check_groups, make_groups, need
-from ..modules.atoms import AtomLinear, MatrixAtoms
-from ..modules.weights import weight_out_in
-from .base import Group, WholeModelMethod
+from layershare.adapters.base import Adapter, get_path, set_path
+from layershare.compression.budget import BudgetError, GroupBudget, Plan, removal
+from layershare.config import StageConfig, check_groups, make_groups, need
+from layershare.methods.base import Group, WholeModelMethod
+from layershare.modules.atoms import AtomLinear, MatrixAtoms
+from layershare.modules.weights import weight_out_in
 
 
 @dataclass

@@ -3,40 +3,48 @@ weight the model then holds (quant/model.py: plain linears, shared bases, V valu
 embeddings and LM head with `embeddings=True`), group-wise, 2/3/4/8 bits.
 
 How the codes are chosen (`algorithm`):
-- "rtn": round to nearest on the group's grid (quant/grid.py);
-- "gptq": GPTQ (quant/gptq.py) for every weight whose input the model computes directly (plain
-  linears; a shared basis U, its Hessian summed over the layers that share it), from one pass of
-  the calibration windows through the model as it is before this stage (the inputs are not
-  re-propagated through quantized layers); round to nearest for a sparse V's values and MASA's
-  atoms, whose inputs are not a dense matrix product.
-Quantization-aware training is not a stage: FiPS's `qat_bits` tunes the factors through fake
-quantization, and this stage then stores what they learnt (round to nearest on the same grid).
+- "gptq": sequential GPTQ (quant/sequential.py), block by block, each tensor's Hessian gathered
+  from the inputs the model quantized so far feeds it, in the order of the block's forward, for
+  every tensor read inside the blocks (quant/inputs.py): plain linears; a shared basis U, its
+  Hessian summed over the layers and blocks that share it; a dense V; a sparse V's kept values
+  (quant/gptq.gptq_masked: the pattern stays, the pruned entries exactly 0). Options: `damp`
+  (the reference's percdamp), `blocksize` (lazy batches), `act_order` (columns by decreasing
+  Hessian diagonal, with static groups: the stored layout is unchanged). The rest (MASA's atoms,
+  embeddings, the LM head) is rounded to nearest, before GPTQ starts, so that GPTQ's inputs
+  come from it quantized. A Hessian still singular after dampening stops the run with the
+  tensor's name (nothing is written).
+- "rtn": round to nearest on the group's grid (quant/grid.py), everything.
+The stage prints its settings and which tensors got which. Quantization-aware training is not a
+stage: FiPS's `qat_bits` tunes the factors through fake quantization, and this stage then stores
+what they learnt (the CLI's `--quant qat` sets "rtn": the same grid, nothing moved).
 """
 from __future__ import annotations
 
+import re
+from collections import Counter
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from ..adapters import Adapter
-from ..adapters.base import IN
-from ..budget import Plan, count_params
-from ..config import StageConfig, need
-from ..modules.shared_basis import SharedBasisLinear
-from ..quant.grid import QuantSpec
-from ..quant.model import _conv1d, quant_entry, quantize_tensor, targets
-from ..quant.pack import BITS
-from .base import WholeModelMethod
+from layershare.adapters import Adapter
+from layershare.compression.budget import Plan, count_params
+from layershare.config import StageConfig, need
+from layershare.methods.base import WholeModelMethod
+from layershare.modules.shared_basis import SharedBasis
+from layershare.quant.grid import QuantSpec
+from layershare.quant.inputs import Target, gptq_targets
+from layershare.quant.model import quant_entry, quantize_tensor, targets
+from layershare.quant.pack import BITS
 
 
 @dataclass
 class QuantConfig(StageConfig):
     """bits: per code (2, 3, 4 or 8); group_size: input entries per scale; symmetric: absmax
-    grid (else min/max with a zero point); algorithm: "rtn" or "gptq"; embeddings: quantize the
-    input embeddings and the LM head too. `ratio` does not apply (the size follows from bits)."""
+    grid (else min/max with a zero point); algorithm: "gptq" or "rtn"; embeddings: quantize the
+    input embeddings and the LM head too (rounded); damp, blocksize, act_order: GPTQ's. `ratio`
+    does not apply (the size follows from bits)."""
 
     method = "quant"
     part: ClassVar[str] = "weights"
@@ -45,13 +53,12 @@ class QuantConfig(StageConfig):
     bits: int = 4
     group_size: int = 128
     symmetric: bool = True
-    # "rtn" by measurement (docs/quant_llm.md, SmolLM2-135M, group 128, H100): 3-bit ppl 237 vs GPTQ's 357,
-    # 2-bit both unusable, GPTQ ahead at 4 bits (41.4 vs 44.5); the same 3-bit recipe on the CPU: RTN 234.0,
-    # GPTQ 336.6 (so not the GPU path); 16 calibration windows give GPTQ 162.6-181.7 (3 seeds), 64 give 356.3
-    # (first 4 book windows, RTN 232.4): more data should not hurt GPTQ, so its Hessians are suspect (not found yet)
-    algorithm: Literal["rtn", "gptq"] = "rtn"
+    # "gptq" by measurement (docs/quant_llm.md, SmolLM2-135M, group 128, validation book Mansfield Park)
+    algorithm: Literal["rtn", "gptq"] = "gptq"
     embeddings: bool = False
-    damp: float = 0.01  # GPTQ's dampening, a fraction of the mean Hessian diagonal
+    damp: float = 0.01  # GPTQ's dampening, a fraction of the mean Hessian diagonal (the reference's)
+    blocksize: int = 128  # GPTQ's lazy batches, in columns (the reference's)
+    act_order: bool = False  # GPTQ: columns by decreasing Hessian diagonal, static groups
 
     def validate(self) -> None:
         need(self.bits in BITS, f"{self.method}: bits must be one of {', '.join(map(str, BITS))}, got {self.bits}")
@@ -59,10 +66,19 @@ class QuantConfig(StageConfig):
         need(self.algorithm in ("rtn", "gptq"), f"{self.method}: algorithm must be 'rtn' or 'gptq', got "
                                                 f"{self.algorithm!r}")
         need(0 <= self.damp < 1, f"{self.method}: damp must be in [0, 1), got {self.damp}")
+        need(self.blocksize >= 1, f"{self.method}: blocksize must be a positive integer, got {self.blocksize}")
 
     @property
     def spec(self) -> QuantSpec:
         return QuantSpec(self.bits, self.group_size, self.symmetric)
+
+    def describe(self) -> str:
+        """The settings in words (printed when the stage starts)."""
+        grid = f"{self.bits}-bit codes, groups of {self.group_size}, {'symmetric' if self.symmetric else 'asymmetric'}"
+        if self.algorithm == "rtn":
+            return f"{grid}, round to nearest"
+        return (f"{grid}, sequential GPTQ (damp {self.damp:g}, blocksize {self.blocksize}, act_order "
+                f"{'on' if self.act_order else 'off'})")
 
 
 class Quantize(WholeModelMethod):
@@ -76,60 +92,44 @@ class Quantize(WholeModelMethod):
     def compress(self, model: nn.Module, adapter: Adapter, batches: list[torch.Tensor], plan: Plan, ctx) -> dict:
         c = self.config
         found = targets(model, c.embeddings)
-        hessians = self._hessians(model, adapter, batches, found) if c.algorithm == "gptq" else {}
-        from ..quant.gptq import gptq
+        print(f"quant: {c.describe()}", flush=True)
+        shapes = {name: tuple(getattr(o, a).shape) for name, (o, a, _) in found.items()}
+        chosen = gptq_targets(model, adapter, found) if c.algorithm == "gptq" else {}
+        rounded = [name for name in found if name not in chosen]
+        for name in rounded:  # first: GPTQ's inputs then come from them quantized (embeddings, atoms)
+            quantize_tensor(*found[name], c.spec)
+        if chosen:
+            from layershare.quant.sequential import quantize_sequentially
 
-        shapes, first, algos = {}, {}, {"gptq": 0, "rtn": 0}
-        for name, (owner, attr, input_first) in tqdm(found.items(), desc=f"quantize {c.bits}-bit", unit="tensor"):
-            t = getattr(owner, attr)
-            q = None
-            if id(owner) in hessians:
-                w = (t.t() if input_first else t).detach().float()
-                q = gptq(w, hessians[id(owner)].double(), c.spec, percdamp=c.damp)
-            algos["gptq" if q is not None else "rtn"] += 1
-            quantize_tensor(owner, attr, input_first, c.spec, q)
-            shapes[name], first[name] = tuple(t.shape), input_first
-        model.layershare_quant = quant_entry(c.spec, shapes, first)
-        return {"tensors": len(found), **{f"by_{k}": v for k, v in algos.items()}}
+            blocks = adapter.blocks(model)
+            cap = ctx.residency.capture(model, blocks, batches, ctx.device, adapter)
+            quantize_sequentially(blocks, cap, chosen, self._quantize, adapter, ctx.device)
+        print(f"quant: GPTQ: {_summary(chosen)}; round to nearest: {_summary(rounded)}", flush=True)
+        model.layershare_quant = quant_entry(c.spec, shapes, {name: first for name, (_, _, first) in found.items()})
+        return {"tensors": len(found), "by_gptq": len(chosen), "by_rtn": len(rounded)}
 
-    @torch.no_grad()
-    def _hessians(self, model: nn.Module, adapter: Adapter, batches, found) -> dict[int, torch.Tensor]:
-        """X^T X of every directly computed weight's input over the calibration windows (a shared
-        basis: summed over the layers that share it)."""
-        from ..forward import logits
+    def _quantize(self, target: Target, hessian: torch.Tensor) -> None:
+        """GPTQ of one tensor from its inputs' Hessian, written in place (quant/model.py)."""
+        from layershare.quant.gptq import gptq, gptq_masked
 
-        owners = {id(o) for o, _, _ in found.values()}
-        along_d = {id(o) for o, attr, first in found.values() if attr == "U" and first}
-        H: dict[int, torch.Tensor] = {}
-
-        def add(key, x):
-            x = x.detach().reshape(-1, x.shape[-1]).float()
-            h = x.t() @ x
-            H[key] = H[key] + h if key in H else h
-
-        def hook(module):
-            def fn(m, args, kwargs):
-                x = args[0] if args else next(iter(kwargs.values()))
-                if isinstance(m, SharedBasisLinear):  # U's grid runs along d when an "in" layer shares it:
-                    if m.role == IN:                  # then only those layers' x are its input
-                        add(id(m.basis), x)
-                    elif id(m.basis) not in along_d:
-                        add(id(m.basis), x @ m.dense_V().to(x.dtype).t())
-                else:
-                    add(id(m), x)
-            return fn
-
-        handles = []
-        for m in model.modules():
-            direct = (isinstance(m, nn.Linear) or _conv1d(m)) and id(m) in owners
-            shared = isinstance(m, SharedBasisLinear) and id(m.basis) in owners
-            if direct or shared:
-                handles.append(m.register_forward_pre_hook(hook(m), with_kwargs=True))
+        c = self.config
+        w, stored = target.matrix(), target.stored()
         try:
-            device = next(model.parameters()).device
-            for batch in tqdm(batches, desc="GPTQ Hessians", unit="batch"):
-                logits(model, batch.to(device), adapter)
-        finally:
-            for h in handles:
-                h.remove()
-        return H
+            if stored is None:
+                q = gptq(w, hessian, c.spec, percdamp=c.damp, blocksize=c.blocksize, act_order=c.act_order)
+            else:
+                q = gptq_masked(w, hessian, c.spec, stored, percdamp=c.damp, act_order=c.act_order)
+        except ValueError as e:
+            raise type(e)(f"GPTQ on {target.name}: {e}") from None
+        quantize_tensor(target.owner, target.attr, target.input_first, c.spec, q)
+        if isinstance(target.owner, SharedBasis):
+            target.owner.forget()  # its cached x @ U is the float U's
+
+
+def _summary(names) -> str:
+    """How many tensors, by name with block (and group) indices folded: 'model.layers.*.mlp.up_proj.weight x30'."""
+    names = list(names)
+    if not names:
+        return "none"
+    kinds = Counter(re.sub(r"\.\d+\.", ".*.", re.sub(r"_g\d+_", "_g*_", n)) for n in names)
+    return f"{len(names)} tensors (" + ", ".join(f"{k} x{v}" if v > 1 else k for k, v in kinds.items()) + ")"

@@ -16,10 +16,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..budget import GroupBudget, GroupShape, Plan, keep_fraction, make_plan, solve_dense
-from ..config import GroupedConfig
-from .base import Compressed, Group, GroupMethod, Needs
-from .lowrank import lowrank_linear
+from layershare.compression.budget import (
+    GroupBudget,
+    GroupShape,
+    Plan,
+    keep_fraction,
+    make_plan,
+    solve_dense,
+)
+from layershare.config import GroupedConfig
+from layershare.methods.base import Compressed, Group, GroupMethod, Needs
+from layershare.methods.lowrank import lowrank_linear
 
 
 @dataclass

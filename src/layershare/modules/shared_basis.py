@@ -15,6 +15,10 @@ A layer is in one form at a time (`form`):
            a sparse V is rebuilt on every forward (the smallest resident form, the slowest)
   factored V dense, zeros in place (dense matmuls: fast when the factors are smaller than W)
   csr      V as a CSR tensor with int32 indices (8 bytes per nonzero)
+  kernel   a sparse V as in compact (the same two buffers) plus a small index computed at load
+           (`V_offsets`, not saved); products by the native kernels of runtime/kernels, straight
+           from the packed form (up to 8 rows of activations; more: V expanded into a scratch
+           buffer and a dense GEMM), so smaller and faster than dense at once
 `pack()` freezes a tuned layer into compact form; runtime.py converts between forms and to
 `merged` (plain nn.Linear layers holding W = U V_i).
 """
@@ -26,8 +30,7 @@ import weakref
 import torch
 from torch import nn
 
-from ..adapters.base import IN
-
+from layershare.adapters.base import IN
 
 
 def _sparse_csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, size) -> torch.Tensor:
@@ -74,7 +77,7 @@ class SharedBasis(nn.Module):
         stage will store (quant/model.py: along d when a layer of role "in" shares it)."""
         if self.fake_quant is None:
             return self.U
-        from ..quant.grid import fake_quantize
+        from layershare.quant.grid import fake_quantize
 
         if self.fake_quant_input_first:
             return fake_quantize(self.U.t(), self.fake_quant).t()
@@ -111,7 +114,7 @@ class SharedBasis(nn.Module):
         return state
 
 
-FORMS = ("train", "compact", "factored", "csr")
+FORMS = ("train", "compact", "factored", "csr", "kernel")
 
 
 class SharedBasisLinear(nn.Module):
@@ -134,8 +137,8 @@ class SharedBasisLinear(nn.Module):
 
     @property
     def packed(self) -> bool:
-        """Frozen with only V's nonzeros held (compact or CSR)."""
-        return self.form in ("compact", "csr")
+        """Frozen with only V's nonzeros held (compact, CSR or kernel)."""
+        return self.form in ("compact", "csr", "kernel")
 
     @property
     def v_shape(self) -> tuple[int, int]:
@@ -154,6 +157,8 @@ class SharedBasisLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.form == "csr":
             return self._csr_forward(x)
+        if self.form == "kernel":
+            return self._kernel_forward(x)
         V = self.V if self.form in ("train", "factored") else self._rebuild_V()
         if self.fake_quant is not None and self.form == "train":
             V = self._fake_quantized(V)
@@ -167,7 +172,7 @@ class SharedBasisLinear(nn.Module):
     def _fake_quantized(self, V: torch.Tensor) -> torch.Tensor:
         """V on the grid the quantization stage will store: a sparse V's nonzero values in their
         stored (row-major) order, a dense V along its input axis (straight-through gradients)."""
-        from ..quant.grid import fake_quantize
+        from layershare.quant.grid import fake_quantize
 
         if self.sparse or self.mask is not None:
             keep = self.mask if self.mask is not None else V != 0
@@ -192,6 +197,16 @@ class SharedBasisLinear(nn.Module):
         y = y.to(x.dtype).reshape(*lead, -1)
         return y if self.bias is None else y + self.bias
 
+    def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
+        from layershare.runtime.kernels import ops
+
+        packed = (self.V_values, self.V_mask, self.V_offsets)
+        if self.role == IN:
+            y = ops.in_product(self.basis.project(x), *packed, self.v_shape[1])
+        else:
+            y = ops.out_product(x, *packed) @ self.basis.effective_U().to(x.dtype).t()
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
     # ---- forms ----------------------------------------------------------------------
     def dense_V(self) -> torch.Tensor:
         """V as a dense (r x h) matrix, zeros included."""
@@ -205,7 +220,7 @@ class SharedBasisLinear(nn.Module):
         return self._rebuild_V().detach()
 
     def _clear(self) -> None:
-        for name in ("V", "V_values", "V_mask", "mask"):
+        for name in ("V", "V_values", "V_mask", "V_offsets", "mask"):
             if name in self._parameters:
                 del self._parameters[name]
             if name in self._buffers:
@@ -218,7 +233,7 @@ class SharedBasisLinear(nn.Module):
         value may be exactly zero, e.g. quantized to zero), else its nonzeros."""
         if not self.sparse:
             return None
-        if self.form == "compact":
+        if self.form in ("compact", "kernel"):
             return unpack_bits(self.V_mask, self.v_shape)
         if self.form == "train" and self.mask is not None:
             return self.mask
@@ -229,7 +244,16 @@ class SharedBasisLinear(nn.Module):
         """Hold V in `form` (see the module docstring); the function computed is unchanged."""
         if form not in FORMS:
             raise ValueError(f"unknown form {form!r} (known: {', '.join(FORMS)})")
+        if form == "kernel" and not self.sparse:
+            raise ValueError("the kernel form holds a sparse V (nonzeros + bitmask); this layer's V is dense")
         if form == self.form:
+            return self
+        if {form, self.form} == {"compact", "kernel"}:  # the same stored tensors: add or drop the index
+            if form == "kernel":
+                self._set_offsets()
+            else:
+                del self._buffers["V_offsets"]
+            self.form = form
             return self
         V = self.dense_V()
         keep = self._pattern(V)
@@ -238,9 +262,11 @@ class SharedBasisLinear(nn.Module):
             self.V = nn.Parameter(V, requires_grad=form == "train")
             if form == "train":
                 self.register_buffer("mask", keep if self.sparse else None, persistent=False)
-        elif form == "compact" and self.sparse:
+        elif form in ("compact", "kernel") and self.sparse:
             self.register_buffer("V_values", V[keep].contiguous())
             self.register_buffer("V_mask", pack_bits(keep))
+            if form == "kernel":
+                self._set_offsets()
         elif form == "compact":
             self.V = nn.Parameter(V, requires_grad=False)
         else:  # csr: oriented for the forward
@@ -257,6 +283,12 @@ class SharedBasisLinear(nn.Module):
     def unpack(self) -> None:
         """Back to a dense V (zeros included): the same function, computed with dense matmuls."""
         self.to_form("factored")
+
+    def _set_offsets(self) -> None:
+        """The kernels' index of where each row's values start (computed from the mask, not saved)."""
+        from layershare.runtime.kernels import ops
+
+        self.register_buffer("V_offsets", ops.prepare(self.V_mask, self.v_shape), persistent=False)
 
     def _set_csr(self, V: torch.Tensor) -> None:
         dense = V.t() if self.role == IN else V  # IN: (h x r) @ z^T ; OUT: (r x h) @ x^T
@@ -292,7 +324,7 @@ class SharedBasisLinear(nn.Module):
     # ---- state dict: a sparse V is saved as its nonzero values + a bitmask -------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.sparse and self.form != "compact":
+        if self.sparse and self.form not in ("compact", "kernel"):
             destination.pop(prefix + "V", None)
             V = self.dense_V()
             keep = V != 0
@@ -305,7 +337,7 @@ class SharedBasisLinear(nn.Module):
                               unexpected_keys, error_msgs):
         keys = (prefix + "V_values", prefix + "V_mask")
         # sizes known only from the file: assign as they are (a quantized V's values come as packed buffers)
-        if self.sparse and self.form == "compact" and "V_values" in self._buffers:
+        if self.sparse and self.form in ("compact", "kernel") and "V_values" in self._buffers:
             missing = [k for k in keys if k not in state_dict]
             if missing:
                 missing_keys.extend(missing)
@@ -321,6 +353,8 @@ class SharedBasisLinear(nn.Module):
             else:
                 self._buffers["V_values"] = values
                 self._buffers["V_mask"] = bits.to(torch.uint8)
+                if self.form == "kernel":
+                    self._set_offsets()
             rest = {k: v for k, v in state_dict.items() if k not in keys}
             super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys,
                                           unexpected_keys, error_msgs)
@@ -332,7 +366,7 @@ class SharedBasisLinear(nn.Module):
                                       unexpected_keys, error_msgs)
 
     def nnz(self) -> int:
-        if self.form == "compact" and self.sparse:
+        if self.form in ("compact", "kernel") and self.sparse:
             return int(self.V_values.numel())
         if self.form == "csr":
             return int(self.V_csr.values().numel())

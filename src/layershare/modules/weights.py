@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..adapters.base import IN
+from layershare.adapters.base import IN
 
 
 def is_conv1d(module: nn.Module) -> bool:

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .pack import check_bits, pack, unpack
+from layershare.quant.pack import check_bits, pack, unpack
 
 SCALE_DTYPE = torch.float16
 SCALE_BITS = torch.finfo(SCALE_DTYPE).bits

@@ -20,9 +20,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..modules.atoms import MatrixAtoms
-from ..modules.shared_basis import SharedBasis, SharedBasisLinear
-from .grid import QTensor, QuantSpec, dequantize, from_tensors, quantize, to_tensors
+from layershare.modules.atoms import MatrixAtoms
+from layershare.modules.shared_basis import SharedBasis, SharedBasisLinear
+from layershare.quant.grid import (
+    QTensor,
+    QuantSpec,
+    dequantize,
+    from_tensors,
+    quantize,
+    to_tensors,
+)
 
 SUFFIXES = ("codes", "scales", "zeros")
 
@@ -40,7 +47,7 @@ def targets(model: nn.Module, embeddings: bool = False) -> dict[str, tuple[nn.Mo
             m = getattr(model, get, lambda: None)()
             if m is not None:
                 skip.add(id(m))
-    from ..adapters.base import IN
+    from layershare.adapters.base import IN
 
     users = [m for m in model.modules() if isinstance(m, SharedBasisLinear)]
     has_in = {id(m.basis) for m in users if m.role == IN} | {id(m) for m in model.modules()

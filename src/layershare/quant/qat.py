@@ -16,9 +16,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..modules.shared_basis import SharedBasis, SharedBasisLinear
-from .grid import QuantSpec, fake_quantize
-from .model import _owner, quantize_tensor, spec_of
+from layershare.modules.shared_basis import SharedBasis, SharedBasisLinear
+from layershare.quant.grid import QuantSpec, fake_quantize
+from layershare.quant.model import _owner, quantize_tensor, spec_of
 
 
 class FakeQuant(nn.Module):

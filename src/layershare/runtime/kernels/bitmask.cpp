@@ -1,0 +1,510 @@
+// Products with a sparse V straight from its packed form (FiPS layers; see ops.py).
+//
+// V (r x h) is stored as its kept entries in row-major order (`values`: float32, bfloat16 or
+// float16) and a bitmask over the flat r*h entries (`mask`: uint8, row-major, most significant
+// bit first: entry k of a byte is bit 7-k); when h % 8 != 0, rows do not start on a byte.
+// `offsets` (r x nb int32, nb = ceil(h/64), computed at load by ops.prepare) holds, for row i and
+// block b of 64 columns, the index in `values` of the first kept entry of V[i, 64b:64b+64].
+//
+//   bitmask_in(z, ...)         z @ V    (z: N x r float32 -> N x h), in parallel over column blocks
+//   bitmask_out(x, ...)        x @ V^T  (x: N x h float32 -> N x r), in parallel over rows of V
+//   bitmask_expand(..., out)   out = V  (r x h float32, written in place), in parallel over rows
+//   bitmask_isa(use)           the path that runs ("avx2" or "portable"); `use` switches it (tests)
+//
+// Accumulation is in float32. Two paths compute each op: AVX2+FMA+F16C (chosen at run time when
+// the CPU has them; the environment variable LAYERSHARE_KERNEL=portable refuses it) and portable
+// scalar C++. Every read of `values` and `mask` is checked against the buffers' sizes: offsets
+// that disagree with the mask give wrong numbers, never a read out of bounds.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <optional>
+#include <string>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define LS_X86 1
+#define LS_AVX2 __attribute__((target("avx2,fma,f16c,popcnt")))
+#else
+#define LS_X86 0
+#endif
+#define LS_INLINE inline __attribute__((always_inline))  // the helpers of the inner loops
+#define LS_COLD __attribute__((noinline, cold))          // their rare paths, kept out of the loops
+
+namespace {
+
+constexpr int64_t kBlock = 64;   // columns per block: one 64-bit word of mask per (row, block)
+constexpr int64_t kMaxRows = 8;  // activation rows per pass (their accumulators stay in registers)
+constexpr int64_t kGrainEntries = 32768;  // entries of V per parallel task, at least
+constexpr int64_t kAccFloats = 8192;      // the in-product's accumulators per task: 32 KiB (L1)
+
+// ---- V as the kernels read it -----------------------------------------------------------------
+template <typename T>
+struct SparseV {
+  const T* values;
+  int64_t nnz;
+  const uint8_t* mask;
+  int64_t nbytes;
+  const int32_t* offsets;
+  int64_t r, h, nb;
+
+  LS_INLINE int64_t width(int64_t b) const { return std::min(kBlock, h - b * kBlock); }
+
+  // The mask bits of row i, block b: column 64b+k in bit 63-k, bits past the row's end cleared.
+  // Reads 8 bytes (9 when the row does not start on a byte) from bit i*h + 64b.
+  LS_INLINE uint64_t word(int64_t i, int64_t b) const {
+    const int64_t pos = i * h + b * kBlock, q = pos >> 3;
+    const int s = static_cast<int>(pos & 7);
+    uint64_t w = q + 9 <= nbytes ? bits_at(mask + q, s) : word_near_end(q, s);
+    const int64_t n = width(b);
+    return n < kBlock ? w & (~0ULL << (kBlock - n)) : w;
+  }
+
+  // 64 bits from bit s of src (s < 8; src[8] is read when s > 0).
+  static LS_INLINE uint64_t bits_at(const uint8_t* src, int s) {
+    uint64_t w = 0;
+    for (int k = 0; k < 8; ++k) w = (w << 8) | src[k];  // big-endian: compiles to one load + bswap
+    return s ? (w << s) | (src[8] >> (8 - s)) : w;
+  }
+
+  // bits_at for the last bytes of the mask: the bytes past its end read as 0.
+  LS_COLD uint64_t word_near_end(int64_t q, int s) const {
+    uint8_t pad[9] = {};
+    for (int64_t k = 0; k < 9 && q + k < nbytes; ++k) pad[k] = mask[q + k];
+    return bits_at(pad, s);
+  }
+
+  LS_INLINE int64_t start(int64_t i, int64_t b) const { return offsets[i * nb + b]; }
+
+  LS_INLINE float value(int64_t p) const { return p >= 0 && p < nnz ? static_cast<float>(values[p]) : 0.f; }
+};
+
+// ---- portable path ---------------------------------------------------------------------------
+// y[n, block b] = sum_i zt[i, n] * V[i, block b] for n < rows (zt: r x rows, y: rows x h, row stride ldy).
+template <typename T>
+void in_block_portable(const SparseV<T>& v, const float* zt, int64_t rows, int64_t b, float* y, int64_t ldy) {
+  float acc[kMaxRows][kBlock] = {};
+  for (int64_t i = 0; i < v.r; ++i) {
+    int64_t p = v.start(i, b);
+    uint64_t bits = v.word(i, b);
+    while (bits) {  // set bits from the top: kept columns in order
+      const int k = __builtin_clzll(bits);
+      bits &= ~(1ULL << (63 - k));
+      const float val = v.value(p++);
+      for (int64_t n = 0; n < rows; ++n) acc[n][k] += zt[i * rows + n] * val;
+    }
+  }
+  const int64_t c0 = b * kBlock, w = v.width(b);
+  for (int64_t n = 0; n < rows; ++n) std::memcpy(y + n * ldy + c0, acc[n], w * sizeof(float));
+}
+
+// out[n, i] = V[i, :] . x[n, :] for n < rows (x: rows x h with row stride ldx; out: row stride ldo).
+template <typename T>
+void out_row_portable(const SparseV<T>& v, const float* x, int64_t ldx, int64_t rows, int64_t i, float* out,
+                      int64_t ldo) {
+  float acc[kMaxRows] = {};
+  int64_t p = v.start(i, 0);
+  for (int64_t b = 0; b < v.nb; ++b) {
+    uint64_t bits = v.word(i, b);
+    while (bits) {
+      const int k = __builtin_clzll(bits);
+      bits &= ~(1ULL << (63 - k));
+      const float val = v.value(p++);
+      for (int64_t n = 0; n < rows; ++n) acc[n] += val * x[n * ldx + b * kBlock + k];
+    }
+  }
+  for (int64_t n = 0; n < rows; ++n) out[n * ldo + i] = acc[n];
+}
+
+template <typename T>
+void expand_row_portable(const SparseV<T>& v, int64_t i, float* row) {
+  std::memset(row, 0, v.h * sizeof(float));
+  int64_t p = v.start(i, 0);
+  for (int64_t b = 0; b < v.nb; ++b) {
+    uint64_t bits = v.word(i, b);
+    while (bits) {
+      const int k = __builtin_clzll(bits);
+      bits &= ~(1ULL << (63 - k));
+      row[b * kBlock + k] = v.value(p++);
+    }
+  }
+}
+
+// ---- AVX2 path -------------------------------------------------------------------------------
+#if LS_X86
+#define LS_AVX2_LAMBDA __attribute__((target("avx2,fma,f16c,popcnt"), always_inline))
+
+// For each mask byte m, lane k (column k of an 8-column chunk) takes packed value idx[m][k]
+// (how many of the chunk's entries before k are kept) when bit 7-k of m is set; -1 otherwise,
+// whose sign bit zeroes the lane.
+struct SpreadTable {
+  int8_t idx[256][8];
+  constexpr SpreadTable() : idx{} {
+    for (int m = 0; m < 256; ++m) {
+      int8_t kept = 0;
+      for (int k = 0; k < 8; ++k) idx[m][k] = (m >> (7 - k)) & 1 ? kept++ : -1;
+    }
+  }
+};
+alignas(64) constexpr SpreadTable kSpread{};
+
+LS_AVX2 LS_INLINE __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+LS_AVX2 LS_INLINE __m256 load8(const c10::BFloat16* p) {  // bfloat16: the high half of a float32
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+LS_AVX2 LS_INLINE __m256 load8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// values[p : p+count] in lanes 0..count-1 (the other lanes are unused), reading only inside the buffer.
+template <typename T>
+LS_AVX2 LS_COLD __m256 load_near_end(const SparseV<T>& v, int64_t p, int count) {
+  T tail[8] = {};
+  for (int k = 0; k < count; ++k)
+    if (p + k >= 0 && p + k < v.nnz) tail[k] = v.values[p + k];
+  return load8(tail);
+}
+
+// The chunk of 8 columns whose mask byte is m: its packed values moved to their columns, 0 elsewhere.
+LS_AVX2 LS_INLINE __m256 spread(__m256 packed, unsigned m) {
+  const __m256i idx = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(kSpread.idx[m])));
+  return _mm256_blendv_ps(_mm256_permutevar8x32_ps(packed, idx), _mm256_setzero_ps(), _mm256_castsi256_ps(idx));
+}
+
+// f(t, chunks) for the 8 chunks t of one block of R rows of V (mask bits bits[q] for row q;
+// chunks[q]: row q's 8 columns of the chunk, float32), row q's values starting at p[q], which
+// moves on to the next block's.
+template <int R, typename T, typename F>
+LS_AVX2 LS_INLINE void each_chunk(const SparseV<T>& v, const uint64_t (&bits)[R], int64_t (&p)[R], F&& f) {
+  uint64_t rest[R];
+  bool inside = true;  // every 8-value load of the block lies inside the buffer
+  for (int q = 0; q < R; ++q) {
+    rest[q] = bits[q];
+    inside &= p[q] >= 0 && p[q] + kBlock <= v.nnz;
+  }
+  __m256 chunks[R];
+  if (inside) {
+#pragma GCC unroll 8
+    for (int t = 0; t < 8; ++t) {
+      for (int q = 0; q < R; ++q) {
+        const unsigned m = static_cast<unsigned>(rest[q] >> 56);
+        rest[q] <<= 8;
+        chunks[q] = spread(load8(v.values + p[q]), m);
+        p[q] += __builtin_popcount(m);
+      }
+      f(t, chunks);
+    }
+    return;
+  }
+  for (int t = 0; t < 8; ++t) {  // near the ends of the buffer
+    for (int q = 0; q < R; ++q) {
+      const unsigned m = static_cast<unsigned>(rest[q] >> 56);
+      rest[q] <<= 8;
+      const int count = __builtin_popcount(m);
+      chunks[q] = spread(load_near_end(v, p[q], count), m);
+      p[q] += count;
+    }
+    f(t, chunks);
+  }
+}
+
+LS_AVX2 LS_INLINE float hsum(__m256 a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// in_block_portable's product for N rows over blocks [b0, b1), adding rows i0 + q*step (q < R)
+// of V times z into the N x 64(b1-b0) accumulators `acc` (in L1: each loaded and stored once per
+// R rows of V).
+template <typename T, int N, int R>
+LS_AVX2 LS_INLINE void in_rows_avx2(const SparseV<T>& v, const float* zt, int64_t i0, int64_t step, int64_t b0,
+                                    int64_t b1, float* acc, int64_t ld) {
+  __m256 zb[R][N];
+  int64_t p[R];
+  for (int q = 0; q < R; ++q) {
+    for (int n = 0; n < N; ++n) zb[q][n] = _mm256_broadcast_ss(zt + (i0 + q * step) * N + n);
+    p[q] = v.start(i0 + q * step, b0);
+  }
+  for (int64_t b = b0; b < b1; ++b) {
+    uint64_t bits[R], any = 0;
+    for (int q = 0; q < R; ++q) any |= bits[q] = v.word(i0 + q * step, b);
+    if (!any) continue;
+    float* a = acc + (b - b0) * kBlock;
+    each_chunk(v, bits, p, [&](int t, const __m256(&chunks)[R]) LS_AVX2_LAMBDA {
+#pragma GCC unroll 8
+      for (int n = 0; n < N; ++n) {
+        float* an = a + n * ld + 8 * t;
+        __m256 s = _mm256_load_ps(an);
+        for (int q = 0; q < R; ++q) s = _mm256_fmadd_ps(zb[q][n], chunks[q], s);
+        _mm256_store_ps(an, s);
+      }
+    });
+  }
+}
+
+template <typename T, int N>
+LS_AVX2 void in_tile_avx2(const SparseV<T>& v, const float* zt, int64_t b0, int64_t b1, float* acc, float* y,
+                          int64_t ldy) {
+  const int64_t ld = (b1 - b0) * kBlock;
+  std::memset(acc, 0, N * ld * sizeof(float));
+  // rows i and i + r/2 together: two sequential streams through the values, which the hardware
+  // prefetcher follows (rows i and i+1 together would be two strided ones, which it does not)
+  const int64_t half = v.r / 2;
+  for (int64_t i = 0; i < half; ++i) in_rows_avx2<T, N, 2>(v, zt, i, half, b0, b1, acc, ld);
+  if (v.r % 2) in_rows_avx2<T, N, 1>(v, zt, v.r - 1, 0, b0, b1, acc, ld);
+  const int64_t cols = std::min(ld, v.h - b0 * kBlock);
+  for (int n = 0; n < N; ++n) std::memcpy(y + n * ldy + b0 * kBlock, acc + n * ld, cols * sizeof(float));
+}
+
+template <typename T, int N>
+LS_AVX2 void in_blocks_avx2(const SparseV<T>& v, const float* zt, int64_t b0, int64_t b1, float* y, int64_t ldy) {
+  alignas(64) float acc[kAccFloats];
+  const int64_t tile = kAccFloats / (N * kBlock);
+  for (int64_t b = b0; b < b1; b += tile) in_tile_avx2<T, N>(v, zt, b, std::min(b1, b + tile), acc, y, ldy);
+}
+
+template <typename T>
+LS_AVX2 void in_blocks_avx2(const SparseV<T>& v, const float* zt, int64_t rows, int64_t b0, int64_t b1, float* y,
+                            int64_t ldy) {
+  switch (rows) {
+    case 1: return in_blocks_avx2<T, 1>(v, zt, b0, b1, y, ldy);
+    case 2: return in_blocks_avx2<T, 2>(v, zt, b0, b1, y, ldy);
+    case 3: return in_blocks_avx2<T, 3>(v, zt, b0, b1, y, ldy);
+    case 4: return in_blocks_avx2<T, 4>(v, zt, b0, b1, y, ldy);
+    case 5: return in_blocks_avx2<T, 5>(v, zt, b0, b1, y, ldy);
+    case 6: return in_blocks_avx2<T, 6>(v, zt, b0, b1, y, ldy);
+    case 7: return in_blocks_avx2<T, 7>(v, zt, b0, b1, y, ldy);
+    default: return in_blocks_avx2<T, 8>(v, zt, b0, b1, y, ldy);
+  }
+}
+
+// out_row_portable for N rows; x is zero-padded to nb*64 columns. K independent accumulators
+// per row keep several FMAs in flight when N is small.
+template <typename T, int N>
+LS_AVX2 void out_row_avx2(const SparseV<T>& v, const float* x, int64_t ldx, int64_t i, float* out, int64_t ldo) {
+  constexpr int K = N == 1 ? 4 : N == 2 ? 2 : 1;
+  __m256 acc[N][K];
+  for (int n = 0; n < N; ++n)
+    for (int k = 0; k < K; ++k) acc[n][k] = _mm256_setzero_ps();
+  int64_t p[1] = {v.start(i, 0)};
+  for (int64_t b = 0; b < v.nb; ++b) {
+    const uint64_t bits = v.word(i, b);
+    if (!bits) continue;
+    const float* xb = x + b * kBlock;
+    each_chunk(v, {bits}, p, [&](int t, const __m256(&chunk)[1]) LS_AVX2_LAMBDA {
+#pragma GCC unroll 8
+      for (int n = 0; n < N; ++n)
+        acc[n][t % K] = _mm256_fmadd_ps(chunk[0], _mm256_loadu_ps(xb + n * ldx + 8 * t), acc[n][t % K]);
+    });
+  }
+  for (int n = 0; n < N; ++n) {
+    __m256 s = acc[n][0];
+    for (int k = 1; k < K; ++k) s = _mm256_add_ps(s, acc[n][k]);
+    out[n * ldo + i] = hsum(s);
+  }
+}
+
+template <typename T>
+LS_AVX2 void out_row_avx2(const SparseV<T>& v, const float* x, int64_t ldx, int64_t rows, int64_t i, float* out,
+                          int64_t ldo) {
+  switch (rows) {
+    case 1: return out_row_avx2<T, 1>(v, x, ldx, i, out, ldo);
+    case 2: return out_row_avx2<T, 2>(v, x, ldx, i, out, ldo);
+    case 3: return out_row_avx2<T, 3>(v, x, ldx, i, out, ldo);
+    case 4: return out_row_avx2<T, 4>(v, x, ldx, i, out, ldo);
+    case 5: return out_row_avx2<T, 5>(v, x, ldx, i, out, ldo);
+    case 6: return out_row_avx2<T, 6>(v, x, ldx, i, out, ldo);
+    case 7: return out_row_avx2<T, 7>(v, x, ldx, i, out, ldo);
+    default: return out_row_avx2<T, 8>(v, x, ldx, i, out, ldo);
+  }
+}
+
+// A row of V into `row` (h floats); the row's last block goes through a buffer when it is narrower
+// than 64 columns.
+template <typename T>
+LS_AVX2 void expand_row_avx2(const SparseV<T>& v, int64_t i, float* row) {
+  int64_t p[1] = {v.start(i, 0)};
+  for (int64_t b = 0; b < v.nb; ++b) {
+    alignas(32) float tmp[kBlock];
+    const int64_t w = v.width(b);
+    float* dst = w == kBlock ? row + b * kBlock : tmp;
+    each_chunk(v, {v.word(i, b)}, p, [&](int t, const __m256(&chunk)[1]) LS_AVX2_LAMBDA {
+      _mm256_storeu_ps(dst + 8 * t, chunk[0]);
+    });
+    if (w < kBlock) std::memcpy(row + b * kBlock, tmp, w * sizeof(float));
+  }
+}
+#endif  // LS_X86
+
+// ---- which path runs ---------------------------------------------------------------------------
+bool cpu_has_avx2() {
+#if LS_X86
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
+         __builtin_cpu_supports("popcnt");
+#else
+  return false;
+#endif
+}
+
+bool default_avx2() {
+  const char* env = std::getenv("LAYERSHARE_KERNEL");
+  return !(env && std::string(env) == "portable") && cpu_has_avx2();
+}
+
+std::atomic<bool> g_avx2{default_avx2()};
+
+std::string bitmask_isa(std::optional<c10::string_view> use) {
+  if (use) {
+    const std::string u(*use);
+    TORCH_CHECK(u == "portable" || u == "best", "bitmask_isa: use must be 'portable' or 'best', got '", u, "'");
+    g_avx2 = u == "best" && cpu_has_avx2();
+  }
+  return g_avx2 ? "avx2" : "portable";
+}
+
+// ---- the ops -----------------------------------------------------------------------------------
+template <typename F>
+void with_value_type(const at::Tensor& values, F&& f) {
+  switch (values.scalar_type()) {
+    case at::kFloat: return f(float{});
+    case at::kBFloat16: return f(c10::BFloat16{});
+    case at::kHalf: return f(c10::Half{});
+    default: TORCH_CHECK(false, "bitmask ops: values must be float32, bfloat16 or float16, got ", values.scalar_type());
+  }
+}
+
+void check_float_matrix(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.dim() == 2 && t.scalar_type() == at::kFloat && t.is_contiguous(),
+              "bitmask ops: ", name, " must be a contiguous 2-D float32 CPU tensor, got ", t.sizes(), " ",
+              t.scalar_type());
+}
+
+template <typename T>
+SparseV<T> sparse_v(const at::Tensor& values, const at::Tensor& mask, const at::Tensor& offsets, int64_t r,
+                    int64_t h) {
+  TORCH_CHECK(h >= 0, "bitmask ops: h must be >= 0, got ", h);
+  const int64_t nb = (h + kBlock - 1) / kBlock;
+  TORCH_CHECK(values.device().is_cpu() && values.dim() == 1 && values.is_contiguous(),
+              "bitmask ops: values must be a contiguous 1-D CPU tensor");
+  TORCH_CHECK(mask.device().is_cpu() && mask.dim() == 1 && mask.scalar_type() == at::kByte && mask.is_contiguous(),
+              "bitmask ops: mask must be a contiguous 1-D uint8 CPU tensor");
+  TORCH_CHECK(mask.numel() == (r * h + 7) / 8, "bitmask ops: mask has ", mask.numel(), " bytes, expected ",
+              (r * h + 7) / 8, " for V of shape (", r, ", ", h, ")");
+  TORCH_CHECK(offsets.device().is_cpu() && offsets.scalar_type() == at::kInt && offsets.is_contiguous() &&
+                  offsets.dim() == 2 && offsets.size(0) == r && offsets.size(1) == nb,
+              "bitmask ops: offsets must be a contiguous int32 tensor of shape (", r, ", ", nb, "), got ",
+              offsets.sizes(), " ", offsets.scalar_type());
+  return SparseV<T>{values.const_data_ptr<T>(), values.numel(), mask.const_data_ptr<uint8_t>(), mask.numel(),
+                    offsets.const_data_ptr<int32_t>(), r, h, nb};
+}
+
+int64_t grain(int64_t entries_per_task) { return std::max<int64_t>(1, kGrainEntries / std::max<int64_t>(1, entries_per_task)); }
+
+at::Tensor bitmask_in(const at::Tensor& z, const at::Tensor& values, const at::Tensor& mask, const at::Tensor& offsets,
+                      int64_t h) {
+  check_float_matrix(z, "z");
+  const int64_t N = z.size(0), r = z.size(1);
+  at::Tensor y = at::empty({N, h}, z.options());
+  with_value_type(values, [&](auto tag) {
+    using T = decltype(tag);
+    const SparseV<T> v = sparse_v<T>(values, mask, offsets, r, h);
+    const bool avx2 = g_avx2;
+    for (int64_t n0 = 0; n0 < N; n0 += kMaxRows) {
+      const int64_t rows = std::min(kMaxRows, N - n0);
+      const at::Tensor zt = z.narrow(0, n0, rows).t().contiguous();  // r x rows: one row of V's weights together
+      const float* zp = zt.const_data_ptr<float>();
+      float* yp = y.data_ptr<float>() + n0 * h;
+      at::parallel_for(0, v.nb, grain(r * kBlock), [&](int64_t b0, int64_t b1) {
+#if LS_X86
+        if (avx2) return in_blocks_avx2(v, zp, rows, b0, b1, yp, h);
+#endif
+        for (int64_t b = b0; b < b1; ++b) in_block_portable(v, zp, rows, b, yp, h);
+      });
+    }
+    (void)avx2;
+  });
+  return y;
+}
+
+at::Tensor bitmask_out(const at::Tensor& x, const at::Tensor& values, const at::Tensor& mask,
+                       const at::Tensor& offsets) {
+  check_float_matrix(x, "x");
+  const int64_t N = x.size(0), h = x.size(1), r = offsets.dim() == 2 ? offsets.size(0) : 0;
+  at::Tensor out = at::empty({N, r}, x.options());
+  with_value_type(values, [&](auto tag) {
+    using T = decltype(tag);
+    const SparseV<T> v = sparse_v<T>(values, mask, offsets, r, h);
+    const bool avx2 = g_avx2;
+    // the AVX2 path reads x in whole blocks: a copy zero-padded to nb*64 columns
+    const at::Tensor xp = avx2 ? at::constant_pad_nd(x, {0, v.nb * kBlock - h}) : x;
+    const int64_t ldx = xp.size(1);
+    for (int64_t n0 = 0; n0 < N; n0 += kMaxRows) {
+      const int64_t rows = std::min(kMaxRows, N - n0);
+      const float* xg = xp.const_data_ptr<float>() + n0 * ldx;
+      float* og = out.data_ptr<float>() + n0 * r;
+      at::parallel_for(0, r, grain(h), [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+#if LS_X86
+          if (avx2) {
+            out_row_avx2(v, xg, ldx, rows, i, og, r);
+            continue;
+          }
+#endif
+          out_row_portable(v, xg, ldx, rows, i, og, r);
+        }
+      });
+    }
+  });
+  return out;
+}
+
+void bitmask_expand(const at::Tensor& values, const at::Tensor& mask, const at::Tensor& offsets,
+                    const at::Tensor& out) {
+  check_float_matrix(out, "out");
+  const int64_t r = out.size(0), h = out.size(1);
+  with_value_type(values, [&](auto tag) {
+    using T = decltype(tag);
+    const SparseV<T> v = sparse_v<T>(values, mask, offsets, r, h);
+    const bool avx2 = g_avx2;
+    float* o = out.data_ptr<float>();
+    at::parallel_for(0, r, grain(h), [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+#if LS_X86
+        if (avx2) {
+          expand_row_avx2(v, i, o + i * h);
+          continue;
+        }
+#endif
+        expand_row_portable(v, i, o + i * h);
+      }
+    });
+    (void)avx2;
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY(layershare, m) {
+  m.def("bitmask_in(Tensor z, Tensor values, Tensor mask, Tensor offsets, int h) -> Tensor");
+  m.def("bitmask_out(Tensor x, Tensor values, Tensor mask, Tensor offsets) -> Tensor");
+  m.def("bitmask_expand(Tensor values, Tensor mask, Tensor offsets, Tensor(a!) out) -> ()");
+  m.def("bitmask_isa(str? use=None) -> str", &bitmask_isa);
+}
+
+TORCH_LIBRARY_IMPL(layershare, CPU, m) {
+  m.impl("bitmask_in", &bitmask_in);
+  m.impl("bitmask_out", &bitmask_out);
+  m.impl("bitmask_expand", &bitmask_expand);
+}

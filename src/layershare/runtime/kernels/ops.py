@@ -1,0 +1,221 @@
+"""Products with a sparse V held as it is stored: its kept values (row-major) plus a bitmask.
+
+A FiPS layer's V (r x h) is `values` (the kept entries in row-major order; float32, bfloat16 or
+float16) and `mask` (uint8, one bit per entry of the flat r*h matrix, most significant bit first:
+shared_basis.pack_bits). `prepare(mask, shape)` computes at load the small index the native
+kernels need (`offsets`: for each row and block of 64 columns, where its values start); it is
+never stored. Then, for activations of any leading shape and dtype:
+
+  in_product(z, values, mask, offsets, h)   z @ V    (..., r) -> (..., h)   (up/gate: z = x @ U)
+  out_product(x, values, mask, offsets)     x @ V^T  (..., h) -> (..., r)   (down, before @ U^T)
+
+Up to DECODE_ROWS rows of activations (decoding) go through the sparse kernels (bitmask.cpp:
+float32 accumulation; bfloat16/float16 activations are converted to float32 around them). More
+rows (a prompt) expand V into a per-thread float32 scratch buffer and use PyTorch's dense GEMM:
+no dense V is kept by any layer between calls.
+
+The native library is built once by `python -m layershare.runtime.kernels.build` and loaded from
+its cache here, never compiled implicitly. Without it (or with LAYERSHARE_NO_KERNEL=1) the same
+functions run a pure-PyTorch reference (V rebuilt densely per call: correct, slow), after one
+warning. The reference also serves tensors the kernels do not take: other devices, float64, and
+activations that require grad (the kernels have no backward).
+"""
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+BLOCK = 64  # columns per offsets block (bitmask.cpp's kBlock)
+DECODE_ROWS = 8  # activation rows up to which the sparse kernels run; above, dense GEMM on an expanded V
+VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+OPS = ("bitmask_in", "bitmask_out", "bitmask_expand")
+
+_loaded: bool | None = None
+_fakes = False
+_warned = False
+_scratch = threading.local()
+
+
+# ---- the native library ---------------------------------------------------------------------
+def _registered() -> bool:
+    """Whether layershare's ops have CPU kernels in this process."""
+    try:
+        return all("CPU" in torch._C._dispatch_dump(f"layershare::{op}") for op in OPS)
+    except RuntimeError:  # no such operator
+        return False
+
+
+def _load() -> bool:
+    if os.environ.get("LAYERSHARE_NO_KERNEL", "") not in ("", "0"):
+        return False
+    if not _registered():
+        # imported here: `python -m layershare.runtime.kernels.build` runs build.py as __main__
+        from layershare.runtime.kernels.build import library_path
+
+        path = library_path()
+        if not path.exists():
+            return False
+        torch.ops.load_library(str(path))
+    _register_fakes()
+    return _registered()
+
+
+def available() -> bool:
+    """Whether the native kernels are loaded (loads them from the build cache on first call)."""
+    global _loaded
+    if _loaded is None:
+        _loaded = _load()
+    return _loaded
+
+
+def isa() -> str:
+    """The path the products run: "avx2", "portable" (the native scalar code) or "reference"."""
+    return torch.ops.layershare.bitmask_isa() if available() else "reference"
+
+
+def set_isa(use: str) -> str:
+    """Switch the native kernels to "portable" or back to the "best" path the CPU has (tests
+    compare the two); returns the path now in use."""
+    if not available():
+        raise RuntimeError("the native sparse kernel is not loaded")
+    return torch.ops.layershare.bitmask_isa(use)
+
+
+def _register_fakes() -> None:
+    """Shapes of the ops' outputs without computing them (torch.compile, meta tensors)."""
+    global _fakes
+    if _fakes:
+        return
+    _fakes = True
+
+    @torch.library.register_fake("layershare::bitmask_in")
+    def _(z, values, mask, offsets, h):
+        return z.new_empty((z.shape[0], h))
+
+    @torch.library.register_fake("layershare::bitmask_out")
+    def _(x, values, mask, offsets):
+        return x.new_empty((x.shape[0], offsets.shape[0]))
+
+    @torch.library.register_fake("layershare::bitmask_expand")
+    def _(values, mask, offsets, out):
+        return None
+
+
+def _warn_fallback() -> None:
+    global _warned
+    if _warned:
+        return
+    _warned = True
+    why = ("is disabled (LAYERSHARE_NO_KERNEL is set)" if os.environ.get("LAYERSHARE_NO_KERNEL", "") not in ("", "0")
+           else "is not built")
+    warnings.warn(f"layershare: the native sparse kernel {why}; sparse layers run on a pure-PyTorch fallback "
+                  "that rebuilds each dense V per call (correct but slow). Build the kernel once with "
+                  "`python -m layershare.runtime.kernels.build`.", RuntimeWarning, stacklevel=3)
+
+
+def _native(t: torch.Tensor, values: torch.Tensor) -> bool:
+    """Whether the native kernels take activations `t` with `values` (else: the reference)."""
+    if t.device.type != "cpu" or values.dtype not in VALUE_DTYPES or t.dtype not in ACTIVATION_DTYPES:
+        return False
+    if t.requires_grad and torch.is_grad_enabled():
+        return False
+    if not available():
+        _warn_fallback()
+        return False
+    return True
+
+
+# ---- the index, computed at load ------------------------------------------------------------
+def prepare(mask: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """offsets (r x ceil(h/64), int32): the index in `values` of the first kept entry of each row's
+    each block of 64 columns."""
+    from layershare.modules.shared_basis import unpack_bits
+
+    r, h = shape
+    nb = -(-h // BLOCK)
+    keep = F.pad(unpack_bits(mask, (r, h)), (0, nb * BLOCK - h)).view(r, nb, BLOCK)
+    counts = keep.sum(dim=-1).flatten()
+    if int(counts.sum()) >= 2 ** 31:
+        raise ValueError(f"V of shape {tuple(shape)} keeps {int(counts.sum())} entries: the kernels index "
+                         "at most 2**31 - 1")
+    return (counts.cumsum(0) - counts).to(torch.int32).view(r, nb)
+
+
+# ---- the pure-PyTorch reference -------------------------------------------------------------
+def reference_dense(values: torch.Tensor, mask: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """V as a dense (r x h) matrix in the values' dtype."""
+    from layershare.modules.shared_basis import unpack_bits
+
+    return values.new_zeros(shape).masked_scatter_(unpack_bits(mask, shape), values)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+# ---- the products ---------------------------------------------------------------------------
+def in_product(z: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, offsets: torch.Tensor,
+               h: int) -> torch.Tensor:
+    """z @ V for z of shape (..., r): (..., h), in z's dtype."""
+    r = z.shape[-1]
+    z2 = _rows(z)
+    if not _native(z2, values):
+        y = z2 @ reference_dense(values, mask, (r, h)).to(z.dtype)
+    elif z2.shape[0] <= DECODE_ROWS:
+        y = torch.ops.layershare.bitmask_in(z2.float().contiguous(), values, mask, offsets, h)
+    else:
+        y = z2.float() @ _expanded(values, mask, offsets, (r, h))
+    return y.to(z.dtype).reshape(*z.shape[:-1], h)
+
+
+def out_product(x: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """x @ V^T for x of shape (..., h): (..., r), in x's dtype."""
+    r, h = offsets.shape[0], x.shape[-1]
+    x2 = _rows(x)
+    if not _native(x2, values):
+        y = x2 @ reference_dense(values, mask, (r, h)).to(x.dtype).t()
+    elif x2.shape[0] <= DECODE_ROWS:
+        y = torch.ops.layershare.bitmask_out(x2.float().contiguous(), values, mask, offsets)
+    else:
+        y = x2.float() @ _expanded(values, mask, offsets, (r, h)).t()
+    return y.to(x.dtype).reshape(*x.shape[:-1], r)
+
+
+def expand(values: torch.Tensor, mask: torch.Tensor, offsets: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Write V into `out` (r x h, float32, contiguous) with the native kernel; returns `out`."""
+    torch.ops.layershare.bitmask_expand(values, mask, offsets, out)
+    return out
+
+
+def _expanded(values, mask, offsets, shape: tuple[int, int]) -> torch.Tensor:
+    """V in float32, in this thread's scratch buffer (valid until the next call in this thread);
+    a fresh tensor while torch.compile traces (no state outside the graph)."""
+    numel = shape[0] * shape[1]
+    if torch.compiler.is_compiling():
+        return expand(values, mask, offsets, values.new_empty(shape, dtype=torch.float32))
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < numel:
+        buf = _scratch.buf = torch.empty(numel)
+    return expand(values, mask, offsets, buf[:numel].view(shape))
+
+
+def self_check() -> None:
+    """Raise unless both products and the expansion agree with the reference on a small V whose
+    rows do not start on a byte (run after a build)."""
+    g = torch.Generator().manual_seed(0)
+    from layershare.modules.shared_basis import pack_bits
+
+    r, h = 33, 100
+    keep = torch.rand(r, h, generator=g) < 0.5
+    dense = torch.randn(r, h, generator=g) * keep
+    values, mask = dense[keep], pack_bits(keep)
+    offsets = prepare(mask, (r, h))
+    z, x = torch.randn(3, r, generator=g), torch.randn(3, h, generator=g)
+    torch.testing.assert_close(in_product(z, values, mask, offsets, h), z @ dense, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_product(x, values, mask, offsets), x @ dense.t(), rtol=1e-5, atol=1e-5)
+    assert torch.equal(expand(values, mask, offsets, torch.empty(r, h)), dense)

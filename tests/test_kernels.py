@@ -1,0 +1,266 @@
+"""The native sparse-V kernels (runtime/kernels) against dense products, their fallback, and the
+"kernel" form of SharedBasisLinear (runtime="sparse")."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import make_model, small_recipe
+
+import layershare
+from layershare.modules.shared_basis import SharedBasisLinear, pack_bits
+from layershare.runtime import kernels
+from layershare.runtime.forms import forms, resident_bytes
+from layershare.runtime.kernels import ops
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+SIZES = [1, 7, 33, 65, 100]
+ROWS = [*range(1, 9), 37]
+
+native = pytest.mark.skipif(not kernels.available(), reason="native kernel not built: run "
+                            "`python -m layershare.runtime.kernels.build` (the fallback is tested regardless)")
+
+
+def sparse_v(r, h, dtype=torch.float32, density=0.5, seed=0, keep=None):
+    """(values, mask, offsets, dense float64 V of the values as stored)."""
+    g = torch.Generator().manual_seed(seed)
+    if keep is None:
+        keep = torch.rand(r, h, generator=g) < density
+    dense = (torch.randn(r, h, generator=g) * keep).to(dtype)
+    values, mask = dense[keep].contiguous(), pack_bits(keep)
+    return values, mask, ops.prepare(mask, (r, h)), dense.double()
+
+
+def check_products(values, mask, offsets, dense, rows=ROWS, raw=False):
+    """in/out products (the wrappers, or the raw ops for every N) against float64 dense ones."""
+    r, h = dense.shape
+    g = torch.Generator().manual_seed(1)
+    for n in rows:
+        z, x = torch.randn(n, r, generator=g), torch.randn(n, h, generator=g)
+        if raw:
+            y = torch.ops.layershare.bitmask_in(z, values, mask, offsets, h)
+            o = torch.ops.layershare.bitmask_out(x, values, mask, offsets)
+        else:
+            y, o = ops.in_product(z, values, mask, offsets, h), ops.out_product(x, values, mask, offsets)
+        assert y.shape == (n, h) and o.shape == (n, r)
+        torch.testing.assert_close(y.double(), z.double() @ dense, rtol=1e-5, atol=1e-5 * r ** 0.5, msg=f"in {n}")
+        torch.testing.assert_close(o.double(), x.double() @ dense.t(), rtol=1e-5, atol=1e-5 * h ** 0.5,
+                                   msg=f"out {n}")
+
+
+@pytest.fixture
+def isa():
+    """Switch the native path (set_isa) within a test; the best path again afterwards."""
+    yield ops.set_isa
+    ops.set_isa("best")
+
+
+@native
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("r", SIZES)
+def test_products_match_dense(r, dtype):
+    for h in SIZES:
+        v = sparse_v(r, h, dtype, seed=r * 1000 + h)
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            check_products(*v)  # N <= 8: sparse kernels; N = 37: expanded V + GEMM
+            check_products(*v, rows=[37], raw=True)  # the sparse kernels take any N (8 rows at a time)
+    torch.set_num_threads(2)
+
+
+@native
+@pytest.mark.parametrize("pattern", ["zeros", "ones", "empty rows", "sparse", "dense"])
+def test_masks(pattern):
+    for r, h in [(33, 100), (65, 7), (7, 130), (1, 1)]:
+        g = torch.Generator().manual_seed(r + h)
+        keep = {"zeros": torch.zeros(r, h, dtype=torch.bool), "ones": torch.ones(r, h, dtype=torch.bool),
+                "empty rows": (torch.rand(r, h, generator=g) < 0.5) & (torch.arange(r) % 3 != 1)[:, None],
+                "sparse": torch.rand(r, h, generator=g) < 0.05,
+                "dense": torch.rand(r, h, generator=g) < 0.95}[pattern]
+        for dtype in DTYPES:
+            check_products(*sparse_v(r, h, dtype, keep=keep))
+
+
+@native
+def test_portable_path_equals_avx2(isa):
+    if isa("best") != "avx2":
+        pytest.skip("this CPU has no AVX2+FMA+F16C: only the portable path runs")
+    cases = [sparse_v(r, h, dtype, seed=r + h) for r, h in [(33, 100), (65, 65), (100, 7)] for dtype in DTYPES]
+    g = torch.Generator().manual_seed(2)
+    for values, mask, offsets, dense in cases:
+        r, h = dense.shape
+        for n in (1, 3, 8, 11):
+            z, x = torch.randn(n, r, generator=g), torch.randn(n, h, generator=g)
+            got = {}
+            for path in ("avx2", "portable"):
+                assert isa("best" if path == "avx2" else "portable") == path
+                got[path] = (torch.ops.layershare.bitmask_in(z, values, mask, offsets, h),
+                             torch.ops.layershare.bitmask_out(x, values, mask, offsets),
+                             ops.expand(values, mask, offsets, torch.empty(r, h)))
+            for a, b in zip(got["avx2"][:2], got["portable"][:2]):  # float32 sums in another order
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+            assert torch.equal(got["avx2"][2], got["portable"][2])
+
+
+@native
+def test_expand_is_exact_and_checks_its_inputs():
+    values, mask, offsets, dense = sparse_v(33, 100, torch.bfloat16)
+    assert torch.equal(ops.expand(values, mask, offsets, torch.empty(33, 100)), dense.float())
+    with pytest.raises(RuntimeError, match=r"mask has 413 bytes, expected 417 for V of shape \(33, 101\)"):
+        ops.expand(values, mask, offsets, torch.empty(33, 101))
+    with pytest.raises(RuntimeError, match="offsets must be"):
+        torch.ops.layershare.bitmask_out(torch.randn(2, 100), values, mask, offsets[:, :1].contiguous())
+    with pytest.raises(RuntimeError, match="values must be float32, bfloat16 or float16"):
+        torch.ops.layershare.bitmask_out(torch.randn(2, 100), values.double(), mask, offsets)
+    with pytest.raises(RuntimeError, match="z must be a contiguous 2-D float32"):
+        torch.ops.layershare.bitmask_in(torch.randn(2, 33).t(), values, mask, offsets, 100)
+
+
+@native
+def test_inconsistent_offsets_never_read_out_of_bounds():
+    """Offsets that disagree with the mask give wrong numbers, not a crash (every read is checked)."""
+    values, mask, offsets, _ = sparse_v(65, 100)
+    for bad in (offsets + values.numel() - 3, offsets - 10**6, torch.full_like(offsets, 2**31 - 1)):
+        torch.ops.layershare.bitmask_in(torch.randn(3, 65), values, mask, bad, 100)
+        torch.ops.layershare.bitmask_out(torch.randn(3, 100), values, mask, bad)
+        ops.expand(values, mask, bad, torch.empty(65, 100))
+
+
+@native
+def test_any_leading_shape_layout_and_activation_dtype():
+    values, mask, offsets, dense = sparse_v(33, 100, torch.bfloat16)
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(3, 33, 2, generator=g).transpose(1, 2)  # (3, 2, 33), not contiguous
+    x = torch.randn(100, 2, 3, generator=g).permute(2, 1, 0)  # (3, 2, 100)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        zd, xd = z.to(dtype), x.to(dtype)
+        y, o = ops.in_product(zd, values, mask, offsets, 100), ops.out_product(xd, values, mask, offsets)
+        assert y.shape == (3, 2, 100) and o.shape == (3, 2, 33) and y.dtype == o.dtype == dtype
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(y.double(), zd.double() @ dense, rtol=tol, atol=tol * 10)
+        torch.testing.assert_close(o.double(), xd.double() @ dense.t(), rtol=tol, atol=tol * 10)
+
+
+@native
+def test_opcheck():
+    values, mask, offsets, _ = sparse_v(33, 100, torch.bfloat16)
+    for n in (1, 5):
+        torch.library.opcheck(torch.ops.layershare.bitmask_in.default,
+                              (torch.randn(n, 33), values, mask, offsets, 100))
+        torch.library.opcheck(torch.ops.layershare.bitmask_out.default, (torch.randn(n, 100), values, mask, offsets))
+    torch.library.opcheck(torch.ops.layershare.bitmask_expand.default, (values, mask, offsets, torch.empty(33, 100)))
+
+
+def test_grad_and_float64_use_the_reference():
+    values, mask, offsets, dense = sparse_v(7, 33, torch.float64)
+    z = torch.randn(2, 7, dtype=torch.float64, requires_grad=True)
+    y = ops.in_product(z, values, mask, offsets, 33)
+    y.sum().backward()
+    torch.testing.assert_close(z.grad, dense.sum(dim=1).expand(2, 7))
+
+
+FALLBACK = textwrap.dedent("""
+    import json, sys, warnings
+    import torch
+    from layershare.modules.shared_basis import pack_bits
+    from layershare.runtime.kernels import ops
+    g = torch.Generator().manual_seed(0)
+    keep = torch.rand(33, 100, generator=g) < 0.5
+    dense = torch.randn(33, 100, generator=g) * keep
+    values, mask = dense[keep], pack_bits(keep)
+    offsets = ops.prepare(mask, (33, 100))
+    z, x = torch.randn(3, 33, generator=g), torch.randn(40, 100, generator=g)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        y = ops.in_product(z, values, mask, offsets, 100)
+        o = ops.out_product(x, values, mask, offsets)
+        ops.in_product(z, values, mask, offsets, 100)
+    print(json.dumps({"available": ops.available(), "isa": ops.isa(), "warnings": [str(w.message) for w in seen],
+                      "y": y.tolist(), "o": o.tolist(), "y_ref": (z @ dense).tolist(),
+                      "o_ref": (x @ dense.t()).tolist(),
+                      "lean": not {"setuptools", "torch.utils.cpp_extension"} & set(sys.modules)}))
+""")
+
+
+def run_script(env: dict) -> dict:
+    out = subprocess.run([sys.executable, "-c", FALLBACK], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, **env})
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_fallback_without_kernel_warns_once_and_computes_the_same():
+    seen = run_script({"LAYERSHARE_NO_KERNEL": "1"})
+    assert not seen["available"] and seen["isa"] == "reference"
+    assert len(seen["warnings"]) == 1
+    assert "python -m layershare.runtime.kernels.build" in seen["warnings"][0]
+    for got, ref in (("y", "y_ref"), ("o", "o_ref")):
+        torch.testing.assert_close(torch.tensor(seen[got]), torch.tensor(seen[ref]), rtol=1e-5, atol=1e-5)
+
+
+@native
+def test_environment_forces_the_portable_path_and_loading_stays_lean():
+    seen = run_script({"LAYERSHARE_KERNEL": "portable"})
+    assert seen["available"] and seen["isa"] == "portable" and seen["warnings"] == []
+    assert seen["lean"]  # loading the library does not import torch.utils.cpp_extension (setuptools)
+    for got, ref in (("y", "y_ref"), ("o", "o_ref")):
+        torch.testing.assert_close(torch.tensor(seen[got]), torch.tensor(seen[ref]), rtol=1e-5, atol=1e-5)
+
+
+# ---- the "kernel" form of SharedBasisLinear (runtime="sparse") --------------------------------
+@pytest.fixture(scope="module")
+def compressed(tmp_path_factory):
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 128, (4096,), generator=g)
+    path = tmp_path_factory.mktemp("kernels") / "c"
+    layershare.compress(make_model("llama"), small_recipe(ratio=0.2, pattern="unstructured"), data=tokens,
+                        output_dir=path)
+    return path
+
+
+def test_kernel_form_computes_what_compact_does(compressed, input_ids):
+    compact = layershare.load(compressed, runtime="compact")
+    sparse = layershare.load(compressed, runtime="sparse")
+    assert forms(sparse) == {"kernel": 12} and forms(compact) == {"compact": 12}
+    with torch.no_grad():
+        for ids in (input_ids, input_ids[:, :3], input_ids[:1, :1]):  # 48 rows (prefill), 6 and 1 (decode)
+            torch.testing.assert_close(sparse(ids).logits, compact(ids).logits, rtol=1e-5, atol=1e-5)
+    # it holds the stored tensors (saved as they are) plus the load-time index, not saved
+    assert sparse.state_dict().keys() == compact.state_dict().keys()
+    for k, t in compact.state_dict().items():
+        assert torch.equal(sparse.state_dict()[k], t), k
+    layers = [m for m in sparse.modules() if isinstance(m, SharedBasisLinear)]
+    index = sum(m.V_offsets.numel() * 4 for m in layers)
+    assert resident_bytes(sparse) == resident_bytes(compact) + index
+    assert index < 0.1 * sum(m.V_values.numel() * 4 for m in layers)
+    first = [m for m in compact.modules() if isinstance(m, SharedBasisLinear)][0]
+    layer = layers[0]
+    assert layer.packed and layer.nnz() == first.nnz() and "form=kernel" in repr(layer)
+    assert torch.equal(layer.dense_V(), first.dense_V())
+    for form in ("factored", "kernel", "compact", "kernel", "train", "kernel"):  # round trips keep V
+        layer.to_form(form)
+        assert torch.equal(layer.dense_V(), first.dense_V()), form
+    assert torch.equal(layer.V_offsets, ops.prepare(layer.V_mask, layer.v_shape))
+
+
+def test_kernel_form_refuses_a_dense_v():
+    from layershare.modules.shared_basis import SharedBasis
+
+    layer = SharedBasisLinear(SharedBasis(torch.randn(8, 4)), torch.randn(4, 6), "in", sparse=False)
+    with pytest.raises(ValueError, match="kernel form holds a sparse V"):
+        layer.to_form("kernel")
+
+
+def test_kernel_form_in_bfloat16(compressed, input_ids):
+    ref = layershare.load(compressed, runtime="compact")
+    model = layershare.load(compressed, runtime="sparse", dtype=torch.bfloat16)
+    layer = next(m for m in model.modules() if isinstance(m, SharedBasisLinear))
+    assert layer.form == "kernel" and layer.V_values.dtype == torch.bfloat16
+    with torch.no_grad():
+        for ids in (input_ids, input_ids[:, :2]):
+            out, expected = model(ids).logits, ref(ids).logits
+            assert out.dtype == torch.bfloat16
+            assert (out.float() - expected).abs().max() < 0.05 * expected.abs().max()
