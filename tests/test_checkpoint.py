@@ -65,6 +65,10 @@ def test_hashes_are_recorded_and_checked(saved, tmp_path, input_ids):
         assert "bitmask" in str(e) or "values" in str(e)
     e = _copy(saved, tmp_path, "e")
     _edit_entry(e, lambda en: en.update(dtype="float16"))
+    with pytest.raises(CheckpointError, match="config.json does not match the hash"):
+        layershare.load(e)
+    meta = json.loads((e / "layershare.json").read_text())  # a directory saved before config.json was hashed
+    (e / "layershare.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "config_sha256"}))
     with pytest.raises(CheckpointError, match="layershare entry does not match the hash"):
         layershare.load(e)
 

@@ -25,11 +25,59 @@ from layershare.checkpoint.verify import CheckpointError, UnverifiedWarning, fil
 from layershare.modules.shared_basis import SharedBasisLinear
 
 
-def cli(*args, cwd=None) -> subprocess.CompletedProcess:
-    """The command line as a user runs it: its own process, its exit status and output."""
+# The command line runs in a process of its own per case, forked from one interpreter that has
+# imported layershare (and so torch and transformers, ~3 s a process) and never runs a model
+# itself: each case is `python -m layershare ARGS` (its exit status, stdout, stderr) without
+# paying for the imports again.
+SERVER = r"""
+import json, os, sys, traceback
+import layershare.cli
+for line in sys.stdin:
+    req = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        os.chdir(req["cwd"])
+        for fd, name in ((1, "stdout"), (2, "stderr")):
+            os.dup2(os.open(req[name], os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+        sys.argv = ["layershare", *req["args"]]
+        try:
+            code = layershare.cli.main(req["args"])
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    print(json.dumps(os.waitstatus_to_exitcode(status)), flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def server():
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    return subprocess.run([sys.executable, "-m", "layershare", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=300)
+    proc = subprocess.Popen([sys.executable, "-c", SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            env=env)
+    yield proc
+    proc.stdin.close()
+    proc.wait(timeout=60)
+
+
+@pytest.fixture
+def cli(server, tmp_path_factory):
+    """`layershare ARGS` in a process of its own: (exit status, stdout, stderr)."""
+    logs = tmp_path_factory.mktemp("cli")
+
+    def run(*args, cwd=None) -> subprocess.CompletedProcess:
+        out, err = logs / "stdout", logs / "stderr"
+        server.stdin.write(json.dumps({"args": [str(a) for a in args], "cwd": str(cwd or os.getcwd()),
+                                       "stdout": str(out), "stderr": str(err)}) + "\n")
+        server.stdin.flush()
+        code = json.loads(server.stdout.readline())
+        return subprocess.CompletedProcess(args, code, out.read_text(), err.read_text())
+    return run
 
 
 def error_line(run: subprocess.CompletedProcess, code: int, *fragments: str) -> str:
@@ -116,19 +164,19 @@ def work(env, tmp_path):
 # -- 1. the teacher finetune distils from -----------------------------------------------------------
 
 
-def test_the_recorded_teacher_is_an_absolute_path_and_used_from_anywhere(env, work):
+def test_the_recorded_teacher_is_an_absolute_path_and_used_from_anywhere(env, work, cli):
     meta = json.loads((env.comp / "layershare.json").read_text())
     assert meta["source"] == str(env.dense) and len(meta["source_sha256"]) == 64
     elsewhere = work / "elsewhere"  # where "models/x" is another model
     copy(env.other, elsewhere / "models" / "x")
     run = cli("finetune", env.comp, "--data", env.calib, "--output", work / "ft", "--steps", "1", "--batch-size", "2",
-              "--seqlen", "32", "--max-samples", "4", cwd=elsewhere)
+              "--seqlen", "32", "--max-samples", "2", cwd=elsewhere)
     assert run.returncode == 0, run.stderr[-3000:]
     assert f"the teacher {env.dense} " in run.stdout
     assert json.loads((work / "ft" / "layershare.json").read_text())["source"] == str(env.dense)
 
 
-def test_a_teacher_missing_or_changed_since_compression_is_refused(env, work):
+def test_a_teacher_missing_or_changed_since_compression_is_refused(env, work, cli):
     teacher = copy(env.dense, work / "teacher")
     meta = json.loads((work / "d" / "layershare.json").read_text())
     (work / "d" / "layershare.json").write_text(json.dumps({**meta, "source": str(teacher)}))  # it moved here
@@ -149,7 +197,7 @@ def test_a_teacher_missing_or_changed_since_compression_is_refused(env, work):
 # -- 2. options checked before the work ---------------------------------------------------------------
 
 
-def test_a_bad_shard_size_is_refused_before_any_work(env, work):
+def test_a_bad_shard_size_is_refused_before_any_work(env, work, cli):
     from layershare.checkpoint.save import shard_size
 
     for size in ("1", "2XB", "0GB"):
@@ -163,7 +211,7 @@ def test_a_bad_shard_size_is_refused_before_any_work(env, work):
     assert not any(isinstance(m, SharedBasisLinear) for m in model.modules()) and not (work / "o").exists()
 
 
-def test_window_and_length_options_are_checked_before_loading(env, work):
+def test_window_and_length_options_are_checked_before_loading(env, work, cli):
     before = listing(work)
     for args, message in (
             (["eval", work / "d", "--text", env.calib, "--max-windows", "0"], "--max-windows: must be at least 1"),
@@ -182,7 +230,7 @@ def test_window_and_length_options_are_checked_before_loading(env, work):
 # -- 3. a directory without layershare.json ----------------------------------------------------------
 
 
-def test_a_directory_without_layershare_json_is_refused_unless_unverified(env, work):
+def test_a_directory_without_layershare_json_is_refused_unless_unverified(env, work, cli):
     d = work / "d"
     (d / "layershare.json").unlink()
     with pytest.raises(CheckpointError, match="layershare.json is missing.*verify=False"):
@@ -202,7 +250,7 @@ def test_a_directory_without_layershare_json_is_refused_unless_unverified(env, w
         layershare.load(d)
 
 
-def test_save_pretrained_copies_are_verified_like_the_original(env, work):
+def test_save_pretrained_copies_are_verified_like_the_original(env, work, cli):
     model = AutoModelForCausalLM.from_pretrained(env.comp, quantization_config=LayershareConfig(runtime="compact"))
     model.save_pretrained(work / "copy")
     meta = json.loads((work / "copy" / "layershare.json").read_text())
@@ -234,12 +282,20 @@ def test_config_edits_that_change_the_computation_are_refused(env, work, edit):
         AutoModelForCausalLM.from_pretrained(d)
 
 
-def test_config_edits_that_cannot_change_it_load_and_info_checks_the_rest(env, work):
+def test_config_edits_that_cannot_change_it_load_and_info_checks_the_rest(env, work, cli):
     d = work / "d"
     edit_config(d, lambda c: c.update(transformers_version="0.0.1", _name_or_path="elsewhere"))
     assert torch.equal(logits(layershare.load(d), env.ids), logits(layershare.load(env.comp), env.ids))
     edit_config(d, lambda c: c.update(hidden_size=128))
     error_line(cli("info", d), 2, "config.json does not match the hash")
+    # the load-time choices are the caller's: a file saying "verify": false switches nothing off
+    e = copy(env.comp, work / "e")
+    edit_config(e, lambda c: c["quantization_config"].update(verify=False, runtime="compact"))
+    data = bytearray((e / "model.safetensors").read_bytes())
+    data[-5] ^= 0x40
+    (e / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="does not match the SHA-256"):
+        AutoModelForCausalLM.from_pretrained(e)
 
 
 def test_an_extra_tensor_is_refused_on_every_load_path(env, work):
@@ -257,7 +313,7 @@ def test_an_extra_tensor_is_refused_on_every_load_path(env, work):
 # -- 5. NaN and other failures: one line, the right status ---------------------------------------------
 
 
-def test_non_finite_logits_fail_eval_naming_the_first_layer(env, work):
+def test_non_finite_logits_fail_eval_naming_the_first_layer(env, work, cli):
     d = work / "d"
     sd = load_file(str(d / "model.safetensors"))
     basis = sorted(k for k in sd if k.endswith(".U"))[0]
@@ -269,13 +325,12 @@ def test_non_finite_logits_fail_eval_naming_the_first_layer(env, work):
     assert "perplexity nan" not in run.stdout
 
 
-def test_a_teacher_of_another_vocabulary_is_refused_for_a_quantized_directory(env, work):
+def test_a_teacher_of_another_vocabulary_is_refused_for_a_quantized_directory(env, work, cli):
     q = work / "q"
     from layershare.methods import QuantConfig
 
     model, tok = layershare.load_model(str(env.dense))
-    layershare.compress(model, layershare.Recipe(stages=[layershare.FiPSConfig(steps=0, batch_tokens=128),
-                                                         QuantConfig(bits=4)], nsamples=8, seqlen=32),
+    layershare.compress(model, layershare.Recipe(stages=[QuantConfig(bits=4)], nsamples=8, seqlen=32),
                         data=str(env.calib), tokenizer=tok, output_dir=q, source=str(env.dense))
     run = cli("finetune", q, "--data", env.calib, "--output", work / "o", "--teacher", env.other, "--seqlen", "32")
     refused_before_loading(run, "vocabulary of 128 tokens", "one of 300")
@@ -316,7 +371,7 @@ def test_a_16_bit_storage_dtype_is_what_both_loaders_give(env, work):
         assert torch.isfinite(logits(loaded, env.ids)).all()
 
 
-def test_a_ratio_too_small_to_pay_for_the_format_is_refused_or_warned(env, work):
+def test_a_ratio_too_small_to_pay_for_the_format_is_refused_or_warned(env, work, cli):
     run = cli("compress", env.dense, "--calib", env.calib, "--output", work / "o", "--ratio", "1e-9",
               "--nsamples", "4", "--seqlen", "32")
     error_line(run, 2, "ratio 1e-09) removes no parameter", "larger than the dense model")
@@ -362,7 +417,7 @@ def test_failed_runs_leave_no_staging_area_or_partial_output(env, work, tokens):
         assert sorted(p.name for p in work.iterdir()) == ["d"]
 
 
-def test_version(env):
+def test_version(env, cli):
     run = cli("--version")
     assert run.returncode == 0 and run.stdout.startswith(f"layershare {layershare.__version__} (torch ")
 

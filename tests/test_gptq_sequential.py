@@ -191,3 +191,13 @@ def test_the_stage_says_what_it_did(tokens, capsys):
     assert "quant: 3-bit codes, groups of 32, symmetric, sequential GPTQ (damp 0.01, blocksize 128" in out
     assert "GPTQ: 28 tensors (model.layers.*.self_attn.q_proj.weight x4" in out
     assert "round to nearest: 2 tensors (model.embed_tokens.weight, lm_head.weight)" in out
+
+
+def test_units_cut_where_no_shared_tensor_spans_the_cut():
+    from types import SimpleNamespace
+
+    from layershare.quant.sequential import units
+
+    spans = [{0}, {1, 2}, {2}, {4}, {5, 7}, {6}]
+    assert units([SimpleNamespace(blocks=frozenset(s)) for s in spans]) == [[0], [1, 2], [3], [4], [5, 6, 7]]
+    assert units([]) == []

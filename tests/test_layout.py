@@ -172,3 +172,18 @@ def test_no_source_file_mentions_a_circular_import():
     assert len(files) > 20 and PKG / "compression" / "pipeline.py" in files
     hits = [str(f.relative_to(PKG)) for f in files if "circular" in f.read_text().lower()]
     assert hits == []
+
+
+def test_public_perplexity_refuses_non_finite_logits():
+    import pytest
+    import torch
+
+    from layershare.evaluate.nonfinite import NonFiniteResult
+    from layershare.testing import make_model
+
+    model = make_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    ids = torch.randint(0, model.config.vocab_size, (200,), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(NonFiniteResult, match="layers.1.mlp.up_proj"):
+        layershare.evaluate_perplexity(model, None, ids, seqlen=64)

@@ -88,3 +88,24 @@ def test_resident_bytes_of_packed_linears_are_about_half_a_byte_per_weight(tmp_p
         if isinstance(m, Int4Linear):
             assert m.packed.numel() == m.in_features * m.out_features // 2
             assert m.scales_zeros.numel() == 2 * m.out_features * (m.in_features // m.group)
+
+
+def test_fips_then_quantized_keeps_plain_linears_packed_and_dequantizes_the_rest(tmp_path):
+    """Shared bases and V values (1-D) are not plain linears: they are dequantized, the attention's
+    linears packed; the model computes what the dequantized one does."""
+    from layershare import FiPSConfig, QuantConfig, Recipe
+    from layershare.modules.shared_basis import SharedBasisLinear
+    from layershare.testing import make_model
+
+    model = make_model("llama")
+    tokens = torch.randint(0, model.config.vocab_size, (8, 32), generator=torch.Generator().manual_seed(0))
+    recipe = Recipe(stages=[FiPSConfig(ratio=0.2, steps=0), QuantConfig(bits=4, group_size=32, algorithm="rtn")],
+                    nsamples=8, seqlen=32)
+    layershare.compress(model, recipe, data=tokens, output_dir=tmp_path / "fq")
+    packed = layershare.load(tmp_path / "fq")
+    reference = layershare.load(tmp_path / "fq", runtime="compact")
+    assert any(isinstance(m, Int4Linear) for m in packed.modules())
+    assert any(isinstance(m, SharedBasisLinear) for m in reference.modules())
+    with torch.no_grad():
+        a, b = packed(tokens[:1, :4]).logits, reference(tokens[:1, :4]).logits
+    assert (a - b).abs().max() <= 3e-2 * b.abs().max()

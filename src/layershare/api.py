@@ -132,7 +132,7 @@ def preflight(model: nn.Module, recipe=None, output_dir=None, overwrite: bool = 
     return stages, miss
 
 
-def check_context(model: nn.Module, seqlen: int, task: str, flag: str = "--seqlen") -> None:
+def check_context(model: nn.Module, seqlen: int, task: str) -> None:
     """A window longer than the model's context is refused before any work (GPT-2 would fail
     mid-run on its position table; a rotary model would run on positions it never saw)."""
     config = getattr(model, "config", None)
@@ -140,7 +140,7 @@ def check_context(model: nn.Module, seqlen: int, task: str, flag: str = "--seqle
                     if isinstance(getattr(config, k, None), int)), None)
     if task == "causal-lm" and context is not None and seqlen > context:
         raise ValueError(f"seqlen {seqlen} is longer than the model's context ({context} tokens); "
-                         f"use {flag} {context} or less")
+                         f"use --seqlen {context} or less")
 
 
 def compress(model: nn.Module, recipe=None, data=None, tokenizer=None,
@@ -152,8 +152,10 @@ def compress(model: nn.Module, recipe=None, data=None, tokenizer=None,
     data: a text source (see data.read_text) or a 1-D tensor of token ids; for an image
     classifier, an image folder (class sub-folders; see images.py) with `processor` the
     model's preprocessing (images.ImagePreprocessor), or a pixel tensor (N, C, H, W).
-    source: the dense model's name, recorded in the saved metadata (the teacher `layershare
-    finetune` uses by default). callbacks: drivers.Callback objects told of every stage and group.
+    source: the dense model (an alias, a local directory or a .gguf file), recorded in the saved
+    metadata as an absolute path with the SHA-256 of its weights (checkpoint/source.py): the
+    teacher `layershare finetune` uses by default, once it has checked that hash.
+    callbacks: drivers.Callback objects told of every stage and group.
     allow_ratio_miss: accept a plan or a result more than one point off the recipe's ratio
     (targets.py; a warning, kept in the saved report) instead of raising RatioMissError.
     max_shard_size: split the weights into shards of at most this size ("5GB", or bytes) with

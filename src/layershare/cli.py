@@ -281,14 +281,11 @@ def cmd_compress(args) -> int:
     shard_size(args.max_shard_size)  # every option that can be checked is, before any model loads
     recipe = build_recipe(args)
     recipe.check_device()
-    dense_config = _config_of(args.model)
-    if not (dense_config or {}).get("layershare"):
-        _check_seqlen("--seqlen", recipe.seqlen, dense_config, args.model)
-        _check_seqlen("--eval-seqlen", args.eval_seqlen, dense_config, args.model)
     if args.onload or int(os.environ.get("WORLD_SIZE", 1)) > 1:
         return cmd_compress_onloaded(args, recipe, t_start)
     check_output_dir(args.output, args.overwrite)
     check_apart(args.model, args.output)
+    _check_lengths(args, recipe)
     _check_sources(("--calib", args.calib), ("--eval-text", args.eval_text), ("--eval-images", args.eval_images))
     t0 = time.time()
     model, prep = layershare.load_model(args.model)
@@ -350,6 +347,15 @@ def cmd_compress(args) -> int:
     return 0
 
 
+def _check_lengths(args, recipe) -> None:
+    """--seqlen and --eval-seqlen against the context in a local model's config.json (before it
+    loads; an alias or a .gguf file is checked once loaded)."""
+    config = _config_of(args.model)
+    if config is not None and not config.get("layershare"):
+        _check_seqlen("--seqlen", recipe.seqlen, config, args.model)
+        _check_seqlen("--eval-seqlen", args.eval_seqlen, config, args.model)
+
+
 def cmd_compress_onloaded(args, recipe, t_start: float) -> int:
     """compress --onload (and every torchrun process): onload.compress_checkpoint."""
     import time
@@ -370,6 +376,7 @@ def cmd_compress_onloaded(args, recipe, t_start: float) -> int:
 
     check_output_dir(args.output, args.overwrite)
     check_apart(args.model, args.output)
+    _check_lengths(args, recipe)
     _check_sources(("--calib", args.calib))
     tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=False)
     rank, world_size, _ = world()
@@ -486,12 +493,11 @@ def _run_eval(args, model, prep) -> int:
 
 
 def cmd_finetune(args) -> int:
-    import layershare
-    from layershare.checkpoint.read import read_meta
-    from layershare.checkpoint.outputs import check_output_dir
-
     import torch
 
+    import layershare
+    from layershare.checkpoint.outputs import check_output_dir
+    from layershare.checkpoint.read import read_meta
     from layershare.checkpoint.source import recorded_teacher, weight_files
 
     config, meta = read_meta(args.dir, verify=not args.no_verify)

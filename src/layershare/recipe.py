@@ -1,5 +1,6 @@
 """The recipe: a list of stages (each a method's typed config, run in order) and the run's own
-settings (calibration size, storage dtype, device, seed). YAML in and out; versioned.
+settings (calibration size, storage dtype, device, seed, the statistics' dtype). YAML in and
+out; versioned.
 
     Recipe(stages=[MASAConfig(ratio=0.5, ratio_of="attention"), FiPSConfig(ratio=0.2)], nsamples=64)
     Recipe.of("fips", ratio=0.2, steps=50, nsamples=16)   # one stage; run fields split off
@@ -30,7 +31,7 @@ from layershare.methods import FiPSConfig, config_class, config_from_dict
 __all__ = ["Recipe", "RecipeError", "make_groups"]
 
 VERSION = 2
-RUN_FIELDS = ("nsamples", "seqlen", "dtype", "device", "seed")
+RUN_FIELDS = ("nsamples", "seqlen", "dtype", "device", "seed", "stats_dtype")
 # every key of a version-1 recipe, and those of its fields a method ignored there
 LEGACY_KEYS = {"method", "ratio", "ratio_of", "group_size", "groups", "sparsity", "schedule", "prune_every",
                "prune_end", "prune_score", "steps", "init", "lr", "weight_decay", "batch_tokens", "loss",
@@ -52,6 +53,10 @@ class Recipe:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # storage dtype of the saved model
     device: str = "cpu"
     seed: int = 0
+    # the calibration statistics (each linear's input second moment), accumulated on the recipe's
+    # device: "float64" (exact to the rounding of the sums; H100/H200 have float64 tensor cores) or
+    # "float32" (for GPUs slow at float64: a relative error of ~1e-7, tests/test_device_stats.py)
+    stats_dtype: Literal["float64", "float32"] = "float64"
     version: int = VERSION
 
     def __post_init__(self) -> None:
@@ -87,8 +92,8 @@ class Recipe:
     # ---- convenience -------------------------------------------------------------------
     @classmethod
     def of(cls, method: str = "fips", **fields) -> "Recipe":
-        """A one-stage recipe: run fields (nsamples, seqlen, dtype, device, seed) go to the
-        recipe, the rest to the method's config."""
+        """A one-stage recipe: run fields (nsamples, seqlen, dtype, device, seed, stats_dtype) go
+        to the recipe, the rest to the method's config."""
         run = {k: fields.pop(k) for k in RUN_FIELDS if k in fields}
         try:
             stage = config_class(method).from_dict(fields)

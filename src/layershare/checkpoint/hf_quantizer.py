@@ -34,7 +34,9 @@ from transformers.quantizers import (
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from layershare.checkpoint.verify import (
+    DTYPES,
     FORMAT_VERSION,
+    META,
     QUANT_METHOD,
     CheckpointError,
     read_headers,
@@ -143,8 +145,6 @@ class LayershareQuantizer(HfQuantizer):
         from layershare.checkpoint.save import check_not_merged, weights_to_save
 
         check_not_merged(model, "save_pretrained")
-        from layershare.checkpoint.verify import DTYPES
-
         entry = getattr(model.config, "layershare", None) or self.entry
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         name = str(dtype).removeprefix("torch.")
@@ -194,7 +194,7 @@ def write_meta(folder: Path, loaded: dict) -> None:
     import json
 
     from layershare.checkpoint.save import hashes
-    from layershare.checkpoint.verify import META, file_sha256
+    from layershare.checkpoint.verify import file_sha256
 
     where = repr(str(folder))
     files = {name: {"bytes": (folder / name).stat().st_size, "sha256": file_sha256(folder / name)}

@@ -17,9 +17,10 @@ def load(path: str | Path, device: str = "cpu", model: nn.Module | None = None, 
          verify: bool = True, dtype: torch.dtype | str | None = "auto") -> nn.Module:
     """A compressed model saved by `compress(..., output_dir=...)`, ready to run. `model`: an
     uncompressed skeleton of the same architecture, for a model that cannot be rebuilt from the
-    directory (transformers and timm ViTs are). `runtime`: the run-time form, "auto" (the
-    default), "compact" (the smallest: what is stored), "factored", "csr" or "merged"
-    (runtime/forms.py; docs/runtime.md). `dtype`: the floating-point type of the loaded tensors
+    directory (transformers and timm ViTs are). `runtime`: the run-time form: "auto" (the
+    default: sparse V through the native kernel when it is built, quantized linears packed for the
+    int4 kernel on the CPU), "sparse", "compact" (what is stored, V rebuilt per forward: slow),
+    "factored", "csr" or "merged" (runtime/forms.py; docs/runtime.md). `dtype`: the floating-point type of the loaded tensors
     ("auto", the default: the storage dtype it was saved at; None: each tensor as stored). The
     directory is verified first (checkpoint/verify.py: schema, shapes, recorded hashes of the
     weights and config.json; `verify=False` skips the hashes); a failed check raises

@@ -95,12 +95,33 @@ def output_lock(output_dir: str | Path):
 
 @contextmanager
 def signals_deferred():
-    """Ctrl-C and SIGTERM wait until the block ends (the two renames of an overwrite)."""
-    sigs = {signal.SIGINT, signal.SIGTERM}
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    """Ctrl-C and SIGTERM wait until the block ends (the two renames of an overwrite). In the main
+    thread their handlers are swapped for ones that only note them, and what was noted is sent
+    again after the block: a thread mask alone would not do, as the kernel may hand the signal to
+    any other thread (tqdm's monitor, OpenMP's workers) and Python then runs the handler in the
+    main thread at once. Elsewhere (signal handlers belong to the main thread) the calling
+    thread's mask is used."""
+    import threading
+
+    sigs = (signal.SIGINT, signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread():
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, set(sigs))
+        try:
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        return
+    pending: list[int] = []
+    previous = {s: signal.getsignal(s) for s in sigs}
+    swapped = [s for s in sigs if previous[s] is not None]  # (None: a handler not set from Python)
+    for s in swapped:
+        signal.signal(s, lambda num, frame: pending.append(num))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for s in swapped:
+            signal.signal(s, previous[s])
+        for num in pending:
+            os.kill(os.getpid(), num)
 
 

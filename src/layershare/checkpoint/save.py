@@ -251,11 +251,10 @@ def hashes(folder: Path, files: dict[str, dict]) -> dict:
 
 def write_recipe(recipe, path: Path) -> None:
     """recipe.yaml, headed by the torch thread count it ran with: the same recipe with another
-    count writes files that differ in the last bits of some float tensors (docs/reliability.md)."""
+    count writes slightly different float values (rounding; docs/reliability.md)."""
     recipe.to_yaml(path)
     path.write_text(f"# ran with {torch.get_num_threads()} torch thread(s), torch {torch.__version__}; another "
-                    f"thread count changes the last bits of some tensors (docs/reliability.md)\n"
-                    + path.read_text())
+                    f"thread count rounds some float values differently (docs/reliability.md)\n" + path.read_text())
 
 
 def _save(model: nn.Module, output_dir: Path, tokenizer, dtype: str, meta: dict | None, recipe,

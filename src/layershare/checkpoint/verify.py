@@ -340,8 +340,8 @@ def check_hashes(folder: Path, entry: dict, meta: dict, where: str, config: dict
     want_c = meta.get("config_sha256")
     if want_c is not None and config is not None and config_sha256(config) != want_c:
         raise CheckpointError(f"{where}: config.json does not match the hash recorded when it was saved (a field was "
-                              f"edited; every field but {', '.join(CONFIG_UNHASHED)} is hashed, as each may change "
-                              f"the computation); load with verify=False (--no-verify) to trust it anyway")
+                              f"edited; every field but {' and '.join(CONFIG_UNHASHED)} is hashed, as each may "
+                              f"change the computation); load with verify=False (--no-verify) to trust it anyway")
     want_e = meta.get("entry_sha256")
     if want_e is not None and entry_sha256(entry) != want_e:
         raise CheckpointError(f"{where}: config.json's layershare entry does not match the hash recorded when it "

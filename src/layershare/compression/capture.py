@@ -1,7 +1,9 @@
 """Calibration activations: the hidden states entering the first block and every block's
 call arguments (one forward, stopped after the last block), and running a group of blocks on
 them while recording what an objective matches and each linear's input second moment.
-Only one group's activations are held at a time; they stay on the CPU.
+Only one group's activations are held at a time. The captured hidden states stay on the CPU;
+`run_group` accumulates the second moments and keeps the objective's activations on the devices
+its caller names (the sequential driver: the recipe's device, where the forward runs).
 """
 from __future__ import annotations
 
@@ -127,13 +129,20 @@ def call_block(block: nn.Module, h: torch.Tensor, args: tuple, device: str) -> t
 @torch.no_grad()
 def run_group(blocks: nn.ModuleList, group: list[int], cap: Captured, adapter: Adapter, device: str,
               record: bool, grams: dict[str, torch.Tensor] | None = None,
-              linears: dict[str, nn.Module] | None = None, objective: Objective | None = None
+              linears: dict[str, nn.Module] | None = None, objective: Objective | None = None, *,
+              stats_device: str | torch.device | None = None, stats_dtype: torch.dtype = torch.float64,
+              record_device: str | torch.device | None = None
               ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
     """Run the group's blocks on the captured inputs; optionally record, per block, what the
     objective matches (default: each MLP's input/output, see objectives.py), and (with `grams`
-    and `linears`) each linear's input second moment E[x x^T] in float64."""
+    and `linears`) each linear's input second moment E[x x^T].
+    stats_device, stats_dtype: where and in what dtype the second moments accumulate (default
+    the CPU, float64; the sequential driver passes the recipe's device: they never leave it).
+    record_device: where the recorded inputs/outputs are kept (default the CPU)."""
     objective = objective or Objective("mlp", adapter)
-    # each input/output goes straight into one preallocated CPU tensor (no list + cat copy)
+    stats_device = torch.device("cpu") if stats_device is None else torch.device(stats_device)
+    record_device = torch.device("cpu") if record_device is None else torch.device(record_device)
+    # each input/output goes straight into one preallocated tensor (no list + cat copy)
     n_rows = sum(h.shape[0] * h.shape[1] if objective.per_token else h.shape[0] for h in cap.hidden)
     X: list[torch.Tensor] = []
     Y: list[torch.Tensor] = []
@@ -141,15 +150,15 @@ def run_group(blocks: nn.ModuleList, group: list[int], cap: Captured, adapter: A
     handles = []
     if grams is not None:
         counts: dict[str, int] = {}
-        last: list = [None, None]  # the input tensor seen last, as float64 rows: gate and up share one input
+        last: list = [None, None]  # the input tensor seen last, as rows in stats_dtype: gate and up share one input
 
         def accumulate(path):
             def hook(m, a, kw):
                 x = a[0] if a else next(iter(kw.values()))
                 if x is not last[0]:
-                    last[:] = [x, x.detach().reshape(-1, x.shape[-1]).double().cpu()]
+                    last[:] = [x, x.detach().reshape(-1, x.shape[-1]).to(stats_device, stats_dtype)]
                 flat = last[1]
-                if path in grams:  # x^T x added in place: a down projection's is h x h float64, never a copy
+                if path in grams:  # x^T x added in place: a down projection's is h x h, never a copy
                     grams[path].addmm_(flat.t(), flat)
                 else:
                     grams[path] = flat.t() @ flat
@@ -162,7 +171,7 @@ def run_group(blocks: nn.ModuleList, group: list[int], cap: Captured, adapter: A
         def put(store: list[torch.Tensor], j: int, side: int, t: torch.Tensor) -> None:
             t = t.detach().reshape(-1, t.shape[-1]) if objective.per_token else t.detach()
             if len(store) <= j:
-                store.append(torch.empty(n_rows, *t.shape[1:], dtype=t.dtype))
+                store.append(torch.empty(n_rows, *t.shape[1:], dtype=t.dtype, device=record_device))
             start = filled[j][side]
             store[j][start:start + t.shape[0]].copy_(t)
             filled[j][side] = start + t.shape[0]

@@ -84,7 +84,7 @@ def run_stages(model: nn.Module, adapter: Adapter, stages: list[Stage], recipe: 
     for stage in stages:
         ctx = StageContext(stage=stage.index, device=recipe.device, seed=recipe.seed,
                            store=StageStore(model, stage.index, recipe.device), callbacks=cb,
-                           residency=residency)
+                           residency=residency, stats_dtype=getattr(torch, recipe.stats_dtype))
         cb.on_stage_start(stage.index, stage.method, stage.plan)
         stage_report = driver_for(stage.method)(model, adapter, stage.method, batches, stage.groups, stage.plan, ctx)
         report.stages.append(stage_report)

@@ -108,11 +108,20 @@ def reconstruct(fns: list[MlpFn], X: list[torch.Tensor], Y: list[torch.Tensor], 
         n = X[0].shape[0]
         bs = min(max(1, tune.batch_tokens // _tokens_per_row(X[0])), n)
         energy = [float(y.float().pow(2).mean()) for y in Y] if tune.loss == "nmse" else [1.0] * len(Y)
-        order = {"perm": torch.randperm(n, generator=generator), "pos": 0}
+
+        def permutation() -> torch.Tensor:
+            """The order of the rows (drawn on the CPU, by the group's generator), where X is: rows
+            kept on a GPU are indexed there, with no host synchronisation per step."""
+            perm = torch.randperm(n, generator=generator)
+            if X[0].device.type == "cuda":
+                return perm.pin_memory().to(X[0].device, non_blocking=True)
+            return perm
+
+        order = {"perm": permutation(), "pos": 0}
 
         def loss_at(t: int) -> torch.Tensor:
             if order["pos"] + bs > n:
-                order["perm"], order["pos"] = torch.randperm(n, generator=generator), 0
+                order["perm"], order["pos"] = permutation(), 0
             idx = order["perm"][order["pos"]:order["pos"] + bs]
             order["pos"] += bs
             loss = 0.0

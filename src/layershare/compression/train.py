@@ -21,9 +21,12 @@ from tqdm.auto import tqdm
 
 def optimize(params: list[torch.nn.Parameter], steps: int, lr: float, loss_at: Callable[[int], torch.Tensor],
              weight_decay: float = 0.0, min_lr: float = 0.0, before_step: Callable[[int], None] | None = None,
-             after_step: Callable[[], None] | None = None, desc: str = "train", leave: bool = False) -> list[float]:
+             after_step: Callable[[], None] | None = None, desc: str = "train", leave: bool = False,
+             read_every: int = 10) -> list[float]:
     """`steps` AdamW steps on `loss_at(t)`; the learning rate falls from `lr` to `min_lr * lr`
-    along a half cosine. Returns the loss of every step."""
+    along a half cosine. Returns the loss of every step. The losses stay on their device and are
+    read every `read_every` steps (when the progress bar shows the latest) and after the last:
+    on a GPU the host does not wait for every step."""
 
     def schedule(t: int) -> float:
         return min_lr + (1 - min_lr) * 0.5 * (1 + math.cos(math.pi * min(t, steps) / steps))
@@ -44,6 +47,7 @@ def optimize(params: list[torch.nn.Parameter], steps: int, lr: float, loss_at: C
 
     handles = [p.register_post_accumulate_grad_hook(step_now) for p in params]
     curve: list[float] = []
+    unread: list[torch.Tensor] = []  # the losses of the steps since the last read
     bar = tqdm(range(steps), desc=desc, leave=leave, dynamic_ncols=True)
     try:
         for t in bar:
@@ -55,8 +59,10 @@ def optimize(params: list[torch.nn.Parameter], steps: int, lr: float, loss_at: C
                 after_step()
             for s in scheds:
                 s.step()
-            curve.append(loss.item())
-            if t % 10 == 0:
+            unread.append(loss.detach())
+            if t % read_every == 0 or t == steps - 1:
+                curve.extend(torch.stack(unread).tolist())
+                unread.clear()
                 bar.set_postfix(loss=f"{curve[-1]:.3g}")
     finally:
         for h in handles:

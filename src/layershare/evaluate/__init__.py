@@ -1,6 +1,7 @@
 """Measuring a model: perplexity (perplexity.py), image top-1/top-5 (vision.py), zero-shot tasks
 through lm-evaluation-harness (lm_eval.py, tasks.py). The verbs below are the public ones
-(`layershare.evaluate_perplexity`, ...); each imports only what its measure needs."""
+(`layershare.evaluate_perplexity`, ...); each imports only what its measure needs. A non-finite
+output is an error (NonFiniteResult, evaluate/nonfinite.py), never a NaN measure."""
 from __future__ import annotations
 
 import torch
@@ -12,10 +13,12 @@ def evaluate_perplexity(model: nn.Module, tokenizer, text, seqlen: int | None = 
     """Perplexity over the whole text (a source for data.read_text, or a 1-D tensor of token ids);
     see evaluate/perplexity.py for the protocol."""
     from layershare.data.text import read_text, tokenize
+    from layershare.evaluate.nonfinite import watch
     from layershare.evaluate.perplexity import perplexity
 
     ids = text.flatten() if isinstance(text, torch.Tensor) else tokenize(tokenizer, read_text(text))
-    return perplexity(model, ids, seqlen=seqlen, max_windows=max_windows)
+    with watch(model):  # NaN or infinite logits raise NonFiniteResult naming the first such module
+        return perplexity(model, ids, seqlen=seqlen, max_windows=max_windows)
 
 
 def evaluate_tasks(model: nn.Module, tokenizer, tasks: list[str], limit: int | None = None, batch_size: int = 8):
@@ -29,6 +32,8 @@ def evaluate_tasks(model: nn.Module, tokenizer, tasks: list[str], limit: int | N
 
 def evaluate_accuracy(model: nn.Module, processor, images, batch_size: int = 256, max_images: int | None = None):
     """Top-1 / top-5 on an image folder (class sub-folders, or "fmnist:test"); see evaluate/vision.py."""
+    from layershare.evaluate.nonfinite import watch
     from layershare.evaluate.vision import accuracy
 
-    return accuracy(model, images, processor, batch_size=batch_size, max_images=max_images)
+    with watch(model):
+        return accuracy(model, images, processor, batch_size=batch_size, max_images=max_images)

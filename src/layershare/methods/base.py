@@ -71,6 +71,15 @@ class Group:
                 kinds.append(name)
         return cls(index, list(blocks), paths, roles, [get_path(model, p) for p in paths], kinds)
 
+    @property
+    def stats_device(self) -> torch.device:
+        """Where the group's calibration statistics are (the sequential driver accumulates them on
+        the recipe's device), and so where a method factorizes; the CPU for a method without any."""
+        for grams in (self.grams, self.update_grams):
+            for g in (grams or {}).values():
+                return g.device
+        return torch.device("cpu")
+
     def block_of(self) -> list[int]:
         """The block index of each linear (parallel to `paths`)."""
         per = len(self.paths) // len(self.blocks)

@@ -122,8 +122,9 @@ class BasisSharing(GroupMethod):
         modules, shared = {}, {}
         updates = group.update_grams
         joint = self.config.joint_basis
+        device = group.stats_device  # the factorizations run beside the statistics
         for t, idx in enumerate(shared_kinds(group, joint).values()):
-            mats = [weight_dxh(group.modules[j], IN).float() for j in idx]
+            mats = [weight_dxh(group.modules[j], IN, device).float() for j in idx]
             pooled = sum(group.grams[group.paths[j]] for j in idx)
             A, B = whitened_factors(torch.cat(mats, dim=1), pooled, budget.ranks[idx[0]])
             U, V = to_basis(A, B, IN, mats[0].dtype)

@@ -141,7 +141,7 @@ def _project(P: torch.Tensor, mats: list[torch.Tensor], rank: int, dtype: torch.
     for m in mats:
         V = P.t() @ m.double()
         if rank > k:
-            V = torch.cat([V, V[torch.arange(rank - k) % k] / PAD_TAU], dim=0)
+            V = torch.cat([V, V[torch.arange(rank - k, device=V.device) % k] / PAD_TAU], dim=0)
         out.append(V.to(dtype).contiguous())
         del V
     return out
@@ -157,7 +157,7 @@ def shared_svd(mats: list[torch.Tensor], rank: int) -> tuple[torch.Tensor, list[
     U the top eigenvectors of sum_i W_i W_i^T (d x d, float64), V_i = U^T W_i (the truncated SVD;
     d x d and one matrix at a time, never the d x sum(h_i) concatenation and its SVD's copies)."""
     dtype, d = mats[0].dtype, mats[0].shape[0]
-    G = torch.zeros(d, d, dtype=torch.float64)
+    G = torch.zeros(d, d, dtype=torch.float64, device=mats[0].device)
     for m in mats:
         m64 = m.double()
         G.addmm_(m64, m64.t())
@@ -177,7 +177,7 @@ def whitened_shared_svd(mats: list[torch.Tensor], roles: list[str], grams: list[
     `grams` is emptied as it goes (an h x h float64 moment is freed once used)."""
     dtype, d = mats[0].dtype, mats[0].shape[0]
     Lx = cholesky(sum(g for g, r in zip(grams, roles) if r == IN))
-    S = torch.zeros(d, d, dtype=torch.float64)
+    S = torch.zeros(d, d, dtype=torch.float64, device=Lx.device)
     for i, (m, r) in enumerate(zip(mats, roles)):
         m64 = m.double()
         S.addmm_(m64 if r == IN else m64 @ grams[i].double(), m64.t())
@@ -218,7 +218,9 @@ class FiPS(GroupMethod):
 
     def init(self, group: Group, budget: GroupBudget) -> Compressed:
         c = self.config
-        mats = [weight_dxh(m, role).float() for m, role in zip(group.modules, group.roles)]
+        # everything below runs where the statistics are (the recipe's device), in float64
+        device = group.stats_device
+        mats = [weight_dxh(m, role, device).float() for m, role in zip(group.modules, group.roles)]
         pattern = c.resolved_pattern
         stats = None  # what the activation score keeps of the second moments (a down projection's diagonal)
         if c.prune_score == "activation" and pattern != "none":

@@ -59,7 +59,8 @@ def refit_output(A: torch.Tensor, W: torch.Tensor, gram: torch.Tensor) -> torch.
     GA = G @ A
     M = A.t() @ GA
     ridge = EPS * float(M.diagonal().mean().clamp_min(1e-12))
-    return torch.linalg.solve(M + ridge * torch.eye(M.shape[0], dtype=M.dtype), GA.t() @ W.double())
+    return torch.linalg.solve(M + ridge * torch.eye(M.shape[0], dtype=M.dtype, device=M.device),
+                              GA.t() @ W.double())
 
 
 def input_side(W_dxh: torch.Tensor, role: str) -> torch.Tensor:
@@ -75,8 +76,10 @@ def to_basis(A: torch.Tensor, B: torch.Tensor, role: str, dtype: torch.dtype) ->
 def lowrank_linear(module, role: str, rank: int, gram: torch.Tensor | None,
                    update_gram: torch.Tensor | None = None) -> tuple[SharedBasis, SharedBasisLinear]:
     """One linear as its own basis and a dense V (truncated SVD, whitened when gram is given;
-    the output side refitted on inputs with second moment update_gram when given)."""
-    W = weight_dxh(module, role).float()
+    the output side refitted on inputs with second moment update_gram when given); computed
+    where the statistics are (the CPU without any)."""
+    device = next((g.device for g in (gram, update_gram) if g is not None), torch.device("cpu"))
+    W = weight_dxh(module, role, device).float()
     A, B = whitened_factors(input_side(W, role), gram, rank)
     if update_gram is not None:
         B = refit_output(A, input_side(W, role), update_gram)

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from layershare.adapters.base import IN
+from layershare.modules.bits import pack_bits, unpack_bits  # noqa: F401 (also imported from here)
 
 
 def _sparse_csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, size) -> torch.Tensor:
@@ -41,24 +42,6 @@ def _sparse_csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, siz
         return torch.sparse_csr_tensor(crow.to(torch.int32), col.to(torch.int32), values, size=size)
 
 
-def pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """A bool tensor as a flat uint8 tensor, 8 entries a byte (row-major)."""
-    flat = mask.flatten().to(torch.uint8)
-    pad = (-flat.numel()) % 8
-    flat = torch.cat([flat, flat.new_zeros(pad)]).view(-1, 8)
-    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=mask.device)
-    return (flat * weights).sum(dim=1, dtype=torch.uint8)
-
-
-def unpack_bits(bits: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    n = 1
-    for s in shape:
-        n *= s
-    if bits.numel() != (n + 7) // 8:
-        raise ValueError(f"bitmask has {bits.numel()} bytes, expected {(n + 7) // 8} for shape {tuple(shape)}")
-    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=bits.device)
-    flat = (bits.to(torch.uint8)[:, None] >> shifts) & 1
-    return flat.flatten()[:n].view(*shape).bool()
 
 
 class SharedBasis(nn.Module):

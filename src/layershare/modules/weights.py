@@ -21,17 +21,19 @@ def in_out_features(module: nn.Module) -> tuple[int, int]:
     return module.in_features, module.out_features
 
 
-def weight_out_in(module: nn.Module) -> torch.Tensor:
-    """The weight as nn.Linear stores it, (out, in), whatever the layer type, on the CPU: the
-    methods initialise there, beside the calibration statistics (float64, kept on the CPU);
-    the pipeline moves what they build to the recipe's device."""
-    w = module.weight.detach().cpu()
+def weight_out_in(module: nn.Module, device: str | torch.device | None = "cpu") -> torch.Tensor:
+    """The weight as nn.Linear stores it, (out, in), whatever the layer type, on `device` (None:
+    where it is): a method initialises beside its calibration statistics (the recipe's device;
+    the CPU for one without statistics), and the pipeline moves what it builds to the recipe's
+    device."""
+    w = module.weight.detach()
+    w = w if device is None else w.to(device)
     return w.t() if is_conv1d(module) else w  # Conv1D stores (in, out)
 
 
-def weight_dxh(module: nn.Module, role: str) -> torch.Tensor:
-    """The weight as a (d, h) matrix, whatever the layer type and direction (on the CPU)."""
-    as_in_out = weight_out_in(module).t()
+def weight_dxh(module: nn.Module, role: str, device: str | torch.device | None = "cpu") -> torch.Tensor:
+    """The weight as a (d, h) matrix, whatever the layer type and direction (on `device`)."""
+    as_in_out = weight_out_in(module, device).t()
     return as_in_out if role == IN else as_in_out.t()
 
 

@@ -126,6 +126,8 @@ class _Unit:
         """Block b's steps: its targets' uses by the input they read (distinct input tensors in
         the order first read; first factors before second ones), from one batch's forward."""
         uses = [(t, u) for t in pending.values() for u in t.uses if u.block == b]
+        if not uses:
+            return []
         modules = {id(u.module): u.module for _, u in uses}
         calls: list[tuple[int, torch.Tensor]] = []
 

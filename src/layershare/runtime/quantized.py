@@ -145,9 +145,10 @@ def pack_linears(model: nn.Module, qentry: dict) -> set[str]:
     for name, t in qentry["tensors"].items():
         path, _, attr = name.rpartition(".")
         owner = model.get_submodule(path)
+        if type(owner) is not nn.Linear or attr != "weight" or t["input_first"] or len(t["shape"]) != 2:
+            continue  # shared bases, V values, atoms, Conv1D: dequantized by the caller
         n, k = t["shape"]
-        if (type(owner) is not nn.Linear or attr != "weight" or t["input_first"] or n % 16
-                or kernel_group(spec.group_size, k) is None or owner.weight_qcodes.device.type != "cpu"):
+        if n % 16 or kernel_group(spec.group_size, k) is None or owner.weight_qcodes.device.type != "cpu":
             continue
         bufs = {f"q.{s}": owner._buffers[f"weight_q{s}"] for s in SUFFIXES if f"weight_q{s}" in owner._buffers}
         q = from_tensors(bufs, "q", spec, (n, k))

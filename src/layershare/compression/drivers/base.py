@@ -104,7 +104,8 @@ class Residency:
 @dataclass
 class StageContext:
     """Where a stage runs: its index, the device, the seed, the store it registers shared
-    modules with, the callbacks, and where the weights are (Residency)."""
+    modules with, the callbacks, where the weights are (Residency), and the dtype the
+    calibration statistics accumulate in (on `device`)."""
 
     stage: int
     device: str
@@ -112,6 +113,7 @@ class StageContext:
     store: StageStore
     callbacks: Callback = field(default_factory=Callback)
     residency: Residency = field(default_factory=Residency)
+    stats_dtype: torch.dtype = torch.float64
 
     def generator(self, group: int = 0) -> torch.Generator:
         """The random numbers of one group, independent of every other group's (so a group

@@ -13,10 +13,12 @@ sequential pipeline, which knows no algorithm).
    the attention), the group's output error. `materialize` freezes them.
 4. The next group's inputs are the dense group's outputs (propagate="dense") or the
    compressed group's ("compressed").
-Only one group's activations are held at a time. Where the weights are (all in memory, or read
-group by group from the checkpoint), which groups this process compresses and which are already
-done (before this process's first group or anywhere after it) is the context's Residency
-(drivers/base.py; onload.py), never this driver's.
+Only one group's activations are held at a time. The second moments accumulate on the recipe's
+device (in the recipe's `stats_dtype`), the method's init runs beside them, and they are freed
+with the group; the recorded activations are kept there too when they fit (record_device).
+Where the weights are (all in memory, or read group by group from the checkpoint), which groups
+this process compresses and which are already done (before this process's first group or
+anywhere after it) is the context's Residency (drivers/base.py; onload.py), never this driver's.
 """
 from __future__ import annotations
 
@@ -38,6 +40,18 @@ from layershare.compression.drivers.base import GroupReport, StageContext, Stage
 from layershare.compression.finite import check_group
 from layershare.compression.reconstruct import ReconStats, reconstruct, relative_error
 from layershare.methods.base import Group
+
+
+def record_device(device: str, cap: Captured, n_blocks: int) -> str:
+    """Where a group's recorded activations (the tuning's inputs and targets) are kept: on a CUDA
+    device when they take at most a quarter of its free memory (no copy per tuning step, and no
+    host synchronisation with it), else on the CPU (each step then copies its batch over)."""
+    dev = torch.device(device)
+    if dev.type != "cuda" or not cap.hidden:
+        return "cpu"
+    need = 2 * n_blocks * sum(h.numel() for h in cap.hidden) * cap.hidden[0].element_size()
+    free, _ = torch.cuda.mem_get_info(dev)
+    return device if need <= free // 4 else "cpu"
 
 
 def run_sequential(model: nn.Module, adapter: Adapter, method, batches: list[torch.Tensor],
@@ -75,15 +89,17 @@ def run_sequential(model: nn.Module, adapter: Adapter, method, batches: list[tor
         group = Group.of(model, adapter, g, group_blocks, method.linears(adapter))
         grams = {} if needs.grams else None
         linears = dict(zip(group.paths, group.modules))
+        stats = dict(stats_device=device, stats_dtype=ctx.stats_dtype)  # the statistics stay where the forward runs
         X, Y, dense_out = run_group(blocks, group_blocks, cap, adapter, device, record=objective is not None,
-                                    grams=grams, linears=linears, objective=objective)
+                                    grams=grams, linears=linears, objective=objective,
+                                    record_device=record_device(device, cap, len(group_blocks)), **stats)
         group.grams = grams
         if needs.update_grams and propagate == "compressed" and grams is not None:
             group.update_grams = grams  # cap is the compressed stream already: the same statistics
         elif needs.update_grams:  # the dense group's linears fed by the compressed model so far
             group.update_grams = {}
             run_group(blocks, group_blocks, comp_cap, adapter, device, record=False,
-                      grams=group.update_grams, linears=linears)
+                      grams=group.update_grams, linears=linears, **stats)
         del linears, grams  # the group holds them; they go with it after init (a down projection's is h x h)
         comp = method.init(group, plan.groups[g])
         for path, module in comp.modules.items():

@@ -29,6 +29,7 @@
 #include <cstring>
 #include <optional>
 #include <string>
+#include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -45,7 +46,7 @@ namespace {
 constexpr int64_t kBlock = 64;   // columns per block: one 64-bit word of mask per (row, block)
 constexpr int64_t kMaxRows = 8;  // activation rows per pass (their accumulators stay in registers)
 constexpr int64_t kGrainEntries = 32768;  // entries of V per parallel task, at least
-constexpr int64_t kAccFloats = 8192;      // the in-product's accumulators per task: 32 KiB (L1)
+constexpr int64_t kAccFloats = 16384;     // the in-product's accumulators per task: 64 KiB (L1/L2)
 
 // ---- V as the kernels read it -----------------------------------------------------------------
 template <typename T>
@@ -269,8 +270,11 @@ LS_AVX2 void in_tile_avx2(const SparseV<T>& v, const float* zt, int64_t b0, int6
 
 template <typename T, int N>
 LS_AVX2 void in_blocks_avx2(const SparseV<T>& v, const float* zt, int64_t b0, int64_t b1, float* y, int64_t ldy) {
-  alignas(64) float acc[kAccFloats];
-  const int64_t tile = kAccFloats / (N * kBlock);
+  const int64_t tile = std::min(kAccFloats / (N * kBlock), b1 - b0);
+  // on the heap (64 KiB is much for a thread's stack), kept per thread, aligned to a cache line
+  thread_local std::vector<float> buf;
+  buf.resize(std::max<size_t>(buf.size(), N * tile * kBlock + 16));
+  float* acc = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t{63});
   for (int64_t b = b0; b < b1; b += tile) in_tile_avx2<T, N>(v, zt, b, std::min(b1, b + tile), acc, y, ldy);
 }
 

@@ -11,28 +11,18 @@ command prints a warning and exits 0 (the fallback is then what runs).
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import sys
 from pathlib import Path
 
-import torch
-
-SOURCE = Path(__file__).with_name("bitmask.cpp")
-NAME = "layershare_bitmask"
-# no -march=native: the library must run on any x86-64; the AVX2 functions carry their own target
-CFLAGS = ("-O3",)
-
-
-def build_dir() -> Path:
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:16]
-    return cache / "layershare" / "kernels" / f"{torch.__version__}-{digest}"
-
-
-def library_path() -> Path:
-    return build_dir() / f"{NAME}.so"
+from layershare.runtime.kernels.library import (
+    CFLAGS,
+    NAME,
+    SOURCE,
+    build_dir,
+    library_path,
+)
 
 
 def build(verbose: bool = False) -> Path:
@@ -63,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     path = build(verbose="-v" in argv or "--verbose" in argv)
     from layershare.runtime.kernels import ops
 
-    if os.environ.get("LAYERSHARE_NO_KERNEL", "") not in ("", "0"):
+    if ops.disabled():
         print(f"layershare sparse kernel: {path} (not used while LAYERSHARE_NO_KERNEL is set)")
         return 0
     if not ops.available():

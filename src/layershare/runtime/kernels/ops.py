@@ -29,6 +29,9 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from layershare.modules.bits import pack_bits, unpack_bits
+from layershare.runtime.kernels.library import library_path
+
 BLOCK = 64  # columns per offsets block (bitmask.cpp's kBlock)
 DECODE_ROWS = 8  # activation rows up to which the sparse kernels run; above, dense GEMM on an expanded V
 VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -43,20 +46,19 @@ _scratch = threading.local()
 
 # ---- the native library ---------------------------------------------------------------------
 def _registered() -> bool:
-    """Whether layershare's ops have CPU kernels in this process."""
-    try:
-        return all("CPU" in torch._C._dispatch_dump(f"layershare::{op}") for op in OPS)
-    except RuntimeError:  # no such operator
-        return False
+    """Whether layershare's ops have CPU kernels in this process (an unknown op dumps as "")."""
+    return all("CPU" in torch._C._dispatch_dump(f"layershare::{op}") for op in OPS)
+
+
+def disabled() -> bool:
+    """Whether LAYERSHARE_NO_KERNEL asks to run without the native kernels (tests use it)."""
+    return os.environ.get("LAYERSHARE_NO_KERNEL", "") not in ("", "0")
 
 
 def _load() -> bool:
-    if os.environ.get("LAYERSHARE_NO_KERNEL", "") not in ("", "0"):
+    if disabled():
         return False
     if not _registered():
-        # imported here: `python -m layershare.runtime.kernels.build` runs build.py as __main__
-        from layershare.runtime.kernels.build import library_path
-
         path = library_path()
         if not path.exists():
             return False
@@ -111,8 +113,7 @@ def _warn_fallback() -> None:
     if _warned:
         return
     _warned = True
-    why = ("is disabled (LAYERSHARE_NO_KERNEL is set)" if os.environ.get("LAYERSHARE_NO_KERNEL", "") not in ("", "0")
-           else "is not built")
+    why = "is disabled (LAYERSHARE_NO_KERNEL is set)" if disabled() else "is not built"
     warnings.warn(f"layershare: the native sparse kernel {why}; sparse layers run on a pure-PyTorch fallback "
                   "that rebuilds each dense V per call (correct but slow). Build the kernel once with "
                   "`python -m layershare.runtime.kernels.build`.", RuntimeWarning, stacklevel=3)
@@ -134,8 +135,6 @@ def _native(t: torch.Tensor, values: torch.Tensor) -> bool:
 def prepare(mask: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     """offsets (r x ceil(h/64), int32): the index in `values` of the first kept entry of each row's
     each block of 64 columns."""
-    from layershare.modules.shared_basis import unpack_bits
-
     r, h = shape
     nb = -(-h // BLOCK)
     keep = F.pad(unpack_bits(mask, (r, h)), (0, nb * BLOCK - h)).view(r, nb, BLOCK)
@@ -149,8 +148,6 @@ def prepare(mask: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
 # ---- the pure-PyTorch reference -------------------------------------------------------------
 def reference_dense(values: torch.Tensor, mask: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     """V as a dense (r x h) matrix in the values' dtype."""
-    from layershare.modules.shared_basis import unpack_bits
-
     return values.new_zeros(shape).masked_scatter_(unpack_bits(mask, shape), values)
 
 
@@ -208,8 +205,6 @@ def self_check() -> None:
     """Raise unless both products and the expansion agree with the reference on a small V whose
     rows do not start on a byte (run after a build)."""
     g = torch.Generator().manual_seed(0)
-    from layershare.modules.shared_basis import pack_bits
-
     r, h = 33, 100
     keep = torch.rand(r, h, generator=g) < 0.5
     dense = torch.randn(r, h, generator=g) * keep

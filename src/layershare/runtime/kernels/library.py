@@ -1,0 +1,24 @@
+"""Where the native library lives: built once per torch version and source into the user's cache
+(build.py writes it; ops.py loads it from there, without importing torch.utils.cpp_extension)."""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("bitmask.cpp")
+NAME = "layershare_bitmask"
+# no -march=native: the library must run on any x86-64; the AVX2 functions carry their own target
+CFLAGS = ("-O3",)
+
+
+def build_dir() -> Path:
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:16]
+    return cache / "layershare" / "kernels" / f"{torch.__version__}-{digest}"
+
+
+def library_path() -> Path:
+    return build_dir() / f"{NAME}.so"
