@@ -20,7 +20,7 @@ from layershare.modules.store import StageStore
 from layershare.quant import QuantSpec, dequantize, gptq, gptq_masked, pack, quantize
 from layershare.quant.inputs import Target, Use
 
-SPEC = dict(bits=3, group_size=32)
+SPEC = dict(bits=3, group_size=32, algorithm="gptq")
 # IST-DASLab/gptq's llama_sequential with true_sequential: the order a Llama block's linears are quantized in
 SEQUENCE = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
             ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
@@ -178,14 +178,14 @@ def test_a_sparse_v_keeps_its_pattern_and_beats_rounding(tokens):
 def test_a_singular_hessian_stops_the_run_with_the_tensors_name(tokens, tmp_path):
     """damp 0 and 32 calibration tokens for 64 input features: no GPTQ, no NaN, no directory."""
     model = make_model("llama")
-    recipe = Recipe(stages=[QuantConfig(bits=4, group_size=32, damp=0.0)], nsamples=1, seqlen=32)
+    recipe = Recipe(stages=[QuantConfig(bits=4, group_size=32, damp=0.0, algorithm="gptq")], nsamples=1, seqlen=32)
     with pytest.raises(ValueError, match=r"GPTQ on model\.layers\.0\.self_attn\.[qkv]_proj\.weight: .*singular"):
         layershare.compress(model, recipe, data=tokens, output_dir=tmp_path / "q")
     assert not (tmp_path / "q").exists()
 
 
 def test_the_stage_says_what_it_did(tokens, capsys):
-    layershare.compress(make_model("llama"), Recipe(stages=[QuantConfig(bits=3, group_size=32, embeddings=True)],
+    layershare.compress(make_model("llama"), Recipe(stages=[QuantConfig(bits=3, group_size=32, embeddings=True, algorithm="gptq")],
                                                     nsamples=8, seqlen=32), data=tokens)
     out = capsys.readouterr().out
     assert "quant: 3-bit codes, groups of 32, symmetric, sequential GPTQ (damp 0.01, blocksize 128" in out

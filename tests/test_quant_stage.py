@@ -28,7 +28,7 @@ def _logits(model, ids):
 @pytest.mark.parametrize("stages,arch", [
     ([QuantConfig(bits=3, group_size=32, algorithm="gptq")], "llama"),
     ([QuantConfig(bits=2, group_size=48, symmetric=False, algorithm="rtn")], "gpt2"),  # Conv1D; 48 does not divide 64
-    ([FiPSConfig(ratio=0.2, steps=0, batch_tokens=128), QuantConfig(bits=4, group_size=32)], "llama"),
+    ([FiPSConfig(ratio=0.2, steps=0, batch_tokens=128), QuantConfig(bits=4, group_size=32, algorithm="gptq")], "llama"),
     ([FiPSConfig(ratio=0.2, steps=0, batch_tokens=128, pattern="none"), QuantConfig(bits=8, group_size=64)], "gemma3"),
 ])
 def test_quantized_save_load_gives_identical_logits(stages, arch, tokens, input_ids, tmp_path):

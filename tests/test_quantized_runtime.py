@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 import layershare
 from layershare.quant.grid import QuantSpec, dequantize, quantize

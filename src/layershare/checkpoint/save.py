@@ -27,8 +27,6 @@ from torch import nn
 
 from layershare.checkpoint.outputs import check_output_dir, output_lock, signals_deferred
 from layershare.checkpoint.verify import (
-    AUTO_CLASSES,
-    TIMM_KWARGS,
     FORMAT_VERSION,
     INDEX,
     META,
@@ -40,8 +38,8 @@ from layershare.checkpoint.verify import (
     quantization_config,
 )
 from layershare.modules.atoms import AtomLinear, MatrixAtoms
-from layershare.modules.shared_basis import SharedBasis, SharedBasisLinear
-from layershare.modules.store import BASES_ATTR, shared_modules
+from layershare.modules.shared_basis import SharedBasisLinear
+from layershare.modules.store import BASES_ATTR
 
 
 def layer_map(model: nn.Module) -> dict:

@@ -82,8 +82,13 @@ def watch(model: nn.Module, what: str = "the model's logits are not finite"):
             state["busy"] = False
         raise NonFiniteResult(message)
 
+    if getattr(model, "_layershare_watched", False):  # already watched by a caller: its message wins
+        yield
+        return
     handle = model.register_forward_hook(check, with_kwargs=True)
+    model._layershare_watched = True
     try:
         yield
     finally:
         handle.remove()
+        model._layershare_watched = False
