@@ -49,7 +49,8 @@ def compressed_logits(model, stages: list[dict], tokens, ids, device: str, tmp: 
     if device != "cpu":
         torch.cuda.synchronize()
     t0 = time.time()
-    result = layershare.compress(model, recipe, data=tokens, output_dir=tmp)
+    result = layershare.compress(model, recipe, data=tokens, output_dir=tmp,
+                                 allow_ratio_miss=True)  # tiny models: the budget lands 1-5 points off
     seconds = time.time() - t0
     with torch.no_grad():
         logits = result.model(ids.to(device)).logits.float().cpu()

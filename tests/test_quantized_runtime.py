@@ -108,3 +108,16 @@ def test_fips_then_quantized_keeps_plain_linears_packed_and_dequantizes_the_rest
     with torch.no_grad():
         a, b = packed(tokens[:1, :4]).logits, reference(tokens[:1, :4]).logits
     assert (a - b).abs().max() <= 3e-2 * b.abs().max()
+
+
+def test_quantized_linears_are_packed_only_for_the_cpu():
+    """The int4 kernel is the CPU's: a model loaded for another device is dequantized, not packed
+    (a GPU evaluation once met a packed linear's CPU scratch buffer)."""
+    from torch import nn
+
+    from layershare.checkpoint.read import pack_quantized
+
+    model = nn.Module()
+    assert pack_quantized(model, {"tensors": {"x.weight": {}}}, "auto", "cuda:0") == set()
+    assert pack_quantized(model, {"tensors": {"x.weight": {}}}, "compact", "cpu") == set()
+    assert not hasattr(model, "layershare_packed")

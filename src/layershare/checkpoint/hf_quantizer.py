@@ -127,7 +127,8 @@ class LayershareQuantizer(HfQuantizer):
             from layershare.quant.model import dequantize_model
 
             dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-            packed = pack_quantized(model, self.entry["quant"], self.quantization_config.runtime)
+            where = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+            packed = pack_quantized(model, self.entry["quant"], self.quantization_config.runtime, where)
             dequantize_model(model, without_tensors(self.entry["quant"], packed), dtype)
             model.layershare_quant = self.entry["quant"]
         tie_modules(model, self.entry)

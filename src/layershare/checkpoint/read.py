@@ -187,11 +187,12 @@ def tie_modules(model: nn.Module, entry: dict) -> None:
         set_path(model, alias, model.get_submodule(source))
 
 
-def pack_quantized(model: nn.Module, qentry: dict, runtime: str) -> set[str]:
+def pack_quantized(model: nn.Module, qentry: dict, runtime: str, device) -> set[str]:
     """With runtime "auto" on the CPU, the quantized linears the int4 kernel runs stay packed
     (runtime/quantized.py); returns their tensors' names. The model then refuses to be saved, as
-    a merged one does (load with another runtime to save or fine-tune it)."""
-    if runtime != "auto":
+    a merged one does (load with another runtime to save or fine-tune it). Loaded for another
+    device, they are dequantized (the kernel is the CPU's)."""
+    if runtime != "auto" or torch.device(device).type != "cpu":
         return set()
     from layershare.runtime.quantized import pack_linears
 
@@ -278,7 +279,7 @@ def load_compressed(path: str | Path, device: str = "cpu", dtype: torch.dtype | 
     if entry.get("quant"):
         from layershare.quant.model import dequantize_model
 
-        packed = pack_quantized(model, entry["quant"], runtime)
+        packed = pack_quantized(model, entry["quant"], runtime, device)
         dequantize_model(model, without_tensors(entry["quant"], packed), dtype or torch.float32)
         model.layershare_quant = entry["quant"]
     if hasattr(model, "tie_weights"):

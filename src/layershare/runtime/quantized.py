@@ -32,7 +32,7 @@ from layershare.quant.model import SUFFIXES, spec_of
 
 DECODE_ROWS = 8
 KERNEL_GROUPS = (256, 128, 64, 32)
-_scratch: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+_scratch: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
 
 
 def available() -> bool:
@@ -111,20 +111,21 @@ class Int4Linear(nn.Module):
         codes = unpack_int4(self.packed, self.out_features, self.in_features)
         scale = self.scales_zeros[..., 0].t().to(dtype).repeat_interleave(self.group, dim=1)
         offset = self.scales_zeros[..., 1].t().to(dtype).repeat_interleave(self.group, dim=1)
-        w = out if out is not None else torch.empty(codes.shape, dtype=dtype)
+        w = out if out is not None else torch.empty(codes.shape, dtype=dtype, device=codes.device)
         torch.sub(codes.to(dtype), 8, out=w)
         return w.mul_(scale).add_(offset)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
-        if x2.shape[0] <= DECODE_ROWS:
+        if x2.shape[0] <= DECODE_ROWS and x2.device.type == "cpu":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), self.packed,
                                                            self.group, self.scales_zeros).to(x.dtype)
         else:
-            key = (self.out_features * self.in_features, x.dtype)
+            # (a model moved off the CPU after loading dequantizes here too: correct, not fast)
+            key = (self.out_features * self.in_features, x.dtype, x.device)
             buf = _scratch.get(key)
             if buf is None:
-                buf = _scratch[key] = torch.empty(key[0], dtype=x.dtype)
+                buf = _scratch[key] = torch.empty(key[0], dtype=x.dtype, device=x.device)
             y = F.linear(x2, self.weight_as(x.dtype, buf.view(self.out_features, self.in_features)))
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
