@@ -203,7 +203,7 @@ def markdown_table(rows: list[dict], label: bool = False) -> str:
                      f"{r['peak_rss_mb'] / 1024:,.2f} GiB |"
                      + (f" {r['ppl_test']:.2f} |" if "ppl_test" in r else " - |" if label else ""))
     if any(r.get("shared") for r in rows):
-        lines.append("\n\\* run beside another run (BENCH_THREADS): its time is not a timing.")
+        lines.append("\n\\* run beside another run (BENCH_THREADS on the CPU; on a GPU, other benchmark processes on the same device): its time is not a timing.")
     gpus = sorted({r["device"] for r in rows if r.get("device")})
     if gpus:
         lines.append(f"\n† compressed and evaluated on a GPU ({', '.join(gpus)}; BENCH_DEVICE): its time is a GPU time, "

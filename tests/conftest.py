@@ -63,3 +63,11 @@ def model_dir(tmp_path, tokenizer):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (`-n`), one torch thread per worker: the workers share the cores."""
+    import os
+
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)

@@ -264,3 +264,19 @@ def test_kernel_form_in_bfloat16(compressed, input_ids):
             out, expected = model(ids).logits, ref(ids).logits
             assert out.dtype == torch.bfloat16
             assert (out.float() - expected).abs().max() < 0.05 * expected.abs().max()
+
+
+def test_auto_picks_the_kernel_form_only_for_a_model_on_the_cpu(compressed):
+    """The kernels are the CPU's: on another device `auto` keeps the group factored or merged
+    (a meta-device copy stands in for a GPU here)."""
+    from layershare.runtime.forms import _group_form
+
+    model = layershare.load(compressed, runtime="compact")
+    layer = next(m for m in model.modules() if isinstance(m, SharedBasisLinear))
+    group = [m for m in model.modules() if isinstance(m, SharedBasisLinear) and m.basis is layer.basis]
+    if not ops.available():
+        pytest.skip("the native kernels are not built here")
+    assert _group_form(layer.basis, group, "auto") == "kernel"
+    layer.basis.to("meta")
+    assert _group_form(layer.basis, group, "auto") in ("factored", "merged")
+    assert _group_form(layer.basis, group, "sparse") == "sparse"

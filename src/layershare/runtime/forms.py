@@ -11,7 +11,7 @@
             without them it runs a slow pure-PyTorch fallback, after a warning.
   merged    every compressed linear as a plain nn.Linear holding W = U V_i (or sum_k c_k D_k):
             the dense model's size and speed; only the file is smaller.
-  auto      per shared group: sparse when its V are sparse, the kernels are built and the group
+  auto      per shared group: sparse when its V are sparse, on the CPU, the kernels are built and the group
             holds fewer bytes that way than merged; else the factored form where its factors hold
             fewer values than the merged weights (then it also computes less: it is smaller and
             faster); else merged. The default (docs/runtime.md has the measurements).
@@ -88,7 +88,8 @@ def _group_form(shared: nn.Module, layers: list[nn.Module], runtime: str) -> str
     """The form the layers of one shared group take under `runtime` ("kernel": runtime/kernels)."""
     if runtime != "auto":
         return runtime
-    if kernel_is_smaller(shared, layers) and kernels.available():
+    on_cpu = all(t.device.type == "cpu" for t in [*shared.parameters(), *shared.buffers()])  # the kernels are the CPU's
+    if on_cpu and kernel_is_smaller(shared, layers) and kernels.available():
         return "kernel"
     return "factored" if factored_is_smaller(shared, layers) else "merged"
 
