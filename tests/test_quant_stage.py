@@ -134,7 +134,17 @@ def test_cli_flags_build_the_stages(tmp_path):
     assert [s.method for s in r.stages] == ["fips", "quant"]
     assert (r.stages[0].qat_bits, r.stages[0].qat_group_size, r.stages[1].algorithm) == (3, 64, "rtn")
     r = build_recipe(args("--method", "none", "--bits", "2"))
-    assert [s.method for s in r.stages] == ["quant"] and r.stages[0].algorithm == "rtn"
+    assert [s.method for s in r.stages] == ["quant"] and r.stages[0].algorithm == "gptq"  # the default, measured
+    r = build_recipe(args("--method", "none", "--bits", "3", "--quant", "gptq", "--set", "act_order=true",
+                          "--set", "damp=0.05"))  # --set reaches the quantization stage
+    assert (r.stages[0].algorithm, r.stages[0].act_order, r.stages[0].damp, r.stages[0].blocksize) == (
+        "gptq", True, 0.05, 128)
+    with pytest.raises(RecipeError, match="blocksize must be a positive integer"):
+        build_recipe(args("--method", "none", "--bits", "3", "--set", "blocksize=0"))
+    with pytest.raises(RecipeError, match="actorder"):
+        build_recipe(args("--method", "none", "--bits", "3", "--set", "actorder=true"))
+    with pytest.raises(RecipeError, match="--steps do not apply"):
+        build_recipe(args("--method", "none", "--bits", "3", "--steps", "5"))
     with pytest.raises(RecipeError, match="must be the last stage"):
         _recipe(QuantConfig(bits=4), FiPSConfig())
 

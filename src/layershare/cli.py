@@ -206,7 +206,8 @@ def build_recipe(args):
 
 def _quant_stage(args, base: dict | None) -> dict | None:
     """The quantization stage --bits adds after the method (--quant: how the codes are chosen,
-    rtn by default; qat: the method tunes through fake quantization, then round to nearest)."""
+    sequential GPTQ by default; qat: the method tunes through fake quantization, then round to
+    nearest)."""
     if getattr(args, "bits", None) is None:
         if getattr(args, "quant", None) is not None or getattr(args, "quant_group", None) is not None:
             raise RecipeError("--quant and --quant-group need --bits")
@@ -222,15 +223,16 @@ def _quant_stage(args, base: dict | None) -> dict | None:
 
 
 def _quant_only(args, d: dict, run_flags, recipe_cls):
-    given = _stage_options(args)
-    if given or args.attention_method or args.attention_ratio is not None:
-        raise RecipeError(f"--method none quantizes the dense model: {', '.join(sorted(given)) or 'attention flags'} "
+    given = _stage_options(args)  # --set KEY=VALUE: the quantization stage's own options (damp, act_order, ...)
+    flags = sorted("--" + k.replace("_", "-") for k in STAGE_FLAGS if k in given)
+    if flags or args.attention_method or args.attention_ratio is not None:
+        raise RecipeError(f"--method none quantizes the dense model: {', '.join(flags) or 'attention flags'} "
                           f"do not apply")
     if args.bits is None:
         raise RecipeError("--method none does nothing without --bits (quantization alone)")
     if args.quant == "qat":
         raise RecipeError("--quant qat trains inside FiPS's tuning: it needs --method fips")
-    d["stages"] = [_quant_stage(args, None)]
+    d["stages"] = [_quant_stage(args, given)]
     for k in run_flags:
         if getattr(args, k) is not None:
             d[k] = getattr(args, k)
@@ -635,8 +637,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--bits", type=int, choices=(2, 3, 4, 8),
                    help="add weight-only quantization after the method (--method none: quantize the dense model alone)")
     c.add_argument("--quant", choices=("rtn", "gptq", "qat"),
-                   help="how the codes are chosen (default rtn, by measurement: docs/quant_llm.md; qat: FiPS tunes "
-                        "through fake quantization)")
+                   help="how the codes are chosen (default gptq: sequential GPTQ, by measurement: docs/quant_llm.md; "
+                        "rtn: round to nearest; qat: FiPS tunes through fake quantization)")
     c.add_argument("--quant-group", type=int, help="weights per quantization scale (default 128)")
     c.add_argument("--max-shard-size", help="split the weights into shards of at most this size (e.g. 2GB; "
                                             "transformers' model.safetensors.index.json layout)")

@@ -53,8 +53,8 @@ class QuantConfig(StageConfig):
     bits: int = 4
     group_size: int = 128
     symmetric: bool = True
-    # "rtn" until sequential GPTQ is measured against it on the validation book (Mansfield Park)
-    algorithm: Literal["rtn", "gptq"] = "rtn"
+    # sequential GPTQ: on SmolLM2 at 3 bits 73.6 against RTN's 212 on the validation book (docs/quant_llm.md)
+    algorithm: Literal["rtn", "gptq"] = "gptq"
     embeddings: bool = False
     damp: float = 0.01  # GPTQ's dampening, a fraction of the mean Hessian diagonal (the reference's)
     blocksize: int = 128  # GPTQ's lazy batches, in columns (the reference's)
