@@ -2,7 +2,7 @@
 M --onload --device cuda` runs), on the first blocks of a Llama-shaped model, timed group by group
 and by phase, with the GPU's and the host's memory sampled.
 
-    python benchmarks/scale_gpu.py --shape 8b 70b          # the GPU session's command: appends docs/scale_gpu.json
+    python benchmarks/scale_gpu.py --shape 8b 70b          # on a GPU: appends docs/scale_gpu.json
     python benchmarks/scale_gpu.py --shape tiny --device cpu --out /tmp/scale_gpu.json   # a dry run (< 1 min)
 
 Per shape: the model's config (8b: Llama-3-8B's widths, 70b: Llama-3-70B's; tiny: a dry run's,
