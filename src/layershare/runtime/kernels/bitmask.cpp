@@ -259,11 +259,9 @@ LS_AVX2 void in_tile_avx2(const SparseV<T>& v, const float* zt, int64_t b0, int6
                           int64_t ldy) {
   const int64_t ld = (b1 - b0) * kBlock;
   std::memset(acc, 0, N * ld * sizeof(float));
-  // rows i and i + r/2 together: two sequential streams through the values, which the hardware
-  // prefetcher follows (rows i and i+1 together would be two strided ones, which it does not)
-  const int64_t half = v.r / 2;
-  for (int64_t i = 0; i < half; ++i) in_rows_avx2<T, N, 2>(v, zt, i, half, b0, b1, acc, ld);
-  if (v.r % 2) in_rows_avx2<T, N, 1>(v, zt, v.r - 1, 0, b0, b1, acc, ld);
+  // one row of V at a time, streamed: measured 2.8x faster than two rows (i, i + r/2) at once
+  // (SmolLM2's up/gate, one activation row: 124 against 349 µs on a Zen 5 core, 2026-12-04)
+  for (int64_t i = 0; i < v.r; ++i) in_rows_avx2<T, N, 1>(v, zt, i, 0, b0, b1, acc, ld);
   const int64_t cols = std::min(ld, v.h - b0 * kBlock);
   for (int n = 0; n < N; ++n) std::memcpy(y + n * ldy + b0 * kBlock, acc + n * ld, cols * sizeof(float));
 }
