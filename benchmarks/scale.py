@@ -31,6 +31,17 @@ SHAPE = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=32, num
 RECIPE = ["--steps", "5", "--group-size", "1", "--nsamples", "8", "--seqlen", "256", "--calib", "austen:emma"]
 
 
+def llama_block(i: int, d: int, kv: int, h: int, rand, ones) -> dict:
+    """Block i's tensors of a Llama checkpoint (width d, KV width kv, MLP width h): rand(*shape)
+    for the linear weights, ones(n) for the norms."""
+    p = f"model.layers.{i}."
+    return {p + "self_attn.q_proj.weight": rand(d, d), p + "self_attn.k_proj.weight": rand(kv, d),
+            p + "self_attn.v_proj.weight": rand(kv, d), p + "self_attn.o_proj.weight": rand(d, d),
+            p + "mlp.gate_proj.weight": rand(h, d), p + "mlp.up_proj.weight": rand(h, d),
+            p + "mlp.down_proj.weight": rand(d, h),
+            p + "input_layernorm.weight": ones(d), p + "post_attention_layernorm.weight": ones(d)}
+
+
 def generate(out: Path, seed: int = 0) -> None:
     """The model, block by block (never more than one block in memory)."""
     import torch
@@ -62,12 +73,7 @@ def generate(out: Path, seed: int = 0) -> None:
     for i in range(n):
         name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
         if i < L:
-            p = f"model.layers.{i}."
-            t = {p + "self_attn.q_proj.weight": rand(d, d), p + "self_attn.k_proj.weight": rand(kv, d),
-                 p + "self_attn.v_proj.weight": rand(kv, d), p + "self_attn.o_proj.weight": rand(d, d),
-                 p + "mlp.gate_proj.weight": rand(h, d), p + "mlp.up_proj.weight": rand(h, d),
-                 p + "mlp.down_proj.weight": rand(d, h),
-                 p + "input_layernorm.weight": torch.ones(d), p + "post_attention_layernorm.weight": torch.ones(d)}
+            t = llama_block(i, d, kv, h, rand, torch.ones)
         else:
             t = {"model.embed_tokens.weight": rand(SHAPE["vocab_size"], d), "model.norm.weight": torch.ones(d),
                  "lm_head.weight": rand(SHAPE["vocab_size"], d)}

@@ -35,7 +35,6 @@ import time
 T_START = time.perf_counter()
 
 import argparse
-import importlib
 import json
 import shutil
 import statistics
@@ -50,6 +49,8 @@ import torch
 import layershare
 import layershare.api  # what a compression imports: timed with the rest
 import layershare.compression.onload
+from scale import llama_block
+from scale_profile import wrap_each
 
 IMPORT_S = time.perf_counter() - T_START
 ROOT = Path(__file__).resolve().parent.parent
@@ -147,12 +148,7 @@ def install_wrappers() -> None:
                 CURRENT[0].exit()
         setattr(owner, name, run)
 
-    for module, attr, label in PHASES:
-        owner = importlib.import_module(module)
-        *path, name = attr.split(".")
-        for p in path:
-            owner = getattr(owner, p)
-        wrap(owner, name, label)
+    wrap_each(PHASES, wrap)
 
 
 def config_of(shape: str, layers: int | None = None, vocab: int | None = None):
@@ -203,12 +199,7 @@ def generate(shape: str, blocks: int, out: Path, device: torch.device, seed: int
     for i in range(n):
         name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
         if i < blocks:
-            p = f"model.layers.{i}."
-            t = {p + "self_attn.q_proj.weight": rand(d, d), p + "self_attn.k_proj.weight": rand(kv, d),
-                 p + "self_attn.v_proj.weight": rand(kv, d), p + "self_attn.o_proj.weight": rand(d, d),
-                 p + "mlp.gate_proj.weight": rand(h, d), p + "mlp.up_proj.weight": rand(h, d),
-                 p + "mlp.down_proj.weight": rand(d, h),
-                 p + "input_layernorm.weight": ones(d), p + "post_attention_layernorm.weight": ones(d)}
+            t = llama_block(i, d, kv, h, rand, ones)
         else:
             t = {"model.embed_tokens.weight": rand(VOCAB, d), "model.norm.weight": ones(d),
                  "lm_head.weight": rand(VOCAB, d)}

@@ -40,6 +40,18 @@ PHASES = [  # (module, attribute, label): the innermost running one is charged
 ]
 
 
+def wrap_each(phases, wrap) -> None:
+    """wrap(owner, name, label) for each (module, "Class.attr" or "attr", label) of `phases`."""
+    import importlib
+
+    for module, attr, label in phases:
+        owner = importlib.import_module(module)
+        *path, name = attr.split(".")
+        for p in path:
+            owner = getattr(owner, p)
+        wrap(owner, name, label)
+
+
 def two_block_copy(dst: Path) -> Path:
     idx = json.loads((SOURCE / "model.safetensors.index.json").read_text())
     cfg = json.loads((SOURCE / "config.json").read_text())
@@ -60,8 +72,6 @@ def two_block_copy(dst: Path) -> Path:
 
 
 def main() -> None:
-    import importlib
-
     from transformers import AutoTokenizer
 
     import layershare
@@ -88,12 +98,7 @@ def main() -> None:
                 phase[0] = prev
         setattr(owner, name, run)
 
-    for module, attr, label in PHASES:
-        owner = importlib.import_module(module)
-        *path, name = attr.split(".")
-        for p in path:
-            owner = getattr(owner, p)
-        wrap(owner, name, label)
+    wrap_each(PHASES, wrap)
     class Marks(layershare.Callback):
         def on_group_start(self, stage, group, blocks):
             peaks.setdefault(BASE, proc.memory_info().rss)
