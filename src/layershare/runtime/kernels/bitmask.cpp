@@ -225,30 +225,23 @@ LS_AVX2 LS_INLINE float hsum(__m256 a) {
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-// in_block_portable's product for N rows over blocks [b0, b1), adding rows i0 + q*step (q < R)
-// of V times z into the N x 64(b1-b0) accumulators `acc` (in L1: each loaded and stored once per
-// R rows of V).
-template <typename T, int N, int R>
-LS_AVX2 LS_INLINE void in_rows_avx2(const SparseV<T>& v, const float* zt, int64_t i0, int64_t step, int64_t b0,
-                                    int64_t b1, float* acc, int64_t ld) {
-  __m256 zb[R][N];
-  int64_t p[R];
-  for (int q = 0; q < R; ++q) {
-    for (int n = 0; n < N; ++n) zb[q][n] = _mm256_broadcast_ss(zt + (i0 + q * step) * N + n);
-    p[q] = v.start(i0 + q * step, b0);
-  }
+// in_block_portable's product for N rows over blocks [b0, b1), adding row i of V times z into the
+// N x 64(b1-b0) accumulators `acc` (in L1: each loaded and stored once per row of V).
+template <typename T, int N>
+LS_AVX2 LS_INLINE void in_row_avx2(const SparseV<T>& v, const float* zt, int64_t i, int64_t b0, int64_t b1,
+                                   float* acc, int64_t ld) {
+  __m256 zb[N];
+  for (int n = 0; n < N; ++n) zb[n] = _mm256_broadcast_ss(zt + i * N + n);
+  int64_t p[1] = {v.start(i, b0)};
   for (int64_t b = b0; b < b1; ++b) {
-    uint64_t bits[R], any = 0;
-    for (int q = 0; q < R; ++q) any |= bits[q] = v.word(i0 + q * step, b);
-    if (!any) continue;
+    const uint64_t bits[1] = {v.word(i, b)};
+    if (!bits[0]) continue;
     float* a = acc + (b - b0) * kBlock;
-    each_chunk(v, bits, p, [&](int t, const __m256(&chunks)[R]) LS_AVX2_LAMBDA {
+    each_chunk(v, bits, p, [&](int t, const __m256(&chunks)[1]) LS_AVX2_LAMBDA {
 #pragma GCC unroll 8
       for (int n = 0; n < N; ++n) {
         float* an = a + n * ld + 8 * t;
-        __m256 s = _mm256_load_ps(an);
-        for (int q = 0; q < R; ++q) s = _mm256_fmadd_ps(zb[q][n], chunks[q], s);
-        _mm256_store_ps(an, s);
+        _mm256_store_ps(an, _mm256_fmadd_ps(zb[n], chunks[0], _mm256_load_ps(an)));
       }
     });
   }
@@ -261,7 +254,7 @@ LS_AVX2 void in_tile_avx2(const SparseV<T>& v, const float* zt, int64_t b0, int6
   std::memset(acc, 0, N * ld * sizeof(float));
   // one row of V at a time, streamed: measured 2.8x faster than two rows (i, i + r/2) at once
   // (SmolLM2's up/gate, one activation row: 124 against 349 µs on a Zen 5 core, 2026-12-04)
-  for (int64_t i = 0; i < v.r; ++i) in_rows_avx2<T, N, 1>(v, zt, i, 0, b0, b1, acc, ld);
+  for (int64_t i = 0; i < v.r; ++i) in_row_avx2<T, N>(v, zt, i, b0, b1, acc, ld);
   const int64_t cols = std::min(ld, v.h - b0 * kBlock);
   for (int n = 0; n < N; ++n) std::memcpy(y + n * ldy + b0 * kBlock, acc + n * ld, cols * sizeof(float));
 }
