@@ -41,6 +41,9 @@ TEST = "austen:northangerabbey"
 # label -> (recipe overrides, runtime forms measured); FiPS labels say their V pattern
 VARIANTS = {
     "fips (unstructured 50%)": ({"method": "fips", "pattern": "unstructured"}, ["auto", "compact", "merged"]),
+    # saved in bfloat16 (the source model's own dtype): loaded in float32, the kernel form keeps V's values at 16 bits
+    "fips (unstructured 50%), bf16 file": ({"method": "fips", "pattern": "unstructured", "dtype": "bfloat16"},
+                                           ["auto", "compact"]),
     "fips (2:4)": ({"method": "fips", "pattern": "2:4"}, ["auto", "compact", "factored"]),
     "fips (dense V)": ({"method": "fips", "pattern": "none"}, ["auto", "compact", "merged"]),
     "svd-llm": ({"method": "svd-llm"}, ["auto"]),
@@ -114,6 +117,7 @@ def compress(model_name: str, label: str, ratio: float, steps: int, device: str)
     src = dense_dir(model_name)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     bits = overrides.pop("bits", None)
+    file_dtype = overrides.pop("dtype", "float32")
     if method == "quant":
         recipe = layershare.Recipe.of(method, bits=bits, algorithm="rtn", device=device)
     else:
@@ -123,6 +127,7 @@ def compress(model_name: str, label: str, ratio: float, steps: int, device: str)
             from layershare.methods import QuantConfig
 
             recipe.stages.append(QuantConfig(bits=bits, algorithm="rtn"))
+    recipe.dtype = file_dtype
     if model_name.endswith("-shape"):  # random weights: a few random windows calibrate as well as any
         recipe.nsamples = 8
         data = torch.randint(0, model.config.vocab_size, (recipe.nsamples * recipe.seqlen + 1,),

@@ -1,6 +1,6 @@
 """Sequential GPTQ (quant/sequential.py, issue 30): the stage's codes are those of a plain
 block-by-block reference; each Hessian comes from the inputs the quantized model feeds the layer;
-a shared basis sums its uses over its group; a sparse V keeps its pattern (quant/gptq.gptq_masked);
+a shared basis sums its uses over its group (one read along both axes, FiPS's, is rounded); a sparse V keeps its pattern (quant/gptq.gptq_masked);
 a singular Hessian stops the run with the tensor's name, writing nothing."""
 import copy
 
@@ -13,7 +13,7 @@ from layershare import Recipe
 from layershare.adapters import get_adapter
 from layershare.compression.drivers import StageContext
 from layershare.data.text import calibration_batches
-from layershare.methods import FiPSConfig, QuantConfig
+from layershare.methods import BasisSharingConfig, FiPSConfig, QuantConfig
 from layershare.methods.quant import Quantize
 from layershare.modules.shared_basis import SharedBasis, SharedBasisLinear
 from layershare.modules.store import StageStore
@@ -114,22 +114,45 @@ def _fips(tokens):
 
 
 def test_a_shared_basis_sums_its_hessian_over_its_group(tokens):
-    """U of blocks 0-1 (FiPS, group of 2): the sum over both blocks' gate and up of X^T X, each x
-    from the quantized attention (the MLPs still float while U's Hessian is gathered)."""
+    """Basis Sharing's gate basis of blocks 0-1 (read by "in" layers only): the sum over both
+    blocks' gate of X^T X, each x from the quantized attention (the MLPs still float while the
+    basis's Hessian is gathered)."""
     batches = _batches(tokens)
-    model = _fips(tokens)
+    model = make_model("llama")
+    layershare.compress(model, Recipe(stages=[BasisSharingConfig(ratio=0.2, group_size=2)], nsamples=8, seqlen=32),
+                        data=tokens)
     before = copy.deepcopy(model)
     seen: dict = {}
     _run_stage(model, batches, record=seen)
-    with torch.no_grad():  # the model as U's Hessian saw it: quantized attention, float MLPs
+    with torch.no_grad():  # the model as the basis's Hessian saw it: quantized attention, float MLPs
         for i in (0, 1):
             for n in SEQUENCE[0] + SEQUENCE[1]:
                 before.model.layers[i].get_submodule(n).weight.copy_(model.model.layers[i].get_submodule(n).weight)
-    users = {f"{i}.{n}": before.model.layers[i].get_submodule(n) for i in (0, 1) for n in SEQUENCE[2]}
+    users = {f"{i}.gate": before.model.layers[i].mlp.gate_proj for i in (0, 1)}
+    assert users["0.gate"].basis is users["1.gate"].basis
     H = _model_hessians(before, batches, users)
-    (name,) = [n for n in seen if n.endswith("basis.U") and "_g0_" in n]
-    torch.testing.assert_close(seen[name], sum(H.values()), rtol=1e-6, atol=1e-6)
+    (name,) = [n for n, m in model.named_modules() if m is model.model.layers[0].mlp.gate_proj.basis]
+    torch.testing.assert_close(seen[name + ".U"], sum(H.values()), rtol=1e-6, atol=1e-6)
     assert all(h.diagonal().sum() > 0.05 * sum(H.values()).diagonal().sum() for h in H.values())
+
+
+def test_a_basis_read_along_both_axes_is_rounded(tokens, capsys):
+    """FiPS's U (gate and up read it along d, down along r): rounded to nearest, its V's by GPTQ
+    (quant/inputs.py: GPTQ's updates along d were measured to hurt the "out" layers)."""
+    model = _fips(tokens)
+    bases = {n: m.U.detach().clone() for n, m in model.named_modules() if isinstance(m, SharedBasis)}
+    seen: dict = {}
+    report = _run_stage(model, _batches(tokens), record=seen)
+    assert bases and not any(n.endswith(".U") for n in seen)
+    assert report["by_rtn"] == len(bases) and report["by_gptq"] == 4 * 4 + 3 * 4  # attention 4 x 4, V's 3 x 4
+    for n, U in bases.items():  # at the stage's basis_bits (8 by default; the V's and the attention at 3)
+        owner = model.get_submodule(n)
+        assert torch.equal(owner.U_qcodes, pack(quantize(U.t(), QuantSpec(8, 32, True)).codes, 8)), n
+        assert model.layershare_quant["tensors"][n + ".U"]["bits"] == 8
+    assert model.layershare_quant["bits"] == 3 and not any(
+        "bits" in t for n, t in model.layershare_quant["tensors"].items() if not n.endswith(".U"))
+    out = capsys.readouterr().out
+    assert "round to nearest: 2 tensors (layershare_bases." in out and "; shared bases at 8 bits" in out
 
 
 def test_v_reads_x_at_the_quantized_basis(tokens):

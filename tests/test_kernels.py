@@ -13,7 +13,7 @@ from conftest import make_model, small_recipe
 import layershare
 from layershare.modules.shared_basis import SharedBasisLinear, pack_bits
 from layershare.runtime import kernels
-from layershare.runtime.forms import forms, resident_bytes
+from layershare.runtime.forms import forms, narrow_values, resident_bytes
 from layershare.runtime.kernels import ops
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -85,24 +85,26 @@ def test_masks(pattern):
 
 
 @native
-def test_portable_path_equals_avx2(isa):
-    if isa("best") != "avx2":
-        pytest.skip("this CPU has no AVX2+FMA+F16C: only the portable path runs")
-    cases = [sparse_v(r, h, dtype, seed=r + h) for r, h in [(33, 100), (65, 65), (100, 7)] for dtype in DTYPES]
+@pytest.mark.parametrize("path", ["avx2", "avx512"])
+def test_vector_paths_equal_the_portable_one(isa, path):
+    best = isa("best")
+    if path == "avx512" and best != "avx512" or isa(path if path == "avx2" else "best") != path:
+        pytest.skip(f"this CPU has no {path} path (its best: {best})")
+    cases = [sparse_v(r, h, dtype, seed=r + h) for r, h in [(33, 100), (65, 65), (100, 7), (5, 200)] for dtype in DTYPES]
     g = torch.Generator().manual_seed(2)
     for values, mask, offsets, dense in cases:
         r, h = dense.shape
         for n in (1, 3, 8, 11):
             z, x = torch.randn(n, r, generator=g), torch.randn(n, h, generator=g)
             got = {}
-            for path in ("avx2", "portable"):
-                assert isa("best" if path == "avx2" else "portable") == path
-                got[path] = (torch.ops.layershare.bitmask_in(z, values, mask, offsets, h),
-                             torch.ops.layershare.bitmask_out(x, values, mask, offsets),
-                             ops.expand(values, mask, offsets, torch.empty(r, h)))
-            for a, b in zip(got["avx2"][:2], got["portable"][:2]):  # float32 sums in another order
+            for use in (path, "portable"):
+                assert isa("best" if use == "avx512" else use) == use
+                got[use] = (torch.ops.layershare.bitmask_in(z, values, mask, offsets, h),
+                            torch.ops.layershare.bitmask_out(x, values, mask, offsets),
+                            ops.expand(values, mask, offsets, torch.empty(r, h)))
+            for a, b in zip(got[path][:2], got["portable"][:2]):  # float32 sums in another order
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-            assert torch.equal(got["avx2"][2], got["portable"][2])
+            assert torch.equal(got[path][2], got["portable"][2])
 
 
 @native
@@ -202,7 +204,8 @@ def test_fallback_without_kernel_warns_once_and_computes_the_same():
 
 
 @native
-def test_environment_forces_the_portable_path_and_loading_stays_lean():
+def test_environment_caps_the_path_and_loading_stays_lean():
+    assert run_script({"LAYERSHARE_KERNEL": "avx2"})["isa"] in ("avx2", "portable")  # never avx512
     seen = run_script({"LAYERSHARE_KERNEL": "portable"})
     assert seen["available"] and seen["isa"] == "portable" and seen["warnings"] == []
     assert seen["lean"]  # loading the library does not import torch.utils.cpp_extension (setuptools)
@@ -252,6 +255,30 @@ def test_kernel_form_refuses_a_dense_v():
     layer = SharedBasisLinear(SharedBasis(torch.randn(8, 4)), torch.randn(4, 6), "in", sparse=False)
     with pytest.raises(ValueError, match="kernel form holds a sparse V"):
         layer.to_form("kernel")
+
+
+def test_a_bfloat16_file_loaded_in_float32_keeps_its_values_at_16_bits(tmp_path, input_ids):
+    """The kernel form holds V's values as the file stores them (exact: the kernels widen them),
+    so it computes what the float32 compact form does with half the values' bytes; a quantized
+    V's dequantized values, which bfloat16 does not hold exactly, stay float32."""
+    tokens = torch.randint(0, 128, (4096,), generator=torch.Generator().manual_seed(0))
+    path = tmp_path / "c"
+    recipe = small_recipe(ratio=0.2, pattern="unstructured")
+    recipe.dtype = "bfloat16"
+    layershare.compress(make_model("llama"), recipe, data=tokens, output_dir=path)
+    sparse = layershare.load(path, runtime="sparse", dtype=torch.float32)
+    compact = layershare.load(path, runtime="compact", dtype=torch.float32)
+    layers = [m for m in sparse.modules() if isinstance(m, SharedBasisLinear)]
+    assert layers and all(m.V_values.dtype == torch.bfloat16 and m.basis.U.dtype == torch.float32 for m in layers)
+    assert all(m.V_values.dtype == torch.float32 for m in compact.modules() if isinstance(m, SharedBasisLinear))
+    with torch.no_grad():
+        for ids in (input_ids, input_ids[:1, :1]):
+            torch.testing.assert_close(sparse(ids).logits, compact(ids).logits, rtol=1e-5, atol=1e-5)
+    layer = layers[0]
+    wide = layer.V_values.float() * (1 + 2**-12)  # not a bfloat16 value any more
+    layer._buffers["V_values"] = wide
+    narrow_values(layer, torch.bfloat16)
+    assert layer.V_values is wide
 
 
 def test_kernel_form_in_bfloat16(compressed, input_ids):

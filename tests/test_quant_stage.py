@@ -46,23 +46,30 @@ def test_quantized_save_load_gives_identical_logits(stages, arch, tokens, input_
     owner = mine.get_submodule(next(iter(q["tensors"])).rpartition(".")[0])
     name = next(iter(q["tensors"])).rpartition(".")[2]
     assert hasattr(owner, f"{name}_qcodes") and hasattr(owner, f"{name}_qzeros") == (not q["symmetric"])
+    # shared bases at the stage's basis_bits (8), recorded per tensor; the rest at the stage's bits
+    bases = {n for n in q["tensors"] if n.endswith(".U")}
+    assert bool(bases) == (stages[0].method == "fips")
+    assert all(t.get("bits") == (8 if n in bases and q["bits"] != 8 else None) for n, t in q["tensors"].items())
 
 
-def test_bits_per_weight_from_the_entry_match_the_files(tokens, tmp_path):
+@pytest.mark.parametrize("fips", [False, True], ids=["dense", "fips"])
+def test_bits_per_weight_from_the_entry_match_the_files(tokens, tmp_path, fips):
     from layershare.checkpoint.verify import read_headers, weight_files
-    from layershare.quant.grid import QuantSpec, stored_bits
+    from layershare.quant.grid import stored_bits
+    from layershare.quant.model import spec_of
 
     model = make_model("llama")
-    layershare.compress(model, _recipe(QuantConfig(bits=3, group_size=32, algorithm="rtn")), data=tokens,
+    first = [FiPSConfig(ratio=0.2, steps=0, batch_tokens=128)] if fips else []
+    layershare.compress(model, _recipe(*first, QuantConfig(bits=3, group_size=32, algorithm="rtn")), data=tokens,
                         output_dir=tmp_path / "q")
     entry = json.loads((tmp_path / "q" / "config.json").read_text())["layershare"]
     q = entry["quant"]
-    spec = QuantSpec(q["bits"], q["group_size"], q["symmetric"])
+    assert {t.get("bits", q["bits"]) for t in q["tensors"].values()} == ({3, 8} if fips else {3})
     header = read_headers(tmp_path / "q", weight_files(tmp_path / "q", "q"), "q")
     packed = {n for n in header if "_q" in n.rpartition(".")[2]}
-    other_bits = sum(32 * torch.Size(s).numel() for n, (_, s) in header.items() if n not in packed)
-    want = sum(stored_bits(tuple(t["shape"][::-1] if t["input_first"] else t["shape"]), spec)
-               for t in q["tensors"].values()) + other_bits
+    other_bits = sum((8 if d == "U8" else 32) * torch.Size(s).numel() for n, (d, s) in header.items() if n not in packed)
+    want = sum(stored_bits(tuple(t["shape"][::-1] if t["input_first"] else t["shape"]), spec_of(q, n))
+               for n, t in q["tensors"].items()) + other_bits
     data = sum(f.stat().st_size for f in (tmp_path / "q").glob("*.safetensors"))
     assert abs(want / 8 - data) <= 0.01 * data + 8 * len(header) + 20_000  # header JSON and per-tensor byte rounding
     main(["info", str(tmp_path / "q")])
@@ -133,6 +140,10 @@ def test_cli_flags_build_the_stages(tmp_path):
     r = build_recipe(args("--bits", "3", "--quant", "qat", "--quant-group", "64"))
     assert [s.method for s in r.stages] == ["fips", "quant"]
     assert (r.stages[0].qat_bits, r.stages[0].qat_group_size, r.stages[1].algorithm) == (3, 64, "rtn")
+    assert r.stages[1].basis_bits is None  # U stored on the grid QAT trained it through
+    assert build_recipe(args("--bits", "3")).stages[1].basis_bits == 8
+    with pytest.raises(RecipeError, match="basis_bits must be one of 2, 3, 4, 8 or null, got 5"):
+        build_recipe(args("--method", "none", "--bits", "3", "--set", "basis_bits=5"))
     r = build_recipe(args("--method", "none", "--bits", "2"))
     assert [s.method for s in r.stages] == ["quant"] and r.stages[0].algorithm == "gptq"  # the default, measured
     r = build_recipe(args("--method", "none", "--bits", "3", "--quant", "gptq", "--set", "act_order=true",
@@ -189,3 +200,21 @@ def test_quantization_aware_finetune_lowers_the_loss_and_stores_what_it_trained(
     assert abs(sizes[0] - sizes[1]) < 0.01 * sizes[0]
     meta = json.loads((tmp_path / "qat" / "layershare.json").read_text())
     assert meta["finetune"]["quantization_aware"] is True
+
+
+def test_per_tensor_bits_are_checked_on_load(tokens, tmp_path):
+    """A tensor's own bits (the shared bases') are validated, and must match its packed buffers."""
+    from layershare.checkpoint.verify import CheckpointError
+
+    layershare.compress(make_model("llama"), _recipe(FiPSConfig(ratio=0.2, steps=0, batch_tokens=128),
+                                                     QuantConfig(bits=4, group_size=32, algorithm="rtn")),
+                        data=tokens, output_dir=tmp_path / "q")
+    config = tmp_path / "q" / "config.json"
+    good = json.loads(config.read_text())
+    name = next(n for n in good["layershare"]["quant"]["tensors"] if n.endswith(".U"))
+    for bits, message in ((5, r"bits: 5 is not one of 2, 3, 4, 8"), (4, r"_qcodes")):
+        bad = json.loads(json.dumps(good))
+        bad["layershare"]["quant"]["tensors"][name]["bits"] = bits
+        config.write_text(json.dumps(bad))
+        with pytest.raises(CheckpointError, match=message):
+            layershare.load(tmp_path / "q", verify=False)

@@ -217,6 +217,8 @@ def _quant_stage(args, base: dict | None) -> dict | None:
         stage["group_size"] = args.quant_group
     if args.quant is not None:
         stage["algorithm"] = "rtn" if args.quant == "qat" else args.quant
+    if args.quant == "qat":
+        stage.setdefault("basis_bits", None)  # U stored on the grid FiPS trained it through (qat_bits)
     from layershare.methods import QuantConfig
 
     return QuantConfig.from_dict(stage).to_dict()  # validated now, before any work

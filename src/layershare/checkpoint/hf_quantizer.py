@@ -136,7 +136,7 @@ class LayershareQuantizer(HfQuantizer):
                       if p.device.type == "meta"]
         if still_meta:
             raise CheckpointError(f"tensors missing from the weights: {still_meta[:5]}")
-        model = to_runtime(model, self.quantization_config.runtime)
+        model = to_runtime(model, self.quantization_config.runtime, getattr(torch, self.entry.get("dtype", ""), None))
         model.save_pretrained = SavePretrained(model)
         return model
 

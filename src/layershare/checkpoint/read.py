@@ -291,4 +291,4 @@ def load_compressed(path: str | Path, device: str = "cpu", dtype: torch.dtype | 
     if hasattr(model, "config"):  # a transformers model: its entry travels with its config (save_pretrained)
         model.config.layershare = entry
     model.layershare_meta = meta
-    return to_runtime(model.to(device).eval(), runtime)
+    return to_runtime(model.to(device).eval(), runtime, getattr(torch, entry["dtype"], None))

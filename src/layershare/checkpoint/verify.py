@@ -174,8 +174,11 @@ def _check_quant(q, where: str) -> None:
         raise _fail(where, "quant.tensors", "must be a mapping")
     for name, t in q["tensors"].items():
         f = f"quant.tensors[{name!r}]"
-        if not PATH.match(name) or not isinstance(t, dict) or set(t) != {"shape", "input_first"}:
-            raise _fail(where, f, "must be a tensor path mapped to its shape and input_first")
+        if not PATH.match(name) or not isinstance(t, dict) or not {"shape", "input_first"} <= set(t) <= {
+                "shape", "input_first", "bits"}:
+            raise _fail(where, f, "must be a tensor path mapped to its shape, input_first and optionally bits")
+        if "bits" in t and (t["bits"] not in BITS or isinstance(t["bits"], bool)):
+            raise _fail(where, f"{f}.bits", f"{t['bits']!r} is not one of {', '.join(map(str, BITS))}")
         shape = t["shape"]
         if not (isinstance(shape, list) and len(shape) in (1, 2, 3)):
             raise _fail(where, f"{f}.shape", f"must be a list of 1 to 3 positive integers, got {shape!r}")

@@ -6,12 +6,13 @@ How the codes are chosen (`algorithm`):
 - "gptq": sequential GPTQ (quant/sequential.py), block by block, each tensor's Hessian gathered
   from the inputs the model quantized so far feeds it, in the order of the block's forward, for
   every tensor read inside the blocks (quant/inputs.py): plain linears; a shared basis U, its
-  Hessian summed over the layers and blocks that share it; a dense V; a sparse V's kept values
-  (quant/gptq.gptq_masked: the pattern stays, the pruned entries exactly 0). Options: `damp`
-  (the reference's percdamp), `blocksize` (lazy batches), `act_order` (columns by decreasing
-  Hessian diagonal, with static groups: the stored layout is unchanged). The rest (MASA's atoms,
-  embeddings, the LM head) is rounded to nearest, before GPTQ starts, so that GPTQ's inputs
-  come from it quantized. A Hessian still singular after dampening stops the run with the
+  Hessian summed over the layers and blocks that share it (unless layers read it along both
+  axes, as FiPS's U: rounded, by measurement, quant/inputs.py); a dense V; a sparse V's kept
+  values (quant/gptq.gptq_masked: the pattern stays, the pruned entries exactly 0). Options:
+  `damp` (the reference's percdamp), `blocksize` (lazy batches), `act_order` (columns by
+  decreasing Hessian diagonal, with static groups: the stored layout is unchanged). The rest
+  (FiPS's bases, MASA's atoms, embeddings, the LM head) is rounded to nearest, before GPTQ
+  starts, so that GPTQ's inputs come from it quantized. A Hessian still singular after dampening stops the run with the
   tensor's name (nothing is written).
 - "rtn": round to nearest on the group's grid (quant/grid.py), everything.
 The stage prints its settings and which tensors got which. Quantization-aware training is not a
@@ -41,16 +42,20 @@ from layershare.quant.pack import BITS
 
 @dataclass
 class QuantConfig(StageConfig):
-    """bits: per code (2, 3, 4 or 8); group_size: input entries per scale; symmetric: absmax
-    grid (else min/max with a zero point); algorithm: "gptq" or "rtn"; embeddings: quantize the
-    input embeddings and the LM head too (rounded); damp, blocksize, act_order: GPTQ's. `ratio`
-    does not apply (the size follows from bits)."""
+    """bits: per code (2, 3, 4 or 8); basis_bits: per code of the shared bases (FiPS's and Basis
+    Sharing's U; None: `bits`); group_size: input entries per scale; symmetric: absmax grid
+    (else min/max with a zero point); algorithm: "gptq" or "rtn"; embeddings: quantize the input
+    embeddings and the LM head too (rounded); damp, blocksize, act_order: GPTQ's. `ratio` does
+    not apply (the size follows from bits)."""
 
     method = "quant"
     part: ClassVar[str] = "weights"
     sized_by: ClassVar[tuple[str, ...]] = ("bits",)
 
     bits: int = 4
+    # a basis is read by every layer of its group: its error reaches all of them. FiPS 20% one-shot on SmolLM2, 4-bit
+    # GPTQ, first 4 validation windows (float 35.35): U at 4 bits 103.4, at 8 bits 46.6, for ~3% more bytes
+    basis_bits: int | None = 8
     group_size: int = 128
     symmetric: bool = True
     # sequential GPTQ: on SmolLM2 at 3 bits 73.6 against RTN's 212 on the validation book (docs/quant_llm.md)
@@ -62,6 +67,8 @@ class QuantConfig(StageConfig):
 
     def validate(self) -> None:
         need(self.bits in BITS, f"{self.method}: bits must be one of {', '.join(map(str, BITS))}, got {self.bits}")
+        need(self.basis_bits is None or self.basis_bits in BITS,
+             f"{self.method}: basis_bits must be one of {', '.join(map(str, BITS))} or null, got {self.basis_bits}")
         need(self.group_size >= 1, f"{self.method}: group_size must be a positive integer, got {self.group_size}")
         need(self.algorithm in ("rtn", "gptq"), f"{self.method}: algorithm must be 'rtn' or 'gptq', got "
                                                 f"{self.algorithm!r}")
@@ -71,6 +78,12 @@ class QuantConfig(StageConfig):
     @property
     def spec(self) -> QuantSpec:
         return QuantSpec(self.bits, self.group_size, self.symmetric)
+
+    def spec_for(self, owner: nn.Module) -> QuantSpec:
+        """The grid of a tensor of `owner`: basis_bits for a shared basis, else bits."""
+        if isinstance(owner, SharedBasis) and self.basis_bits is not None:
+            return QuantSpec(self.basis_bits, self.group_size, self.symmetric)
+        return self.spec
 
     def describe(self) -> str:
         """The settings in words (printed when the stage starts)."""
@@ -92,12 +105,13 @@ class Quantize(WholeModelMethod):
     def compress(self, model: nn.Module, adapter: Adapter, batches: list[torch.Tensor], plan: Plan, ctx) -> dict:
         c = self.config
         found = targets(model, c.embeddings)
-        print(f"quant: {c.describe()}", flush=True)
+        bases = c.basis_bits not in (None, c.bits) and any(isinstance(o, SharedBasis) for o, _, _ in found.values())
+        print(f"quant: {c.describe()}" + (f"; shared bases at {c.basis_bits} bits" if bases else ""), flush=True)
         shapes = {name: tuple(getattr(o, a).shape) for name, (o, a, _) in found.items()}
         chosen = gptq_targets(model, adapter, found) if c.algorithm == "gptq" else {}
         rounded = [name for name in found if name not in chosen]
         for name in rounded:  # first: GPTQ's inputs then come from them quantized (embeddings, atoms)
-            quantize_tensor(*found[name], c.spec)
+            quantize_tensor(*found[name], c.spec_for(found[name][0]))
         if chosen:
             from layershare.quant.sequential import quantize_sequentially
 
@@ -105,7 +119,8 @@ class Quantize(WholeModelMethod):
             cap = ctx.residency.capture(model, blocks, batches, ctx.device, adapter)
             quantize_sequentially(blocks, cap, chosen, self._quantize, adapter, ctx.device)
         print(f"quant: GPTQ: {_summary(chosen)}; round to nearest: {_summary(rounded)}", flush=True)
-        model.layershare_quant = quant_entry(c.spec, shapes, {name: first for name, (_, _, first) in found.items()})
+        model.layershare_quant = quant_entry(c.spec, shapes, {name: first for name, (_, _, first) in found.items()},
+                                             {name: c.spec_for(owner).bits for name, (owner, _, _) in found.items()})
         return {"tensors": len(found), "by_gptq": len(chosen), "by_rtn": len(rounded)}
 
     def _quantize(self, target: Target, hessian: torch.Tensor) -> None:
@@ -113,15 +128,16 @@ class Quantize(WholeModelMethod):
         from layershare.quant.gptq import gptq, gptq_masked
 
         c = self.config
+        spec = c.spec_for(target.owner)
         w, stored = target.matrix(), target.stored()
         try:
             if stored is None:
-                q = gptq(w, hessian, c.spec, percdamp=c.damp, blocksize=c.blocksize, act_order=c.act_order)
+                q = gptq(w, hessian, spec, percdamp=c.damp, blocksize=c.blocksize, act_order=c.act_order)
             else:
-                q = gptq_masked(w, hessian, c.spec, stored, percdamp=c.damp, act_order=c.act_order)
+                q = gptq_masked(w, hessian, spec, stored, percdamp=c.damp, act_order=c.act_order)
         except ValueError as e:
             raise type(e)(f"GPTQ on {target.name}: {e}") from None
-        quantize_tensor(target.owner, target.attr, target.input_first, c.spec, q)
+        quantize_tensor(target.owner, target.attr, target.input_first, spec, q)
         if isinstance(target.owner, SharedBasis):
             target.owner.forget()  # its cached x @ U is the float U's
 

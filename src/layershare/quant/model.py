@@ -113,23 +113,28 @@ def _stored(owner: nn.Module, attr: str, t: dict, spec: QuantSpec) -> torch.Tens
 
 def check_current(model: nn.Module, qentry: dict) -> None:
     """Refuse to save codes that no longer match their float tensors (changed after quantizing)."""
-    spec = spec_of(qentry)
     for name, t in qentry["tensors"].items():
         owner, attr = _owner(model, name)
         current = getattr(owner, attr).detach()
-        if not torch.equal(_stored(owner, attr, t, spec).to(current.dtype), current):
+        if not torch.equal(_stored(owner, attr, t, spec_of(qentry, name)).to(current.dtype), current):
             raise ValueError(f"{name} changed after it was quantized: its stored codes no longer match; "
                              "quantize again (the quantization stage must be the last)")
 
 
-def quant_entry(spec: QuantSpec, tensors: dict[str, tuple[int, ...]], input_first: dict[str, bool]) -> dict:
-    """What config.json's layershare entry records of the quantization."""
+def quant_entry(spec: QuantSpec, tensors: dict[str, tuple[int, ...]], input_first: dict[str, bool],
+                bits: dict[str, int] | None = None) -> dict:
+    """What config.json's layershare entry records of the quantization; `bits`: the tensors
+    stored at other bits than the stage's (e.g. the shared bases), recorded per tensor."""
+    bits = {n: b for n, b in (bits or {}).items() if b != spec.bits}
     return {"bits": spec.bits, "group_size": spec.group_size, "symmetric": spec.symmetric,
-            "tensors": {n: {"shape": list(s), "input_first": input_first[n]} for n, s in sorted(tensors.items())}}
+            "tensors": {n: {"shape": list(s), "input_first": input_first[n], **({"bits": bits[n]} if n in bits else {})}
+                        for n, s in sorted(tensors.items())}}
 
 
-def spec_of(entry: dict) -> QuantSpec:
-    return QuantSpec(entry["bits"], entry["group_size"], entry["symmetric"])
+def spec_of(entry: dict, name: str | None = None) -> QuantSpec:
+    """The grid of the quantization entry, or of its tensor `name` (its own bits if it has them)."""
+    bits = entry["tensors"][name].get("bits", entry["bits"]) if name is not None else entry["bits"]
+    return QuantSpec(bits, entry["group_size"], entry["symmetric"])
 
 
 def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -142,9 +147,9 @@ def packed_shapes(qentry: dict) -> dict[str, tuple[int, ...]]:
     only: nothing of the declared size is allocated)."""
     import math
 
-    spec = spec_of(qentry)
     out = {}
     for name, t in qentry["tensors"].items():
+        spec = spec_of(qentry, name)
         shape = tuple(t["shape"])
         oriented = shape[::-1] if t["input_first"] else shape
         groups = oriented[:-1] + (spec.groups(oriented[-1]),)
@@ -172,10 +177,9 @@ def prepare_skeleton(model: nn.Module, qentry: dict) -> None:
 
 def dequantize_model(model: nn.Module, qentry: dict, dtype: torch.dtype = torch.float32) -> None:
     """After the weights are assigned: every quantized tensor rebuilt from its packed buffers."""
-    spec = spec_of(qentry)
     for name, t in qentry["tensors"].items():
         owner, attr = _owner(model, name)
-        w = _stored(owner, attr, t, spec).to(dtype).contiguous()
+        w = _stored(owner, attr, t, spec_of(qentry, name)).to(dtype).contiguous()
         if attr in getattr(owner, "_layershare_quant_params", ()):
             owner._parameters[attr] = nn.Parameter(w, requires_grad=False)
         else:

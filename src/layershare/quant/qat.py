@@ -36,8 +36,8 @@ def enable(model: nn.Module) -> int:
     """Put every quantized tensor of `model` (model.layershare_quant) through fake quantization.
     Returns how many."""
     qentry = model.layershare_quant
-    spec = spec_of(qentry)
     for name, t in qentry["tensors"].items():
+        spec = spec_of(qentry, name)
         owner, attr = _owner(model, name)
         if isinstance(owner, SharedBasis) and attr == "U":
             owner.fake_quant, owner.fake_quant_input_first = spec, t["input_first"]
@@ -55,7 +55,6 @@ def finish(model: nn.Module) -> None:
     """Back to a stored quantized model: parametrizations off (their float weights kept), fake
     quantization off, every quantized tensor's codes taken again from its trained weights."""
     qentry = model.layershare_quant
-    spec = spec_of(qentry)
     for m in list(model.modules()):
         if parametrize.is_parametrized(m):
             for attr in list(m.parametrizations):
@@ -65,4 +64,4 @@ def finish(model: nn.Module) -> None:
     for name, t in qentry["tensors"].items():
         owner, attr = _owner(model, name)
         with torch.no_grad():
-            quantize_tensor(owner, attr, t["input_first"], spec)
+            quantize_tensor(owner, attr, t["input_first"], spec_of(qentry, name))

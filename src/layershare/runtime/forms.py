@@ -94,12 +94,15 @@ def _group_form(shared: nn.Module, layers: list[nn.Module], runtime: str) -> str
     return "factored" if factored_is_smaller(shared, layers) else "merged"
 
 
-def to_runtime(model: nn.Module, runtime: str = "auto") -> nn.Module:
+def to_runtime(model: nn.Module, runtime: str = "auto", stored: torch.dtype | None = None) -> nn.Module:
     """Put every compressed layer of `model` in the run-time form `runtime` (see the module
-    docstring), in place; shared modules no layer uses any more are dropped. Returns `model`."""
+    docstring), in place; shared modules no layer uses any more are dropped. `stored`: the
+    checkpoint's storage dtype; a kernel-form layer loaded wider (a bfloat16 file in float32)
+    holds its V values back at that width when they round-trip exactly (the kernels widen them
+    to float32 as they read them: the same products, half the bytes). Returns `model`."""
     if runtime not in RUNTIMES:
         raise ValueError(f"unknown runtime {runtime!r} (known: {', '.join(RUNTIMES)})")
-    merged = _convert(model, runtime)  # in a function of its own: the replaced layers die with its frame
+    merged = _convert(model, runtime, stored)  # in a function of its own: the replaced layers die with its frame
     _drop_unused_shared(model)
     # merged layers are plain nn.Linear: such a model runs, but cannot be saved or tuned as compressed
     model.layershare_merged = getattr(model, "layershare_merged", 0) + merged
@@ -107,7 +110,7 @@ def to_runtime(model: nn.Module, runtime: str = "auto") -> nn.Module:
     return model
 
 
-def _convert(model: nn.Module, runtime: str) -> int:
+def _convert(model: nn.Module, runtime: str, stored: torch.dtype | None = None) -> int:
     groups: dict[int, tuple[nn.Module, list[tuple[str, nn.Module]]]] = {}
     for name, layer in _layers(model):
         groups.setdefault(id(_shared_of(layer)), (_shared_of(layer), []))[1].append((name, layer))
@@ -120,7 +123,20 @@ def _convert(model: nn.Module, runtime: str) -> int:
                 merged += 1
             elif isinstance(layer, SharedBasisLinear):
                 layer.to_form(("kernel" if layer.sparse else "factored") if form == "sparse" else form)
+                if layer.form == "kernel":
+                    narrow_values(layer, stored)
     return merged
+
+
+def narrow_values(layer: SharedBasisLinear, stored: torch.dtype | None) -> None:
+    """A kernel-form layer's V values back at the narrower `stored` dtype, if they round-trip
+    exactly (values read from a 16-bit file; not dequantized codes, which need not)."""
+    values = layer.V_values
+    if stored is None or not stored.is_floating_point or stored.itemsize >= values.element_size():
+        return
+    narrow = values.to(stored)
+    if torch.equal(narrow.to(values.dtype), values):
+        layer._buffers["V_values"] = narrow
 
 
 def release_heap() -> None:

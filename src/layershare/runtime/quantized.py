@@ -141,9 +141,9 @@ def pack_linears(model: nn.Module, qentry: dict) -> set[str]:
     caller). CPU models only."""
     if not available():
         return set()
-    spec = spec_of(qentry)
     taken = set()
     for name, t in qentry["tensors"].items():
+        spec = spec_of(qentry, name)
         path, _, attr = name.rpartition(".")
         owner = model.get_submodule(path)
         if type(owner) is not nn.Linear or attr != "weight" or t["input_first"] or len(t["shape"]) != 2:

@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     ops.self_check()
     print(f"layershare sparse kernel: {path}")
     print(f"  path in use: {ops.isa()}"
-          + ("" if ops.isa() == "avx2" else " (this CPU lacks AVX2+FMA+F16C, or LAYERSHARE_KERNEL=portable)"))
+          + ("" if ops.isa() in ("avx512", "avx2") else
+             " (this CPU lacks AVX2+FMA+F16C, or LAYERSHARE_KERNEL=portable)"))
     return 0
 
 

@@ -76,13 +76,14 @@ def available() -> bool:
 
 
 def isa() -> str:
-    """The path the products run: "avx2", "portable" (the native scalar code) or "reference"."""
+    """The path the products run: "avx512", "avx2", "portable" (the native scalar code) or
+    "reference" (no native library)."""
     return torch.ops.layershare.bitmask_isa() if available() else "reference"
 
 
 def set_isa(use: str) -> str:
-    """Switch the native kernels to "portable" or back to the "best" path the CPU has (tests
-    compare the two); returns the path now in use."""
+    """Switch the native kernels to "portable", to at most "avx2", or back to the "best" path the
+    CPU has (tests compare them); returns the path now in use."""
     if not available():
         raise RuntimeError("the native sparse kernel is not loaded")
     return torch.ops.layershare.bitmask_isa(use)
