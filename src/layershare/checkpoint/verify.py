@@ -97,6 +97,13 @@ def _flag(value, where: str, field: str) -> bool:
     return value
 
 
+def _bits(value, where: str, field: str) -> None:
+    from layershare.quant.pack import BITS
+
+    if value not in BITS or isinstance(value, bool):
+        raise _fail(where, field, f"{value!r} is not one of {', '.join(map(str, BITS))}")
+
+
 def check_entry(entry, where: str) -> None:
     """The entry's schema: types, ranges, known values, and references between its parts."""
     if not isinstance(entry, dict):
@@ -161,12 +168,9 @@ def check_entry(entry, where: str) -> None:
 
 
 def _check_quant(q, where: str) -> None:
-    from layershare.quant.pack import BITS
-
     if not isinstance(q, dict) or set(q) != {"bits", "group_size", "symmetric", "tensors"}:
         raise _fail(where, "quant", "must hold exactly bits, group_size, symmetric and tensors")
-    if q["bits"] not in BITS or isinstance(q["bits"], bool):
-        raise _fail(where, "quant.bits", f"{q['bits']!r} is not one of {', '.join(map(str, BITS))}")
+    _bits(q["bits"], where, "quant.bits")
     if isinstance(q["group_size"], bool) or not isinstance(q["group_size"], int) or not 0 < q["group_size"] <= MAX_DIM:
         raise _fail(where, "quant.group_size", f"must be a positive integer, got {q['group_size']!r}")
     _flag(q["symmetric"], where, "quant.symmetric")
@@ -177,8 +181,8 @@ def _check_quant(q, where: str) -> None:
         if not PATH.match(name) or not isinstance(t, dict) or not {"shape", "input_first"} <= set(t) <= {
                 "shape", "input_first", "bits"}:
             raise _fail(where, f, "must be a tensor path mapped to its shape, input_first and optionally bits")
-        if "bits" in t and (t["bits"] not in BITS or isinstance(t["bits"], bool)):
-            raise _fail(where, f"{f}.bits", f"{t['bits']!r} is not one of {', '.join(map(str, BITS))}")
+        if "bits" in t:
+            _bits(t["bits"], where, f"{f}.bits")
         shape = t["shape"]
         if not (isinstance(shape, list) and len(shape) in (1, 2, 3)):
             raise _fail(where, f"{f}.shape", f"must be a list of 1 to 3 positive integers, got {shape!r}")

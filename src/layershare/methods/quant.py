@@ -12,8 +12,8 @@ How the codes are chosen (`algorithm`):
   `damp` (the reference's percdamp), `blocksize` (lazy batches), `act_order` (columns by
   decreasing Hessian diagonal, with static groups: the stored layout is unchanged). The rest
   (FiPS's bases, MASA's atoms, embeddings, the LM head) is rounded to nearest, before GPTQ
-  starts, so that GPTQ's inputs come from it quantized. A Hessian still singular after dampening stops the run with the
-  tensor's name (nothing is written).
+  starts, so that GPTQ's inputs come from it quantized. A Hessian still singular after
+  dampening stops the run with the tensor's name (nothing is written).
 - "rtn": round to nearest on the group's grid (quant/grid.py), everything.
 The stage prints its settings and which tensors got which. Quantization-aware training is not a
 stage: FiPS's `qat_bits` tunes the factors through fake quantization, and this stage then stores

@@ -13,10 +13,11 @@
 //                              it (tests compare the paths)
 //
 // Accumulation is in float32. Three paths compute each op, the best the CPU has chosen at run
-// time: AVX-512 (F, BW, VL: 16 columns per chunk, the kept values moved to their columns by one
-// vexpandps), AVX2+FMA+F16C (8 columns per chunk, by a lookup table and a permute) and portable
-// scalar C++. The environment variable LAYERSHARE_KERNEL=avx2 or =portable caps the choice. Every read of `values` and `mask` is checked against the buffers' sizes: offsets
-// that disagree with the mask give wrong numbers, never a read out of bounds.
+// time: AVX-512 (F, BW, VL: 16 columns per chunk), AVX2+FMA+F16C (8 columns per chunk), both
+// moving the kept values to their columns by a lookup table and one permute, and portable scalar
+// C++. The environment variable LAYERSHARE_KERNEL=avx2 or =portable caps the choice. Every read
+// of `values` and `mask` is checked against the buffers' sizes: offsets that disagree with the
+// mask give wrong numbers, never a read out of bounds.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -31,6 +32,7 @@
 #include <cstring>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -143,8 +145,33 @@ void expand_row_portable(const SparseV<T>& v, int64_t i, float* row) {
   }
 }
 
-// ---- AVX2 path -------------------------------------------------------------------------------
+// ---- the vector paths (x86): AVX2, AVX-512 -----------------------------------------------------
 #if LS_X86
+// f(std::integral_constant<int, N>{}) with N = rows (1..kMaxRows; more rows: kMaxRows): the
+// vector paths' kernels take the activation rows as a template parameter.
+template <typename F>
+void with_rows(int64_t rows, F&& f) {
+  switch (rows) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    case 6: return f(std::integral_constant<int, 6>{});
+    case 7: return f(std::integral_constant<int, 7>{});
+    default: return f(std::integral_constant<int, kMaxRows>{});
+  }
+}
+
+// `floats` accumulators for the in-products: on the heap (64 KiB is much for a thread's stack),
+// kept per thread, aligned to a cache line.
+float* accumulators(int64_t floats) {
+  thread_local std::vector<float> buf;
+  buf.resize(std::max<size_t>(buf.size(), floats + 16));
+  return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t{63});
+}
+
+// ---- AVX2 path -------------------------------------------------------------------------------
 #define LS_AVX2_LAMBDA __attribute__((target("avx2,fma,f16c,popcnt"), always_inline))
 
 // For each mask byte m, lane k (column k of an 8-column chunk) takes packed value idx[m][k]
@@ -185,40 +212,26 @@ LS_AVX2 LS_INLINE __m256 spread(__m256 packed, unsigned m) {
   return _mm256_blendv_ps(_mm256_permutevar8x32_ps(packed, idx), _mm256_setzero_ps(), _mm256_castsi256_ps(idx));
 }
 
-// f(t, chunks) for the 8 chunks t of one block of R rows of V (mask bits bits[q] for row q;
-// chunks[q]: row q's 8 columns of the chunk, float32), row q's values starting at p[q], which
-// moves on to the next block's.
-template <int R, typename T, typename F>
-LS_AVX2 LS_INLINE void each_chunk(const SparseV<T>& v, const uint64_t (&bits)[R], int64_t (&p)[R], F&& f) {
-  uint64_t rest[R];
-  bool inside = true;  // every 8-value load of the block lies inside the buffer
-  for (int q = 0; q < R; ++q) {
-    rest[q] = bits[q];
-    inside &= p[q] >= 0 && p[q] + kBlock <= v.nnz;
-  }
-  __m256 chunks[R];
-  if (inside) {
+// f(t, chunk) for the 8 chunks t of 8 columns of one block of a row of V (mask bits `bits`), the
+// row's values starting at p, which moves on to the next block's.
+template <typename T, typename F>
+LS_AVX2 LS_INLINE void each_chunk(const SparseV<T>& v, uint64_t bits, int64_t& p, F&& f) {
+  if (p >= 0 && p + kBlock <= v.nnz) {  // every 8-value load of the block lies inside the buffer
 #pragma GCC unroll 8
     for (int t = 0; t < 8; ++t) {
-      for (int q = 0; q < R; ++q) {
-        const unsigned m = static_cast<unsigned>(rest[q] >> 56);
-        rest[q] <<= 8;
-        chunks[q] = spread(load8(v.values + p[q]), m);
-        p[q] += __builtin_popcount(m);
-      }
-      f(t, chunks);
+      const unsigned m = static_cast<unsigned>(bits >> 56);
+      bits <<= 8;
+      f(t, spread(load8(v.values + p), m));
+      p += __builtin_popcount(m);
     }
     return;
   }
   for (int t = 0; t < 8; ++t) {  // near the ends of the buffer
-    for (int q = 0; q < R; ++q) {
-      const unsigned m = static_cast<unsigned>(rest[q] >> 56);
-      rest[q] <<= 8;
-      const int count = __builtin_popcount(m);
-      chunks[q] = spread(load_near_end(v, p[q], count), m);
-      p[q] += count;
-    }
-    f(t, chunks);
+    const unsigned m = static_cast<unsigned>(bits >> 56);
+    bits <<= 8;
+    const int count = __builtin_popcount(m);
+    f(t, spread(load_near_end(v, p, count), m));
+    p += count;
   }
 }
 
@@ -235,16 +248,16 @@ LS_AVX2 LS_INLINE void in_row_avx2(const SparseV<T>& v, const float* zt, int64_t
                                    float* acc, int64_t ld) {
   __m256 zb[N];
   for (int n = 0; n < N; ++n) zb[n] = _mm256_broadcast_ss(zt + i * N + n);
-  int64_t p[1] = {v.start(i, b0)};
+  int64_t p = v.start(i, b0);
   for (int64_t b = b0; b < b1; ++b) {
-    const uint64_t bits[1] = {v.word(i, b)};
-    if (!bits[0]) continue;
+    const uint64_t bits = v.word(i, b);
+    if (!bits) continue;
     float* a = acc + (b - b0) * kBlock;
-    each_chunk(v, bits, p, [&](int t, const __m256(&chunks)[1]) LS_AVX2_LAMBDA {
+    each_chunk(v, bits, p, [&](int t, __m256 chunk) LS_AVX2_LAMBDA {
 #pragma GCC unroll 8
       for (int n = 0; n < N; ++n) {
         float* an = a + n * ld + 8 * t;
-        _mm256_store_ps(an, _mm256_fmadd_ps(zb[n], chunks[0], _mm256_load_ps(an)));
+        _mm256_store_ps(an, _mm256_fmadd_ps(zb[n], chunk, _mm256_load_ps(an)));
       }
     });
   }
@@ -265,26 +278,8 @@ LS_AVX2 void in_tile_avx2(const SparseV<T>& v, const float* zt, int64_t b0, int6
 template <typename T, int N>
 LS_AVX2 void in_blocks_avx2(const SparseV<T>& v, const float* zt, int64_t b0, int64_t b1, float* y, int64_t ldy) {
   const int64_t tile = std::min(kAccFloats / (N * kBlock), b1 - b0);
-  // on the heap (64 KiB is much for a thread's stack), kept per thread, aligned to a cache line
-  thread_local std::vector<float> buf;
-  buf.resize(std::max<size_t>(buf.size(), N * tile * kBlock + 16));
-  float* acc = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t{63});
+  float* acc = accumulators(N * tile * kBlock);
   for (int64_t b = b0; b < b1; b += tile) in_tile_avx2<T, N>(v, zt, b, std::min(b1, b + tile), acc, y, ldy);
-}
-
-template <typename T>
-LS_AVX2 void in_blocks_avx2(const SparseV<T>& v, const float* zt, int64_t rows, int64_t b0, int64_t b1, float* y,
-                            int64_t ldy) {
-  switch (rows) {
-    case 1: return in_blocks_avx2<T, 1>(v, zt, b0, b1, y, ldy);
-    case 2: return in_blocks_avx2<T, 2>(v, zt, b0, b1, y, ldy);
-    case 3: return in_blocks_avx2<T, 3>(v, zt, b0, b1, y, ldy);
-    case 4: return in_blocks_avx2<T, 4>(v, zt, b0, b1, y, ldy);
-    case 5: return in_blocks_avx2<T, 5>(v, zt, b0, b1, y, ldy);
-    case 6: return in_blocks_avx2<T, 6>(v, zt, b0, b1, y, ldy);
-    case 7: return in_blocks_avx2<T, 7>(v, zt, b0, b1, y, ldy);
-    default: return in_blocks_avx2<T, 8>(v, zt, b0, b1, y, ldy);
-  }
 }
 
 // out_row_portable for N rows; x is zero-padded to nb*64 columns. K independent accumulators
@@ -295,15 +290,15 @@ LS_AVX2 void out_row_avx2(const SparseV<T>& v, const float* x, int64_t ldx, int6
   __m256 acc[N][K];
   for (int n = 0; n < N; ++n)
     for (int k = 0; k < K; ++k) acc[n][k] = _mm256_setzero_ps();
-  int64_t p[1] = {v.start(i, 0)};
+  int64_t p = v.start(i, 0);
   for (int64_t b = 0; b < v.nb; ++b) {
     const uint64_t bits = v.word(i, b);
     if (!bits) continue;
     const float* xb = x + b * kBlock;
-    each_chunk(v, {bits}, p, [&](int t, const __m256(&chunk)[1]) LS_AVX2_LAMBDA {
+    each_chunk(v, bits, p, [&](int t, __m256 chunk) LS_AVX2_LAMBDA {
 #pragma GCC unroll 8
       for (int n = 0; n < N; ++n)
-        acc[n][t % K] = _mm256_fmadd_ps(chunk[0], _mm256_loadu_ps(xb + n * ldx + 8 * t), acc[n][t % K]);
+        acc[n][t % K] = _mm256_fmadd_ps(chunk, _mm256_loadu_ps(xb + n * ldx + 8 * t), acc[n][t % K]);
     });
   }
   for (int n = 0; n < N; ++n) {
@@ -313,32 +308,17 @@ LS_AVX2 void out_row_avx2(const SparseV<T>& v, const float* x, int64_t ldx, int6
   }
 }
 
-template <typename T>
-LS_AVX2 void out_row_avx2(const SparseV<T>& v, const float* x, int64_t ldx, int64_t rows, int64_t i, float* out,
-                          int64_t ldo) {
-  switch (rows) {
-    case 1: return out_row_avx2<T, 1>(v, x, ldx, i, out, ldo);
-    case 2: return out_row_avx2<T, 2>(v, x, ldx, i, out, ldo);
-    case 3: return out_row_avx2<T, 3>(v, x, ldx, i, out, ldo);
-    case 4: return out_row_avx2<T, 4>(v, x, ldx, i, out, ldo);
-    case 5: return out_row_avx2<T, 5>(v, x, ldx, i, out, ldo);
-    case 6: return out_row_avx2<T, 6>(v, x, ldx, i, out, ldo);
-    case 7: return out_row_avx2<T, 7>(v, x, ldx, i, out, ldo);
-    default: return out_row_avx2<T, 8>(v, x, ldx, i, out, ldo);
-  }
-}
-
 // A row of V into `row` (h floats); the row's last block goes through a buffer when it is narrower
 // than 64 columns.
 template <typename T>
 LS_AVX2 void expand_row_avx2(const SparseV<T>& v, int64_t i, float* row) {
-  int64_t p[1] = {v.start(i, 0)};
+  int64_t p = v.start(i, 0);
   for (int64_t b = 0; b < v.nb; ++b) {
     alignas(32) float tmp[kBlock];
     const int64_t w = v.width(b);
     float* dst = w == kBlock ? row + b * kBlock : tmp;
-    each_chunk(v, {v.word(i, b)}, p, [&](int t, const __m256(&chunk)[1]) LS_AVX2_LAMBDA {
-      _mm256_storeu_ps(dst + 8 * t, chunk[0]);
+    each_chunk(v, v.word(i, b), p, [&](int t, __m256 chunk) LS_AVX2_LAMBDA {
+      _mm256_storeu_ps(dst + 8 * t, chunk);
     });
     if (w < kBlock) std::memcpy(row + b * kBlock, tmp, w * sizeof(float));
   }
@@ -433,25 +413,8 @@ template <typename T, int N>
 LS_AVX512 void in_blocks_avx512(const SparseV<T>& v, const float* zt, int64_t b0, int64_t b1, float* y,
                                 int64_t ldy) {
   const int64_t tile = std::min(kAccFloats / (N * kBlock), b1 - b0);
-  thread_local std::vector<float> buf;
-  buf.resize(std::max<size_t>(buf.size(), N * tile * kBlock + 16));
-  float* acc = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t{63});
+  float* acc = accumulators(N * tile * kBlock);
   for (int64_t b = b0; b < b1; b += tile) in_tile_avx512<T, N>(v, zt, b, std::min(b1, b + tile), acc, y, ldy);
-}
-
-template <typename T>
-void in_blocks_avx512(const SparseV<T>& v, const float* zt, int64_t rows, int64_t b0, int64_t b1, float* y,
-                      int64_t ldy) {
-  switch (rows) {
-    case 1: return in_blocks_avx512<T, 1>(v, zt, b0, b1, y, ldy);
-    case 2: return in_blocks_avx512<T, 2>(v, zt, b0, b1, y, ldy);
-    case 3: return in_blocks_avx512<T, 3>(v, zt, b0, b1, y, ldy);
-    case 4: return in_blocks_avx512<T, 4>(v, zt, b0, b1, y, ldy);
-    case 5: return in_blocks_avx512<T, 5>(v, zt, b0, b1, y, ldy);
-    case 6: return in_blocks_avx512<T, 6>(v, zt, b0, b1, y, ldy);
-    case 7: return in_blocks_avx512<T, 7>(v, zt, b0, b1, y, ldy);
-    default: return in_blocks_avx512<T, 8>(v, zt, b0, b1, y, ldy);
-  }
 }
 
 template <typename T, int N>
@@ -476,21 +439,6 @@ LS_AVX512 void out_row_avx512(const SparseV<T>& v, const float* x, int64_t ldx, 
     __m512 s = acc[n][0];
     for (int k = 1; k < K; ++k) s = _mm512_add_ps(s, acc[n][k]);
     out[n * ldo + i] = _mm512_reduce_add_ps(s);
-  }
-}
-
-template <typename T>
-void out_row_avx512(const SparseV<T>& v, const float* x, int64_t ldx, int64_t rows, int64_t i, float* out,
-                    int64_t ldo) {
-  switch (rows) {
-    case 1: return out_row_avx512<T, 1>(v, x, ldx, i, out, ldo);
-    case 2: return out_row_avx512<T, 2>(v, x, ldx, i, out, ldo);
-    case 3: return out_row_avx512<T, 3>(v, x, ldx, i, out, ldo);
-    case 4: return out_row_avx512<T, 4>(v, x, ldx, i, out, ldo);
-    case 5: return out_row_avx512<T, 5>(v, x, ldx, i, out, ldo);
-    case 6: return out_row_avx512<T, 6>(v, x, ldx, i, out, ldo);
-    case 7: return out_row_avx512<T, 7>(v, x, ldx, i, out, ldo);
-    default: return out_row_avx512<T, 8>(v, x, ldx, i, out, ldo);
   }
 }
 
@@ -611,8 +559,10 @@ at::Tensor bitmask_in(const at::Tensor& z, const at::Tensor& values, const at::T
       float* yp = y.data_ptr<float>() + n0 * h;
       at::parallel_for(0, v.nb, grain(r * kBlock), [&](int64_t b0, int64_t b1) {
 #if LS_X86
-        if (isa == kAvx512) return in_blocks_avx512(v, zp, rows, b0, b1, yp, h);
-        if (isa == kAvx2) return in_blocks_avx2(v, zp, rows, b0, b1, yp, h);
+        if (isa == kAvx512)
+          return with_rows(rows, [&](auto n) { in_blocks_avx512<T, decltype(n)::value>(v, zp, b0, b1, yp, h); });
+        if (isa == kAvx2)
+          return with_rows(rows, [&](auto n) { in_blocks_avx2<T, decltype(n)::value>(v, zp, b0, b1, yp, h); });
 #endif
         for (int64_t b = b0; b < b1; ++b) in_block_portable(v, zp, rows, b, yp, h);
       });
@@ -642,11 +592,11 @@ at::Tensor bitmask_out(const at::Tensor& x, const at::Tensor& values, const at::
         for (int64_t i = i0; i < i1; ++i) {
 #if LS_X86
           if (isa == kAvx512) {
-            out_row_avx512(v, xg, ldx, rows, i, og, r);
+            with_rows(rows, [&](auto n) { out_row_avx512<T, decltype(n)::value>(v, xg, ldx, i, og, r); });
             continue;
           }
           if (isa == kAvx2) {
-            out_row_avx2(v, xg, ldx, rows, i, og, r);
+            with_rows(rows, [&](auto n) { out_row_avx2<T, decltype(n)::value>(v, xg, ldx, i, og, r); });
             continue;
           }
 #endif
