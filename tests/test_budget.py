@@ -65,3 +65,34 @@ def test_deit_shapes_budget():
         p = plan(shapes, total_params=sum(s.dense for s in shapes) * 3 // 2, ratio=0.33, of="mlp",
                  density=0.5, bytes_per_param=4)
         assert p.mlp_ratio == pytest.approx(0.33, abs=0.01)
+
+
+@pytest.mark.parametrize("keep", [0.3, 0.5, 0.66])
+def test_width_density_puts_the_rank_at_the_width(keep):
+    """Unclipped, the width rule's density gives every (equal) group rank d, the budget still hit."""
+    from layershare.compression.budget import width_density
+
+    shape = GroupShape(d=576, hs=(1536,) * 6)
+    rho = width_density([shape] * 3, keep, 4, 0.01, 0.99)
+    b = solve_group(shape, keep, rho, bytes_per_param=4)
+    assert abs(b.rank - 576) <= 1
+    assert abs(b.stored - keep * shape.dense) <= 0.001 * shape.dense
+    assert width_density([shape], keep, 4, 0.5, 0.6) in (0.5, 0.6) or 0.5 < rho < 0.6  # clipped to the range
+
+
+def test_fips_default_sparsity_follows_the_width_rule():
+    """FiPS with sparsity unset plans the rank at the model width within AUTO_SPARSITY (the
+    ratio exact), and an explicit sparsity is kept as given."""
+    from layershare.methods.fips import AUTO_SPARSITY
+
+    model = make_model("llama")
+    d = model.config.hidden_size
+    for ratio in (0.1, 0.2, 0.3):
+        p = layershare.plan(model, small_recipe(ratio=ratio))[-1].plan
+        density = [g.density for g in p.groups]
+        assert all(1 - AUTO_SPARSITY[1] - 0.01 <= x <= 1 - AUTO_SPARSITY[0] + 0.01 for x in density)
+        assert p.model_ratio == pytest.approx(ratio, abs=2e-3)
+        if all(1 - AUTO_SPARSITY[1] + 0.02 < x < 1 - AUTO_SPARSITY[0] - 0.02 for x in density):
+            assert all(abs(g.rank - d) <= 1 for g in p.groups)
+    fixed = layershare.plan(model, small_recipe(ratio=0.2, sparsity=0.5))[-1].plan
+    assert all(g.density == pytest.approx(0.5, abs=0.02) for g in fixed.groups)

@@ -53,3 +53,26 @@ def test_activation_pruning_score_lowers_the_error_at_the_final_mask(arch, token
 def test_unknown_prune_score_is_refused():
     with pytest.raises(RecipeError, match="prune_score must be"):
         small_recipe(prune_score="random")
+
+
+def test_balance_keeps_the_products_and_equalises_the_norms():
+    from layershare.methods.fips import balance
+
+    g = torch.Generator().manual_seed(0)
+    U = torch.randn(6, 5, generator=g, dtype=torch.float64) * torch.tensor([100.0, 1, 0.01, 3, 0], dtype=torch.float64)
+    Vs = [torch.randn(5, 7, generator=g, dtype=torch.float64), torch.randn(5, 3, generator=g, dtype=torch.float64)]
+    U2, Vs2 = balance(U, Vs)
+    for V, V2 in zip(Vs, Vs2):
+        torch.testing.assert_close(U2 @ V2, U @ V)
+    rows = torch.cat(Vs2, dim=1).norm(dim=1)
+    torch.testing.assert_close(U2.norm(dim=0)[:4], rows[:4])
+    assert torch.equal(U2[:, 4], U[:, 4]) and torch.equal(Vs2[0][4], Vs[0][4])  # a zero column: left as it is
+
+
+def test_balanced_init_has_the_same_mask_and_error_before_tuning(tokens):
+    """Balancing rescales U's columns and V's rows only: the activation score, the one-shot mask
+    and the error before tuning are those of the unbalanced init."""
+    plain = layershare.compress(make_model("llama"), small_recipe(ratio=0.1, steps=0), data=tokens)
+    bal = layershare.compress(make_model("llama"), small_recipe(ratio=0.1, steps=0, balance=True), data=tokens)
+    for a, b in zip(plain.report.groups, bal.report.groups):
+        assert b.stats.rel_err_before == pytest.approx(a.stats.rel_err_before, rel=1e-4)

@@ -74,3 +74,58 @@ def test_recorded_grams_are_the_inputs_second_moments(tokens):
         with torch.no_grad():
             h = (mlp.act_fn(mlp.gate_proj(X[j])) * mlp.up_proj(X[j])).double()
         torch.testing.assert_close(grams[f"{j}.mlp.down_proj"], h.t() @ h / h.shape[0], rtol=1e-5, atol=1e-6)
+
+
+class _Chained(torch.nn.Module):
+    """Blocks that pass state along (each block's `bias` argument is the previous block's output
+    mean), as models with a position bias returned by their first block do."""
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, hidden_states, bias=None):
+            return self.lin(hidden_states) + (0 if bias is None else bias)
+
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(self.Block() for _ in range(3))
+
+    def forward(self, x):
+        h, bias = x, None
+        for b in self.layers:
+            h = b(h, bias=bias)
+            bias = h.mean()
+        return h
+
+
+class _CallAdapter:
+    def call(self, model, batch):
+        return model(batch)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_capture_skips_the_blocks_exactly_when_arguments_do_not_depend_on_them(arch, tokens):
+    """Skipping the blocks while capturing records exactly what the full forward records (the
+    check the in-memory capture makes before it skips them)."""
+    from layershare.compression.capture import arguments_independent
+
+    model = make_model(arch)
+    adapter = get_adapter(model)
+    blocks = adapter.blocks(model)
+    batch = tokens[:64].view(2, 32)
+    assert arguments_independent(model, blocks, batch, "cpu", adapter)
+    full = capture_inputs(model, blocks, [batch], "cpu", adapter)
+    skipped = capture_inputs(model, blocks, [batch], "cpu", adapter, skip_blocks=True)
+    torch.testing.assert_close(skipped.hidden, full.hidden, rtol=0, atol=0)
+    for b in range(len(blocks)):
+        torch.testing.assert_close(skipped.args[0][b], full.args[0][b], rtol=0, atol=0)
+
+
+def test_capture_runs_the_blocks_when_their_arguments_depend_on_them():
+    from layershare.compression.capture import arguments_independent
+
+    model = _Chained()
+    assert not arguments_independent(model, model.layers, torch.randn(2, 5, 4), "cpu", _CallAdapter())
+

@@ -126,7 +126,8 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", type=int, help="adjacent blocks per group (sharing one basis)")
     p.add_argument("--pattern", help="FiPS: V's sparsity pattern: auto (default), unstructured, 2:4, 1:4, none "
                                      "(dense V, fastest at run time; docs/runtime.md)")
-    p.add_argument("--sparsity", type=float, help="FiPS: fraction of V entries pruned (unstructured pattern)")
+    p.add_argument("--sparsity", type=float, help="FiPS: fraction of V entries pruned (unstructured pattern; default: "
+                   "the sparsity that puts the rank at the model width, 0.4-0.8)")
     p.add_argument("--schedule", help="FiPS: gradual (default) or static pruning")
     p.add_argument("--prune-score",
                    help="FiPS: rank V entries by the output change they cause (activation, default) or by |V| (magnitude)")

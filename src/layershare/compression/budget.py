@@ -185,6 +185,16 @@ def make_plan(shapes: list[GroupShape], total_params: int, keep: float, budgets)
                 target_removed=int(math.floor((1 - keep) * mlp)))
 
 
+def width_density(shapes: list[GroupShape], keep: float, bytes_per_param: int, lo: float, hi: float) -> float:
+    """The V density at which the groups' rank equals their width d (the budget spent on
+    d x d of U and the rest on V's nonzeros and bitmask, summed over the groups), clipped to
+    [lo, hi]: below d a group buys rank with sparsity, above d extra rank adds little (the
+    whole input space is spanned already)."""
+    nnz = sum(keep * s.dense - s.n_bias - s.d * s.d - mask_params(s.d, s.H, bytes_per_param) for s in shapes)
+    entries = sum(s.d * s.H for s in shapes)
+    return min(hi, max(lo, nnz / entries))
+
+
 def plan(shapes: list[GroupShape], total_params: int, ratio: float, of: str, density: float,
          bytes_per_param: int, method: str = "fips", pattern: str = "unstructured") -> Plan:
     """Split a target ratio (of the whole model's or of the MLPs' parameters) over the groups.

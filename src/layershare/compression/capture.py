@@ -120,6 +120,30 @@ def _identity(hidden_states, *args, **kwargs):
     return hidden_states
 
 
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a == b
+
+
+@torch.no_grad()
+def arguments_independent(model: nn.Module, blocks: nn.ModuleList, batch: torch.Tensor, device: str,
+                          adapter: Adapter) -> bool:
+    """Whether every block's call arguments are computed before the blocks run (so
+    capture_inputs(skip_blocks=True) records what a full forward would): both captures of one
+    row of `batch` compared exactly. True for the Hugging Face decoders and ViTs tried (SmolLM2,
+    Gemma-3: masks and rotary embeddings are computed before the loop); a model that passes
+    state from block to block (a position bias returned by the previous block) fails it."""
+    probe = [batch[:1]]
+    full = capture_inputs(model, blocks, probe, device, adapter)
+    skipped = capture_inputs(model, blocks, probe, device, adapter, skip_blocks=True)
+    return _same(full.hidden, skipped.hidden) and _same(full.args, skipped.args)
+
+
 def call_block(block: nn.Module, h: torch.Tensor, args: tuple, device: str) -> torch.Tensor:
     """One block on one batch's hidden states, with that batch's captured (extra args, kwargs)."""
     extra, kw = args

@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from layershare.compression.train import optimize
+from layershare.compression.train import compute_dtype, optimize
 from layershare.modules.shared_basis import pack_bits, unpack_bits
 
 MlpFn = Callable[[torch.Tensor], torch.Tensor]
@@ -98,7 +98,7 @@ def reconstruct(fns: list[MlpFn], X: list[torch.Tensor], Y: list[torch.Tensor], 
                 pruner, tune, device: str, desc: str = "reconstruct",
                 generator: torch.Generator | None = None) -> ReconStats:
     """Tune `params` so that fns[j](X[j]) matches Y[j]; `tune` holds steps, lr, weight_decay,
-    batch_tokens and loss ("mse" or "nmse") (FiPSConfig)."""
+    batch_tokens, loss ("mse" or "nmse") and tune_dtype (FiPSConfig)."""
     before, init_state = _init_at_final_mask(fns, X, Y, params, pruner, device)
     if pruner is not None:
         pruner.step(0)
@@ -108,6 +108,14 @@ def reconstruct(fns: list[MlpFn], X: list[torch.Tensor], Y: list[torch.Tensor], 
         n = X[0].shape[0]
         bs = min(max(1, tune.batch_tokens // _tokens_per_row(X[0])), n)
         energy = [float(y.float().pow(2).mean()) for y in Y] if tune.loss == "nmse" else [1.0] * len(Y)
+        amp = compute_dtype(getattr(tune, "tune_dtype", "float32"), device)
+        dev_type = torch.device(device).type
+
+        def forward(fn, xb):  # the products in `amp` (parameters, optimiser and loss stay float32)
+            if amp is None:
+                return fn(xb)
+            with torch.autocast(dev_type, dtype=amp):
+                return fn(xb).float()
 
         def permutation() -> torch.Tensor:
             """The order of the rows (drawn on the CPU, by the group's generator), where X is: rows
@@ -127,7 +135,7 @@ def reconstruct(fns: list[MlpFn], X: list[torch.Tensor], Y: list[torch.Tensor], 
             loss = 0.0
             for fn, x, y, e in zip(fns, X, Y, energy):
                 xb, yb = x[idx].to(device), y[idx].to(device)
-                loss = loss + torch.nn.functional.mse_loss(fn(xb), yb) / e
+                loss = loss + torch.nn.functional.mse_loss(forward(fn, xb), yb) / e
             return loss
 
         def before_step(t: int) -> None:

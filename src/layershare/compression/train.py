@@ -19,6 +19,25 @@ import torch
 from tqdm.auto import tqdm
 
 
+def native_bf16(device: str | torch.device) -> bool:
+    """Whether `device` multiplies bfloat16 matrices in hardware: a CUDA GPU that supports it, or a
+    CPU with AVX512-BF16 or AMX (oneDNN's bfloat16 GEMM; without them it emulates, slower than float32)."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if dev.type == "cpu":
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return False
+
+
+def compute_dtype(requested: str, device: str | torch.device) -> torch.dtype | None:
+    """The dtype the tuning's matrix products run in (torch.autocast), or None for float32:
+    "auto" is bfloat16 where the device has it in hardware (native_bf16), else float32."""
+    if requested == "float32" or (requested == "auto" and not native_bf16(device)):
+        return None
+    return torch.bfloat16
+
+
 def optimize(params: list[torch.nn.Parameter], steps: int, lr: float, loss_at: Callable[[int], torch.Tensor],
              weight_decay: float = 0.0, min_lr: float = 0.0, before_step: Callable[[int], None] | None = None,
              after_step: Callable[[], None] | None = None, desc: str = "train", leave: bool = False,

@@ -32,8 +32,10 @@ from layershare.compression.budget import (
     GroupShape,
     Plan,
     fixed_rank_plan,
+    keep_fraction,
     parse_nm,
     plan,
+    width_density,
 )
 from layershare.compression.objectives import resolve_objective
 from layershare.compression.sparsity import ActivationScore, GroupPruner
@@ -55,8 +57,9 @@ class FiPSConfig(GroupedConfig):
     # rank takes the whole budget; what runs fastest: docs/runtime.md), or "auto": "unstructured"
     # when `sparsity` is given, else AUTO_PATTERN
     pattern: Literal["auto", "unstructured", "2:4", "1:4", "none"] = "auto"
-    # fraction of V entries pruned (the budget solver then picks the rank); unset: 0.5 for
-    # "unstructured", fixed by the others (1 - n/m, 0 for "none")
+    # fraction of V entries pruned (the budget solver then picks the rank); unset: for "unstructured"
+    # the sparsity at which the rank equals the model width d (budget.width_density), within
+    # AUTO_SPARSITY; fixed by the others (1 - n/m, 0 for "none")
     sparsity: Optional[float] = None
     schedule: Literal["gradual", "static"] = "gradual"  # GMP's cubic ramp, or the final mask from the init
     prune_every: int = 10  # steps between mask updates (gradual)
@@ -65,16 +68,23 @@ class FiPSConfig(GroupedConfig):
     # statistics ("activation", the default, not in the paper; sparsity.py) or by |V| ("magnitude",
     # the paper's). Validation ppl at 20%: Gemma-3-270M 267.3 vs 343.5, SmolLM2-135M 30.44 vs 31.84
     prune_score: Literal["magnitude", "activation"] = "activation"
-    steps: int = 200  # optimiser steps per group (0: init only)
+    steps: int = 400  # optimiser steps per group (0: init only)
     # "whitened" (SVD of the data-whitened weights; the default: Gemma-3-270M at 20% validation
     # ppl 343 vs 405 for "svd") or "svd" (of the raw weights, the paper's)
     init: Literal["whitened", "svd"] = "whitened"
     lr: float = 1e-3  # chosen on a validation book (Mansfield Park): 1e-4 -> ppl 37.4, 1e-3 -> 34.5 at 20%
     weight_decay: float = 0.0
     batch_tokens: int = 1024  # tokens per optimiser step
+    # the dtype of the tuning's matrix products (torch.autocast; parameters, Adam and the loss stay
+    # float32): "auto" = bfloat16 where the device computes it in hardware (a CPU with AVX512-BF16
+    # or AMX, a CUDA GPU with bfloat16), else float32
+    tune_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     loss: Literal["mse", "nmse"] = "mse"  # "nmse": each block's error divided by its output energy
     objective: Literal["auto", "mlp", "residual", "block"] = "auto"  # what the tuning matches (objectives.py)
     train_basis: bool = True  # tune the shared basis U too (else only V)
+    # rescale U's columns and V's rows to equal norms before tuning (balance(); the products, the
+    # pruning score and the mask are unchanged, AdamW's steps are not); not in the paper
+    balance: bool = True
     # quantization-aware tuning: U and V pass through fake quantization (straight-through) on the grid
     # a following quantization stage stores (`--bits B --quant qat` sets these and that stage)
     qat_bits: Optional[int] = None
@@ -110,11 +120,12 @@ class FiPSConfig(GroupedConfig):
         return "unstructured" if self.sparsity is not None else AUTO_PATTERN
 
     @property
-    def density(self) -> float:
-        """Fraction of V's entries kept."""
+    def density(self) -> float | None:
+        """Fraction of V's entries kept (None: unstructured at the width rule's density, which
+        depends on the budget: FiPS.plan)."""
         p = self.resolved_pattern
         if p == "unstructured":
-            return 1.0 - (0.5 if self.sparsity is None else self.sparsity)
+            return None if self.sparsity is None else 1.0 - self.sparsity
         if p == "none":
             return 1.0
         n, m = parse_nm(p)
@@ -123,6 +134,8 @@ class FiPSConfig(GroupedConfig):
 
 # what pattern="auto" builds when no sparsity is given: see docs/runtime.md
 AUTO_PATTERN = "unstructured"
+# the range of the sparsity chosen by the width rule (sparsity unset): docs/analysis.md
+AUTO_SPARSITY = (0.4, 0.8)
 
 PAD_TAU = 32.0
 
@@ -191,6 +204,20 @@ def whitened_shared_svd(mats: list[torch.Tensor], roles: list[str], grams: list[
     return _pad(U, rank).to(dtype).contiguous(), Vs
 
 
+def balance(U: torch.Tensor, Vs: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """U D and D^-1 V_i with D diagonal such that every column of U and the matching row of
+    [V_1 ... V_n] have the same norm (the products U V_i unchanged; zero columns left as they are)."""
+    col = U.double().norm(dim=0)
+    row = torch.zeros_like(col)
+    for V in Vs:
+        row += V.double().pow(2).sum(dim=1)
+    row = row.sqrt()
+    scale = torch.where((col > 0) & (row > 0), (row / col.clamp_min(1e-300)).sqrt(), torch.ones_like(col))
+    U = (U.double() * scale).to(U.dtype).contiguous()
+    Vs = [(V.double() / scale[:, None]).to(V.dtype).contiguous() for V in Vs]
+    return U, Vs
+
+
 class FiPS(GroupMethod):
     name = "fips"
     config_class = FiPSConfig
@@ -212,9 +239,15 @@ class FiPS(GroupMethod):
             if bad or (c.rank and c.rank % m):
                 raise BudgetError(f"{self.name}: pattern {pattern} needs the rank and the MLP width of every "
                                   f"down projection to be multiples of {m} (rank {c.rank}, widths {sorted(set(bad))})")
+        density = c.density
         if c.rank:  # explicit rank: the ratio is whatever it comes to
-            return fixed_rank_plan(shapes, total_params, c.rank, c.density, 0 if pattern == "none" else bytes_per_param)
-        return plan(shapes, total_params, c.ratio, c.ratio_of, c.density, bytes_per_param, self.name, pattern)
+            return fixed_rank_plan(shapes, total_params, c.rank, 0.5 if density is None else density,
+                                   0 if pattern == "none" else bytes_per_param)
+        if density is None:
+            keep = keep_fraction(shapes, total_params, c.ratio, c.ratio_of, method=self.name)
+            lo, hi = AUTO_SPARSITY
+            density = width_density(shapes, keep, bytes_per_param, 1.0 - hi, 1.0 - lo)
+        return plan(shapes, total_params, c.ratio, c.ratio_of, density, bytes_per_param, self.name, pattern)
 
     def init(self, group: Group, budget: GroupBudget) -> Compressed:
         c = self.config
@@ -233,6 +266,8 @@ class FiPS(GroupMethod):
         else:
             U, Vs = shared_svd(mats, budget.rank)
         del mats
+        if c.balance:
+            U, Vs = balance(U, Vs)
         basis = SharedBasis(U)
         layers = {}
         for path, m, role, V in zip(group.paths, group.modules, group.roles, Vs):
