@@ -204,7 +204,7 @@ def quick_recipe() -> Recipe:
     FiPS (whitened init, pruning by activation score, no tuning steps) on 16 calibration
     windows. On SmolLM2-135M at 20%, the first 4 windows of the held-out book: ppl 37.39 against
     dense 29.42 (+27%; 36.43 at the former fixed sparsity 0.5), where the default recipe gives
-    +6.5% on the whole book; 20 tuning steps measured no better (most groups kept their init),
+    +6.6% on the whole book; 20 tuning steps measured no better (most groups kept their init),
     so the quick recipe has none."""
     return Recipe(stages=[FiPSConfig(steps=0)], nsamples=16, seqlen=512)
 
