@@ -11,7 +11,9 @@ calibration windows instead of the library's 64, "-act": act_order); FiPS with
 quantization-aware tuning (qat: fake-quantized U and V inside the block-wise reconstruction, then
 the same grid stored) at 3 and 4 bits, its sharing ratio solved so that its linear weights take as
 many bits as GPTQ's at 2 and 3 bits (the paper's pairing: 3-bit FiPS against 2-bit quantization at
-one size); Basis Sharing and SVD-LLM with GPTQ at the same pairing. Every row: group size 128,
+one size); Basis Sharing and SVD-LLM with GPTQ at the same pairing; "fips20-ALGO-B": FiPS at the
+library's default (20% of the model) then ALGO at B bits ("fips20-qat-B": the FiPS tuning itself
+through fake quantization at B bits, then those codes stored, shared bases included). Every row: group size 128,
 symmetric, storage bfloat16 for what is not quantized (embeddings, norms), calibration Sense and
 Sensibility (the library's default windows), perplexity on the whole of Northanger Abbey in
 2048-token windows, computed in float32 from the stored values (`--validation N`: also the first N 2048-token windows of Mansfield Park, the
@@ -60,7 +62,7 @@ FINETUNE = {"steps": 40, "batch_size": 4, "seqlen": 512, "lr": 1e-3}  # at 1e-4 
 # the paper's comparison first (a GPU lease may end before the last rows)
 ROWS = ["dense", "gptq-2", "gptq-3", "fips-qat3@2", "fips-qat4@3", "rtn-2", "rtn-3", "rtn-4", "gptq-4",
         "basis-sharing-gptq3@2", "svd-llm-gptq3@2", "fips-dense-v-qat3@2", "qat-2", "fips-qat3@2+ft", "qat-3",
-        "fips-qat4@3+ft", "gptq-3-w16", "gptq-3-act", "gptq-4-act", "fips20-gptq-4", "fips20-rtn-4", "fips20-gptq-3"]
+        "fips-qat4@3+ft", "gptq-3-w16", "gptq-3-act", "gptq-4-act", "fips20-gptq-4", "fips20-rtn-4", "fips20-gptq-3", "fips20-qat-4", "fips20-qat-3"]
 
 
 def linear_numel(model) -> tuple[int, int]:
@@ -107,6 +109,10 @@ def recipe_for(row: str, model, device: str, overrides: dict) -> Recipe:
     if row.startswith(("rtn-", "gptq-", "qat-")):
         quant, windows = quant_stage(row)
         return Recipe(stages=[quant], **{**run, **windows})
+    if row.startswith("fips20-qat-"):  # the same, tuned through fake quantization on the grid then stored
+        bits = int(row.rpartition("-")[2])
+        return Recipe(stages=[FiPSConfig(ratio=0.2, qat_bits=bits, qat_group_size=GROUP),
+                              QuantConfig(bits=bits, basis_bits=None, group_size=GROUP, algorithm="rtn")], **run)
     if row.startswith("fips20-"):  # FiPS at the library's default (20% of the model), then quantization
         return Recipe(stages=[FiPSConfig(ratio=0.2), quant_stage(row.removeprefix("fips20-"))[0]], **run)
     method, bits, paired, pattern = PAIRS[row]
@@ -277,7 +283,8 @@ def plot(rows: list[dict], path: Path) -> None:
     # one line per kind of row (the -wN/-act variants of GPTQ are in the table, not on the plot)
     groups = {"quantization alone (RTN)": r"rtn-\d", "quantization alone (GPTQ)": r"gptq-\d",
               "QAT alone (distilled)": r"qat-\d", "FiPS + QAT": r"fips-.*", "FiPS 20% + GPTQ": r"fips20-gptq-\d",
-              "FiPS 20% + RTN": r"fips20-rtn-\d", "Basis Sharing + GPTQ": r"basis-sharing.*", "SVD-LLM + GPTQ": r"svd-llm.*"}
+              "FiPS 20% + RTN": r"fips20-rtn-\d",
+              "FiPS 20% + QAT": r"fips20-qat-\d", "Basis Sharing + GPTQ": r"basis-sharing.*", "SVD-LLM + GPTQ": r"svd-llm.*"}
 
     def where(r):
         return "" if r["device"].startswith("NVIDIA") else f" ({r['device'].upper()})"

@@ -37,7 +37,9 @@ def peak_rss_mb() -> float:
 
 def make_recipe(model, method: str, ratio: float, overrides: dict):
     """One stage, or for "MLP+ATTENTION" the attention stage then the MLP stage, the ratio split
-    by layershare.compression.budget.split_ratio; `overrides` are run fields or fields of the (MLP) stage."""
+    by layershare.compression.budget.split_ratio (the same fraction of each part's weights) or, with
+    the override "attention_share", that fraction of the ratio taken from the attention; other
+    `overrides` are run fields or fields of the (MLP) stage."""
     import layershare
     from layershare.compression.budget import split_ratio
     from layershare.methods import config_class
@@ -46,7 +48,9 @@ def make_recipe(model, method: str, ratio: float, overrides: dict):
     if "+" not in method:
         return layershare.Recipe.of(method, ratio=ratio, **overrides)
     mlp_method, attn_method = method.split("+")
-    r_mlp, r_attn = split_ratio(model, ratio)
+    overrides = dict(overrides)
+    share = overrides.pop("attention_share", None)  # the attention stage's part of the ratio (default: as split_ratio)
+    r_mlp, r_attn = split_ratio(model, ratio) if share is None else (ratio * (1 - share), ratio * share)
     run = {k: v for k, v in overrides.items() if k in RUN_FIELDS}
     stage = {k: v for k, v in overrides.items() if k not in RUN_FIELDS}
     return layershare.Recipe(stages=[config_class(attn_method)(ratio=r_attn, ratio_of="model"),

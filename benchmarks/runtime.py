@@ -6,9 +6,9 @@
                                                        # SmolLM2's shape (a GPU machine has no GGUF)
 
 1. Compress (once; kept under out/runtime/): FiPS with each V pattern and the peers, each at
-   each ratio. FiPS runs with `steps=0` by default (`--steps`): the tuning changes the values of
-   U and V, not their shapes, ranks or nonzero counts, so nothing measured here depends on it;
-   the perplexity of the full recipes is docs/runtime.md's quality table.
+   each ratio. FiPS runs the library's default recipe (`--steps 0`: one-shot; the tuning changes
+   the values of U and V, not their shapes, ranks or nonzero counts, so only the perplexity
+   depends on it).
 2. Measure, each (model, run-time form) in its own process, the dense model first and last:
    load time (from the saved directory: the dense model through `from_pretrained`), resident
    memory after loading and one 16-token forward (which touches every weight page of a mapped
@@ -40,9 +40,16 @@ TEST = "austen:northangerabbey"
 
 # label -> (recipe overrides, runtime forms measured); FiPS labels say their V pattern
 VARIANTS = {
-    "fips (unstructured 50%)": ({"method": "fips", "pattern": "unstructured"}, ["auto", "compact", "merged"]),
+    # the library's default FiPS (unstructured V at the width rule's sparsity: 0.43 at 20% of SmolLM2)
+    "fips": ({"method": "fips"}, ["auto", "compact", "merged"]),
+    "fips, bf16 file": ({"method": "fips", "dtype": "bfloat16"}, ["auto", "compact"]),
+    "fips + rtn 4-bit": ({"method": "fips", "bits": 4}, ["auto"]),
+    # the rows of 2026-12-04 (V at a fixed half sparsity, the default then)
+    "fips (unstructured 50%)": ({"method": "fips", "pattern": "unstructured", "sparsity": 0.5},
+                                ["auto", "compact", "merged"]),
     # saved in bfloat16 (the source model's own dtype): loaded in float32, the kernel form keeps V's values at 16 bits
-    "fips (unstructured 50%), bf16 file": ({"method": "fips", "pattern": "unstructured", "dtype": "bfloat16"},
+    "fips (unstructured 50%), bf16 file": ({"method": "fips", "pattern": "unstructured", "sparsity": 0.5,
+                                            "dtype": "bfloat16"},
                                            ["auto", "compact"]),
     "fips (2:4)": ({"method": "fips", "pattern": "2:4"}, ["auto", "compact", "factored"]),
     "fips (dense V)": ({"method": "fips", "pattern": "none"}, ["auto", "compact", "merged"]),
@@ -52,7 +59,11 @@ VARIANTS = {
     # quantized: "auto" on the CPU keeps plain linears packed for PyTorch's int4 kernel (runtime/quantized.py);
     # the ratio applies to FiPS only ("quant" alone is sized by its bits)
     "rtn 4-bit": ({"method": "quant", "bits": 4}, ["auto"]),
-    "fips (unstructured 50%) + rtn 4-bit": ({"method": "fips", "pattern": "unstructured", "bits": 4}, ["auto"]),
+    # what is not quantized (the embedding and tied head, norms) stored in bfloat16: loaded in float32,
+    # the embedding and head stay 16-bit (runtime/narrow.py)
+    "rtn 4-bit, bf16 file": ({"method": "quant", "bits": 4, "dtype": "bfloat16"}, ["auto"]),
+    "fips (unstructured 50%) + rtn 4-bit": ({"method": "fips", "pattern": "unstructured", "sparsity": 0.5, "bits": 4},
+                                            ["auto"]),
 }
 
 
@@ -107,9 +118,10 @@ def compress(model_name: str, label: str, ratio: float, steps: int, device: str)
 
     overrides = dict(VARIANTS[label][0])
     method = overrides.pop("method")
-    if method == "fips":
+    if method == "fips" and steps is not None:
         overrides["steps"] = steps
-    path = OUT / model_name / f"{label} {ratio}".replace(" ", "_").replace("(", "").replace(")", "").replace(":", "-")
+    tuned = "" if method != "fips" or steps == 0 else f" steps{'default' if steps is None else steps}"
+    path = OUT / model_name / f"{label} {ratio}{tuned}".replace(" ", "_").replace("(", "").replace(")", "").replace(":", "-")
     if (path / "layershare.json").exists():
         return path
     from transformers import AutoModelForCausalLM
@@ -251,7 +263,8 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m", help="an alias, or smollm2-shape (random weights)")
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.2])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    ap.add_argument("--steps", type=int, default=0, help="FiPS tuning steps (run time does not depend on them)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="FiPS tuning steps (default: the library's; 0: one-shot, as fast to run and to build)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--ppl-windows", type=int, default=8, help="perplexity slice (real weights; 0: none)")

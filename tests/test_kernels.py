@@ -147,6 +147,23 @@ def test_any_leading_shape_layout_and_activation_dtype():
 
 
 @native
+def test_long_bfloat16_inputs_multiply_as_the_dense_bfloat16_model_does():
+    """A prompt's rows in bfloat16: V expanded, then PyTorch's bfloat16 GEMM where the CPU has
+    bfloat16 in hardware (the dense model's arithmetic: the same numbers as V in bfloat16), else
+    a float32 GEMM."""
+    values, mask, offsets, dense = sparse_v(33, 100, torch.bfloat16)
+    g = torch.Generator().manual_seed(4)
+    z, x = torch.randn(20, 33, generator=g).bfloat16(), torch.randn(20, 100, generator=g).bfloat16()
+    y, o = ops.in_product(z, values, mask, offsets, 100), ops.out_product(x, values, mask, offsets)
+    assert y.dtype == o.dtype == torch.bfloat16
+    if ops._native_bf16():
+        assert torch.equal(y, z @ dense.bfloat16()) and torch.equal(o, x @ dense.bfloat16().t())
+    else:
+        assert torch.equal(y, (z.float() @ dense.float()).bfloat16())
+        assert torch.equal(o, (x.float() @ dense.float().t()).bfloat16())
+
+
+@native
 def test_opcheck():
     values, mask, offsets, _ = sparse_v(33, 100, torch.bfloat16)
     for n in (1, 5):

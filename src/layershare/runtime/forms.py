@@ -14,7 +14,9 @@
   auto      per shared group: sparse when its V are sparse, on the CPU, the kernels are built and the group
             holds fewer bytes that way than merged; else the factored form where its factors hold
             fewer values than the merged weights (then it also computes less: it is smaller and
-            faster); else merged. The default (docs/runtime.md has the measurements).
+            faster); else merged. On the CPU, plain linears and embeddings whose float32 weights are
+            exactly 16-bit are then held at 16 bits (narrow.py). The default (docs/runtime.md has
+            the measurements).
 """
 from __future__ import annotations
 
@@ -104,6 +106,10 @@ def to_runtime(model: nn.Module, runtime: str = "auto", stored: torch.dtype | No
         raise ValueError(f"unknown runtime {runtime!r} (known: {', '.join(RUNTIMES)})")
     merged = _convert(model, runtime, stored)  # in a function of its own: the replaced layers die with its frame
     _drop_unused_shared(model)
+    if runtime == "auto":  # exactly-16-bit plain weights of a float32 CPU model held at 16 bits (narrow.py)
+        from layershare.runtime.narrow import narrow_model
+
+        model.layershare_narrowed = getattr(model, "layershare_narrowed", 0) + narrow_model(model)
     # merged layers are plain nn.Linear: such a model runs, but cannot be saved or tuned as compressed
     model.layershare_merged = getattr(model, "layershare_merged", 0) + merged
     release_heap()

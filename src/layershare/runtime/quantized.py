@@ -108,12 +108,13 @@ class Int4Linear(nn.Module):
 
     def weight_as(self, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
         """The weight (out x in) the kernel computes with, dequantized (into `out` when given)."""
-        codes = unpack_int4(self.packed, self.out_features, self.in_features)
-        scale = self.scales_zeros[..., 0].t().to(dtype).repeat_interleave(self.group, dim=1)
-        offset = self.scales_zeros[..., 1].t().to(dtype).repeat_interleave(self.group, dim=1)
-        w = out if out is not None else torch.empty(codes.shape, dtype=dtype, device=codes.device)
-        torch.sub(codes.to(dtype), 8, out=w)
-        return w.mul_(scale).add_(offset)
+        n, k = self.out_features, self.in_features
+        w = out if out is not None else torch.empty((n, k), dtype=dtype, device=self.packed.device)
+        w.copy_(unpack_int4(self.packed, n, k)).sub_(8)  # in place: no weight-sized temporaries
+        groups = w.view(n, k // self.group, self.group)
+        groups.mul_(self.scales_zeros[..., 0].t().to(dtype)[..., None])
+        groups.add_(self.scales_zeros[..., 1].t().to(dtype)[..., None])
+        return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])

@@ -11,8 +11,9 @@ never stored. Then, for activations of any leading shape and dtype:
 
 Up to DECODE_ROWS rows of activations (decoding) go through the sparse kernels (bitmask.cpp:
 float32 accumulation; bfloat16/float16 activations are converted to float32 around them). More
-rows (a prompt) expand V into a per-thread float32 scratch buffer and use PyTorch's dense GEMM:
-no dense V is kept by any layer between calls.
+rows (a prompt) expand V into a per-thread float32 scratch buffer and use PyTorch's dense GEMM,
+in bfloat16 for bfloat16 activations on a CPU that has it in hardware (as the dense model's
+linears do), else in float32: no dense V is kept by any layer between calls.
 
 The native library is built once by `python -m layershare.runtime.kernels.build` and loaded from
 its cache here, never compiled implicitly. Without it (or with LAYERSHARE_NO_KERNEL=1) the same
@@ -22,6 +23,7 @@ activations that require grad (the kernels have no backward).
 """
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import warnings
@@ -167,7 +169,8 @@ def in_product(z: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, offset
     elif z2.shape[0] <= DECODE_ROWS:
         y = torch.ops.layershare.bitmask_in(z2.float().contiguous(), values, mask, offsets, h)
     else:
-        y = z2.float() @ _expanded(values, mask, offsets, (r, h))
+        V = _expanded(values, mask, offsets, (r, h))
+        y = z2 @ V.to(z2.dtype) if _gemm_16bit(z2) else z2.float() @ V
     return y.to(z.dtype).reshape(*z.shape[:-1], h)
 
 
@@ -180,7 +183,8 @@ def out_product(x: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, offse
     elif x2.shape[0] <= DECODE_ROWS:
         y = torch.ops.layershare.bitmask_out(x2.float().contiguous(), values, mask, offsets)
     else:
-        y = x2.float() @ _expanded(values, mask, offsets, (r, h)).t()
+        V = _expanded(values, mask, offsets, (r, h))
+        y = x2 @ V.to(x2.dtype).t() if _gemm_16bit(x2) else x2.float() @ V.t()
     return y.to(x.dtype).reshape(*x.shape[:-1], r)
 
 
@@ -188,6 +192,17 @@ def expand(values: torch.Tensor, mask: torch.Tensor, offsets: torch.Tensor, out:
     """Write V into `out` (r x h, float32, contiguous) with the native kernel; returns `out`."""
     torch.ops.layershare.bitmask_expand(values, mask, offsets, out)
     return out
+
+
+def _gemm_16bit(t: torch.Tensor) -> bool:
+    """Whether a long input's GEMM runs in its own 16-bit dtype (as the dense model's does: bfloat16
+    activations on a CPU with bfloat16 in hardware, AVX512-BF16 or AMX) rather than in float32."""
+    return t.dtype == torch.bfloat16 and _native_bf16()
+
+
+@functools.lru_cache(maxsize=1)
+def _native_bf16() -> bool:
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def _expanded(values, mask, offsets, shape: tuple[int, int]) -> torch.Tensor:
