@@ -128,3 +128,22 @@ def test_from_pretrained_narrows_too_and_its_save_pretrained_refuses(tokens, tmp
         torch.testing.assert_close(hf(ids).logits, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
     with pytest.raises(CheckpointError, match="narrowed"):
         hf.save_pretrained(tmp_path / "again")
+
+
+@needs_kernel
+def test_a_weight_tied_to_a_module_that_stays_wide_is_not_narrowed():
+    """A head tied to an embedding subclass (Gemma-3's scaled one) stays float32: a 16-bit copy
+    beside the embedding's float32 table would hold more, not less."""
+
+    class Scaled(nn.Embedding):
+        def forward(self, ids):
+            return super().forward(ids) * 2.0
+
+    model = make_model("llama")
+    emb = model.model.embed_tokens
+    model.model.embed_tokens = Scaled(emb.num_embeddings, emb.embedding_dim)
+    model.lm_head.weight = model.model.embed_tokens.weight
+    _round_to(model, torch.bfloat16)
+    n = narrow_model(model)
+    assert type(model.lm_head) is nn.Linear and type(model.model.embed_tokens) is Scaled
+    assert n == 7 * model.config.num_hidden_layers  # the blocks' linears only

@@ -122,6 +122,11 @@ def narrow_model(model: nn.Module) -> int:
     modules it replaced (0 without the native kernels)."""
     if not kernels.available():
         return 0
+    holders: dict[int, list[nn.Module]] = {}  # id(weight) -> every module holding it (tied ones: several)
+    for m in model.modules():
+        w = m.__dict__.get("_parameters", {}).get("weight")
+        if isinstance(w, torch.Tensor):
+            holders.setdefault(id(w), []).append(m)
     narrowed: dict[int, torch.Tensor | None] = {}  # id(float32 weight) -> its 16-bit tensor (None: not exact)
     replaced = 0
     for name, m in list(model.named_modules()):
@@ -129,7 +134,9 @@ def narrow_model(model: nn.Module) -> int:
             continue
         key = id(m.weight)
         if key not in narrowed:
-            narrowed[key] = exact_narrow(m.weight.detach())
+            # a weight tied to a module that stays wide (Gemma-3's scaled embedding) would be held twice
+            tied_wide = not all(_plain(h) for h in holders[key])
+            narrowed[key] = None if tied_wide else exact_narrow(m.weight.detach())
         w16 = narrowed[key]
         if w16 is None:
             continue
