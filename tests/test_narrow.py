@@ -147,3 +147,13 @@ def test_a_weight_tied_to_a_module_that_stays_wide_is_not_narrowed():
     n = narrow_model(model)
     assert type(model.lm_head) is nn.Linear and type(model.model.embed_tokens) is Scaled
     assert n == 7 * model.config.num_hidden_layers  # the blocks' linears only
+
+
+@needs_kernel
+def test_a_module_at_two_paths_is_replaced_at_both():
+    model = _round_to(make_model("llama"), torch.bfloat16)
+    shared = model.model.layers[0].self_attn.o_proj
+    model.model.layers[1].self_attn.o_proj = shared  # one module, two paths
+    narrow_model(model)
+    a, b = model.model.layers[0].self_attn.o_proj, model.model.layers[1].self_attn.o_proj
+    assert isinstance(a, Linear16) and a is b

@@ -128,8 +128,12 @@ def narrow_model(model: nn.Module) -> int:
         if isinstance(w, torch.Tensor):
             holders.setdefault(id(w), []).append(m)
     narrowed: dict[int, torch.Tensor | None] = {}  # id(float32 weight) -> its 16-bit tensor (None: not exact)
+    done: dict[int, nn.Module] = {}  # id(module) -> its replacement (a module at several paths: one replacement)
     replaced = 0
-    for name, m in list(model.named_modules()):
+    for name, m in list(model.named_modules(remove_duplicate=False)):
+        if id(m) in done:
+            set_path(model, name, done[id(m)])
+            continue
         if not name or not _plain(m):
             continue
         key = id(m.weight)
@@ -146,6 +150,7 @@ def narrow_model(model: nn.Module) -> int:
         else:
             new = Embedding16(w16, m.padding_idx, m.weight.dtype)
         set_path(model, name, new)
+        done[id(m)] = new
         replaced += 1
     return replaced
 
