@@ -10,7 +10,7 @@ with it in float32:
   Embedding16  rows looked up at 16 bits, widened to float32 (exact)
   Linear16     up to DECODE_ROWS rows: the native kernel's x @ V^T with an all-ones bitmask
                (runtime/kernels: 16-bit values widened in registers, float32 accumulation); more
-               rows: the weight widened into a scratch buffer a slice at a time, then PyTorch's
+               rows: the weight widened a slice at a time into the kernels' scratch buffer (ops.scratch), then PyTorch's
                GEMM. A tied embedding and head share one 16-bit tensor.
 
 The products are float32 products of the same float32 numbers, so the outputs equal the wide
@@ -20,8 +20,6 @@ would be slower than the float32 weights), off the CPU, or for any other runtime
 refuses to be saved, like a merged or packed one (load it with runtime="compact" to save it).
 """
 from __future__ import annotations
-
-import threading
 
 import torch
 from torch import nn
@@ -34,7 +32,6 @@ from layershare.runtime.kernels import ops
 
 NARROW_DTYPES = (torch.bfloat16, torch.float16)
 SCRATCH_FLOATS = 1 << 20  # the prefill path widens at most this many weights at a time (4 MiB)
-_scratch = threading.local()
 
 
 def exact_narrow(w: torch.Tensor) -> torch.Tensor | None:
@@ -46,14 +43,6 @@ def exact_narrow(w: torch.Tensor) -> torch.Tensor | None:
         if torch.equal(narrow.float(), w):
             return narrow
     return None
-
-
-def _widened(w: torch.Tensor) -> torch.Tensor:
-    """This thread's float32 scratch holding `w` (rows x in) widened (valid until its next use)."""
-    buf = getattr(_scratch, "buf", None)
-    if buf is None or buf.numel() < w.numel():
-        buf = _scratch.buf = torch.empty(max(w.numel(), 1))
-    return buf[: w.numel()].view(w.shape).copy_(w)
 
 
 class Linear16(nn.Module):
@@ -76,7 +65,8 @@ class Linear16(nn.Module):
             y = x2.new_empty(x2.shape[0], self.out_features)
             step = max(1, SCRATCH_FLOATS // self.in_features)
             for i in range(0, self.out_features, step):
-                w = _widened(self.weight16[i:i + step]).to(x2.dtype)
+                part = self.weight16[i:i + step]
+                w = ops.scratch(tuple(part.shape)).copy_(part).to(x2.dtype)
                 y[:, i:i + step] = x2 @ w.t()
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)

@@ -205,16 +205,24 @@ def _native_bf16() -> bool:
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
-def _expanded(values, mask, offsets, shape: tuple[int, int]) -> torch.Tensor:
-    """V in float32, in this thread's scratch buffer (valid until the next call in this thread);
-    a fresh tensor while torch.compile traces (no state outside the graph)."""
-    numel = shape[0] * shape[1]
+def scratch(shape: tuple[int, ...]) -> torch.Tensor:
+    """A float32 tensor of `shape` in this thread's scratch buffer (valid until the next call in
+    this thread; one buffer for every caller); a fresh tensor while torch.compile traces (no state
+    outside the graph)."""
     if torch.compiler.is_compiling():
-        return expand(values, mask, offsets, values.new_empty(shape, dtype=torch.float32))
+        return torch.empty(shape)
+    numel = 1
+    for n in shape:
+        numel *= n
     buf = getattr(_scratch, "buf", None)
     if buf is None or buf.numel() < numel:
-        buf = _scratch.buf = torch.empty(numel)
-    return expand(values, mask, offsets, buf[:numel].view(shape))
+        buf = _scratch.buf = torch.empty(max(numel, 1))
+    return buf[:numel].view(shape)
+
+
+def _expanded(values, mask, offsets, shape: tuple[int, int]) -> torch.Tensor:
+    """V in float32, in this thread's scratch buffer (see scratch)."""
+    return expand(values, mask, offsets, scratch(shape))
 
 
 def self_check() -> None:
