@@ -100,6 +100,7 @@ def run_one(model_name: str, method: str, ratio: float, seqlen: int, overrides: 
             row["bytes_on_disk"] = (Path(tmp) / "c" / "model.safetensors").stat().st_size
             row["group_errors"] = [(g.stats.rel_err_before, g.stats.rel_err_after) for g in result.report.groups]
             row["groups_kept_init"] = [i for i, g in enumerate(result.report.groups) if g.stats.kept_init]
+            row["group_removed"] = [1 - g.stored / g.dense for g in result.plan.groups]  # the split of the budget
             row["extra"] = result.report.extra  # what whole-model methods report (ffn-merge: its window)
             # evaluate what was saved, not what is in memory, in the default run-time form (tests check
             # that every form computes the same function)
@@ -126,6 +127,9 @@ def run_child(argv: list[str]) -> tuple[dict | None, str | None, int]:
     the library's refusal ("INFEASIBLE message") and its exit code."""
     proc = subprocess.run([sys.executable, *argv], stdout=subprocess.PIPE, text=True)
     lines = proc.stdout.splitlines()
+    for line in lines:  # what the library printed (stage messages) goes on to the log
+        if not line.startswith(("ROW ", "INFEASIBLE ")):
+            print(line, file=sys.stderr, flush=True)
     found = [line[4:] for line in lines if line.startswith("ROW ")]
     refused = [line[11:] for line in lines if line.startswith("INFEASIBLE ")]
     row = json.loads(found[-1]) if found and proc.returncode == 0 else None

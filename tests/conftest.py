@@ -1,10 +1,16 @@
 """Tiny models built from configs (no downloads) and calibration tokens for them."""
 from __future__ import annotations
 
-import pytest
-import torch
+import os
 
-from layershare.testing import ARCHS, VOCAB, make_model  # noqa: F401 (the tests import them from here)
+# Triton's kernels (runtime/kernels/triton_bitmask.py) run on the CPU under its interpreter; it must
+# be chosen before anything imports triton (transformers may), so here, before the imports below.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from layershare.testing import ARCHS, VOCAB, make_model  # noqa: F401,E402 (the tests import them from here)
 
 
 @pytest.fixture

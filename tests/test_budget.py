@@ -96,3 +96,44 @@ def test_fips_default_sparsity_follows_the_width_rule():
             assert all(abs(g.rank - d) <= 1 for g in p.groups)
     fixed = layershare.plan(model, small_recipe(ratio=0.2, sparsity=0.5))[-1].plan
     assert all(g.density == pytest.approx(0.5, abs=0.02) for g in fixed.groups)
+
+
+def test_allocation_splits_the_ratio_by_weight():
+    """Per-group weights move the removal between groups; the stage's total stays the ratio, equal
+    weights plan what no allocation plans, and each group gets its own width-rule sparsity."""
+    model = make_model("llama")
+    uniform = layershare.plan(model, small_recipe(ratio=0.2))[-1].plan
+    assert layershare.plan(model, small_recipe(ratio=0.2, allocation=[2.0, 2.0]))[-1].plan.groups == uniform.groups
+    p = layershare.plan(model, small_recipe(ratio=0.2, allocation=[1.0, 3.0]))[-1].plan
+    assert p.model_ratio == pytest.approx(0.2, abs=2e-3) == uniform.model_ratio
+    removed = [1 - g.stored / g.dense for g in p.groups]
+    assert removed[1] / removed[0] == pytest.approx(3.0, rel=0.02)
+    assert p.groups[0].density > uniform.groups[0].density > p.groups[1].density  # sparser where more goes
+
+
+@pytest.mark.parametrize("allocation, match", [
+    ([1.0], r"allocation has 1 weights for 2 groups"),
+    ([1.0, 0.0], r"allocation weights must be positive"),
+    ([1.0, float("nan")], r"allocation weights must be positive"),
+    ([1.0, 500.0], r"would make groups \[2\] keep -\d+\.\d% of their parameters"),
+])
+def test_allocation_refusals_name_the_problem(allocation, match):
+    with pytest.raises(BudgetError, match=match):
+        layershare.plan(make_model("llama"), small_recipe(ratio=0.6, ratio_of="mlp", allocation=allocation))
+    with pytest.raises(BudgetError, match="allocation splits a ratio over the groups"):
+        layershare.plan(make_model("llama"), small_recipe(ratio=0.2, rank=16, allocation=[1.0, 2.0]))
+
+
+def test_an_allocated_model_is_saved_and_reloaded_as_planned(tokens, tmp_path):
+    from layershare.modules.shared_basis import SharedBasisLinear
+
+    recipe = small_recipe(ratio=0.2, allocation=[1.0, 3.0])
+    res = layershare.compress(make_model("llama"), recipe, data=tokens, output_dir=tmp_path / "c")
+    groups = res.plan.groups
+    assert res.sizes.ratio == pytest.approx(0.2, abs=2e-3)
+    assert layershare.Recipe.from_yaml(tmp_path / "c" / "recipe.yaml").stages[-1].allocation == [1.0, 3.0]
+    loaded = layershare.load(tmp_path / "c", runtime="compact")
+    layers = [m for m in loaded.modules() if isinstance(m, SharedBasisLinear)]
+    per_group = [sum(m.nnz() for m in layers[:6]), sum(m.nnz() for m in layers[6:])]
+    assert per_group == [g.nnz for g in groups]
+    assert [layers[0].v_shape[0], layers[6].v_shape[0]] == [g.rank for g in groups]

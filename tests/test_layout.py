@@ -9,7 +9,7 @@ from pathlib import Path
 import layershare
 
 PKG = Path(layershare.__file__).parent
-TOP_LEVEL = {"__init__", "__main__", "api", "cli", "config", "recipe", "testing"}  # docs/design.md explains each
+TOP_LEVEL = {"__init__", "__main__", "api", "cli", "config", "recipe", "testing", "hardware"}  # docs/design.md explains each
 
 
 def _modules() -> dict[str, Path]:

@@ -209,6 +209,25 @@ def plan(shapes: list[GroupShape], total_params: int, ratio: float, of: str, den
                      [solve_pattern(s, keep, pattern, density, bytes_per_param) for s in shapes])
 
 
+def allocated_keeps(shapes: list[GroupShape], keep: float, weights: list[float], method: str = "fips") -> list[float]:
+    """The fraction each group keeps when the removal is split by `weights` (one per group,
+    relative: group g removes a share of the stage's parameters proportional to weights[g] times
+    its dense size), the total removal that of `keep` for every group."""
+    if len(weights) != len(shapes):
+        raise BudgetError(f"{method}: allocation has {len(weights)} weights for {len(shapes)} groups")
+    if not all(math.isfinite(w) and w > 0 for w in weights):
+        raise BudgetError(f"{method}: allocation weights must be positive, got {list(weights)}")
+    dense = [s.dense for s in shapes]
+    scale = (1 - keep) * sum(dense) / sum(w * n for w, n in zip(weights, dense))
+    keeps = [1 - w * scale for w in weights]
+    if not all(0 < k < 1 for k in keeps):
+        bad = [i + 1 for i, k in enumerate(keeps) if not 0 < k < 1]
+        raise BudgetError(f"{method}: allocation {list(weights)} would make groups {bad} keep "
+                          f"{', '.join(f'{keeps[i - 1]:.1%}' for i in bad)} of their parameters (each must keep "
+                          "between 0% and 100%)")
+    return keeps
+
+
 def fixed_rank_plan(shapes: list[GroupShape], total_params: int, rank: int, density: float,
                     bytes_per_param: int) -> Plan:
     """Every group at the given rank and V density (no target ratio; density 1 with

@@ -441,6 +441,10 @@ def compress_checkpoint(model_dir: str | Path, recipe=None, data=None, tokenizer
         names = ", ".join(s.method.name for s in stages)
         raise OnloadError(f"--onload runs recipes of one group-by-group stage (fips, svd, svd-llm, basis-sharing, "
                           f"basis-sharing-attention); this recipe has: {names}")
+    if method.needs().probe:
+        raise OnloadError(f"{method.name}'s allocation 'error' probes every group on the whole model, which "
+                          "--onload does not hold: use the uniform allocation, or pass per-group weights "
+                          "(allocation: [w1, w2, ...])")
     sequential_dependence = method.needs().update_grams or getattr(method.config, "propagate", "dense") == "compressed"
     if world_size > 1 and sequential_dependence:
         raise OnloadError(f"{method.name} needs the model compressed so far as each group's input (a closed-form "

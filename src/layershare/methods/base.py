@@ -40,6 +40,9 @@ class Needs:
     grams: bool = False  # each linear's input second moment E[x x^T] (Group.grams)
     update_grams: bool = False  # the same on the inputs of the model compressed so far (Group.update_grams)
     tuning: bool = False  # record the objective's activations and tune by block-wise reconstruction
+    # before the first group: compress every group one-shot at the method's probe_plans and let the
+    # method re-split its budget from the errors (allocate()); compression/allocate.py
+    probe: bool = False
 
 
 @dataclass

@@ -20,8 +20,9 @@ the group's input metric, an approximation that keeps U shared.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import torch
 
@@ -31,10 +32,13 @@ from layershare.compression.budget import (
     GroupBudget,
     GroupShape,
     Plan,
+    allocated_keeps,
     fixed_rank_plan,
     keep_fraction,
+    make_plan,
     parse_nm,
     plan,
+    solve_pattern,
     width_density,
 )
 from layershare.compression.objectives import resolve_objective
@@ -90,6 +94,12 @@ class FiPSConfig(GroupedConfig):
     qat_bits: Optional[int] = None
     qat_group_size: int = 128
     qat_symmetric: bool = True
+    # how the removal is split over the groups (the stage's total unchanged): "uniform", every group
+    # removes the same fraction of its parameters; "error", by each group's one-shot error measured
+    # before any group is compressed (compression/allocate.py); or one positive weight per group
+    # (group g removes a share proportional to weight g times its size). With the width rule each
+    # group gets its own sparsity (rank at d)
+    allocation: Union[Literal["uniform", "error"], list[float]] = "uniform"
 
     def validate(self) -> None:
         super().validate()
@@ -136,6 +146,8 @@ class FiPSConfig(GroupedConfig):
 AUTO_PATTERN = "unstructured"
 # the range of the sparsity chosen by the width rule (sparsity unset): docs/analysis.md
 AUTO_SPARSITY = (0.4, 0.8)
+# allocation="error": each group removes between these multiples of the uniform fraction
+ALLOCATION_RANGE = (0.5, 2.0)
 
 PAD_TAU = 32.0
 
@@ -225,7 +237,33 @@ class FiPS(GroupMethod):
 
     def needs(self) -> Needs:
         c = self.config
-        return Needs(grams=c.init == "whitened" or c.prune_score == "activation", tuning=True)
+        return Needs(grams=c.init == "whitened" or c.prune_score == "activation", tuning=True,
+                     probe=c.allocation == "error")
+
+    def probe_plans(self, model, adapter: Adapter, groups: list[list[int]], total_params: int,
+                    bytes_per_param: int) -> list[Plan]:
+        """The plans a sensitivity probe compresses every group at (allocate.py): uniform at the
+        ratio, and uniform at PROBE_STEP of it."""
+        from layershare.compression.allocate import PROBE_STEP
+
+        uniform = dataclasses.replace(self.config, allocation="uniform")
+        lower = dataclasses.replace(uniform, ratio=uniform.ratio * PROBE_STEP)
+        return [FiPS(c).plan_model(model, adapter, groups, total_params, bytes_per_param) for c in (uniform, lower)]
+
+    def allocate(self, model, adapter: Adapter, groups: list[list[int]], total_params: int, bytes_per_param: int,
+                 plans: list[Plan], errors: list[list[float]]) -> Plan:
+        """The plan whose per-group removal minimises the summed one-shot errors the probe measured at
+        `plans` (log-linear in the removed fraction, one slope: allocate.split_by_error), each group
+        removing between half and twice the uniform fraction."""
+        from layershare.compression.allocate import common_slope, split_by_error
+
+        removed = [[1 - g.stored / g.dense for g in p.groups] for p in plans]
+        slope = common_slope(errors, [list(r) for r in zip(*removed)])
+        split = split_by_error(removed[0], [g.dense for g in plans[0].groups], [e[0] for e in errors], slope,
+                               ALLOCATION_RANGE[0], ALLOCATION_RANGE[1])
+        weights = [r / r0 for r, r0 in zip(split, removed[0])]
+        return FiPS(dataclasses.replace(self.config, allocation=weights)).plan_model(
+            model, adapter, groups, total_params, bytes_per_param)
 
     def objective(self, adapter: Adapter):
         return resolve_objective(self.config.objective, adapter)
@@ -240,6 +278,18 @@ class FiPS(GroupMethod):
                 raise BudgetError(f"{self.name}: pattern {pattern} needs the rank and the MLP width of every "
                                   f"down projection to be multiples of {m} (rank {c.rank}, widths {sorted(set(bad))})")
         density = c.density
+        allocated = isinstance(c.allocation, list)
+        if c.rank and c.allocation != "uniform":
+            raise BudgetError(f"{self.name}: allocation splits a ratio over the groups; with an explicit rank "
+                              "there is none (unset one of them)")
+        if allocated:
+            keep = keep_fraction(shapes, total_params, c.ratio, c.ratio_of, method=self.name)
+            keeps = allocated_keeps(shapes, keep, list(c.allocation), self.name)
+            lo, hi = AUTO_SPARSITY
+            return make_plan(shapes, total_params, keep, [
+                solve_pattern(s, k, pattern, density if density is not None else
+                              width_density([s], k, bytes_per_param, 1.0 - hi, 1.0 - lo), bytes_per_param)
+                for s, k in zip(shapes, keeps)])
         if c.rank:  # explicit rank: the ratio is whatever it comes to
             return fixed_rank_plan(shapes, total_params, c.rank, 0.5 if density is None else density,
                                    0 if pattern == "none" else bytes_per_param)

@@ -13,17 +13,17 @@ Up to DECODE_ROWS rows of activations (decoding) go through the sparse kernels (
 float32 accumulation; bfloat16/float16 activations are converted to float32 around them). More
 rows (a prompt) expand V into a per-thread float32 scratch buffer and use PyTorch's dense GEMM,
 in bfloat16 for bfloat16 activations on a CPU that has it in hardware (as the dense model's
-linears do), else in float32: no dense V is kept by any layer between calls.
+linears do), else in float32: no dense V is kept by any layer between calls. CUDA activations
+take the Triton kernels (triton_bitmask.py) when Triton is installed, at every row count.
 
 The native library is built once by `python -m layershare.runtime.kernels.build` and loaded from
 its cache here, never compiled implicitly. Without it (or with LAYERSHARE_NO_KERNEL=1) the same
 functions run a pure-PyTorch reference (V rebuilt densely per call: correct, slow), after one
-warning. The reference also serves tensors the kernels do not take: other devices, float64, and
-activations that require grad (the kernels have no backward).
+warning. The reference also serves tensors the kernels do not take: other devices (a GPU without
+Triton), float64, and activations that require grad (the kernels have no backward).
 """
 from __future__ import annotations
 
-import functools
 import os
 import threading
 import warnings
@@ -31,6 +31,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from layershare.hardware import native_bf16
 from layershare.modules.bits import pack_bits, unpack_bits
 from layershare.runtime.kernels.library import library_path
 
@@ -134,6 +135,19 @@ def _native(t: torch.Tensor, values: torch.Tensor) -> bool:
     return True
 
 
+def _triton():
+    from layershare.runtime.kernels import triton_bitmask  # imported when a GPU tensor first arrives
+
+    return triton_bitmask
+
+
+def _gpu(t: torch.Tensor, values: torch.Tensor) -> bool:
+    """Whether activations `t` take the Triton kernels (a CUDA tensor, Triton installed, no grad)."""
+    if t.device.type != "cuda" or values.dtype not in VALUE_DTYPES or t.dtype not in ACTIVATION_DTYPES:
+        return False
+    return not (t.requires_grad and torch.is_grad_enabled()) and _triton().usable(t)
+
+
 # ---- the index, computed at load ------------------------------------------------------------
 def prepare(mask: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     """offsets (r x ceil(h/64), int32): the index in `values` of the first kept entry of each row's
@@ -164,7 +178,9 @@ def in_product(z: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, offset
     """z @ V for z of shape (..., r): (..., h), in z's dtype."""
     r = z.shape[-1]
     z2 = _rows(z)
-    if not _native(z2, values):
+    if _gpu(z2, values):
+        y = _triton().in_product(z2, values, mask, offsets, h)
+    elif not _native(z2, values):
         y = z2 @ reference_dense(values, mask, (r, h)).to(z.dtype)
     elif z2.shape[0] <= DECODE_ROWS:
         y = torch.ops.layershare.bitmask_in(z2.float().contiguous(), values, mask, offsets, h)
@@ -178,7 +194,9 @@ def out_product(x: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, offse
     """x @ V^T for x of shape (..., h): (..., r), in x's dtype."""
     r, h = offsets.shape[0], x.shape[-1]
     x2 = _rows(x)
-    if not _native(x2, values):
+    if _gpu(x2, values):
+        y = _triton().out_product(x2, values, mask, offsets)
+    elif not _native(x2, values):
         y = x2 @ reference_dense(values, mask, (r, h)).to(x.dtype).t()
     elif x2.shape[0] <= DECODE_ROWS:
         y = torch.ops.layershare.bitmask_out(x2.float().contiguous(), values, mask, offsets)
@@ -197,12 +215,7 @@ def expand(values: torch.Tensor, mask: torch.Tensor, offsets: torch.Tensor, out:
 def _gemm_16bit(t: torch.Tensor) -> bool:
     """Whether a long input's GEMM runs in its own 16-bit dtype (as the dense model's does: bfloat16
     activations on a CPU with bfloat16 in hardware, AVX512-BF16 or AMX) rather than in float32."""
-    return t.dtype == torch.bfloat16 and _native_bf16()
-
-
-@functools.lru_cache(maxsize=1)
-def _native_bf16() -> bool:
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return t.dtype == torch.bfloat16 and native_bf16("cpu")
 
 
 def scratch(shape: tuple[int, ...]) -> torch.Tensor:
