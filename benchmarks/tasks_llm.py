@@ -124,6 +124,8 @@ def write_md(rows: list[dict], partial: bool) -> None:
         f"- ppl: the first {WINDOWS} windows of {SEQLEN} tokens of `{TEST}` ({'; '.join(protocols)})\n"
         "- every row the library's default recipe for its method (FiPS: 400 tuning steps per group; 64 "
         "calibration windows of 512 tokens), the recipe stored with the row\n"
+        + "".join(f"- {r['row']}: the directory compressed before with the same recipe was reloaded ({r['reused']}); its "
+                  "compress time is that compression's\n" for r in rows if r.get("reused")) +
         f"- CPU, 2 threads, shared machine (\\* times are not timings); {DATE}\n\n"
         f"{table(rows)}\n")
 
