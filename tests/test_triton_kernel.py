@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from test_kernels import ROWS, SIZES, sparse_v
+from test_kernels import ROWS, SIZES, compressed, sparse_v  # noqa: F401 (compressed: a fixture)
 
 import layershare
 from layershare.runtime.forms import forms
@@ -101,16 +101,3 @@ def test_a_model_whose_sparse_layers_take_them_computes_what_compact_does(tb, co
         for ids in (input_ids, input_ids[:1, :1]):  # 48 rows (a prompt), 1 (decoding)
             torch.testing.assert_close(sparse(ids).logits, compact(ids).logits, rtol=1e-5, atol=1e-5)
     assert sorted(set(calls)) == [1, 48] and len(calls) == 2 * 12
-
-
-@pytest.fixture(scope="module")
-def compressed(tmp_path_factory):
-    from conftest import make_model, small_recipe
-
-    g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, 128, (4096,), generator=g)
-    path = tmp_path_factory.mktemp("triton") / "c"
-    layershare.compress(make_model("llama"), small_recipe(ratio=0.2, pattern="unstructured"), data=tokens,
-                        output_dir=path)
-    return path
-

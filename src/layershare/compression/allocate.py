@@ -166,7 +166,7 @@ def allocated_plan(model: nn.Module, adapter: Adapter, method, groups: list[list
     losses = probe(model, adapter, method, batches, groups, plans, device, residency, stats_dtype)
     new = method.allocate(model, adapter, groups, plan.total_params, bytes_per_param, plans, losses)
     print(f"{method.name} allocation by the probe's loss increases (nats/token, one group at a time; at "
-               f"the uniform plan: {' '.join(f'{row[0]:.2g}' for row in losses)}): fraction each group removes "
-               f"{' '.join(f'{1 - g.stored / g.dense:.3f}' for g in new.groups)} (uniform "
-               f"{1 - plan.groups[0].stored / plan.groups[0].dense:.3f})", flush=True)
+          f"the uniform plan: {' '.join(f'{row[0]:.2g}' for row in losses)}): fraction each group removes "
+          f"{' '.join(f'{1 - g.stored / g.dense:.3f}' for g in new.groups)} (uniform "
+          f"{1 - plan.groups[0].stored / plan.groups[0].dense:.3f})", flush=True)
     return new

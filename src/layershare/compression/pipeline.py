@@ -85,13 +85,9 @@ def run_stages(model: nn.Module, adapter: Adapter, stages: list[Stage], recipe: 
         ctx = StageContext(stage=stage.index, device=recipe.device, seed=recipe.seed,
                            store=StageStore(model, stage.index, recipe.device), callbacks=cb,
                            residency=residency, stats_dtype=getattr(torch, recipe.stats_dtype))
-        if stage.method.needs().probe:  # the budget re-split over the groups by a probe of each (allocate.py)
+        if stage.method.needs().probe:  # the budget re-split over the groups by a probe of each (allocate.py;
+            # whole model in memory: onload.compress_checkpoint refuses it before any work)
             from layershare.compression.allocate import allocated_plan
-
-            if type(residency) is not Residency:
-                raise RecipeError(f"stage {stage.index + 1}: {stage.method.name}'s allocation 'error' probes every "
-                                  "group on the whole model, which --onload does not hold: use the uniform "
-                                  "allocation, or pass per-group weights (allocation: [w1, w2, ...])")
 
             stage.plan = allocated_plan(model, adapter, stage.method, stage.groups, stage.plan, batches,
                                         recipe.device, residency, recipe.bytes_per_param, ctx.stats_dtype)

@@ -41,7 +41,7 @@ class Needs:
     update_grams: bool = False  # the same on the inputs of the model compressed so far (Group.update_grams)
     tuning: bool = False  # record the objective's activations and tune by block-wise reconstruction
     # before the first group: compress every group one-shot at the method's probe_plans and let the
-    # method re-split its budget from the errors (allocate()); compression/allocate.py
+    # method re-split its budget from the model's loss increases (allocate()); compression/allocate.py
     probe: bool = False
 
 

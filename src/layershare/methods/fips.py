@@ -95,8 +95,8 @@ class FiPSConfig(GroupedConfig):
     qat_group_size: int = 128
     qat_symmetric: bool = True
     # how the removal is split over the groups (the stage's total unchanged): "uniform", every group
-    # removes the same fraction of its parameters; "error", by each group's one-shot error measured
-    # before any group is compressed (compression/allocate.py); or one positive weight per group
+    # removes the same fraction of its parameters; "error", by the rise of the model's loss when each
+    # group alone is compressed one-shot, measured before any group is (compression/allocate.py); or one positive weight per group
     # (group g removes a share proportional to weight g times its size). With the width rule each
     # group gets its own sparsity (rank at d)
     allocation: Union[Literal["uniform", "error"], list[float]] = "uniform"
@@ -148,6 +148,12 @@ AUTO_PATTERN = "unstructured"
 AUTO_SPARSITY = (0.4, 0.8)
 # allocation="error": each group removes between these multiples of the uniform fraction
 ALLOCATION_RANGE = (0.5, 2.0)
+
+
+def auto_density(shapes: list[GroupShape], keep: float, bytes_per_param: int) -> float:
+    """V's density when no sparsity is given: the width rule's, within AUTO_SPARSITY."""
+    lo, hi = AUTO_SPARSITY
+    return width_density(shapes, keep, bytes_per_param, 1.0 - hi, 1.0 - lo)
 
 PAD_TAU = 32.0
 
@@ -252,9 +258,9 @@ class FiPS(GroupMethod):
 
     def allocate(self, model, adapter: Adapter, groups: list[list[int]], total_params: int, bytes_per_param: int,
                  plans: list[Plan], errors: list[list[float]]) -> Plan:
-        """The plan whose per-group removal minimises the summed one-shot errors the probe measured at
-        `plans` (log-linear in the removed fraction, one slope: allocate.split_by_error), each group
-        removing between half and twice the uniform fraction."""
+        """The plan whose per-group removal minimises the summed loss increases the probe measured at
+        `plans` (`errors`; log-linear in the removed fraction, one slope: allocate.split_by_error),
+        each group removing between half and twice the uniform fraction."""
         from layershare.compression.allocate import common_slope, split_by_error
 
         removed = [[1 - g.stored / g.dense for g in p.groups] for p in plans]
@@ -285,18 +291,16 @@ class FiPS(GroupMethod):
         if allocated:
             keep = keep_fraction(shapes, total_params, c.ratio, c.ratio_of, method=self.name)
             keeps = allocated_keeps(shapes, keep, list(c.allocation), self.name)
-            lo, hi = AUTO_SPARSITY
             return make_plan(shapes, total_params, keep, [
-                solve_pattern(s, k, pattern, density if density is not None else
-                              width_density([s], k, bytes_per_param, 1.0 - hi, 1.0 - lo), bytes_per_param)
+                solve_pattern(s, k, pattern, density if density is not None else auto_density([s], k, bytes_per_param),
+                              bytes_per_param)
                 for s, k in zip(shapes, keeps)])
         if c.rank:  # explicit rank: the ratio is whatever it comes to
             return fixed_rank_plan(shapes, total_params, c.rank, 0.5 if density is None else density,
                                    0 if pattern == "none" else bytes_per_param)
         if density is None:
             keep = keep_fraction(shapes, total_params, c.ratio, c.ratio_of, method=self.name)
-            lo, hi = AUTO_SPARSITY
-            density = width_density(shapes, keep, bytes_per_param, 1.0 - hi, 1.0 - lo)
+            density = auto_density(shapes, keep, bytes_per_param)
         return plan(shapes, total_params, c.ratio, c.ratio_of, density, bytes_per_param, self.name, pattern)
 
     def init(self, group: Group, budget: GroupBudget) -> Compressed:

@@ -123,11 +123,17 @@ def _warn_fallback() -> None:
                   "`python -m layershare.runtime.kernels.build`.", RuntimeWarning, stacklevel=3)
 
 
+def _kernel_input(t: torch.Tensor, values: torch.Tensor, device_type: str) -> bool:
+    """Whether activations `t` and `values` are what a kernel on `device_type` takes: that device,
+    the dtypes it computes, no gradient asked for (the kernels have no backward)."""
+    if t.device.type != device_type or values.dtype not in VALUE_DTYPES or t.dtype not in ACTIVATION_DTYPES:
+        return False
+    return not (t.requires_grad and torch.is_grad_enabled())
+
+
 def _native(t: torch.Tensor, values: torch.Tensor) -> bool:
     """Whether the native kernels take activations `t` with `values` (else: the reference)."""
-    if t.device.type != "cpu" or values.dtype not in VALUE_DTYPES or t.dtype not in ACTIVATION_DTYPES:
-        return False
-    if t.requires_grad and torch.is_grad_enabled():
+    if not _kernel_input(t, values, "cpu"):
         return False
     if not available():
         _warn_fallback()
@@ -143,9 +149,7 @@ def _triton():
 
 def _gpu(t: torch.Tensor, values: torch.Tensor) -> bool:
     """Whether activations `t` take the Triton kernels (a CUDA tensor, Triton installed, no grad)."""
-    if t.device.type != "cuda" or values.dtype not in VALUE_DTYPES or t.dtype not in ACTIVATION_DTYPES:
-        return False
-    return not (t.requires_grad and torch.is_grad_enabled()) and _triton().usable(t)
+    return _kernel_input(t, values, "cuda") and _triton().usable(t)
 
 
 # ---- the index, computed at load ------------------------------------------------------------
