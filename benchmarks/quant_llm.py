@@ -11,7 +11,8 @@ calibration windows instead of the library's 64, "-act": act_order); FiPS with
 quantization-aware tuning (qat: fake-quantized U and V inside the block-wise reconstruction, then
 the same grid stored) at 3 and 4 bits, its sharing ratio solved so that its linear weights take as
 many bits as GPTQ's at 2 and 3 bits (the paper's pairing: 3-bit FiPS against 2-bit quantization at
-one size); Basis Sharing and SVD-LLM with GPTQ at the same pairing; "fips20-ALGO-B": FiPS at the
+one size); Basis Sharing and SVD-LLM with GPTQ at the same pairing ("basis-sharing20-gptq-B",
+"svd-llm20-gptq-B": the peer at 20% of the model, as FiPS's fips20 rows, then GPTQ-B); "fips20-ALGO-B": FiPS at the
 library's default (20% of the model) then ALGO at B bits ("fips20-qat-B": the FiPS tuning itself
 through fake quantization at B bits, then those codes stored, shared bases included). Every row: group size 128,
 symmetric, storage bfloat16 for what is not quantized (embeddings, norms), calibration Sense and
@@ -62,7 +63,9 @@ FINETUNE = {"steps": 40, "batch_size": 4, "seqlen": 512, "lr": 1e-3}  # at 1e-4 
 # the paper's comparison first (a GPU lease may end before the last rows)
 ROWS = ["dense", "gptq-2", "gptq-3", "fips-qat3@2", "fips-qat4@3", "rtn-2", "rtn-3", "rtn-4", "gptq-4",
         "basis-sharing-gptq3@2", "svd-llm-gptq3@2", "fips-dense-v-qat3@2", "qat-2", "fips-qat3@2+ft", "qat-3",
-        "fips-qat4@3+ft", "gptq-3-w16", "gptq-3-act", "gptq-4-act", "fips20-gptq-4", "fips20-rtn-4", "fips20-gptq-3", "fips20-qat-4", "fips20-qat-3"]
+        "fips-qat4@3+ft", "gptq-3-w16", "gptq-3-act", "gptq-4-act", "fips20-gptq-4", "fips20-rtn-4", "fips20-gptq-3", "fips20-qat-4", "fips20-qat-3",
+        "basis-sharing20-gptq-3", "svd-llm20-gptq-3"]
+PEERS20 = {"basis-sharing20": BasisSharingConfig, "svd-llm20": SVDLLMConfig}  # "PEER20-ALGO-B": the peer at 20% then ALGO-B
 
 
 def linear_numel(model) -> tuple[int, int]:
@@ -115,6 +118,9 @@ def recipe_for(row: str, model, device: str, overrides: dict) -> Recipe:
                               QuantConfig(bits=bits, basis_bits=None, group_size=GROUP, algorithm="rtn")], **run)
     if row.startswith("fips20-"):  # FiPS at the library's default (20% of the model), then quantization
         return Recipe(stages=[FiPSConfig(ratio=0.2), quant_stage(row.removeprefix("fips20-"))[0]], **run)
+    peer, _, quant = row.partition("-gptq-")
+    if peer in PEERS20:  # a peer at its default (20% of the model), then GPTQ
+        return Recipe(stages=[PEERS20[peer](ratio=0.2), quant_stage("gptq-" + quant)[0]], **run)
     method, bits, paired, pattern = PAIRS[row]
     total, _ = linear_numel(model)
     target = total * (paired + 16 / GROUP)  # GPTQ alone at `paired` bits

@@ -35,8 +35,21 @@ def test_common_slope_is_the_median_and_needs_a_growing_error():
     removed = [[0.4, 0.3]] * 4
     slopes = sorted(math.log(a / b) / 0.1 for a, b in (errors[0], errors[1], errors[3]))
     assert common_slope(errors, removed) == pytest.approx(slopes[1])  # the flat group does not vote
-    with pytest.raises(ValueError, match="do not grow with the removed fraction"):
-        common_slope([[0.01, 0.02]], [[0.4, 0.3]])
+    assert common_slope([[0.01, 0.02], [0.03, 0.03]], [[0.4, 0.3]] * 2) is None  # no group votes
+
+
+def test_a_probe_whose_loss_never_grows_keeps_the_uniform_split_with_a_warning(tokens, monkeypatch):
+    """A model where compressing more never costs more loss (flat probe) is compressed at the
+    uniform plan, with a warning that says so, instead of failing midway."""
+    from layershare.compression import allocate
+
+    monkeypatch.setattr(allocate, "probe", lambda model, adapter, method, batches, groups, plans, *a, **k:
+                        [[1e-3, 1e-3] for _ in groups])
+    uniform = layershare.compress(make_model("llama"), small_recipe(ratio=0.2), data=tokens)
+    with pytest.warns(allocate.NoSlopeWarning, match="do not grow with the removed fraction in any group; "
+                                                     "the split stays uniform"):
+        res = layershare.compress(make_model("llama"), small_recipe(ratio=0.2, allocation="error"), data=tokens)
+    assert res.plan.groups == uniform.plan.groups
 
 
 @pytest.fixture

@@ -8,7 +8,9 @@ mask, no tuning. What is measured is the model's loss: the mean next-token negat
 log-likelihood on the first LOSS_WINDOWS of those windows with only that group compressed, minus
 the dense model's (the blocks before the group are skipped: their captured output is fed in).
 The compressed modules are dropped again (the dense ones stay in place), and the method turns the
-loss increases into its plan (`allocate`). Then the run compresses group by group as usual.
+loss increases into its plan (`allocate`). Then the run compresses group by group as usual. If no
+group's loss grows with what it removes, there is nothing to split by: a NoSlopeWarning, and the
+uniform plan.
 
 Why the model's loss and not each group's own reconstruction error (docs/analysis.md): on
 SmolLM2-135M an allocation that minimised the sum of the groups' relative MLP-output errors cut
@@ -18,6 +20,7 @@ first, the last and the massive-activation blocks, whose small relative errors w
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -148,14 +151,17 @@ def split_by_error(removed: list[float], sizes: list[int], errors: list[float], 
     return at((low + high) / 2)
 
 
-def common_slope(errors: list[list[float]], removed: list[list[float]]) -> float:
+class NoSlopeWarning(UserWarning):
+    """The probe found no group whose loss grows with the removed fraction: the split stays uniform."""
+
+
+def common_slope(errors: list[list[float]], removed: list[list[float]]) -> float | None:
     """The median over groups of d log e / d r between the two probe plans (errors[g] = [at plan 0,
-    at plan 1], removed likewise); a group whose error does not grow with removal does not vote."""
+    at plan 1], removed likewise); a group whose error does not grow with removal does not vote.
+    None when no group votes (the caller keeps the uniform split)."""
     slopes = sorted(math.log(e0 / e1) / (r0 - r1) for (e0, e1), (r0, r1) in zip(errors, removed)
                     if e0 > 0 and e1 > 0 and r0 != r1 and e0 > e1)
-    if not slopes:
-        raise ValueError("the probe's errors do not grow with the removed fraction in any group: no allocation")
-    return slopes[len(slopes) // 2]
+    return slopes[len(slopes) // 2] if slopes else None
 
 
 def allocated_plan(model: nn.Module, adapter: Adapter, method, groups: list[list[int]], plan: Plan,
@@ -165,6 +171,12 @@ def allocated_plan(model: nn.Module, adapter: Adapter, method, groups: list[list
     plans = method.probe_plans(model, adapter, groups, plan.total_params, bytes_per_param)
     losses = probe(model, adapter, method, batches, groups, plans, device, residency, stats_dtype)
     new = method.allocate(model, adapter, groups, plan.total_params, bytes_per_param, plans, losses)
+    if new is None:
+        warnings.warn(f"{method.name} allocation: the probe's loss increases (nats/token, one group at a time: "
+                      f"{' '.join(f'{row[0]:.2g}/{row[1]:.2g}' for row in losses)} at the uniform plan/the lighter "
+                      "one) do not grow with the removed fraction in any group; the split stays uniform",
+                      NoSlopeWarning, stacklevel=2)
+        return plan
     print(f"{method.name} allocation by the probe's loss increases (nats/token, one group at a time; at "
           f"the uniform plan: {' '.join(f'{row[0]:.2g}' for row in losses)}): fraction each group removes "
           f"{' '.join(f'{1 - g.stored / g.dense:.3f}' for g in new.groups)} (uniform "

@@ -257,14 +257,17 @@ class FiPS(GroupMethod):
         return [FiPS(c).plan_model(model, adapter, groups, total_params, bytes_per_param) for c in (uniform, lower)]
 
     def allocate(self, model, adapter: Adapter, groups: list[list[int]], total_params: int, bytes_per_param: int,
-                 plans: list[Plan], errors: list[list[float]]) -> Plan:
+                 plans: list[Plan], errors: list[list[float]]) -> Plan | None:
         """The plan whose per-group removal minimises the summed loss increases the probe measured at
         `plans` (`errors`; log-linear in the removed fraction, one slope: allocate.split_by_error),
-        each group removing between half and twice the uniform fraction."""
+        each group removing between half and twice the uniform fraction. None when no group's loss
+        grows with removal (nothing to split by)."""
         from layershare.compression.allocate import common_slope, split_by_error
 
         removed = [[1 - g.stored / g.dense for g in p.groups] for p in plans]
         slope = common_slope(errors, [list(r) for r in zip(*removed)])
+        if slope is None:
+            return None
         split = split_by_error(removed[0], [g.dense for g in plans[0].groups], [e[0] for e in errors], slope,
                                ALLOCATION_RANGE[0], ALLOCATION_RANGE[1])
         weights = [r / r0 for r, r0 in zip(split, removed[0])]
