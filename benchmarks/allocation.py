@@ -3,6 +3,12 @@ compressed one-shot, and the split of the budget over the groups that follows (n
 
     python benchmarks/allocation.py                                  # SmolLM2-135M at 20%
     python benchmarks/allocation.py --model gemma3-270m --ratio 0.2
+    python benchmarks/allocation.py --layers "LABEL"                 # plot what a run kept per layer type
+
+--layers draws, from the rows of docs/llm_validation.json with that label and --ratio (fips_llm.py --validation
+records `layer_removed` for every linear), the fraction each group removed per layer type
+(up/gate/down: FiPS prunes V over the whole group, so the types differ), one panel per model:
+docs/allocation_layers.png.
 
 Calibration: Sense and Sensibility, the default recipe's windows (compression/allocate.py uses
 the first 16 for the inits and the first 8 for the loss). Writes docs/allocation.json (one entry
@@ -28,7 +34,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--ratio", type=float, default=0.2)
+    ap.add_argument("--layers", metavar="LABEL", help="only plot the per-layer-type split of the validation rows "
+                                                      "with this label (no probe)")
     args = ap.parse_args()
+    if args.layers:
+        plot_layers(args.layers, args.ratio)
+        return
     from layershare.adapters import get_adapter
     from layershare.compression.allocate import PROBE_STEP, probe
     from layershare.compression.drivers import Residency
@@ -73,6 +84,38 @@ def plot(rows: list[dict]) -> None:
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(ROOT / "docs" / "allocation.png", dpi=100)
+
+
+def plot_layers(label: str, ratio: float) -> None:
+    from runner import VALID_RESULTS
+
+    rows = [r for r in json.loads(VALID_RESULTS.read_text()) if r.get("label") == label and r.get("layer_removed")
+            and abs(r["ratio_target"] - ratio) < 1e-9]
+    if not rows:
+        raise SystemExit(f"no row of {VALID_RESULTS.name} labelled {label!r} records layer_removed")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(rows), figsize=(5 * len(rows), 3.4), squeeze=False)
+    for ax, r in zip(axes[0], rows):
+        types = sorted({x["type"] for x in r["layer_removed"]})
+        groups = sorted({x["group"] for x in r["layer_removed"]})
+        x = [g + 1 for g in groups]
+        for t in types:  # the mean over the group's blocks of that type
+            y = [sum(v) / len(v) for g in groups
+                 for v in [[e["removed"] for e in r["layer_removed"] if e["group"] == g and e["type"] == t]]]
+            ax.plot(x, y, "o-", ms=3, label=t)
+        ax.plot(x, r["group_removed"], "k--", label="group (with bitmask)")
+        ax.set_xlabel("group (blocks in order)")
+        ax.set_ylabel("fraction of the weights removed")
+        ax.set_title(f"{r['model']}, {r['ratio_target']:.0%} of the model ({label})", fontsize=9)
+        ax.legend(fontsize=7)
+        print(r["model"], {t: round(sum(e["removed"] for e in r["layer_removed"] if e["type"] == t)
+                                    / sum(1 for e in r["layer_removed"] if e["type"] == t), 3) for t in types})
+    fig.tight_layout()
+    fig.savefig(ROOT / "docs" / "allocation_layers.png", dpi=100)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
     python benchmarks/fips_llm.py --runs smollm2-135m:fips:0.2      # one run (results merge)
     python benchmarks/fips_llm.py --validation --label s0.25 --recipe '{"sparsity": 0.25}' \
         --runs gemma3-270m:fips:0.2                                 # a variant, on the validation book
+    python benchmarks/fips_llm.py --promote "LABEL"                 # its --test-too rows become the test rows
 
 Calibration: Sense and Sensibility; perplexity on Northanger Abbey, the whole book in
 non-overlapping 2048-token windows. Defaults are chosen with --validation: the first 16
@@ -26,6 +27,7 @@ from runner import (
     VALID_RESULTS,
     VALID_WINDOWS,
     markdown_table,
+    merge_row,
     protocols,
     run_all,
 )
@@ -47,7 +49,14 @@ def main() -> None:
                          "as ppl_test; the choice between variants is made on the validation numbers)")
     ap.add_argument("--render", action="store_true", help="with --validation: only rewrite the table from the JSON "
                                                                "(rows run elsewhere, e.g. on a GPU machine)")
+    ap.add_argument("--promote", metavar="LABEL",
+                    help="copy the validation rows with this label that measured the test book (--test-too) into "
+                         f"{RESULTS.name} as the test rows of their model, method and ratio (ppl = the test book's, "
+                         "val_ppl = the validation book's: one compression for both), then rewrite the table")
     args = ap.parse_args()
+    if args.promote:
+        promote(args.promote)
+        args.runs = []
     if args.validation:
         if args.render:
             rows = json.loads(VALID_RESULTS.read_text())
@@ -66,7 +75,8 @@ def main() -> None:
             f"{protocols(rows)}\n\n{table}\n")
         print(table)
         return
-    rows, _ = run_all(args.runs, RESULTS, args.seqlen, json.loads(args.recipe))
+    rows, _ = run_all(args.runs, RESULTS, args.seqlen, json.loads(args.recipe)) if args.runs else (
+        json.loads(RESULTS.read_text()), None)
     rows = [r for r in rows if r["method"] in ("dense", "fips")]
     table = markdown_table(rows)
     (ROOT / "docs" / "fips_llm.md").write_text(
@@ -82,6 +92,20 @@ def main() -> None:
         "compressed numbers are measured on the saved directory reloaded with `layershare.load` (its sparse V "
         "expanded to dense before the evaluation, for speed: the same function, checked in tests/test_io.py).\n")
     print(table)
+
+
+def promote(label: str) -> None:
+    rows = [r for r in json.loads(VALID_RESULTS.read_text()) if r.get("label") == label and r.get("ppl_test")]
+    if not rows:
+        raise SystemExit(f"no row of {VALID_RESULTS.name} labelled {label!r} measured the test book (--test-too)")
+    for r in rows:
+        row = {k: v for k, v in r.items() if k not in ("label", "ppl", "protocol", "ppl_test", "protocol_test")}
+        row.update(val_ppl=r["ppl"], val_protocol=r["protocol"], ppl=r["ppl_test"], protocol=r["protocol_test"],
+                   promoted_from=label)
+        merge_row(RESULTS, row, key=lambda x: (x["model"], x["method"], x["ratio_target"], x.get("label")),
+                  sort_key=lambda x: (x["model"], x["ratio_target"], x["method"]))
+        print(f"{r['model']} {r['method']} {r['ratio_target']:.0%}: test {r['ppl_test']:.2f} (validation "
+              f"{r['ppl']:.2f}) from {label!r}")
 
 
 if __name__ == "__main__":

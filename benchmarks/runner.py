@@ -35,6 +35,30 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def layer_removed(model) -> list[dict]:
+    """What FiPS kept, per group and layer type: for every SharedBasisLinear, its group (the
+    blocks sharing its basis, in order), its type (the module's name: up_proj, gate_proj, ...),
+    and the fraction of its dense d x h weight removed, counting its V's nonzeros and its share
+    of the group's basis U (U's d x r entries split over the group's linears in proportion to h)."""
+    from layershare.modules.shared_basis import SharedBasisLinear
+
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, SharedBasisLinear)]
+    bases: dict[int, list] = {}
+    for n, m in linears:
+        bases.setdefault(id(m.basis), []).append((n, m))
+    rows = []
+    for g, members in enumerate(bases.values()):
+        width = sum(m.v_shape[1] for _, m in members)
+        U = members[0][1].basis.U.numel()
+        for n, m in members:
+            r, h = m.v_shape
+            dense = m.in_features * m.out_features
+            kept = m.nnz() + U * h / width
+            rows.append({"group": g, "name": n, "type": n.rsplit(".", 1)[-1], "rank": r,
+                         "removed": 1 - kept / dense})
+    return rows
+
+
 def make_recipe(model, method: str, ratio: float, overrides: dict):
     """One stage, or for "MLP+ATTENTION" the attention stage then the MLP stage, the ratio split
     by layershare.compression.budget.split_ratio (the same fraction of each part's weights) or, with
@@ -101,6 +125,7 @@ def run_one(model_name: str, method: str, ratio: float, seqlen: int, overrides: 
             row["group_errors"] = [(g.stats.rel_err_before, g.stats.rel_err_after) for g in result.report.groups]
             row["groups_kept_init"] = [i for i, g in enumerate(result.report.groups) if g.stats.kept_init]
             row["group_removed"] = [1 - g.stored / g.dense for g in result.plan.groups]  # the split of the budget
+            row["layer_removed"] = layer_removed(result.model)  # empty unless the model holds shared bases
             row["extra"] = result.report.extra  # what whole-model methods report (ffn-merge: its window)
             # evaluate what was saved, not what is in memory, in the default run-time form (tests check
             # that every form computes the same function)

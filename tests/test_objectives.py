@@ -57,7 +57,7 @@ def test_unknown_objective_is_refused():
 
 
 def test_recorded_grams_are_the_inputs_second_moments(tokens):
-    """run_group's Gram matrices are E[x x^T] of each linear's input (gate and up share theirs)."""
+    """run_group's Gram matrices are E[x x^T] of each linear's input (gate and up share theirs: one tensor)."""
     model = make_model("llama")
     adapter = get_adapter(model)
     blocks = adapter.blocks(model)
@@ -70,6 +70,9 @@ def test_recorded_grams_are_the_inputs_second_moments(tokens):
         expected = x.t() @ x / x.shape[0]
         torch.testing.assert_close(grams[f"{j}.mlp.gate_proj"], expected)
         torch.testing.assert_close(grams[f"{j}.mlp.up_proj"], expected)
+        # gate and up read one tensor: one product per batch, one second moment for both
+        assert grams[f"{j}.mlp.up_proj"] is grams[f"{j}.mlp.gate_proj"]
+        assert grams[f"{j}.mlp.down_proj"] is not grams[f"{j}.mlp.gate_proj"]
         mlp = blocks[j].mlp
         with torch.no_grad():
             h = (mlp.act_fn(mlp.gate_proj(X[j])) * mlp.up_proj(X[j])).double()

@@ -174,13 +174,24 @@ def run_group(blocks: nn.ModuleList, group: list[int], cap: Captured, adapter: A
     handles = []
     if grams is not None:
         counts: dict[str, int] = {}
-        last: list = [None, None]  # the input tensor seen last, as rows in stats_dtype: gate and up share one input
+        # the input tensor seen last, as rows in stats_dtype, and the path that took its product: linears
+        # that read one tensor (gate and up) share that one product, and their second moment one tensor
+        last: list = [None, None, None]
+        alias: dict[str, str] = {}  # path -> the path whose second moment it shares (set by the first batch)
 
         def accumulate(path):
             def hook(m, a, kw):
                 x = a[0] if a else next(iter(kw.values()))
-                if x is not last[0]:
-                    last[:] = [x, x.detach().reshape(-1, x.shape[-1]).to(stats_device, stats_dtype)]
+                shared = x is last[0]
+                if path not in grams and shared:
+                    alias.setdefault(path, last[2])
+                if path in alias:
+                    if not (shared and alias[path] == last[2]):
+                        raise RuntimeError(f"{path} read the input of {alias[path]} on the first batch but not "
+                                           "on a later one: the statistics cannot share it")
+                    return
+                if not shared:
+                    last[:] = [x, x.detach().reshape(-1, x.shape[-1]).to(stats_device, stats_dtype), path]
                 flat = last[1]
                 if path in grams:  # x^T x added in place: a down projection's is h x h, never a copy
                     grams[path].addmm_(flat.t(), flat)
@@ -227,6 +238,8 @@ def run_group(blocks: nn.ModuleList, group: list[int], cap: Captured, adapter: A
         last.clear()
         for path in grams:
             grams[path] /= counts[path]
+        for path, owner in alias.items():  # one tensor for both (the inits read, never write, them)
+            grams[path] = grams[owner]
     if record and any(f != [n_rows, n_rows] for f in filled):
         raise RuntimeError(f"captured {filled} input/output rows, expected {n_rows} each")
     return X, Y, outs
