@@ -99,7 +99,8 @@ def promote(label: str) -> None:
     if not rows:
         raise SystemExit(f"no row of {VALID_RESULTS.name} labelled {label!r} measured the test book (--test-too)")
     for r in rows:
-        row = {k: v for k, v in r.items() if k not in ("label", "ppl", "protocol", "ppl_test", "protocol_test")}
+        drop = ("label", "ppl", "protocol", "ppl_test", "protocol_test", "layer_removed")  # (the last stays there)
+        row = {k: v for k, v in r.items() if k not in drop}
         row.update(val_ppl=r["ppl"], val_protocol=r["protocol"], ppl=r["ppl_test"], protocol=r["protocol_test"],
                    promoted_from=label)
         merge_row(RESULTS, row, key=lambda x: (x["model"], x["method"], x["ratio_target"], x.get("label")),
