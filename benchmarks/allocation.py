@@ -98,22 +98,24 @@ def plot_layers(label: str, ratio: float) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def mean_removed(r: dict, t: str, g: int | None = None) -> float:
+        """The mean removed fraction of the linears of type t (in group g, or in every group)."""
+        v = [e["removed"] for e in r["layer_removed"] if e["type"] == t and g in (None, e["group"])]
+        return sum(v) / len(v)
+
     fig, axes = plt.subplots(1, len(rows), figsize=(5 * len(rows), 3.4), squeeze=False)
     for ax, r in zip(axes[0], rows):
         types = sorted({x["type"] for x in r["layer_removed"]})
         groups = sorted({x["group"] for x in r["layer_removed"]})
-        x = [g + 1 for g in groups]
         for t in types:  # the mean over the group's blocks of that type
-            y = [sum(v) / len(v) for g in groups
-                 for v in [[e["removed"] for e in r["layer_removed"] if e["group"] == g and e["type"] == t]]]
-            ax.plot(x, y, "o-", ms=3, label=t)
+            ax.plot([g + 1 for g in groups], [mean_removed(r, t, g) for g in groups], "o-", ms=3, label=t)
+        x = [g + 1 for g in groups]
         ax.plot(x, r["group_removed"], "k--", label="group (with bitmask)")
         ax.set_xlabel("group (blocks in order)")
         ax.set_ylabel("fraction of the weights removed")
         ax.set_title(f"{r['model']}, {r['ratio_target']:.0%} of the model ({label})", fontsize=9)
         ax.legend(fontsize=7)
-        print(r["model"], {t: round(sum(e["removed"] for e in r["layer_removed"] if e["type"] == t)
-                                    / sum(1 for e in r["layer_removed"] if e["type"] == t), 3) for t in types})
+        print(r["model"], {t: round(mean_removed(r, t), 3) for t in types})
     fig.tight_layout()
     fig.savefig(ROOT / "docs" / "allocation_layers.png", dpi=100)
 

@@ -30,6 +30,8 @@ from runner import (
     merge_row,
     protocols,
     run_all,
+    run_key,
+    run_order,
 )
 
 RUNS = ["smollm2-135m:dense:0", "smollm2-135m:fips:0.1", "smollm2-135m:fips:0.2", "smollm2-135m:fips:0.3",
@@ -103,8 +105,7 @@ def promote(label: str) -> None:
         row = {k: v for k, v in r.items() if k not in drop}
         row.update(val_ppl=r["ppl"], val_protocol=r["protocol"], ppl=r["ppl_test"], protocol=r["protocol_test"],
                    promoted_from=label)
-        merge_row(RESULTS, row, key=lambda x: (x["model"], x["method"], x["ratio_target"], x.get("label")),
-                  sort_key=lambda x: (x["model"], x["ratio_target"], x["method"]))
+        merge_row(RESULTS, row, run_key, sort_key=run_order)
         print(f"{r['model']} {r['method']} {r['ratio_target']:.0%}: test {r['ppl_test']:.2f} (validation "
               f"{r['ppl']:.2f}) from {label!r}")
 

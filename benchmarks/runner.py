@@ -172,6 +172,16 @@ def merge_row(json_path: Path, row: dict, key, sort_key=None) -> list[dict]:
     return rows
 
 
+def run_key(r: dict) -> tuple:
+    """What identifies a row of a results file: model, method, ratio and the variant's label."""
+    return r["model"], r["method"], r["ratio_target"], r.get("label")
+
+
+def run_order(r: dict) -> tuple:
+    """The order of a results file's rows."""
+    return r["model"], r["ratio_target"], r["method"]
+
+
 def run_all(runs: list[str], json_path: Path, seqlen: int, overrides: dict, eval_text: str = TEST,
             max_windows: int | None = None, label: str | None = None, test_too: bool = False
             ) -> tuple[list[dict], list[str]]:
@@ -180,7 +190,6 @@ def run_all(runs: list[str], json_path: Path, seqlen: int, overrides: dict, eval
     ratio (and `label`, naming a variant, where one is given)."""
     json_path.parent.mkdir(parents=True, exist_ok=True)
     rows = json.loads(json_path.read_text()) if json_path.exists() else []
-    key = lambda r: (r["model"], r["method"], r["ratio_target"], r.get("label"))  # noqa: E731
     spec = {"seqlen": seqlen, "overrides": overrides, "eval_text": eval_text, "max_windows": max_windows,
             "test_too": test_too}
     infeasible = []
@@ -196,7 +205,7 @@ def run_all(runs: list[str], json_path: Path, seqlen: int, overrides: dict, eval
             continue
         if label is not None:
             row["label"] = label
-        rows = merge_row(json_path, row, key, sort_key=lambda r: (r["model"], r["ratio_target"], r["method"]))
+        rows = merge_row(json_path, row, run_key, sort_key=run_order)
         print(f"   ppl {row['ppl']:.3f}  compress {row['seconds']:.0f} s  peak RSS {row['peak_rss_mb']:.0f} MB",
               flush=True)
     return rows, infeasible

@@ -49,7 +49,7 @@ def _stage(s) -> StageConfig:
 class Recipe:
     stages: list[StageConfig] = field(default_factory=lambda: [FiPSConfig()])
     # calibration windows (text) or images (vision); 128 since 2026-12-05 (64 before): validation ppl at
-    # 20% SmolLM2-135M 29.40 against 29.75, Gemma-3-270M 91.15 against 98.20 (docs/analysis.md)
+    # 20% SmolLM2-135M 29.37 against 29.75, Gemma-3-270M 91.15 against 98.20 (docs/analysis.md)
     nsamples: int = 128
     seqlen: int = 512  # tokens per calibration window
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # storage dtype of the saved model
