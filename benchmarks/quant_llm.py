@@ -15,7 +15,8 @@ one size); Basis Sharing and SVD-LLM with GPTQ at the same pairing ("basis-shari
 "svd-llm20-gptq-B": the peer at 20% of the model, as FiPS's fips20 rows, then GPTQ-B); "fips20-ALGO-B": FiPS at the
 library's default (20% of the model) then ALGO at B bits ("fips20-qat-B": the FiPS tuning itself
 through fake quantization at B bits, then those codes stored, shared bases included). Every row: group size 128,
-symmetric, storage bfloat16 for what is not quantized (embeddings, norms), calibration Sense and
+the library's default grid (a zero point per group; "-sym" rows: absmax, no zero point, the default
+before 2026-12-05; the table's "grid" column), storage bfloat16 for what is not quantized (embeddings, norms), calibration Sense and
 Sensibility (the library's default windows), perplexity on the whole of Northanger Abbey in
 2048-token windows, computed in float32 from the stored values (`--validation N`: also the first N 2048-token windows of Mansfield Park, the
 validation book that settings are chosen on, as "val_ppl"; `--shared`: the rows are marked as
@@ -65,6 +66,9 @@ ROWS = ["dense", "gptq-2", "gptq-3", "fips-qat3@2", "fips-qat4@3", "rtn-2", "rtn
         "basis-sharing-gptq3@2", "svd-llm-gptq3@2", "fips-dense-v-qat3@2", "qat-2", "fips-qat3@2+ft", "qat-3",
         "fips-qat4@3+ft", "gptq-3-w16", "gptq-3-act", "gptq-4-act", "fips20-gptq-4", "fips20-rtn-4", "fips20-gptq-3", "fips20-qat-4", "fips20-qat-3",
         "basis-sharing20-gptq-3", "svd-llm20-gptq-3"]
+# "-sym": the absmax grid without zero points (the library's default before 2026-12-05)
+ROWS += [r + "-sym" for r in ("rtn-2", "rtn-3", "rtn-4", "gptq-2", "gptq-3", "gptq-4", "gptq-3-w16", "qat-2",
+                              "fips20-gptq-4", "fips20-gptq-3")]
 PEERS20 = {"basis-sharing20": BasisSharingConfig, "svd-llm20": SVDLLMConfig}  # "PEER20-ALGO-B": the peer at 20% then ALGO-B
 
 
@@ -136,12 +140,14 @@ def recipe_for(row: str, model, device: str, overrides: dict) -> Recipe:
 
 
 def quant_stage(row: str) -> tuple[QuantConfig, dict]:
-    """ALGO-BITS[-wN][-act] -> the quantization stage and the run's calibration windows (qat-B:
+    """ALGO-BITS[-wN][-act][-sym|-asym] -> the quantization stage and the run's calibration windows (qat-B:
     RTN codes, then the quantization-aware distillation)."""
     algo, bits, *options = row.split("-")
     act = "act" in options
     windows = {"nsamples": int(o[1:]) for o in options if o.startswith("w")}
-    stage = QuantConfig(bits=int(bits), group_size=GROUP, algorithm="rtn" if algo == "qat" else algo, act_order=act)
+    kind = {"symmetric": o == "sym" for o in options if o in ("sym", "asym")}  # else the library's default
+    stage = QuantConfig(bits=int(bits), group_size=GROUP, algorithm="rtn" if algo == "qat" else algo, act_order=act,
+                        **kind)
     return stage, windows
 
 
@@ -257,14 +263,20 @@ def finetune(path: Path, loaded, device: str, overrides: dict) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| row | linear bits/weight | file MB | test ppl | validation ppl | compress s | peak MB | device | date |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| row | grid | linear bits/weight | file MB | test ppl | validation ppl | compress s | peak MB | device | date |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (-r["linear_bits"], r["row"])):
         val = f"{r['val_ppl']:.2f}" if "val_ppl" in r else "-"
-        lines.append(f"| {r['row']} | {r['linear_bits']:.3f} | {r['file_bytes'] / 1e6:.1f} | {r['ppl']:.2f} | {val} | "
+        lines.append(f"| {r['row']} | {grid(r)} | {r['linear_bits']:.3f} | {r['file_bytes'] / 1e6:.1f} | {r['ppl']:.2f} | {val} | "
                      f"{r['seconds']:.0f} | {r.get('peak_mb', 0):.0f} | {r['device']}{' (shared)' if r.get('shared') else ''}"
                      f" | {r['date']} |")
     return "\n".join(lines)
+
+
+def grid(row: dict) -> str:
+    """"zero point" (asymmetric) or "absmax" (symmetric): the grid of the row's quantization stage."""
+    quant = [s for s in row.get("recipe", {}).get("stages", []) if s.get("method") == "quant"]
+    return "-" if not quant else "absmax" if quant[-1].get("symmetric") else "zero point"
 
 
 def notes(rows: list[dict]) -> str:

@@ -117,6 +117,33 @@ def test_top_k_masks_match_a_sort_and_break_ties_by_position():
     assert not any(m.any() for m in top_k_masks(tied, 0, [(1, 8)]))
 
 
+def test_kth_largest_bracketed_by_a_sample_is_exact_and_falls_back_when_the_sample_misleads(monkeypatch):
+    from layershare.compression import sparsity
+
+    monkeypatch.setattr(sparsity, "SAMPLE", 1024)  # the bracketed path from 4097 entries on
+    g = torch.Generator().manual_seed(0)
+    scores = torch.rand(20000, generator=g).pow(3)
+    scores[torch.rand(20000, generator=g) < 0.3] = -1.0
+    scores[100:400] = 0.25  # a run of ties
+    expect = scores.sort(descending=True).values.view(torch.int32)
+    calls = []
+    kthvalue = torch.Tensor.kthvalue
+    monkeypatch.setattr(torch.Tensor, "kthvalue", lambda self, *a: calls.append(self.numel()) or kthvalue(self, *a))
+    scored = int((scores >= 0).sum())
+    for k in (1, 2, 500, 7000, scored - 50, scored):  # (no pruned entry inside a bracket)
+        assert sparsity.kth_largest(scores, k) == int(expect[k - 1]), k
+    assert len(calls) == 6 and max(calls) < 20000 // 4  # the exact selection saw a bracket, not the vector
+    for k in (scored + 1, 19999, 20000):  # more than the scored entries: the pruned ones' -1
+        assert sparsity.kth_largest(scores, k) == int(expect[k - 1]), k
+    # a strided sample unlike the whole: it sees only the ~5% largest entries, so the bracket misses
+    odd = torch.rand(20000, generator=g) * 0.5
+    odd[:: 20000 // 1024] = 1.0
+    calls.clear()
+    for k in (2000, 5000):
+        assert sparsity.kth_largest(odd, k) == int(odd.sort(descending=True).values[k - 1].view(torch.int32))
+    assert not calls  # answered by the binary search
+
+
 def test_tuning_keeps_pruned_entries_at_zero_and_the_forward_masked():
     """The training forward reads V itself: V must be zero outside its mask after every step."""
     from layershare.compression.train import optimize

@@ -77,11 +77,38 @@ class ActivationScore:
             yield row * col[None, :]
 
 
+SAMPLE = 65536  # entries of the strided sample that brackets the k-th largest (kth_largest)
+
+
 def kth_largest(scores: torch.Tensor, k: int) -> int:
     """The k-th largest entry of a float32 vector of scores >= 0 (or the -1 of pruned entries), as
-    its int32 bit pattern (the same order as the floats for these values): a binary search on
-    counts, each a comparison of the vector (no sort, top-k or index list of its size)."""
+    its int32 bit pattern (the same order as the floats for these values).
+
+    A strided sample of SAMPLE entries brackets the k-th largest between two of its order
+    statistics (a margin of four binomial standard deviations); two comparisons of the vector
+    check the bracket and `kthvalue` of the entries inside it (a small fraction) gives the exact
+    answer. If the bracket misses (a sample unlike the whole), a binary search on counts, one
+    comparison of the vector per bit, gives it. No sort, top-k or index list of the vector's
+    size: 3 passes instead of 31 (a 6M-entry group on 2 cores: 33 ms instead of 150 ms)."""
     bits = scores.view(torch.int32)
+    n = bits.numel()
+    if 0 < k <= n and n > 4 * SAMPLE:
+        sample = bits[:: n // SAMPLE]
+        m = sample.numel()
+        pos = k * m / n  # the k-th largest's expected rank in the sample
+        margin = 4 * (pos * max(0.0, 1 - pos / m)) ** 0.5 + 16
+        ranked = sample.sort(descending=True).values
+        top, bottom = int(pos - margin), int(pos + margin) + 1
+        hi = int(ranked[top - 1]) if top >= 1 else int(bits.max())
+        lo = int(ranked[bottom - 1]) if bottom <= m else int(bits.min())
+        if lo < 0:  # the bracket reaches the pruned entries (-1): keep them out of it
+            if int(torch.count_nonzero(bits >= 0)) < k:  # fewer scored entries than k: pruned ones stay
+                return int(bits.min())
+            lo = 0
+        above = int(torch.count_nonzero(bits > hi))
+        inside = bits[(bits >= lo) & (bits <= hi)]
+        if above < k <= above + inside.numel():
+            return int(inside.kthvalue(inside.numel() - (k - above) + 1).values)
     lo, hi = 0, int(bits.max())
     if int(torch.count_nonzero(bits >= 0)) < k:  # fewer scored entries than k: some pruned ones stay
         lo = int(bits.min())

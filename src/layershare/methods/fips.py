@@ -93,7 +93,7 @@ class FiPSConfig(GroupedConfig):
     # a following quantization stage stores (`--bits B --quant qat` sets these and that stage)
     qat_bits: Optional[int] = None
     qat_group_size: int = 128
-    qat_symmetric: bool = True
+    qat_symmetric: bool = False  # the quantization stage's default grid (QuantConfig.symmetric)
     # how the removal is split over the groups (the stage's total unchanged): "uniform", every group
     # removes the same fraction of its parameters; "error", by the rise of the model's loss when each
     # group alone is compressed one-shot, measured before any group is (compression/allocate.py); or one positive weight per group
