@@ -44,6 +44,8 @@ VARIANTS = {
     "fips": ({"method": "fips"}, ["auto", "compact", "merged"]),
     "fips, bf16 file": ({"method": "fips", "dtype": "bfloat16"}, ["auto", "compact"]),
     "fips + rtn 4-bit": ({"method": "fips", "bits": 4}, ["auto"]),
+    # V's 4-bit values held as codes in the bitmask kernels (runtime/kernels/ops.QuantValues), beside 4-bit RTN alone
+    "fips + rtn 4-bit, bf16 file": ({"method": "fips", "bits": 4, "dtype": "bfloat16"}, ["auto"]),
     # the rows of 2026-12-04 (V at a fixed half sparsity, the default then)
     "fips (unstructured 50%)": ({"method": "fips", "pattern": "unstructured", "sparsity": 0.5},
                                 ["auto", "compact", "merged"]),

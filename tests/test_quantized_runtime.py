@@ -76,7 +76,7 @@ def test_loaded_quantized_model_keeps_linears_packed_and_computes_the_same(tmp_p
         for ids in (tokens[:1, :4], tokens[:2]):  # decode-sized and prefill-sized inputs
             a, b = packed(ids).logits, reference(ids).logits
             assert (a - b).abs().max() <= 3e-2 * b.abs().max()
-    with pytest.raises(layershare.checkpoint.verify.CheckpointError, match="packed for the int4 kernel"):
+    with pytest.raises(layershare.checkpoint.verify.CheckpointError, match="kept packed for the low-bit kernels"):
         layershare.checkpoint.save.save_compressed(packed, tmp_path / "again")
 
 

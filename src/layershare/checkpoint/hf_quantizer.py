@@ -124,12 +124,14 @@ class LayershareQuantizer(HfQuantizer):
         from layershare.runtime.forms import to_runtime
 
         if self.entry.get("quant"):
-            from layershare.quant.model import dequantize_model
+            from layershare.quant.model import dequantize_model, drop_codes
 
             dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
             where = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
             packed = pack_quantized(model, self.entry["quant"], self.quantization_config.runtime, where)
             dequantize_model(model, without_tensors(self.entry["quant"], packed), dtype)
+            if packed:  # not saved again (check_not_merged): the dequantized tensors' codes are not needed
+                drop_codes(model, without_tensors(self.entry["quant"], packed))
             model.layershare_quant = self.entry["quant"]
         tie_modules(model, self.entry)
         still_meta = [n for n, p in list(model.named_parameters()) + list(model.named_buffers())

@@ -188,15 +188,15 @@ def tie_modules(model: nn.Module, entry: dict) -> None:
 
 
 def pack_quantized(model: nn.Module, qentry: dict, runtime: str, device) -> set[str]:
-    """With runtime "auto" on the CPU, the quantized linears the int4 kernel runs stay packed
-    (runtime/quantized.py); returns their tensors' names. The model then refuses to be saved, as
+    """With runtime "auto" on the CPU, the quantized linears the int4 kernel runs, and the quantized
+    V values the bitmask kernels run, stay packed (runtime/quantized.py); returns their tensors' names. The model then refuses to be saved, as
     a merged one does (load with another runtime to save or fine-tune it). Loaded for another
     device, they are dequantized (the kernel is the CPU's)."""
     if runtime != "auto" or torch.device(device).type != "cpu":
         return set()
-    from layershare.runtime.quantized import pack_linears
+    from layershare.runtime.quantized import pack_linears, pack_values
 
-    packed = pack_linears(model, qentry)
+    packed = pack_linears(model, qentry) | pack_values(model, qentry)
     model.layershare_packed = len(packed)
     return packed
 
@@ -277,10 +277,12 @@ def load_compressed(path: str | Path, device: str = "cpu", dtype: torch.dtype | 
         raise CheckpointError(f"{str(path)!r}: unexpected tensors {result.unexpected_keys[:5]}")
     del sd
     if entry.get("quant"):
-        from layershare.quant.model import dequantize_model
+        from layershare.quant.model import dequantize_model, drop_codes
 
         packed = pack_quantized(model, entry["quant"], runtime, device)
         dequantize_model(model, without_tensors(entry["quant"], packed), dtype or torch.float32)
+        if packed:  # such a model is not saved again: the dequantized tensors' codes are not needed
+            drop_codes(model, without_tensors(entry["quant"], packed))
         model.layershare_quant = entry["quant"]
     if hasattr(model, "tie_weights"):
         model.tie_weights()

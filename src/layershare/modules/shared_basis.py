@@ -18,7 +18,9 @@ A layer is in one form at a time (`form`):
   kernel   a sparse V as in compact (the same two buffers) plus a small index computed at load
            (`V_offsets`, not saved); products by the native kernels of runtime/kernels, straight
            from the packed form (up to 8 rows of activations; more: V expanded into a scratch
-           buffer and a dense GEMM), so smaller and faster than dense at once
+           buffer and a dense GEMM), so smaller and faster than dense at once. A quantized V's
+           values may stay codes here (`Vq_codes`, `Vq_scales`, `Vq_zeros`: ops.QuantValues,
+           dequantized inside the kernels; runtime/quantized.pack_values)
 `pack()` freezes a tuned layer into compact form; runtime.py converts between forms and to
 `merged` (plain nn.Linear layers holding W = U V_i).
 """
@@ -162,11 +164,38 @@ class SharedBasisLinear(nn.Module):
             return torch.zeros_like(V).masked_scatter(keep, fake_quantize(V.masked_select(keep), self.fake_quant))
         return fake_quantize(V.t(), self.fake_quant).t() if self.role == IN else fake_quantize(V, self.fake_quant)
 
+    # not f"{attr}_q{suffix}" (quant/model.py's names for a file's codes: a dense V's are "V_qcodes")
+    QUANT_BUFFERS = ("Vq_codes", "Vq_scales", "Vq_zeros")
+
+    def stored_values(self):
+        """A sparse compact/kernel layer's kept values: the `V_values` tensor, or an ops.QuantValues
+        when they are held as codes (set_quant_values)."""
+        if "V_values" in self._buffers or not hasattr(self, "_vq"):
+            return self.V_values
+        from layershare.runtime.kernels.ops import QuantValues
+
+        return QuantValues(*(self._buffers[k] for k in self.QUANT_BUFFERS), *self._vq)
+
+    def set_quant_values(self, qv) -> None:
+        """Hold the kept values as codes (an ops.QuantValues) instead of `V_values` (kernel or
+        compact form; the buffers are not saved: such a model runs, it is not saved again)."""
+        if not self.sparse or self.form not in ("compact", "kernel"):
+            raise ValueError("only a sparse V in the compact or kernel form holds its values as codes")
+        kept = int(unpack_bits(self.V_mask, self.v_shape).sum())
+        if qv.n != kept:
+            raise ValueError(f"{qv.n} codes for the {kept} entries V's bitmask keeps")
+        self._buffers.pop("V_values", None)
+        for k, t in zip(self.QUANT_BUFFERS, (qv.codes, qv.scales, qv.zeros)):
+            self.register_buffer(k, t, persistent=False)
+        self._vq = (qv.bits, qv.group, qv.n)
+
     def _rebuild_V(self) -> torch.Tensor:
         if not self.sparse:
             return self.V
-        V = self.V_values.new_zeros(self.v_shape)
-        return V.masked_scatter_(unpack_bits(self.V_mask, self.v_shape), self.V_values)  # 2x index_put's speed
+        values = self.stored_values()
+        values = values if isinstance(values, torch.Tensor) else values.dequantize()
+        V = values.new_zeros(self.v_shape)
+        return V.masked_scatter_(unpack_bits(self.V_mask, self.v_shape), values)  # 2x index_put's speed
 
     def _csr_forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -183,7 +212,7 @@ class SharedBasisLinear(nn.Module):
     def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         from layershare.runtime.kernels import ops
 
-        packed = (self.V_values, self.V_mask, self.V_offsets)
+        packed = (self.stored_values(), self.V_mask, self.V_offsets)
         if self.role == IN:
             y = ops.in_product(self.basis.project(x), *packed, self.v_shape[1])
         else:
@@ -203,7 +232,8 @@ class SharedBasisLinear(nn.Module):
         return self._rebuild_V().detach()
 
     def _clear(self) -> None:
-        for name in ("V", "V_values", "V_mask", "V_offsets", "mask"):
+        self.__dict__.pop("_vq", None)
+        for name in ("V", "V_values", "V_mask", "V_offsets", "mask", *self.QUANT_BUFFERS):
             if name in self._parameters:
                 del self._parameters[name]
             if name in self._buffers:
@@ -350,7 +380,7 @@ class SharedBasisLinear(nn.Module):
 
     def nnz(self) -> int:
         if self.form in ("compact", "kernel") and self.sparse:
-            return int(self.V_values.numel())
+            return int(self.V_values.numel()) if "V_values" in self._buffers else self._vq[2]
         if self.form == "csr":
             return int(self.V_csr.values().numel())
         return int((self.dense_V() != 0).sum()) if self.sparse else self.v_shape[0] * self.v_shape[1]

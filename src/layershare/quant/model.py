@@ -184,3 +184,13 @@ def dequantize_model(model: nn.Module, qentry: dict, dtype: torch.dtype = torch.
             owner._parameters[attr] = nn.Parameter(w, requires_grad=False)
         else:
             owner._buffers[attr] = w
+
+
+def drop_codes(model: nn.Module, qentry: dict) -> None:
+    """Free the packed buffers of tensors that `dequantize_model` rebuilt, for a model that cannot be
+    saved again anyway (some of its quantized tensors were kept packed for the low-bit kernels):
+    the float tensors are all it computes with."""
+    for name in qentry["tensors"]:
+        owner, attr = _owner(model, name)
+        for s in SUFFIXES:
+            owner._buffers.pop(f"{attr}_q{s}", None)

@@ -81,8 +81,14 @@ def kernel_is_smaller(shared: nn.Module, layers: list[nn.Module]) -> bool:
     kernel = d * r * item
     for m in layers:
         h = m.v_shape[1]
-        value_item = m.V_values.element_size() if "V_values" in m._buffers else item
-        kernel += m.nnz() * value_item + (r * h + 7) // 8 + r * -(-h // BLOCK) * 4  # values, bitmask, int32 index
+        values = m.stored_values() if m.form in ("compact", "kernel") else None
+        if values is None:
+            value_bytes = m.nnz() * item
+        elif isinstance(values, torch.Tensor):
+            value_bytes = m.nnz() * values.element_size()
+        else:  # codes (ops.QuantValues)
+            value_bytes = values.nbytes()
+        kernel += value_bytes + (r * h + 7) // 8 + r * -(-h // BLOCK) * 4  # values, bitmask, int32 index
     return kernel < sum(d * m.v_shape[1] * item for m in layers)
 
 
@@ -137,8 +143,8 @@ def _convert(model: nn.Module, runtime: str, stored: torch.dtype | None = None) 
 def narrow_values(layer: SharedBasisLinear, stored: torch.dtype | None) -> None:
     """A kernel-form layer's V values back at the narrower `stored` dtype, if they round-trip
     exactly (values read from a 16-bit file; not dequantized codes, which need not)."""
-    values = layer.V_values
-    if stored is None or not stored.is_floating_point or stored.itemsize >= values.element_size():
+    values = layer.stored_values()
+    if not isinstance(values, torch.Tensor) or stored is None or not stored.is_floating_point or stored.itemsize >= values.element_size():
         return
     narrow = values.to(stored)
     if torch.equal(narrow.to(values.dtype), values):

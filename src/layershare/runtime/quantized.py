@@ -14,7 +14,9 @@ Both compute W = (code - zero) * scale with the scale rounded to bfloat16 (the k
 a relative change of at most 2**-9 per group against the float16 scale the file stores, the same
 in both paths (asymmetric 4-bit grids also round their offset). The kernel needs the output size to be a multiple of 16 and a group size (32, 64,
 128 or 256) dividing both ours and the input size; a linear that does not fit, GPT-2's Conv1D,
-the shared bases and the V values of compressed layers are dequantized as before. The packed
+the shared bases are dequantized as before. The V values of sparse compressed layers stay codes
+too (`pack_values`): the bitmask kernels dequantize them as they read them (runtime/kernels/ops.py,
+QuantValues), exactly to the float32 values dequantization gives. The packed
 layout is PyTorch's; `_layout_ok` checks once per process that we read it back exactly, and the
 path is not used if not.
 """
@@ -157,5 +159,36 @@ def pack_linears(model: nn.Module, qentry: dict) -> set[str]:
         zeros = q.zeros if q.zeros is not None else torch.full_like(q.scales, 2 ** (spec.bits - 1), dtype=torch.uint8)
         bias = owner.bias.detach() if owner.bias is not None else None
         set_path(model, path, Int4Linear.from_codes(q.codes, q.scales, zeros, spec.group_size, spec.bits, bias))
+        taken.add(name)
+    return taken
+
+
+def pack_values(model: nn.Module, qentry: dict) -> set[str]:
+    """Keep the quantized values of each sparse FiPS layer's V as codes (ops.QuantValues: 4-bit codes
+    two a byte, 8-bit one a byte; float32 group scales and zero points) when the native kernels are
+    built and the grid's group is a power of two >= 16. Returns the tensors' names it took (the
+    rest are dequantized by the caller). CPU models only."""
+    from layershare.modules.shared_basis import SharedBasisLinear
+    from layershare.runtime.kernels import ops
+
+    if not ops.available():
+        return set()
+    taken = set()
+    for name, t in qentry["tensors"].items():
+        path, _, attr = name.rpartition(".")
+        owner = model.get_submodule(path)
+        if attr != "V_values" or not isinstance(owner, SharedBasisLinear) or not owner.sparse:
+            continue
+        bufs = {f"q.{s}": owner._buffers[f"V_values_q{s}"] for s in SUFFIXES if f"V_values_q{s}" in owner._buffers}
+        if any(b.device.type != "cpu" for b in bufs.values()):
+            continue
+        spec = spec_of(qentry, name)
+        q = from_tensors(bufs, "q", spec, tuple(t["shape"]))
+        qv = ops.QuantValues.from_codes(q.codes, q.scales, q.zeros, spec.bits, spec.group_size)
+        if qv is None:
+            continue
+        owner.set_quant_values(qv)
+        for k in bufs:
+            owner._buffers.pop("V_values_" + k.replace(".", ""), None)
         taken.add(name)
     return taken

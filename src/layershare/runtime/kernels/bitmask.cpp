@@ -9,6 +9,9 @@
 //   bitmask_in(z, ...)         z @ V    (z: N x r float32 -> N x h), in parallel over column blocks
 //   bitmask_out(x, ...)        x @ V^T  (x: N x h float32 -> N x r), in parallel over rows of V
 //   bitmask_expand(..., out)   out = V  (r x h float32, written in place), in parallel over rows
+//   bitmask_in_q / bitmask_out_q / bitmask_expand_q (codes, scales, zeros, bits, group, n, ...)
+//                              the same with the kept values held as integer codes (ops.QuantValues):
+//                              value p = (code[p] - zeros[p / group]) * scales[p / group] in float32
 //   bitmask_isa(use)           the path that runs ("avx512", "avx2" or "portable"); `use` switches
 //                              it (tests compare the paths)
 //
@@ -54,6 +57,18 @@ constexpr int64_t kGrainEntries = 32768;  // entries of V per parallel task, at 
 constexpr int64_t kAccFloats = 16384;     // the in-product's accumulators per task: 64 KiB (L1/L2)
 
 // ---- V as the kernels read it -----------------------------------------------------------------
+// Value types besides float32/bfloat16/float16: integer codes on a group-wise grid (quant/grid.py),
+// value p = (code[p] - zero[g]) * scale[g] with g = p >> gshift, in float32 (the arithmetic of
+// grid.decode, so the products see exactly the dequantized V). Q8: one code per byte; Q4: two per
+// byte, code p in the low nibble of byte p/2 when p is even (quant/pack.py's order).
+struct Q4 {};
+struct Q8 {};
+template <typename T>
+constexpr bool kQuant = std::is_same<T, Q4>::value || std::is_same<T, Q8>::value;
+// codes the vector loads may read past a block's last value (Q4: a whole 8-byte word; Q8: 16 bytes)
+template <typename T>
+constexpr int64_t kReach = kQuant<T> ? 16 : 0;
+
 template <typename T>
 struct SparseV {
   const T* values;
@@ -62,6 +77,11 @@ struct SparseV {
   int64_t nbytes;
   const int32_t* offsets;
   int64_t r, h, nb;
+  // quantized values (T = Q4 or Q8; `values` unused): codes, per-group scales and zero points
+  const uint8_t* codes = nullptr;
+  const float* qscale = nullptr;
+  const float* qzero = nullptr;
+  int gshift = 0;
 
   LS_INLINE int64_t width(int64_t b) const { return std::min(kBlock, h - b * kBlock); }
 
@@ -91,7 +111,23 @@ struct SparseV {
 
   LS_INLINE int64_t start(int64_t i, int64_t b) const { return offsets[i * nb + b]; }
 
-  LS_INLINE float value(int64_t p) const { return p >= 0 && p < nnz ? static_cast<float>(values[p]) : 0.f; }
+  LS_INLINE int code(int64_t p) const {
+    if constexpr (std::is_same<T, Q4>::value) return (codes[p >> 1] >> ((p & 1) * 4)) & 15;
+    else return codes[p];
+  }
+
+  LS_INLINE float value(int64_t p) const {
+    if (p < 0 || p >= nnz) return 0.f;
+    if constexpr (kQuant<T>) {
+      const int64_t g = p >> gshift;
+      return (static_cast<float>(code(p)) - qzero[g]) * qscale[g];
+    } else {
+      return static_cast<float>(values[p]);
+    }
+  }
+
+  // whether every vector load of a block whose values start at p lies inside the buffers
+  LS_INLINE bool inside(int64_t p) const { return p >= 0 && p + kBlock + kReach<T> <= nnz; }
 };
 
 // ---- portable path ---------------------------------------------------------------------------
@@ -200,10 +236,27 @@ LS_AVX2 LS_INLINE __m256 load8(const c10::Half* p) {
 // values[p : p+count] in lanes 0..count-1 (the other lanes are unused), reading only inside the buffer.
 template <typename T>
 LS_AVX2 LS_COLD __m256 load_near_end(const SparseV<T>& v, int64_t p, int count) {
-  T tail[8] = {};
-  for (int k = 0; k < count; ++k)
-    if (p + k >= 0 && p + k < v.nnz) tail[k] = v.values[p + k];
+  float tail[8] = {};
+  for (int k = 0; k < count; ++k) tail[k] = v.value(p + k);
   return load8(tail);
+}
+
+// Values q..q+7 (q a multiple of 8, so one group: groups are multiples of 16 long) decoded to
+// float32: (code - zero) * scale, as grid.decode computes them.
+LS_AVX2 LS_INLINE __m256i codes8(const SparseV<Q8>& v, int64_t q) {
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(v.codes + q)));
+}
+LS_AVX2 LS_INLINE __m256i codes8(const SparseV<Q4>& v, int64_t q) {  // 4 bytes, low nibble first
+  uint32_t w;
+  std::memcpy(&w, v.codes + (q >> 1), 4);
+  const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+  return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(w)), shifts), _mm256_set1_epi32(15));
+}
+template <typename T>
+LS_AVX2 LS_INLINE __m256 decode8(const SparseV<T>& v, int64_t q) {
+  const int64_t g = q >> v.gshift;
+  const __m256 c = _mm256_cvtepi32_ps(codes8(v, q));
+  return _mm256_mul_ps(_mm256_sub_ps(c, _mm256_set1_ps(v.qzero[g])), _mm256_set1_ps(v.qscale[g]));
 }
 
 // The chunk of 8 columns whose mask byte is m: its packed values moved to their columns, 0 elsewhere.
@@ -216,14 +269,27 @@ LS_AVX2 LS_INLINE __m256 spread(__m256 packed, unsigned m) {
 // row's values starting at p, which moves on to the next block's.
 template <typename T, typename F>
 LS_AVX2 LS_INLINE void each_chunk(const SparseV<T>& v, uint64_t bits, int64_t& p, F&& f) {
-  if (p >= 0 && p + kBlock <= v.nnz) {  // every 8-value load of the block lies inside the buffer
+  if (v.inside(p)) {  // every 8-value load of the block lies inside the buffer
+    const std::conditional_t<kQuant<T>, float, T>* src;  // the block's values
+    int64_t at = 0;
+    alignas(32) float buf[kBlock + 16];
+    if constexpr (kQuant<T>) {  // the block's codes decoded first, 8 at a time from a multiple of 8
+      const int64_t q0 = p & ~int64_t{7}, end = p + __builtin_popcountll(bits);
+      for (int64_t q = q0; q < end; q += 8) _mm256_store_ps(buf + (q - q0), decode8(v, q));
+      src = buf;
+      at = p - q0;
+    } else {
+      src = v.values + p;
+    }
+    const int64_t first = at;
 #pragma GCC unroll 8
     for (int t = 0; t < 8; ++t) {
       const unsigned m = static_cast<unsigned>(bits >> 56);
       bits <<= 8;
-      f(t, spread(load8(v.values + p), m));
-      p += __builtin_popcount(m);
+      f(t, spread(load8(src + at), m));
+      at += __builtin_popcount(m);
     }
+    p += at - first;
     return;
   }
   for (int t = 0; t < 8; ++t) {  // near the ends of the buffer
@@ -338,10 +404,28 @@ LS_AVX512 LS_INLINE __m512 load16(const c10::Half* p) {
 
 template <typename T>
 LS_AVX512 LS_COLD __m512 load16_near_end(const SparseV<T>& v, int64_t p, int count) {
-  T tail[16] = {};
-  for (int k = 0; k < count; ++k)
-    if (p + k >= 0 && p + k < v.nnz) tail[k] = v.values[p + k];
+  float tail[16] = {};
+  for (int k = 0; k < count; ++k) tail[k] = v.value(p + k);
   return load16(tail);
+}
+
+// Values q..q+15 (q a multiple of 16: one group) decoded to float32 (decode8's arithmetic).
+LS_AVX512 LS_INLINE __m512i codes16(const SparseV<Q8>& v, int64_t q) {
+  return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v.codes + q)));
+}
+LS_AVX512 LS_INLINE __m512i codes16(const SparseV<Q4>& v, int64_t q) {  // 8 bytes, low nibble first
+  uint64_t w;
+  std::memcpy(&w, v.codes + (q >> 1), 8);
+  const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32(static_cast<int>(w))),
+                                          _mm256_set1_epi32(static_cast<int>(w >> 32)), 1);
+  const __m512i shifts = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28);
+  return _mm512_and_si512(_mm512_srlv_epi32(both, shifts), _mm512_set1_epi32(15));
+}
+template <typename T>
+LS_AVX512 LS_INLINE __m512 decode16(const SparseV<T>& v, int64_t q) {
+  const int64_t g = q >> v.gshift;
+  const __m512 c = _mm512_cvtepi32_ps(codes16(v, q));
+  return _mm512_mul_ps(_mm512_sub_ps(c, _mm512_set1_ps(v.qzero[g])), _mm512_set1_ps(v.qscale[g]));
 }
 
 // The chunk of 16 columns whose mask bytes are lo (columns 0-7) and hi (8-15): its packed values
@@ -360,14 +444,27 @@ LS_AVX512 LS_INLINE __m512 spread16(__m512 packed, unsigned lo, unsigned hi) {
 // row's values starting at p, which moves on to the next block's.
 template <typename T, typename F>
 LS_AVX512 LS_INLINE void each_chunk16(const SparseV<T>& v, uint64_t bits, int64_t& p, F&& f) {
-  if (p >= 0 && p + kBlock <= v.nnz) {  // every 16-value load of the block lies inside the buffer
+  if (v.inside(p)) {  // every 16-value load of the block lies inside the buffer
+    const std::conditional_t<kQuant<T>, float, T>* src;  // the block's values
+    int64_t at = 0;
+    alignas(64) float buf[kBlock + 32];
+    if constexpr (kQuant<T>) {  // the block's codes decoded first, 16 at a time from a multiple of 16
+      const int64_t q0 = p & ~int64_t{15}, end = p + __builtin_popcountll(bits);
+      for (int64_t q = q0; q < end; q += 16) _mm512_store_ps(buf + (q - q0), decode16(v, q));
+      src = buf;
+      at = p - q0;
+    } else {
+      src = v.values + p;
+    }
+    const int64_t first = at;
 #pragma GCC unroll 4
     for (int t = 0; t < 4; ++t) {
       const unsigned lo = static_cast<unsigned>(bits >> 56), hi = static_cast<unsigned>(bits >> 48) & 0xFF;
       bits <<= 16;
-      f(t, spread16(load16(v.values + p), lo, hi));
-      p += __builtin_popcount(lo) + __builtin_popcount(hi);
+      f(t, spread16(load16(src + at), lo, hi));
+      at += __builtin_popcount(lo) + __builtin_popcount(hi);
     }
+    p += at - first;
     return;
   }
   for (int t = 0; t < 4; ++t) {
@@ -522,13 +619,10 @@ void check_float_matrix(const at::Tensor& t, const char* name) {
               t.scalar_type());
 }
 
-template <typename T>
-SparseV<T> sparse_v(const at::Tensor& values, const at::Tensor& mask, const at::Tensor& offsets, int64_t r,
-                    int64_t h) {
+// The mask and offsets of a V of shape (r, h), checked; returns nb (blocks of 64 columns per row).
+int64_t check_mask_offsets(const at::Tensor& mask, const at::Tensor& offsets, int64_t r, int64_t h) {
   TORCH_CHECK(h >= 0, "bitmask ops: h must be >= 0, got ", h);
   const int64_t nb = (h + kBlock - 1) / kBlock;
-  TORCH_CHECK(values.device().is_cpu() && values.dim() == 1 && values.is_contiguous(),
-              "bitmask ops: values must be a contiguous 1-D CPU tensor");
   TORCH_CHECK(mask.device().is_cpu() && mask.dim() == 1 && mask.scalar_type() == at::kByte && mask.is_contiguous(),
               "bitmask ops: mask must be a contiguous 1-D uint8 CPU tensor");
   TORCH_CHECK(mask.numel() == (r * h + 7) / 8, "bitmask ops: mask has ", mask.numel(), " bytes, expected ",
@@ -537,37 +631,141 @@ SparseV<T> sparse_v(const at::Tensor& values, const at::Tensor& mask, const at::
                   offsets.dim() == 2 && offsets.size(0) == r && offsets.size(1) == nb,
               "bitmask ops: offsets must be a contiguous int32 tensor of shape (", r, ", ", nb, "), got ",
               offsets.sizes(), " ", offsets.scalar_type());
+  return nb;
+}
+
+template <typename T>
+SparseV<T> sparse_v(const at::Tensor& values, const at::Tensor& mask, const at::Tensor& offsets, int64_t r,
+                    int64_t h) {
+  const int64_t nb = check_mask_offsets(mask, offsets, r, h);
+  TORCH_CHECK(values.device().is_cpu() && values.dim() == 1 && values.is_contiguous(),
+              "bitmask ops: values must be a contiguous 1-D CPU tensor");
   return SparseV<T>{values.const_data_ptr<T>(), values.numel(), mask.const_data_ptr<uint8_t>(), mask.numel(),
                     offsets.const_data_ptr<int32_t>(), r, h, nb};
 }
 
+// The quantized values' V: `codes` (uint8: two codes a byte when bits <= 4, else one), `scales` and
+// `zeros` (float32, one per group of `group` values; group a power of two >= 16), `n` values.
+template <typename T>
+SparseV<T> sparse_qv(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& zeros, int64_t group,
+                     int64_t n, const at::Tensor& mask, const at::Tensor& offsets, int64_t r, int64_t h) {
+  TORCH_CHECK(group >= 16 && (group & (group - 1)) == 0, "bitmask ops: group must be a power of two >= 16, got ",
+              group);
+  TORCH_CHECK(n >= 0, "bitmask ops: n must be >= 0, got ", n);
+  const int64_t bytes = std::is_same<T, Q4>::value ? (n + 1) / 2 : n, groups = (n + group - 1) / group;
+  TORCH_CHECK(codes.device().is_cpu() && codes.dim() == 1 && codes.scalar_type() == at::kByte &&
+                  codes.is_contiguous() && codes.numel() == bytes,
+              "bitmask ops: codes must be a contiguous 1-D uint8 CPU tensor of ", bytes, " bytes, got ",
+              codes.sizes(), " ", codes.scalar_type());
+  for (const at::Tensor* t : {&scales, &zeros})
+    TORCH_CHECK(t->device().is_cpu() && t->dim() == 1 && t->scalar_type() == at::kFloat && t->is_contiguous() &&
+                    t->numel() == groups,
+                "bitmask ops: scales and zeros must be contiguous 1-D float32 CPU tensors of ", groups,
+                " entries, got ", t->sizes(), " ", t->scalar_type());
+  const int64_t nb = check_mask_offsets(mask, offsets, r, h);
+  SparseV<T> v{nullptr, n, mask.const_data_ptr<uint8_t>(), mask.numel(), offsets.const_data_ptr<int32_t>(), r, h, nb};
+  v.codes = codes.const_data_ptr<uint8_t>();
+  v.qscale = scales.const_data_ptr<float>();
+  v.qzero = zeros.const_data_ptr<float>();
+  v.gshift = __builtin_ctzll(static_cast<uint64_t>(group));
+  return v;
+}
+
+// f(Q4{} or Q8{}) by the codes' width
+template <typename F>
+void with_code_type(int64_t bits, F&& f) {
+  TORCH_CHECK(bits == 4 || bits == 8, "bitmask ops: bits must be 4 (two codes a byte) or 8, got ", bits);
+  if (bits == 4) return f(Q4{});
+  return f(Q8{});
+}
+
 int64_t grain(int64_t entries_per_task) { return std::max<int64_t>(1, kGrainEntries / std::max<int64_t>(1, entries_per_task)); }
+
+template <typename T>
+at::Tensor in_impl(const at::Tensor& z, const SparseV<T>& v) {
+  const int64_t N = z.size(0), r = v.r, h = v.h;
+  at::Tensor y = at::empty({N, h}, z.options());
+  const int isa = g_isa;
+  for (int64_t n0 = 0; n0 < N; n0 += kMaxRows) {
+    const int64_t rows = std::min(kMaxRows, N - n0);
+    const at::Tensor zt = z.narrow(0, n0, rows).t().contiguous();  // r x rows: one row of V's weights together
+    const float* zp = zt.const_data_ptr<float>();
+    float* yp = y.data_ptr<float>() + n0 * h;
+    at::parallel_for(0, v.nb, grain(r * kBlock), [&](int64_t b0, int64_t b1) {
+#if LS_X86
+      if (isa == kAvx512)
+        return with_rows(rows, [&](auto n) { in_blocks_avx512<T, decltype(n)::value>(v, zp, b0, b1, yp, h); });
+      if (isa == kAvx2)
+        return with_rows(rows, [&](auto n) { in_blocks_avx2<T, decltype(n)::value>(v, zp, b0, b1, yp, h); });
+#endif
+      for (int64_t b = b0; b < b1; ++b) in_block_portable(v, zp, rows, b, yp, h);
+    });
+  }
+  (void)isa;
+  return y;
+}
+
+template <typename T>
+at::Tensor out_impl(const at::Tensor& x, const SparseV<T>& v) {
+  const int64_t N = x.size(0), h = v.h, r = v.r;
+  at::Tensor out = at::empty({N, r}, x.options());
+  const int isa = g_isa;
+  // the vector paths read x in whole blocks: a copy zero-padded to nb*64 columns
+  const at::Tensor xp = isa != kPortable ? at::constant_pad_nd(x, {0, v.nb * kBlock - h}) : x;
+  const int64_t ldx = xp.size(1);
+  for (int64_t n0 = 0; n0 < N; n0 += kMaxRows) {
+    const int64_t rows = std::min(kMaxRows, N - n0);
+    const float* xg = xp.const_data_ptr<float>() + n0 * ldx;
+    float* og = out.data_ptr<float>() + n0 * r;
+    at::parallel_for(0, r, grain(h), [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+#if LS_X86
+        if (isa == kAvx512) {
+          with_rows(rows, [&](auto n) { out_row_avx512<T, decltype(n)::value>(v, xg, ldx, i, og, r); });
+          continue;
+        }
+        if (isa == kAvx2) {
+          with_rows(rows, [&](auto n) { out_row_avx2<T, decltype(n)::value>(v, xg, ldx, i, og, r); });
+          continue;
+        }
+#endif
+        out_row_portable(v, xg, ldx, rows, i, og, r);
+      }
+    });
+  }
+  return out;
+}
+
+template <typename T>
+void expand_impl(const at::Tensor& out, const SparseV<T>& v) {
+  const int64_t r = v.r, h = v.h;
+  const int isa = g_isa;
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, r, grain(h), [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+#if LS_X86
+      if (isa == kAvx512) {
+        expand_row_avx512(v, i, o + i * h);
+        continue;
+      }
+      if (isa == kAvx2) {
+        expand_row_avx2(v, i, o + i * h);
+        continue;
+      }
+#endif
+      expand_row_portable(v, i, o + i * h);
+    }
+  });
+  (void)isa;
+}
 
 at::Tensor bitmask_in(const at::Tensor& z, const at::Tensor& values, const at::Tensor& mask, const at::Tensor& offsets,
                       int64_t h) {
   check_float_matrix(z, "z");
-  const int64_t N = z.size(0), r = z.size(1);
-  at::Tensor y = at::empty({N, h}, z.options());
+  at::Tensor y;
   with_value_type(values, [&](auto tag) {
     using T = decltype(tag);
-    const SparseV<T> v = sparse_v<T>(values, mask, offsets, r, h);
-    const int isa = g_isa;
-    for (int64_t n0 = 0; n0 < N; n0 += kMaxRows) {
-      const int64_t rows = std::min(kMaxRows, N - n0);
-      const at::Tensor zt = z.narrow(0, n0, rows).t().contiguous();  // r x rows: one row of V's weights together
-      const float* zp = zt.const_data_ptr<float>();
-      float* yp = y.data_ptr<float>() + n0 * h;
-      at::parallel_for(0, v.nb, grain(r * kBlock), [&](int64_t b0, int64_t b1) {
-#if LS_X86
-        if (isa == kAvx512)
-          return with_rows(rows, [&](auto n) { in_blocks_avx512<T, decltype(n)::value>(v, zp, b0, b1, yp, h); });
-        if (isa == kAvx2)
-          return with_rows(rows, [&](auto n) { in_blocks_avx2<T, decltype(n)::value>(v, zp, b0, b1, yp, h); });
-#endif
-        for (int64_t b = b0; b < b1; ++b) in_block_portable(v, zp, rows, b, yp, h);
-      });
-    }
-    (void)isa;
+    y = in_impl(z, sparse_v<T>(values, mask, offsets, z.size(1), h));
   });
   return y;
 }
@@ -575,35 +773,11 @@ at::Tensor bitmask_in(const at::Tensor& z, const at::Tensor& values, const at::T
 at::Tensor bitmask_out(const at::Tensor& x, const at::Tensor& values, const at::Tensor& mask,
                        const at::Tensor& offsets) {
   check_float_matrix(x, "x");
-  const int64_t N = x.size(0), h = x.size(1), r = offsets.dim() == 2 ? offsets.size(0) : 0;
-  at::Tensor out = at::empty({N, r}, x.options());
+  const int64_t r = offsets.dim() == 2 ? offsets.size(0) : 0;
+  at::Tensor out;
   with_value_type(values, [&](auto tag) {
     using T = decltype(tag);
-    const SparseV<T> v = sparse_v<T>(values, mask, offsets, r, h);
-    const int isa = g_isa;
-    // the vector paths read x in whole blocks: a copy zero-padded to nb*64 columns
-    const at::Tensor xp = isa != kPortable ? at::constant_pad_nd(x, {0, v.nb * kBlock - h}) : x;
-    const int64_t ldx = xp.size(1);
-    for (int64_t n0 = 0; n0 < N; n0 += kMaxRows) {
-      const int64_t rows = std::min(kMaxRows, N - n0);
-      const float* xg = xp.const_data_ptr<float>() + n0 * ldx;
-      float* og = out.data_ptr<float>() + n0 * r;
-      at::parallel_for(0, r, grain(h), [&](int64_t i0, int64_t i1) {
-        for (int64_t i = i0; i < i1; ++i) {
-#if LS_X86
-          if (isa == kAvx512) {
-            with_rows(rows, [&](auto n) { out_row_avx512<T, decltype(n)::value>(v, xg, ldx, i, og, r); });
-            continue;
-          }
-          if (isa == kAvx2) {
-            with_rows(rows, [&](auto n) { out_row_avx2<T, decltype(n)::value>(v, xg, ldx, i, og, r); });
-            continue;
-          }
-#endif
-          out_row_portable(v, xg, ldx, rows, i, og, r);
-        }
-      });
-    }
+    out = out_impl(x, sparse_v<T>(values, mask, offsets, r, x.size(1)));
   });
   return out;
 }
@@ -611,28 +785,44 @@ at::Tensor bitmask_out(const at::Tensor& x, const at::Tensor& values, const at::
 void bitmask_expand(const at::Tensor& values, const at::Tensor& mask, const at::Tensor& offsets,
                     const at::Tensor& out) {
   check_float_matrix(out, "out");
-  const int64_t r = out.size(0), h = out.size(1);
   with_value_type(values, [&](auto tag) {
     using T = decltype(tag);
-    const SparseV<T> v = sparse_v<T>(values, mask, offsets, r, h);
-    const int isa = g_isa;
-    float* o = out.data_ptr<float>();
-    at::parallel_for(0, r, grain(h), [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-#if LS_X86
-        if (isa == kAvx512) {
-          expand_row_avx512(v, i, o + i * h);
-          continue;
-        }
-        if (isa == kAvx2) {
-          expand_row_avx2(v, i, o + i * h);
-          continue;
-        }
-#endif
-        expand_row_portable(v, i, o + i * h);
-      }
-    });
-    (void)isa;
+    expand_impl(out, sparse_v<T>(values, mask, offsets, out.size(0), out.size(1)));
+  });
+}
+
+at::Tensor bitmask_in_q(const at::Tensor& z, const at::Tensor& codes, const at::Tensor& scales,
+                        const at::Tensor& zeros, int64_t bits, int64_t group, int64_t n, const at::Tensor& mask,
+                        const at::Tensor& offsets, int64_t h) {
+  check_float_matrix(z, "z");
+  at::Tensor y;
+  with_code_type(bits, [&](auto tag) {
+    using T = decltype(tag);
+    y = in_impl(z, sparse_qv<T>(codes, scales, zeros, group, n, mask, offsets, z.size(1), h));
+  });
+  return y;
+}
+
+at::Tensor bitmask_out_q(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
+                         const at::Tensor& zeros, int64_t bits, int64_t group, int64_t n, const at::Tensor& mask,
+                         const at::Tensor& offsets) {
+  check_float_matrix(x, "x");
+  const int64_t r = offsets.dim() == 2 ? offsets.size(0) : 0;
+  at::Tensor out;
+  with_code_type(bits, [&](auto tag) {
+    using T = decltype(tag);
+    out = out_impl(x, sparse_qv<T>(codes, scales, zeros, group, n, mask, offsets, r, x.size(1)));
+  });
+  return out;
+}
+
+void bitmask_expand_q(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& zeros, int64_t bits,
+                      int64_t group, int64_t n, const at::Tensor& mask, const at::Tensor& offsets,
+                      const at::Tensor& out) {
+  check_float_matrix(out, "out");
+  with_code_type(bits, [&](auto tag) {
+    using T = decltype(tag);
+    expand_impl(out, sparse_qv<T>(codes, scales, zeros, group, n, mask, offsets, out.size(0), out.size(1)));
   });
 }
 
@@ -642,6 +832,12 @@ TORCH_LIBRARY(layershare, m) {
   m.def("bitmask_in(Tensor z, Tensor values, Tensor mask, Tensor offsets, int h) -> Tensor");
   m.def("bitmask_out(Tensor x, Tensor values, Tensor mask, Tensor offsets) -> Tensor");
   m.def("bitmask_expand(Tensor values, Tensor mask, Tensor offsets, Tensor(a!) out) -> ()");
+  m.def("bitmask_in_q(Tensor z, Tensor codes, Tensor scales, Tensor zeros, int bits, int group, int n, Tensor mask, "
+        "Tensor offsets, int h) -> Tensor");
+  m.def("bitmask_out_q(Tensor x, Tensor codes, Tensor scales, Tensor zeros, int bits, int group, int n, Tensor mask, "
+        "Tensor offsets) -> Tensor");
+  m.def("bitmask_expand_q(Tensor codes, Tensor scales, Tensor zeros, int bits, int group, int n, Tensor mask, "
+        "Tensor offsets, Tensor(a!) out) -> ()");
   m.def("bitmask_isa(str? use=None) -> str", &bitmask_isa);
 }
 
@@ -649,4 +845,7 @@ TORCH_LIBRARY_IMPL(layershare, CPU, m) {
   m.impl("bitmask_in", &bitmask_in);
   m.impl("bitmask_out", &bitmask_out);
   m.impl("bitmask_expand", &bitmask_expand);
+  m.impl("bitmask_in_q", &bitmask_in_q);
+  m.impl("bitmask_out_q", &bitmask_out_q);
+  m.impl("bitmask_expand_q", &bitmask_expand_q);
 }

@@ -16,6 +16,12 @@ in bfloat16 for bfloat16 activations on a CPU that has it in hardware (as the de
 linears do), else in float32: no dense V is kept by any layer between calls. CUDA activations
 take the Triton kernels (triton_bitmask.py) when Triton is installed, at every row count.
 
+`values` may also be a `QuantValues`: the kept values as integer codes on a group-wise grid
+(quant/grid.py: value = (code - zero) * scale per group of consecutive values), held packed (half
+a byte per value at 4 bits and below) and dequantized inside the kernels as they are read, to
+exactly grid.decode's float32 values; a prompt's expansion writes those values into the scratch
+buffer. A quantized FiPS model loaded on the CPU keeps its V values so (runtime/forms.py).
+
 The native library is built once by `python -m layershare.runtime.kernels.build` and loaded from
 its cache here, never compiled implicitly. Without it (or with LAYERSHARE_NO_KERNEL=1) the same
 functions run a pure-PyTorch reference (V rebuilt densely per call: correct, slow), after one
@@ -27,6 +33,7 @@ from __future__ import annotations
 import os
 import threading
 import warnings
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +46,59 @@ BLOCK = 64  # columns per offsets block (bitmask.cpp's kBlock)
 DECODE_ROWS = 8  # activation rows up to which the sparse kernels run; above, dense GEMM on an expanded V
 VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-OPS = ("bitmask_in", "bitmask_out", "bitmask_expand")
+OPS = ("bitmask_in", "bitmask_out", "bitmask_expand", "bitmask_in_q", "bitmask_out_q", "bitmask_expand_q")
+
+
+class QuantValues(NamedTuple):
+    """A sparse V's kept values held as codes: `codes` (uint8, 1-D: two codes a byte, value p in the
+    low nibble of byte p // 2 when p is even, when `bits` is 4; one a byte when 8), `scales` and
+    `zeros` (float32, one per `group` consecutive values; group a power of two >= 16), `n` values.
+    Value p is (code_p - zeros[p // group]) * scales[p // group] in float32."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    bits: int
+    group: int
+    n: int
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
+                   group: int) -> "QuantValues | None":
+        """From a 1-D QTensor's parts (codes one per value, float16 scales, uint8 zero points or None
+        for a symmetric grid of `bits`): 2-, 3- and 4-bit codes held as 4-bit ones (exactly), 8-bit as
+        bytes. None when the kernels cannot take the grid (a group that is not a power of two >= 16)."""
+        if group < 16 or group & (group - 1) or codes.dim() != 1:
+            return None
+        n = codes.numel()
+        c = codes.to(torch.uint8)
+        width = 4 if bits <= 4 else 8
+        if width == 4:
+            c = F.pad(c, (0, n % 2)).view(-1, 2)
+            c = (c[:, 0] | (c[:, 1] << 4)).contiguous()
+        z = torch.full_like(scales, 2 ** (bits - 1), dtype=torch.float32) if zeros is None else zeros.float()
+        return cls(c.contiguous(), scales.float().contiguous(), z.reshape(-1).contiguous(), width, group, n)
+
+    @property
+    def device(self) -> torch.device:
+        return self.codes.device
+
+    def codes_per_value(self) -> torch.Tensor:
+        """The codes one per value (uint8)."""
+        if self.bits == 8:
+            return self.codes
+        return torch.stack([self.codes & 15, self.codes >> 4], dim=1).reshape(-1)[: self.n]
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 values (grid.decode's arithmetic)."""
+        g = torch.arange(self.n, device=self.codes.device) // self.group
+        return (self.codes_per_value().float() - self.zeros[g]) * self.scales[g]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.zeros))
+
+    def args(self) -> tuple:
+        return (self.codes, self.scales, self.zeros, self.bits, self.group, self.n)
 
 _loaded: bool | None = None
 _fakes = False
@@ -111,6 +170,18 @@ def _register_fakes() -> None:
     def _(values, mask, offsets, out):
         return None
 
+    @torch.library.register_fake("layershare::bitmask_in_q")
+    def _(z, codes, scales, zeros, bits, group, n, mask, offsets, h):
+        return z.new_empty((z.shape[0], h))
+
+    @torch.library.register_fake("layershare::bitmask_out_q")
+    def _(x, codes, scales, zeros, bits, group, n, mask, offsets):
+        return x.new_empty((x.shape[0], offsets.shape[0]))
+
+    @torch.library.register_fake("layershare::bitmask_expand_q")
+    def _(codes, scales, zeros, bits, group, n, mask, offsets, out):
+        return None
+
 
 def _warn_fallback() -> None:
     global _warned
@@ -126,7 +197,12 @@ def _warn_fallback() -> None:
 def _kernel_input(t: torch.Tensor, values: torch.Tensor, device_type: str) -> bool:
     """Whether activations `t` and `values` are what a kernel on `device_type` takes: that device,
     the dtypes it computes, no gradient asked for (the kernels have no backward)."""
-    if t.device.type != device_type or values.dtype not in VALUE_DTYPES or t.dtype not in ACTIVATION_DTYPES:
+    if isinstance(values, QuantValues):  # the native kernels only (a GPU dequantizes)
+        if device_type != "cpu" or values.device.type != "cpu" or t.device.type != "cpu":
+            return False
+    elif values.dtype not in VALUE_DTYPES:
+        return False
+    if t.device.type != device_type or t.dtype not in ACTIVATION_DTYPES:
         return False
     return not (t.requires_grad and torch.is_grad_enabled())
 
@@ -167,8 +243,10 @@ def prepare(mask: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
 
 
 # ---- the pure-PyTorch reference -------------------------------------------------------------
-def reference_dense(values: torch.Tensor, mask: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """V as a dense (r x h) matrix in the values' dtype."""
+def reference_dense(values: "torch.Tensor | QuantValues", mask: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """V as a dense (r x h) matrix in the values' dtype (float32 for QuantValues)."""
+    if isinstance(values, QuantValues):
+        values = values.dequantize()
     return values.new_zeros(shape).masked_scatter_(unpack_bits(mask, shape), values)
 
 
@@ -186,6 +264,8 @@ def in_product(z: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, offset
         y = _triton().in_product(z2, values, mask, offsets, h)
     elif not _native(z2, values):
         y = z2 @ reference_dense(values, mask, (r, h)).to(z.dtype)
+    elif z2.shape[0] <= DECODE_ROWS and isinstance(values, QuantValues):
+        y = torch.ops.layershare.bitmask_in_q(z2.float().contiguous(), *values.args(), mask, offsets, h)
     elif z2.shape[0] <= DECODE_ROWS:
         y = torch.ops.layershare.bitmask_in(z2.float().contiguous(), values, mask, offsets, h)
     else:
@@ -202,6 +282,8 @@ def out_product(x: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, offse
         y = _triton().out_product(x2, values, mask, offsets)
     elif not _native(x2, values):
         y = x2 @ reference_dense(values, mask, (r, h)).to(x.dtype).t()
+    elif x2.shape[0] <= DECODE_ROWS and isinstance(values, QuantValues):
+        y = torch.ops.layershare.bitmask_out_q(x2.float().contiguous(), *values.args(), mask, offsets)
     elif x2.shape[0] <= DECODE_ROWS:
         y = torch.ops.layershare.bitmask_out(x2.float().contiguous(), values, mask, offsets)
     else:
@@ -212,7 +294,10 @@ def out_product(x: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, offse
 
 def expand(values: torch.Tensor, mask: torch.Tensor, offsets: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """Write V into `out` (r x h, float32, contiguous) with the native kernel; returns `out`."""
-    torch.ops.layershare.bitmask_expand(values, mask, offsets, out)
+    if isinstance(values, QuantValues):
+        torch.ops.layershare.bitmask_expand_q(*values.args(), mask, offsets, out)
+    else:
+        torch.ops.layershare.bitmask_expand(values, mask, offsets, out)
     return out
 
 
