@@ -107,8 +107,12 @@ def test_the_ops_check_their_inputs_and_pass_opcheck():
         torch.ops.layershare.bitmask_in_q(z, qv.codes, qv.scales, qv.zeros, 3, 32, qv.n, mask, offsets, 100)
     with pytest.raises(RuntimeError, match=f"codes must be a contiguous 1-D uint8 CPU tensor of {(qv.n + 3) // 2} "):
         torch.ops.layershare.bitmask_in_q(z, qv.codes, qv.scales, qv.zeros, 4, 32, qv.n + 2, mask, offsets, 100)
-    with pytest.raises(RuntimeError, match="scales and zeros must be contiguous 1-D float32"):
-        torch.ops.layershare.bitmask_out_q(torch.randn(2, 100), qv.codes, qv.scales.double(), qv.zeros, 4, 32, qv.n,
+    groups = -(-qv.n // 32)
+    with pytest.raises(RuntimeError, match=f"scales must be a contiguous 1-D float16 CPU tensor of {groups} entries"):
+        torch.ops.layershare.bitmask_out_q(torch.randn(2, 100), qv.codes, qv.scales.float(), qv.zeros, 4, 32, qv.n,
+                                           mask, offsets)
+    with pytest.raises(RuntimeError, match="zeros must be a contiguous 1-D uint8 CPU tensor"):
+        torch.ops.layershare.bitmask_out_q(torch.randn(2, 100), qv.codes, qv.scales, qv.zeros.float(), 4, 32, qv.n,
                                            mask, offsets)
     for n in (1, 5):
         torch.library.opcheck(torch.ops.layershare.bitmask_in_q.default, (torch.randn(n, 33), *qv.args(), mask,
@@ -164,14 +168,24 @@ def test_a_quantized_fips_model_keeps_v_as_codes_and_computes_what_the_dequantiz
         for ids in (tokens[:1, :1], tokens[:2, :4], tokens[:2]):  # decode (kernels) and prefill (expanded)
             a, b = packed(ids).logits, reference(ids).logits
             assert (a - b).abs().max() <= 3e-2 * b.abs().max()  # the attention's int4 kernel: bfloat16 activations
-    # codes: a byte per two values plus a float32 scale and zero point per 32 values, against 4 bytes a value
+    # codes: a byte per two values plus a float16 scale and a uint8 zero point per 32 values, against 4 bytes a value
     v_bytes = sum(m.stored_values().nbytes() for m in layers)
     ref_bytes = sum(m.V_values.numel() * 4 for m in ref_layers)
     assert v_bytes < 0.2 * ref_bytes
     assert resident_bytes(packed) < resident_bytes(reference)
-    # the codes of what was dequantized at load (the shared bases) are freed: such a model is not saved again
+    # the shared bases are held as their codes too (no float U), and no file codes are left over
+    bases = {id(m.basis): m.basis for m in layers}.values()
+    ref_bases = {id(m.basis): m.basis for m in ref_layers}.values()
+    assert bases and all(b.held and "U" not in b._parameters for b in bases)
+    for b, ref in zip(bases, ref_bases):
+        assert torch.equal(b.U, ref.U) and b.rank == ref.rank  # rebuilt on access: the dequantized U, exactly
+        x = torch.randn(3, ref.U.shape[0])
+        torch.testing.assert_close(b.project(x), x @ ref.U, rtol=1e-5, atol=1e-5)
+        z = torch.randn(3, b.rank)
+        torch.testing.assert_close(b.unproject(z), z @ ref.U.t(), rtol=1e-5, atol=1e-5)
     assert not [k for k, _ in packed.named_buffers() if k.endswith(("_qcodes", "_qscales", "_qzeros"))]
     assert [k for k, _ in reference.named_buffers() if k.endswith("U_qcodes")]
+    assert packed.layershare_packed >= len(layers) + len(bases)
     with pytest.raises(layershare.checkpoint.verify.CheckpointError, match="kept packed for the low-bit kernels"):
         layershare.checkpoint.save.save_compressed(packed, path.parent / "again")
     layer = layers[0]  # other forms rebuild V from the codes

@@ -47,7 +47,13 @@ def _sparse_csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, siz
 
 
 class SharedBasis(nn.Module):
-    """The basis U (d x r) one group of blocks shares; registered once per group."""
+    """The basis U (d x r) one group of blocks shares; registered once per group.
+
+    At run time a quantized U whose users all run the native kernels may be held as its codes
+    instead (`hold_codes`: ops.QuantValues of U's stored orientation with an all-ones bitmask):
+    `project` and `unproject` then run the bitmask kernels, and `U` is rebuilt on access."""
+
+    CODE_BUFFERS = ("Uq_codes", "Uq_scales", "Uq_zeros", "Uq_mask", "Uq_offsets")
 
     def __init__(self, U: torch.Tensor):
         super().__init__()
@@ -56,6 +62,69 @@ class SharedBasis(nn.Module):
         self.projections = 0  # how many x @ U products were computed (tests count them)
         self.fake_quant = None  # a quant.QuantSpec while tuning with quantization-aware training
         self.fake_quant_input_first = True  # U's groups along d (shared with layers of role "in"), else along r
+
+    @property
+    def U(self) -> torch.Tensor:
+        """The basis (d x r): the parameter, or, while held as codes, rebuilt from them (float32)."""
+        p = self._parameters.get("U")
+        if p is not None:
+            return p
+        if "Uq_codes" in self._buffers:
+            M = self._coded_matrix()
+            return M.t() if self._uq[1] else M
+        raise AttributeError("U")
+
+    # ---- held as codes (the kernel form at run time) --------------------------------------------
+    @property
+    def held(self) -> bool:
+        return "U" not in self._parameters and "Uq_codes" in self._buffers
+
+    def _codes(self):
+        from layershare.runtime.kernels.ops import QuantValues
+
+        return QuantValues(self.Uq_codes, self.Uq_scales, self.Uq_zeros, *self._uq[0])
+
+    def _coded_matrix(self) -> torch.Tensor:
+        shape = tuple(self._uq[2])
+        dense = self._codes().dequantize()
+        return dense.view(shape)
+
+    def stage_codes(self, qv, transposed: bool) -> None:
+        """Keep U's codes (an ops.QuantValues of U^T when `transposed`, else of U, in row-major
+        order) beside the float U until the run-time form is chosen: `hold_codes` or `drop_staged`."""
+        self._uq_staged = (qv, transposed)
+
+    def drop_staged(self) -> None:
+        self.__dict__.pop("_uq_staged", None)
+
+    def hold_codes(self) -> bool:
+        """Replace the float U by its staged codes (True), if any were staged."""
+        staged = self.__dict__.pop("_uq_staged", None)
+        if staged is None:
+            return False
+        from layershare.modules.bits import pack_bits
+        from layershare.runtime.kernels import ops
+
+        qv, transposed = staged
+        d, r = self._parameters["U"].shape
+        shape = (r, d) if transposed else (d, r)
+        mask = pack_bits(torch.ones(shape, dtype=torch.bool))
+        for k, t in zip(self.CODE_BUFFERS, (qv.codes, qv.scales, qv.zeros, mask, ops.prepare(mask, shape))):
+            self.register_buffer(k, t, persistent=False)
+        self._uq = ((qv.bits, qv.group, qv.n), transposed, shape)
+        del self._parameters["U"]
+        self._z = None
+        return True
+
+    def _times(self, x: torch.Tensor, transpose_u: bool) -> torch.Tensor:
+        """x @ U (or x @ U^T) from the held codes, by the bitmask kernels."""
+        from layershare.runtime.kernels import ops
+
+        M = (self._codes(), self.Uq_mask, self.Uq_offsets)
+        transposed, shape = self._uq[1], self._uq[2]
+        if transposed != transpose_u:  # x @ M^T
+            return ops.out_product(x, *M)
+        return ops.in_product(x, *M, shape[1])  # x @ M
 
     def effective_U(self) -> torch.Tensor:
         """U as the forward uses it: while QAT is on, fake-quantized on the grid the quantization
@@ -70,21 +139,25 @@ class SharedBasis(nn.Module):
 
     @property
     def rank(self) -> int:
-        return self.U.shape[1]
+        return self._uq[2][0 if self._uq[1] else 1] if self.held else self.U.shape[1]
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """z = x @ U, computed once for the layers that read the same x (up and gate): the last
         result is reused while x is the same tensor, unchanged, and U unchanged."""
         # inference tensors keep no version counter (and cannot change outside inference mode)
-        key = (-1 if x.is_inference() else x._version, self.U._version, torch.is_grad_enabled(),
-               self.fake_quant)
+        key = (-1 if x.is_inference() else x._version, -1 if self.held else self.U._version,
+               torch.is_grad_enabled(), self.fake_quant)
         cached = self._z
         if cached is not None and cached[0]() is x and cached[1] == key:
             return cached[2]
-        z = x @ self.effective_U().to(x.dtype)
+        z = self._times(x, False) if self.held else x @ self.effective_U().to(x.dtype)
         self.projections += 1
         self._z = (weakref.ref(x), key, z)
         return z
+
+    def unproject(self, z: torch.Tensor) -> torch.Tensor:
+        """z @ U^T (the out-layers' last product)."""
+        return self._times(z, True) if self.held else z @ self.effective_U().to(z.dtype).t()
 
     def forget(self) -> None:
         self._z = None
@@ -205,7 +278,7 @@ class SharedBasisLinear(nn.Module):
             y = (self.V_csr @ z.t().to(self.V_csr.dtype)).t()  # (N, h)
         else:
             z = (self.V_csr @ x2.t().to(self.V_csr.dtype)).t()  # (N, r)
-            y = z @ self.basis.U.t()
+            y = z @ self.basis.effective_U().t()
         y = y.to(x.dtype).reshape(*lead, -1)
         return y if self.bias is None else y + self.bias
 
@@ -216,7 +289,7 @@ class SharedBasisLinear(nn.Module):
         if self.role == IN:
             y = ops.in_product(self.basis.project(x), *packed, self.v_shape[1])
         else:
-            y = ops.out_product(x, *packed) @ self.basis.effective_U().to(x.dtype).t()
+            y = self.basis.unproject(ops.out_product(x, *packed))
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     # ---- forms ----------------------------------------------------------------------

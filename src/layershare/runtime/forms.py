@@ -27,7 +27,7 @@ from torch import nn
 
 from layershare.adapters.base import IN, set_path
 from layershare.modules.atoms import AtomLinear, MatrixAtoms
-from layershare.modules.shared_basis import SharedBasisLinear
+from layershare.modules.shared_basis import SharedBasis, SharedBasisLinear
 from layershare.modules.store import BASES_ATTR
 from layershare.runtime import kernels
 from layershare.runtime.kernels.ops import BLOCK
@@ -137,6 +137,10 @@ def _convert(model: nn.Module, runtime: str, stored: torch.dtype | None = None) 
                 layer.to_form(("kernel" if layer.sparse else "factored") if form == "sparse" else form)
                 if layer.form == "kernel":
                     narrow_values(layer, stored)
+        if isinstance(shared, SharedBasis):  # a quantized U staged at load: held as codes under the kernels
+            if all(isinstance(m, SharedBasisLinear) and m.form == "kernel" for _, m in members) and shared.hold_codes():
+                model.layershare_packed = getattr(model, "layershare_packed", 0) + 1
+            shared.drop_staged()
     return merged
 
 

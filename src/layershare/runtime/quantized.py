@@ -168,7 +168,7 @@ def pack_values(model: nn.Module, qentry: dict) -> set[str]:
     two a byte, 8-bit one a byte; float32 group scales and zero points) when the native kernels are
     built and the grid's group is a power of two >= 16. Returns the tensors' names it took (the
     rest are dequantized by the caller). CPU models only."""
-    from layershare.modules.shared_basis import SharedBasisLinear
+    from layershare.modules.shared_basis import SharedBasis, SharedBasisLinear
     from layershare.runtime.kernels import ops
 
     if not ops.available():
@@ -177,6 +177,9 @@ def pack_values(model: nn.Module, qentry: dict) -> set[str]:
     for name, t in qentry["tensors"].items():
         path, _, attr = name.rpartition(".")
         owner = model.get_submodule(path)
+        if attr == "U" and isinstance(owner, SharedBasis):
+            _stage_basis(owner, name, t, qentry)
+            continue
         if attr != "V_values" or not isinstance(owner, SharedBasisLinear) or not owner.sparse:
             continue
         bufs = {f"q.{s}": owner._buffers[f"V_values_q{s}"] for s in SUFFIXES if f"V_values_q{s}" in owner._buffers}
@@ -192,3 +195,30 @@ def pack_values(model: nn.Module, qentry: dict) -> set[str]:
             owner._buffers.pop("V_values_" + k.replace(".", ""), None)
         taken.add(name)
     return taken
+
+
+def _stage_basis(basis, name: str, t: dict, qentry: dict) -> None:
+    """Stage a shared basis's codes (SharedBasis.stage_codes): U is dequantized as before, and the
+    run-time conversion holds the codes instead when every layer of its group runs the kernels.
+    The codes are U in its stored orientation (U^T when groups run along d), row-major, with the
+    groups re-cut to gcd(group, row length) so that none straddles two rows (exactly the same
+    values); not staged when that is not a power of two >= 16."""
+    import math
+
+    from layershare.runtime.kernels import ops
+
+    bufs = {f"q.{s}": basis._buffers[f"U_q{s}"] for s in SUFFIXES if f"U_q{s}" in basis._buffers}
+    if any(b.device.type != "cpu" for b in bufs.values()):
+        return
+    spec = spec_of(qentry, name)
+    shape = tuple(t["shape"])
+    oriented = shape[::-1] if t["input_first"] else shape
+    q = from_tensors(bufs, "q", spec, oriented)
+    rows, cols = oriented
+    g = math.gcd(spec.group_size, cols)
+    col_group = (torch.arange(cols // g) * g) // spec.group_size  # each new group's group in its row
+    scales = q.scales[:, col_group].reshape(-1)
+    zeros = None if q.zeros is None else q.zeros[:, col_group].reshape(-1)
+    qv = ops.QuantValues.from_codes(q.codes.reshape(-1), scales, zeros, spec.bits, g)
+    if qv is not None:
+        basis.stage_codes(qv, transposed=bool(t["input_first"]))

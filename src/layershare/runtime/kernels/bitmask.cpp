@@ -12,6 +12,7 @@
 //   bitmask_in_q / bitmask_out_q / bitmask_expand_q (codes, scales, zeros, bits, group, n, ...)
 //                              the same with the kept values held as integer codes (ops.QuantValues):
 //                              value p = (code[p] - zeros[p / group]) * scales[p / group] in float32
+//                              (scales float16, zero points uint8: as the file stores them)
 //   bitmask_isa(use)           the path that runs ("avx512", "avx2" or "portable"); `use` switches
 //                              it (tests compare the paths)
 //
@@ -58,7 +59,7 @@ constexpr int64_t kAccFloats = 16384;     // the in-product's accumulators per t
 
 // ---- V as the kernels read it -----------------------------------------------------------------
 // Value types besides float32/bfloat16/float16: integer codes on a group-wise grid (quant/grid.py),
-// value p = (code[p] - zero[g]) * scale[g] with g = p >> gshift, in float32 (the arithmetic of
+// value p = (code[p] - zero[g]) * scale[g] with g = p >> gshift (scale float16, zero uint8), in float32 (the arithmetic of
 // grid.decode, so the products see exactly the dequantized V). Q8: one code per byte; Q4: two per
 // byte, code p in the low nibble of byte p/2 when p is even (quant/pack.py's order).
 struct Q4 {};
@@ -79,8 +80,8 @@ struct SparseV {
   int64_t r, h, nb;
   // quantized values (T = Q4 or Q8; `values` unused): codes, per-group scales and zero points
   const uint8_t* codes = nullptr;
-  const float* qscale = nullptr;
-  const float* qzero = nullptr;
+  const c10::Half* qscale = nullptr;  // float16, as the file stores them
+  const uint8_t* qzero = nullptr;
   int gshift = 0;
 
   LS_INLINE int64_t width(int64_t b) const { return std::min(kBlock, h - b * kBlock); }
@@ -120,7 +121,7 @@ struct SparseV {
     if (p < 0 || p >= nnz) return 0.f;
     if constexpr (kQuant<T>) {
       const int64_t g = p >> gshift;
-      return (static_cast<float>(code(p)) - qzero[g]) * qscale[g];
+      return (static_cast<float>(code(p)) - static_cast<float>(qzero[g])) * static_cast<float>(qscale[g]);
     } else {
       return static_cast<float>(values[p]);
     }
@@ -256,7 +257,8 @@ template <typename T>
 LS_AVX2 LS_INLINE __m256 decode8(const SparseV<T>& v, int64_t q) {
   const int64_t g = q >> v.gshift;
   const __m256 c = _mm256_cvtepi32_ps(codes8(v, q));
-  return _mm256_mul_ps(_mm256_sub_ps(c, _mm256_set1_ps(v.qzero[g])), _mm256_set1_ps(v.qscale[g]));
+  const float z = v.qzero[g], s = _cvtsh_ss(v.qscale[g].x);  // float16 -> float32: exact
+  return _mm256_mul_ps(_mm256_sub_ps(c, _mm256_set1_ps(z)), _mm256_set1_ps(s));
 }
 
 // The chunk of 8 columns whose mask byte is m: its packed values moved to their columns, 0 elsewhere.
@@ -425,7 +427,8 @@ template <typename T>
 LS_AVX512 LS_INLINE __m512 decode16(const SparseV<T>& v, int64_t q) {
   const int64_t g = q >> v.gshift;
   const __m512 c = _mm512_cvtepi32_ps(codes16(v, q));
-  return _mm512_mul_ps(_mm512_sub_ps(c, _mm512_set1_ps(v.qzero[g])), _mm512_set1_ps(v.qscale[g]));
+  const float z = v.qzero[g], s = _cvtsh_ss(v.qscale[g].x);
+  return _mm512_mul_ps(_mm512_sub_ps(c, _mm512_set1_ps(z)), _mm512_set1_ps(s));
 }
 
 // The chunk of 16 columns whose mask bytes are lo (columns 0-7) and hi (8-15): its packed values
@@ -657,16 +660,19 @@ SparseV<T> sparse_qv(const at::Tensor& codes, const at::Tensor& scales, const at
                   codes.is_contiguous() && codes.numel() == bytes,
               "bitmask ops: codes must be a contiguous 1-D uint8 CPU tensor of ", bytes, " bytes, got ",
               codes.sizes(), " ", codes.scalar_type());
-  for (const at::Tensor* t : {&scales, &zeros})
-    TORCH_CHECK(t->device().is_cpu() && t->dim() == 1 && t->scalar_type() == at::kFloat && t->is_contiguous() &&
-                    t->numel() == groups,
-                "bitmask ops: scales and zeros must be contiguous 1-D float32 CPU tensors of ", groups,
-                " entries, got ", t->sizes(), " ", t->scalar_type());
+  TORCH_CHECK(scales.device().is_cpu() && scales.dim() == 1 && scales.scalar_type() == at::kHalf &&
+                  scales.is_contiguous() && scales.numel() == groups,
+              "bitmask ops: scales must be a contiguous 1-D float16 CPU tensor of ", groups, " entries, got ",
+              scales.sizes(), " ", scales.scalar_type());
+  TORCH_CHECK(zeros.device().is_cpu() && zeros.dim() == 1 && zeros.scalar_type() == at::kByte &&
+                  zeros.is_contiguous() && zeros.numel() == groups,
+              "bitmask ops: zeros must be a contiguous 1-D uint8 CPU tensor of ", groups, " entries, got ",
+              zeros.sizes(), " ", zeros.scalar_type());
   const int64_t nb = check_mask_offsets(mask, offsets, r, h);
   SparseV<T> v{nullptr, n, mask.const_data_ptr<uint8_t>(), mask.numel(), offsets.const_data_ptr<int32_t>(), r, h, nb};
   v.codes = codes.const_data_ptr<uint8_t>();
-  v.qscale = scales.const_data_ptr<float>();
-  v.qzero = zeros.const_data_ptr<float>();
+  v.qscale = scales.const_data_ptr<c10::Half>();
+  v.qzero = zeros.const_data_ptr<uint8_t>();
   v.gshift = __builtin_ctzll(static_cast<uint64_t>(group));
   return v;
 }

@@ -51,9 +51,9 @@ OPS = ("bitmask_in", "bitmask_out", "bitmask_expand", "bitmask_in_q", "bitmask_o
 
 class QuantValues(NamedTuple):
     """A sparse V's kept values held as codes: `codes` (uint8, 1-D: two codes a byte, value p in the
-    low nibble of byte p // 2 when p is even, when `bits` is 4; one a byte when 8), `scales` and
-    `zeros` (float32, one per `group` consecutive values; group a power of two >= 16), `n` values.
-    Value p is (code_p - zeros[p // group]) * scales[p // group] in float32."""
+    low nibble of byte p // 2 when p is even, when `bits` is 4; one a byte when 8), `scales`
+    (float16) and `zeros` (uint8 zero points), one per `group` consecutive values (a power of two
+    >= 16), `n` values. Value p is (code_p - zeros[p // group]) * scales[p // group] in float32."""
 
     codes: torch.Tensor
     scales: torch.Tensor
@@ -76,8 +76,8 @@ class QuantValues(NamedTuple):
         if width == 4:
             c = F.pad(c, (0, n % 2)).view(-1, 2)
             c = (c[:, 0] | (c[:, 1] << 4)).contiguous()
-        z = torch.full_like(scales, 2 ** (bits - 1), dtype=torch.float32) if zeros is None else zeros.float()
-        return cls(c.contiguous(), scales.float().contiguous(), z.reshape(-1).contiguous(), width, group, n)
+        z = torch.full_like(scales, 2 ** (bits - 1), dtype=torch.uint8) if zeros is None else zeros.to(torch.uint8)
+        return cls(c.contiguous(), scales.to(torch.float16).contiguous(), z.reshape(-1).contiguous(), width, group, n)
 
     @property
     def device(self) -> torch.device:
@@ -92,7 +92,7 @@ class QuantValues(NamedTuple):
     def dequantize(self) -> torch.Tensor:
         """The float32 values (grid.decode's arithmetic)."""
         g = torch.arange(self.n, device=self.codes.device) // self.group
-        return (self.codes_per_value().float() - self.zeros[g]) * self.scales[g]
+        return (self.codes_per_value().float() - self.zeros[g].float()) * self.scales[g].float()
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.zeros))
