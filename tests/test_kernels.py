@@ -113,12 +113,31 @@ def test_expand_is_exact_and_checks_its_inputs():
     assert torch.equal(ops.expand(values, mask, offsets, torch.empty(33, 100)), dense.float())
     with pytest.raises(RuntimeError, match=r"mask has 413 bytes, expected 417 for V of shape \(33, 101\)"):
         ops.expand(values, mask, offsets, torch.empty(33, 101))
-    with pytest.raises(RuntimeError, match="offsets must be"):
-        torch.ops.layershare.bitmask_out(torch.randn(2, 100), values, mask, offsets[:, :1].contiguous())
+    with pytest.raises(RuntimeError, match=r"offsets must be a contiguous int32 tensor of shape \(33, 2\) or \(33, 1\)"):
+        torch.ops.layershare.bitmask_out(torch.randn(2, 100), values, mask, offsets.repeat(1, 3))
     with pytest.raises(RuntimeError, match="values must be float32, bfloat16 or float16"):
         torch.ops.layershare.bitmask_out(torch.randn(2, 100), values.double(), mask, offsets)
     with pytest.raises(RuntimeError, match="z must be a contiguous 2-D float32"):
         torch.ops.layershare.bitmask_in(torch.randn(2, 33).t(), values, mask, offsets, 100)
+
+
+@native
+@pytest.mark.parametrize("h", [64, 65, 256, 300, 1000])
+def test_an_offset_per_four_blocks_gives_what_one_per_block_does(h):
+    """The default index keeps every 4th block's offset and counts the mask bits of the blocks
+    between; tasks that start between two offsets (1 and 2 threads, any row count) see the same V."""
+    values, mask, _, dense = sparse_v(37, h, torch.bfloat16, seed=h)
+    full, coarse = ops.prepare(mask, (37, h), per=1), ops.prepare(mask, (37, h))
+    nb = -(-h // 64)
+    assert full.shape == (37, nb) and coarse.shape == (37, -(-nb // 4)) and torch.equal(coarse, full[:, ::4])
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        for offsets in (full, coarse):
+            check_products(values, mask, offsets, dense, rows=[1, 3, 8, 37], raw=True)
+            assert torch.equal(ops.expand(values, mask, offsets, torch.empty(37, h)), dense.float())
+    torch.set_num_threads(2)
+    with pytest.raises(ValueError, match="per must be 1 or 4"):
+        ops.prepare(mask, (37, h), per=2)
 
 
 @native

@@ -374,7 +374,8 @@ class SharedBasisLinear(nn.Module):
         """The kernels' index of where each row's values start (computed from the mask, not saved)."""
         from layershare.runtime.kernels import ops
 
-        self.register_buffer("V_offsets", ops.prepare(self.V_mask, self.v_shape), persistent=False)
+        per = 1 if self.V_mask.device.type == "cuda" else ops.INDEX_PER  # the Triton kernels read every block's
+        self.register_buffer("V_offsets", ops.prepare(self.V_mask, self.v_shape, per), persistent=False)
 
     def _set_csr(self, V: torch.Tensor) -> None:
         dense = V.t() if self.role == IN else V  # IN: (h x r) @ z^T ; OUT: (r x h) @ x^T

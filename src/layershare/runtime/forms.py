@@ -30,7 +30,7 @@ from layershare.modules.atoms import AtomLinear, MatrixAtoms
 from layershare.modules.shared_basis import SharedBasis, SharedBasisLinear
 from layershare.modules.store import BASES_ATTR
 from layershare.runtime import kernels
-from layershare.runtime.kernels.ops import BLOCK
+from layershare.runtime.kernels.ops import BLOCK, INDEX_PER
 
 RUNTIMES = ("auto", "compact", "factored", "csr", "merged", "sparse")
 
@@ -88,7 +88,8 @@ def kernel_is_smaller(shared: nn.Module, layers: list[nn.Module]) -> bool:
             value_bytes = m.nnz() * values.element_size()
         else:  # codes (ops.QuantValues)
             value_bytes = values.nbytes()
-        kernel += value_bytes + (r * h + 7) // 8 + r * -(-h // BLOCK) * 4  # values, bitmask, int32 index
+        index = r * -(-(-(-h // BLOCK)) // INDEX_PER) * 4  # an int32 per INDEX_PER blocks of 64 columns
+        kernel += value_bytes + (r * h + 7) // 8 + index  # values, bitmask, index
     return kernel < sum(d * m.v_shape[1] * item for m in layers)
 
 

@@ -3,8 +3,10 @@
 // V (r x h) is stored as its kept entries in row-major order (`values`: float32, bfloat16 or
 // float16) and a bitmask over the flat r*h entries (`mask`: uint8, row-major, most significant
 // bit first: entry k of a byte is bit 7-k); when h % 8 != 0, rows do not start on a byte.
-// `offsets` (r x nb int32, nb = ceil(h/64), computed at load by ops.prepare) holds, for row i and
-// block b of 64 columns, the index in `values` of the first kept entry of V[i, 64b:64b+64].
+// `offsets` (int32, computed at load by ops.prepare) holds, for row i and every `per`-th block b of
+// 64 columns (per = 1: r x nb with nb = ceil(h/64); per = 4: r x ceil(nb/4), a quarter of the bytes,
+// told apart by the shape), the index in `values` of the first kept entry of V[i, 64b:64b+64]; the
+// blocks between are reached by counting the mask bits of the blocks before them.
 //
 //   bitmask_in(z, ...)         z @ V    (z: N x r float32 -> N x h), in parallel over column blocks
 //   bitmask_out(x, ...)        x @ V^T  (x: N x h float32 -> N x r), in parallel over rows of V
@@ -37,6 +39,7 @@
 #include <optional>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -78,6 +81,7 @@ struct SparseV {
   int64_t nbytes;
   const int32_t* offsets;
   int64_t r, h, nb;
+  int64_t per = 1, no = 0;  // blocks per offset (1 or 4) and offsets per row (set by the ops)
   // quantized values (T = Q4 or Q8; `values` unused): codes, per-group scales and zero points
   const uint8_t* codes = nullptr;
   const c10::Half* qscale = nullptr;  // float16, as the file stores them
@@ -110,7 +114,12 @@ struct SparseV {
     return bits_at(pad, s);
   }
 
-  LS_INLINE int64_t start(int64_t i, int64_t b) const { return offsets[i * nb + b]; }
+  LS_INLINE int64_t start(int64_t i, int64_t b) const {
+    const int64_t s = per == 1 ? b : b >> 2;
+    int64_t p = offsets[i * no + s];
+    for (int64_t k = s * per; k < b; ++k) p += __builtin_popcountll(word(i, k));  // at most 3 words
+    return p;
+  }
 
   LS_INLINE int code(int64_t p) const {
     if constexpr (std::is_same<T, Q4>::value) return (codes[p >> 1] >> ((p & 1) * 4)) & 15;
@@ -622,8 +631,10 @@ void check_float_matrix(const at::Tensor& t, const char* name) {
               t.scalar_type());
 }
 
-// The mask and offsets of a V of shape (r, h), checked; returns nb (blocks of 64 columns per row).
-int64_t check_mask_offsets(const at::Tensor& mask, const at::Tensor& offsets, int64_t r, int64_t h) {
+// The mask and offsets of a V of shape (r, h), checked; returns (nb, per): blocks of 64 columns per
+// row, and blocks per offset (1: one offset a block; 4: one every 4 blocks).
+std::pair<int64_t, int64_t> check_mask_offsets(const at::Tensor& mask, const at::Tensor& offsets, int64_t r,
+                                               int64_t h) {
   TORCH_CHECK(h >= 0, "bitmask ops: h must be >= 0, got ", h);
   const int64_t nb = (h + kBlock - 1) / kBlock;
   TORCH_CHECK(mask.device().is_cpu() && mask.dim() == 1 && mask.scalar_type() == at::kByte && mask.is_contiguous(),
@@ -631,20 +642,24 @@ int64_t check_mask_offsets(const at::Tensor& mask, const at::Tensor& offsets, in
   TORCH_CHECK(mask.numel() == (r * h + 7) / 8, "bitmask ops: mask has ", mask.numel(), " bytes, expected ",
               (r * h + 7) / 8, " for V of shape (", r, ", ", h, ")");
   TORCH_CHECK(offsets.device().is_cpu() && offsets.scalar_type() == at::kInt && offsets.is_contiguous() &&
-                  offsets.dim() == 2 && offsets.size(0) == r && offsets.size(1) == nb,
-              "bitmask ops: offsets must be a contiguous int32 tensor of shape (", r, ", ", nb, "), got ",
-              offsets.sizes(), " ", offsets.scalar_type());
-  return nb;
+                  offsets.dim() == 2 && offsets.size(0) == r &&
+                  (offsets.size(1) == nb || offsets.size(1) == (nb + 3) / 4),
+              "bitmask ops: offsets must be a contiguous int32 tensor of shape (", r, ", ", nb, ") or (", r, ", ",
+              (nb + 3) / 4, "), got ", offsets.sizes(), " ", offsets.scalar_type());
+  return {nb, offsets.size(1) == nb ? 1 : 4};
 }
 
 template <typename T>
 SparseV<T> sparse_v(const at::Tensor& values, const at::Tensor& mask, const at::Tensor& offsets, int64_t r,
                     int64_t h) {
-  const int64_t nb = check_mask_offsets(mask, offsets, r, h);
+  const auto [nb, per] = check_mask_offsets(mask, offsets, r, h);
   TORCH_CHECK(values.device().is_cpu() && values.dim() == 1 && values.is_contiguous(),
               "bitmask ops: values must be a contiguous 1-D CPU tensor");
-  return SparseV<T>{values.const_data_ptr<T>(), values.numel(), mask.const_data_ptr<uint8_t>(), mask.numel(),
-                    offsets.const_data_ptr<int32_t>(), r, h, nb};
+  SparseV<T> v{values.const_data_ptr<T>(), values.numel(), mask.const_data_ptr<uint8_t>(), mask.numel(),
+               offsets.const_data_ptr<int32_t>(), r, h, nb};
+  v.per = per;
+  v.no = offsets.size(1);
+  return v;
 }
 
 // The quantized values' V: `codes` (uint8: two codes a byte when bits <= 4, else one), `scales` and
@@ -668,8 +683,10 @@ SparseV<T> sparse_qv(const at::Tensor& codes, const at::Tensor& scales, const at
                   zeros.is_contiguous() && zeros.numel() == groups,
               "bitmask ops: zeros must be a contiguous 1-D uint8 CPU tensor of ", groups, " entries, got ",
               zeros.sizes(), " ", zeros.scalar_type());
-  const int64_t nb = check_mask_offsets(mask, offsets, r, h);
+  const auto [nb, per] = check_mask_offsets(mask, offsets, r, h);
   SparseV<T> v{nullptr, n, mask.const_data_ptr<uint8_t>(), mask.numel(), offsets.const_data_ptr<int32_t>(), r, h, nb};
+  v.per = per;
+  v.no = offsets.size(1);
   v.codes = codes.const_data_ptr<uint8_t>();
   v.qscale = scales.const_data_ptr<c10::Half>();
   v.qzero = zeros.const_data_ptr<uint8_t>();

@@ -3,8 +3,8 @@
 A FiPS layer's V (r x h) is `values` (the kept entries in row-major order; float32, bfloat16 or
 float16) and `mask` (uint8, one bit per entry of the flat r*h matrix, most significant bit first:
 shared_basis.pack_bits). `prepare(mask, shape)` computes at load the small index the native
-kernels need (`offsets`: for each row and block of 64 columns, where its values start); it is
-never stored. Then, for activations of any leading shape and dtype:
+kernels need (`offsets`: for each row and every 4th block of 64 columns, where its values start;
+the kernels count the mask bits of the blocks between); it is never stored. Then, for activations of any leading shape and dtype:
 
   in_product(z, values, mask, offsets, h)   z @ V    (..., r) -> (..., h)   (up/gate: z = x @ U)
   out_product(x, values, mask, offsets)     x @ V^T  (..., h) -> (..., r)   (down, before @ U^T)
@@ -229,9 +229,16 @@ def _gpu(t: torch.Tensor, values: torch.Tensor) -> bool:
 
 
 # ---- the index, computed at load ------------------------------------------------------------
-def prepare(mask: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """offsets (r x ceil(h/64), int32): the index in `values` of the first kept entry of each row's
-    each block of 64 columns."""
+INDEX_PER = 4  # blocks of 64 columns per offset in the native kernels' index (bitmask.cpp counts the rest)
+
+
+def prepare(mask: torch.Tensor, shape: tuple[int, int], per: int = INDEX_PER) -> torch.Tensor:
+    """offsets (int32): the index in `values` of the first kept entry of each row's every `per`-th
+    block of 64 columns: r x ceil(nb/per), nb = ceil(h/64). per = 4 (the native kernels' default:
+    an int32 per 256 columns, ~1.6% of 4-bit values' bytes at half density) or 1 (every block:
+    the Triton kernels')."""
+    if per not in (1, 4):
+        raise ValueError(f"per must be 1 or 4, got {per}")
     r, h = shape
     nb = -(-h // BLOCK)
     keep = F.pad(unpack_bits(mask, (r, h)), (0, nb * BLOCK - h)).view(r, nb, BLOCK)
@@ -239,7 +246,7 @@ def prepare(mask: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     if int(counts.sum()) >= 2 ** 31:
         raise ValueError(f"V of shape {tuple(shape)} keeps {int(counts.sum())} entries: the kernels index "
                          "at most 2**31 - 1")
-    return (counts.cumsum(0) - counts).to(torch.int32).view(r, nb)
+    return (counts.cumsum(0) - counts).to(torch.int32).view(r, nb)[:, ::per].contiguous()
 
 
 # ---- the pure-PyTorch reference -------------------------------------------------------------
