@@ -189,9 +189,9 @@ def tie_modules(model: nn.Module, entry: dict) -> None:
 
 def pack_quantized(model: nn.Module, qentry: dict, runtime: str, device) -> set[str]:
     """With runtime "auto" on the CPU, the quantized linears the int4 kernel runs, and the quantized
-    V values the bitmask kernels run, stay packed (runtime/quantized.py); returns their tensors' names. The model then refuses to be saved, as
-    a merged one does (load with another runtime to save or fine-tune it). Loaded for another
-    device, they are dequantized (the kernel is the CPU's)."""
+    V values the bitmask kernels run, stay packed (runtime/quantized.py); returns their tensors'
+    names. The model then refuses to be saved, as a merged one does (load with another runtime to
+    save or fine-tune it). Loaded for another device, they are dequantized (the kernels are the CPU's)."""
     if runtime != "auto" or torch.device(device).type != "cpu":
         return set()
     from layershare.runtime.quantized import pack_linears, pack_values

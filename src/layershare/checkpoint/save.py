@@ -144,8 +144,9 @@ def _save_config(model: nn.Module, entry: dict, folder: Path) -> None:
 
 def check_not_merged(model: nn.Module, action: str) -> None:
     """Refuse a model whose compressed layers were merged into dense ones, whose quantized tensors
-    were kept packed for the low-bit kernels (int4 linears, V values as codes), or whose plain weights were narrowed to 16 bits, at load time
-    (none keeps the modules the file's layout describes)."""
+    were kept packed for the low-bit kernels (int4 linears, V values and shared bases as codes), or
+    whose plain weights were narrowed to 16 bits, at load time (none keeps the modules the file's
+    layout describes)."""
     merged, packed = getattr(model, "layershare_merged", 0), getattr(model, "layershare_packed", 0)
     narrowed = getattr(model, "layershare_narrowed", 0)
     if merged or packed or narrowed:

@@ -88,7 +88,8 @@ def kernel_is_smaller(shared: nn.Module, layers: list[nn.Module]) -> bool:
             value_bytes = m.nnz() * values.element_size()
         else:  # codes (ops.QuantValues)
             value_bytes = values.nbytes()
-        index = r * -(-(-(-h // BLOCK)) // INDEX_PER) * 4  # an int32 per INDEX_PER blocks of 64 columns
+        blocks = -(-h // BLOCK)
+        index = r * -(-blocks // INDEX_PER) * 4  # an int32 per INDEX_PER blocks of 64 columns
         kernel += value_bytes + (r * h + 7) // 8 + index  # values, bitmask, index
     return kernel < sum(d * m.v_shape[1] * item for m in layers)
 
@@ -139,7 +140,8 @@ def _convert(model: nn.Module, runtime: str, stored: torch.dtype | None = None) 
                 if layer.form == "kernel":
                     narrow_values(layer, stored)
         if isinstance(shared, SharedBasis):  # a quantized U staged at load: held as codes under the kernels
-            if all(isinstance(m, SharedBasisLinear) and m.form == "kernel" for _, m in members) and shared.hold_codes():
+            kernel = all(isinstance(m, SharedBasisLinear) and m.form == "kernel" for _, m in members)
+            if kernel and shared.hold_codes():
                 model.layershare_packed = getattr(model, "layershare_packed", 0) + 1
             shared.drop_staged()
     return merged
@@ -149,7 +151,9 @@ def narrow_values(layer: SharedBasisLinear, stored: torch.dtype | None) -> None:
     """A kernel-form layer's V values back at the narrower `stored` dtype, if they round-trip
     exactly (values read from a 16-bit file; not dequantized codes, which need not)."""
     values = layer.stored_values()
-    if not isinstance(values, torch.Tensor) or stored is None or not stored.is_floating_point or stored.itemsize >= values.element_size():
+    if not isinstance(values, torch.Tensor) or stored is None or not stored.is_floating_point:
+        return  # codes (ops.QuantValues) stay codes
+    if stored.itemsize >= values.element_size():
         return
     narrow = values.to(stored)
     if torch.equal(narrow.to(values.dtype), values):

@@ -13,10 +13,11 @@ offset per group, so the loaded model stays about as small as the file instead o
 Both compute W = (code - zero) * scale with the scale rounded to bfloat16 (the kernel's type):
 a relative change of at most 2**-9 per group against the float16 scale the file stores, the same
 in both paths (asymmetric 4-bit grids also round their offset). The kernel needs the output size to be a multiple of 16 and a group size (32, 64,
-128 or 256) dividing both ours and the input size; a linear that does not fit, GPT-2's Conv1D,
-the shared bases are dequantized as before. The V values of sparse compressed layers stay codes
-too (`pack_values`): the bitmask kernels dequantize them as they read them (runtime/kernels/ops.py,
-QuantValues), exactly to the float32 values dequantization gives. The packed
+128 or 256) dividing both ours and the input size; a linear that does not fit and GPT-2's Conv1D
+are dequantized as before. The V values of sparse compressed layers stay codes too
+(`pack_values`), and so do the shared bases of groups that run the kernels: the bitmask kernels
+dequantize them as they read them (runtime/kernels/ops.py, QuantValues), exactly to the float32
+values dequantization gives. The packed
 layout is PyTorch's; `_layout_ok` checks once per process that we read it back exactly, and the
 path is not used if not.
 """
@@ -165,9 +166,11 @@ def pack_linears(model: nn.Module, qentry: dict) -> set[str]:
 
 def pack_values(model: nn.Module, qentry: dict) -> set[str]:
     """Keep the quantized values of each sparse FiPS layer's V as codes (ops.QuantValues: 4-bit codes
-    two a byte, 8-bit one a byte; float32 group scales and zero points) when the native kernels are
-    built and the grid's group is a power of two >= 16. Returns the tensors' names it took (the
-    rest are dequantized by the caller). CPU models only."""
+    two a byte, 8-bit one a byte; float16 group scales and uint8 zero points, as stored) when the
+    native kernels are built and the grid's group is a power of two >= 16, and stage each shared
+    basis's codes (held instead of U by runtime/forms.py when its group runs the kernels). Returns
+    the tensors' names it took (the rest, shared bases included, are dequantized by the caller).
+    CPU models only."""
     from layershare.modules.shared_basis import SharedBasis, SharedBasisLinear
     from layershare.runtime.kernels import ops
 
