@@ -202,3 +202,45 @@ def test_codes_must_match_the_bitmask():
     q = quantize(layer.V_values[:-1], QuantSpec(4, 16, False))
     with pytest.raises(ValueError, match=f"{layer.nnz() - 1} codes for the {layer.nnz()} entries"):
         layer.set_quant_values(ops.QuantValues.from_codes(q.codes, q.scales, q.zeros, 4, 16))
+
+
+@native
+def test_a_model_holding_codes_runs_on_the_reference_path_and_converts_to_merged(fips_4bit, monkeypatch):
+    """The reference path (a device without the kernels) takes codes too, and codes are rebuilt
+    where another form needs dense factors (merged: W = U V)."""
+    from layershare.runtime.forms import to_runtime
+
+    path, tokens = fips_4bit
+    reference = layershare.load(path, runtime="sparse")
+    model = layershare.load(path)
+    ids = tokens[:1, :6]
+    with torch.no_grad():
+        expected = reference(ids).logits
+        with monkeypatch.context() as m:
+            m.setattr(ops, "_native", lambda t, values: False)
+            got = model(ids).logits
+        assert (got - expected).abs().max() <= 3e-2 * expected.abs().max()
+        to_runtime(model, "merged")
+        assert not [m for m in model.modules() if isinstance(m, SharedBasisLinear)]
+        got = model(ids).logits
+    assert (got - expected).abs().max() <= 3e-2 * expected.abs().max()
+
+
+def test_a_basis_whose_rows_cannot_be_regrouped_stays_dequantized():
+    """U's groups are re-cut at gcd(group, row length); below 16 (or not a power of two) the basis
+    is not staged, and stays the dequantized float tensor."""
+    from layershare.modules.shared_basis import SharedBasis
+    from layershare.quant.grid import to_tensors
+    from layershare.runtime.quantized import _stage_basis
+
+    for cols, staged in ((96, True), (72, False)):  # gcd(32, 96) = 32; gcd(32, 72) = 8
+        basis = SharedBasis(torch.randn(cols, 8))
+        q = quantize(basis.U.detach().t(), QuantSpec(4, 32, False))  # stored input-first: U^T, groups along d
+        for k, t in to_tensors(q, "q").items():
+            basis.register_buffer("U_q" + k.split(".")[1], t)
+        entry = {"bits": 4, "group_size": 32, "symmetric": False, "tensors": {"b.U": {"shape": [cols, 8],
+                                                                                      "input_first": True}}}
+        _stage_basis(basis, "b.U", entry["tensors"]["b.U"], entry)
+        assert basis.hold_codes() is staged
+        if staged:
+            assert basis.held and torch.equal(basis.U, dequantize(q).t())
