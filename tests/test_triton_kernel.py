@@ -5,13 +5,20 @@ import os
 
 import pytest
 import torch
-from test_kernels import ROWS, SIZES, compressed, sparse_v  # noqa: F401 (compressed: a fixture)
+from test_kernels import ROWS, SIZES, compressed  # noqa: F401 (compressed: a fixture)
+from test_kernels import sparse_v as cpu_sparse_v
 
 import layershare
 from layershare.runtime.forms import forms
 from layershare.runtime.kernels import ops
 
 pytest.importorskip("triton")
+
+
+def sparse_v(r, h, *args, **kwargs):
+    """test_kernels.sparse_v with the index these kernels read: an offset per block (per=1)."""
+    values, mask, _, dense = cpu_sparse_v(r, h, *args, **kwargs)
+    return values, mask, ops.prepare(mask, (r, h), per=1), dense
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +108,11 @@ def test_a_model_whose_sparse_layers_take_them_computes_what_compact_does(tb, co
         for ids in (input_ids, input_ids[:1, :1]):  # 48 rows (a prompt), 1 (decoding)
             torch.testing.assert_close(sparse(ids).logits, compact(ids).logits, rtol=1e-5, atol=1e-5)
     assert sorted(set(calls)) == [1, 48] and len(calls) == 2 * 12
+
+
+def test_a_coarse_index_is_refused_here_and_expanded_by_ops(tb):
+    values, mask, _, dense = cpu_sparse_v(9, 300)
+    coarse = ops.prepare(mask, (9, 300))  # the native kernels' default: an offset per 4 blocks
+    with pytest.raises(ValueError, match="need an offset per block of 64 columns: got 2 per row for 300 columns"):
+        tb.in_product(torch.randn(2, 9), values, mask, coarse, 300)
+    assert torch.equal(ops._per_block(coarse, mask, (9, 300)), ops.prepare(mask, (9, 300), per=1))

@@ -250,6 +250,12 @@ def prepare(mask: torch.Tensor, shape: tuple[int, int], per: int = INDEX_PER) ->
     return (counts.cumsum(0) - counts).to(torch.int32).view(r, nb)[:, ::per].contiguous()
 
 
+def _per_block(offsets: torch.Tensor, mask: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """An offset per block, as the Triton kernels read them (a layer made on a GPU holds that one:
+    shared_basis._set_offsets; one made on the CPU and moved holds the coarser one, expanded here)."""
+    return offsets if offsets.shape[1] == -(-shape[1] // BLOCK) else prepare(mask, shape, per=1)
+
+
 # ---- the pure-PyTorch reference -------------------------------------------------------------
 def reference_dense(values: "torch.Tensor | QuantValues", mask: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     """V as a dense (r x h) matrix in the values' dtype (float32 for QuantValues)."""
@@ -269,7 +275,7 @@ def in_product(z: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, offset
     r = z.shape[-1]
     z2 = _rows(z)
     if _gpu(z2, values):
-        y = _triton().in_product(z2, values, mask, offsets, h)
+        y = _triton().in_product(z2, values, mask, _per_block(offsets, mask, (r, h)), h)
     elif not _native(z2, values):
         y = z2 @ reference_dense(values, mask, (r, h)).to(z.dtype)
     elif z2.shape[0] <= DECODE_ROWS and isinstance(values, QuantValues):
@@ -287,7 +293,7 @@ def out_product(x: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, offse
     r, h = offsets.shape[0], x.shape[-1]
     x2 = _rows(x)
     if _gpu(x2, values):
-        y = _triton().out_product(x2, values, mask, offsets)
+        y = _triton().out_product(x2, values, mask, _per_block(offsets, mask, (r, h)))
     elif not _native(x2, values):
         y = x2 @ reference_dense(values, mask, (r, h)).to(x.dtype).t()
     elif x2.shape[0] <= DECODE_ROWS and isinstance(values, QuantValues):

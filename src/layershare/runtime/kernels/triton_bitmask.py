@@ -104,15 +104,12 @@ def _f32(t: torch.Tensor, values: torch.Tensor) -> bool:
     return t.dtype == torch.bfloat16 and interpreting()
 
 
-def _per_block(offsets: torch.Tensor, mask: torch.Tensor, r: int, h: int) -> torch.Tensor:
-    """These kernels read an offset per block of 64 columns (ops.prepare(..., per=1)); the native
-    kernels' coarser index (one per 4 blocks) is expanded here (a layer made on a GPU holds the
-    per-block one: shared_basis._set_offsets)."""
-    if offsets.shape[1] == -(-h // BN):
-        return offsets
-    from layershare.runtime.kernels.ops import prepare
-
-    return prepare(mask, (r, h), per=1)
+def _check_per_block(offsets: torch.Tensor, h: int) -> None:
+    """These kernels read an offset per block of 64 columns (ops.prepare(..., per=1); ops.py expands
+    the native kernels' coarser index before calling them)."""
+    if offsets.shape[1] != -(-h // BN):
+        raise ValueError(f"the Triton kernels need an offset per block of {BN} columns: got {offsets.shape[1]} "
+                         f"per row for {h} columns (ops.prepare(mask, shape, per=1))")
 
 
 def in_product(z: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, offsets: torch.Tensor,
@@ -120,7 +117,7 @@ def in_product(z: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, offset
     """z @ V for z (m x r): (m x h), float32."""
     z = z.contiguous()
     m, r = z.shape
-    offsets = _per_block(offsets, mask, r, h)
+    _check_per_block(offsets, h)
     nb = offsets.shape[1]
     y = torch.empty(m, h, dtype=torch.float32, device=z.device)
     if m == 0 or h == 0:
@@ -134,7 +131,7 @@ def out_product(x: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, offse
     """x @ V^T for x (m x h): (m x r), float32."""
     x = x.contiguous()
     m, h = x.shape
-    offsets = _per_block(offsets, mask, offsets.shape[0], h)
+    _check_per_block(offsets, h)
     r, nb = offsets.shape
     y = torch.empty(m, r, dtype=torch.float32, device=x.device)
     if m == 0 or r == 0:
