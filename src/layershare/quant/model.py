@@ -103,11 +103,16 @@ def quantize_tensor(owner: nn.Module, attr: str, input_first: bool, spec: QuantS
     return q
 
 
+def packed_buffers(owner: nn.Module, attr: str) -> dict[str, torch.Tensor]:
+    """owner.attr's packed buffers under grid.from_tensors' names (prefix "q")."""
+    return {f"q.{s}": owner._buffers[f"{attr}_q{s}"] for s in SUFFIXES if f"{attr}_q{s}" in owner._buffers}
+
+
 def _stored(owner: nn.Module, attr: str, t: dict, spec: QuantSpec) -> torch.Tensor:
     """The tensor owner.attr as its packed buffers hold it (float32, in its own orientation)."""
     shape = tuple(t["shape"])
     oriented = shape[::-1] if t["input_first"] else shape
-    bufs = {f"q.{s}": owner._buffers[f"{attr}_q{s}"] for s in SUFFIXES if f"{attr}_q{s}" in owner._buffers}
+    bufs = packed_buffers(owner, attr)
     return _oriented(dequantize(from_tensors(bufs, "q", spec, oriented)), t["input_first"])
 
 

@@ -31,7 +31,7 @@ from torch.nn import functional as F
 
 from layershare.adapters.base import set_path
 from layershare.quant.grid import from_tensors
-from layershare.quant.model import SUFFIXES, spec_of
+from layershare.quant.model import SUFFIXES, packed_buffers, spec_of
 
 DECODE_ROWS = 8
 KERNEL_GROUPS = (256, 128, 64, 32)
@@ -155,7 +155,7 @@ def pack_linears(model: nn.Module, qentry: dict) -> set[str]:
         n, k = t["shape"]
         if n % 16 or kernel_group(spec.group_size, k) is None or owner.weight_qcodes.device.type != "cpu":
             continue
-        bufs = {f"q.{s}": owner._buffers[f"weight_q{s}"] for s in SUFFIXES if f"weight_q{s}" in owner._buffers}
+        bufs = packed_buffers(owner, "weight")
         q = from_tensors(bufs, "q", spec, (n, k))
         zeros = q.zeros if q.zeros is not None else torch.full_like(q.scales, 2 ** (spec.bits - 1), dtype=torch.uint8)
         bias = owner.bias.detach() if owner.bias is not None else None
@@ -185,7 +185,7 @@ def pack_values(model: nn.Module, qentry: dict) -> set[str]:
             continue
         if attr != "V_values" or not isinstance(owner, SharedBasisLinear) or not owner.sparse:
             continue
-        bufs = {f"q.{s}": owner._buffers[f"V_values_q{s}"] for s in SUFFIXES if f"V_values_q{s}" in owner._buffers}
+        bufs = packed_buffers(owner, "V_values")
         if any(b.device.type != "cpu" for b in bufs.values()):
             continue
         spec = spec_of(qentry, name)
@@ -194,8 +194,8 @@ def pack_values(model: nn.Module, qentry: dict) -> set[str]:
         if qv is None:
             continue
         owner.set_quant_values(qv)
-        for k in bufs:
-            owner._buffers.pop("V_values_" + k.replace(".", ""), None)
+        for s in SUFFIXES:
+            owner._buffers.pop(f"V_values_q{s}", None)
         taken.add(name)
     return taken
 
@@ -210,7 +210,7 @@ def _stage_basis(basis, name: str, t: dict, qentry: dict) -> None:
 
     from layershare.runtime.kernels import ops
 
-    bufs = {f"q.{s}": basis._buffers[f"U_q{s}"] for s in SUFFIXES if f"U_q{s}" in basis._buffers}
+    bufs = packed_buffers(basis, "U")
     if any(b.device.type != "cpu" for b in bufs.values()):
         return
     spec = spec_of(qentry, name)

@@ -71,12 +71,11 @@ class QuantValues(NamedTuple):
         bytes. None when the kernels cannot take the grid (a group that is not a power of two >= 16)."""
         if group < 16 or group & (group - 1) or codes.dim() != 1:
             return None
+        from layershare.quant.pack import pack
+
         n = codes.numel()
-        c = codes.to(torch.uint8)
         width = 4 if bits <= 4 else 8
-        if width == 4:
-            c = F.pad(c, (0, n % 2)).view(-1, 2)
-            c = (c[:, 0] | (c[:, 1] << 4)).contiguous()
+        c = pack(codes, 4) if width == 4 else codes.to(torch.uint8)  # quant/pack.py's order: low nibble first
         z = torch.full_like(scales, 2 ** (bits - 1), dtype=torch.uint8) if zeros is None else zeros.to(torch.uint8)
         return cls(c.contiguous(), scales.to(torch.float16).contiguous(), z.reshape(-1).contiguous(), width, group, n)
 
@@ -86,9 +85,9 @@ class QuantValues(NamedTuple):
 
     def codes_per_value(self) -> torch.Tensor:
         """The codes one per value (uint8)."""
-        if self.bits == 8:
-            return self.codes
-        return torch.stack([self.codes & 15, self.codes >> 4], dim=1).reshape(-1)[: self.n]
+        from layershare.quant.pack import unpack
+
+        return self.codes if self.bits == 8 else unpack(self.codes, 4, self.n)
 
     def dequantize(self) -> torch.Tensor:
         """The float32 values (grid.decode's arithmetic)."""
