@@ -7,7 +7,9 @@
 
 Rows: the dense model (bfloat16); round to nearest and GPTQ alone at 2, 3 and 4 bits (GPTQ: the
 library's, sequential block by block, quant/sequential.py; damp 0.01, blocksize 128; "-wN": N
-calibration windows instead of the library's 64, "-act": act_order); FiPS with
+calibration windows instead of the library's 64, "-act": act_order, "-mse" / "-minmax": each group's
+range by the MSE search / its min and max, where the library's default ("auto" since 2026-12-05: MSE
+under GPTQ, min/max under RTN; min/max before) is not wanted; the table's "grid" column says which ran); FiPS with
 quantization-aware tuning (qat: fake-quantized U and V inside the block-wise reconstruction, then
 the same grid stored) at 3 and 4 bits, its sharing ratio solved so that its linear weights take as
 many bits as GPTQ's at 2 and 3 bits (the paper's pairing: 3-bit FiPS against 2-bit quantization at
@@ -66,6 +68,11 @@ ROWS = ["dense", "gptq-2", "gptq-3", "fips-qat3@2", "fips-qat4@3", "rtn-2", "rtn
         "basis-sharing-gptq3@2", "svd-llm-gptq3@2", "fips-dense-v-qat3@2", "qat-2", "fips-qat3@2+ft", "qat-3",
         "fips-qat4@3+ft", "gptq-3-w16", "gptq-3-act", "gptq-4-act", "fips20-gptq-4", "fips20-rtn-4", "fips20-gptq-3", "fips20-qat-4", "fips20-qat-3",
         "basis-sharing20-gptq-3", "svd-llm20-gptq-3"]
+# "-mse" / "-minmax": each group's range chosen by the MSE search (QuantConfig.observer="mse") / its min and max
+ROWS += [r + "-mse" for r in ("rtn-3", "rtn-4", "gptq-2", "gptq-3", "gptq-4", "gptq-4-act", "fips20-gptq-4",
+                              "fips20-gptq-3", "fips20-rtn-4")]
+ROWS += [r + "-minmax" for r in ("gptq-3", "gptq-4", "fips20-gptq-4", "fips20-gptq-3", "basis-sharing20-gptq-3",
+                                 "svd-llm20-gptq-3")]
 # "-sym": the absmax grid without zero points (the library's default before 2026-12-05)
 ROWS += [r + "-sym" for r in ("rtn-2", "rtn-3", "rtn-4", "gptq-2", "gptq-3", "gptq-4", "gptq-3-w16", "qat-2",
                               "fips20-gptq-4", "fips20-gptq-3")]
@@ -140,14 +147,15 @@ def recipe_for(row: str, model, device: str, overrides: dict) -> Recipe:
 
 
 def quant_stage(row: str) -> tuple[QuantConfig, dict]:
-    """ALGO-BITS[-wN][-act][-sym|-asym] -> the quantization stage and the run's calibration windows (qat-B:
+    """ALGO-BITS[-wN][-act][-sym|-asym][-mse|-minmax] -> the quantization stage and the run's calibration windows (qat-B:
     RTN codes, then the quantization-aware distillation)."""
     algo, bits, *options = row.split("-")
     act = "act" in options
     windows = {"nsamples": int(o[1:]) for o in options if o.startswith("w")}
     kind = {"symmetric": o == "sym" for o in options if o in ("sym", "asym")}  # else the library's default
+    observer = {"observer": o for o in options if o in ("mse", "minmax")}  # else the library's default
     stage = QuantConfig(bits=int(bits), group_size=GROUP, algorithm="rtn" if algo == "qat" else algo, act_order=act,
-                        **kind)
+                        **kind, **observer)
     return stage, windows
 
 
@@ -276,7 +284,13 @@ def table(rows: list[dict]) -> str:
 def grid(row: dict) -> str:
     """"zero point" (asymmetric) or "absmax" (symmetric): the grid of the row's quantization stage."""
     quant = [s for s in row.get("recipe", {}).get("stages", []) if s.get("method") == "quant"]
-    return "-" if not quant else "absmax" if quant[-1].get("symmetric") else "zero point"
+    if not quant:
+        return "-"
+    kind = "absmax" if quant[-1].get("symmetric") else "zero point"
+    observer = quant[-1].get("observer", "minmax")  # rows made before the field: min/max ranges
+    if observer == "auto":
+        observer = "mse" if quant[-1].get("algorithm") == "gptq" else "minmax"
+    return kind + (", MSE ranges" if observer == "mse" else "")
 
 
 def notes(rows: list[dict]) -> str:

@@ -69,6 +69,20 @@ VARIANTS = {
 }
 
 
+def host_cpu() -> str:
+    """The CPU's model name (this machine's host changes between days: Zen 5, Xeon with AMX; speed
+    ratios depend on it, so every row records it)."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def rss_mb() -> float:
     import psutil
 
@@ -181,7 +195,12 @@ def measure(spec: dict) -> dict:
         model = layershare.load(spec["dir"], device=dev, runtime=spec["runtime"], dtype=dtype)
     if cuda:
         torch.cuda.synchronize()
-    row = {"load_s": time.perf_counter() - t0, "resident_bytes": resident_bytes(model), "forms": forms(model)}
+    row = {"load_s": time.perf_counter() - t0, "resident_bytes": resident_bytes(model), "forms": forms(model),
+           "cpu": host_cpu()}
+    if not cuda:
+        from layershare.runtime.kernels import ops
+
+        row["kernel"] = ops.isa() + (f" ({ops.spread()})" if ops.isa() == "avx512" else "")
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
     with torch.inference_mode():  # one short forward: every weight page is touched (a mapped file counts)
@@ -234,8 +253,8 @@ def run_child(spec: dict) -> dict | None:
 def table(rows: list[dict]) -> str:
     lines = ["| model | device | dtype | method | ratio | runtime | load | memory | vs dense | peak | tensors | "
              "prefill 512 | vs dense | prefill 2048 | vs dense | decode b1 | vs dense | decode b8 | vs dense | "
-             "ppl (slice) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "ppl (slice) | host CPU, kernel path |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     dense = {}
     for r in rows:
         if r["runtime"] == "dense":
@@ -256,7 +275,8 @@ def table(rows: list[dict]) -> str:
             f"{r['resident_bytes'] / 2**20:,.0f} MiB | {r['prefill_512_s'] * 1e3:,.0f} ms | {rel('prefill_512_s', True)} | "
             f"{r['prefill_2048_s'] * 1e3:,.0f} ms | {rel('prefill_2048_s', True)} | "
             f"{r['decode_b1_tok_s']:.1f} | {rel('decode_b1_tok_s')} | {r['decode_b8_tok_s']:.1f} | "
-            f"{rel('decode_b8_tok_s')} | {ppl} |")
+            f"{rel('decode_b8_tok_s')} | {ppl} | {r.get('cpu', 'not recorded')}"
+            f"{', ' + r['kernel'] if r.get('kernel') else ''} |")
     return "\n".join(lines)
 
 

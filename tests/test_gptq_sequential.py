@@ -84,7 +84,7 @@ def test_sequential_gptq_gives_the_codes_of_a_plain_block_by_block_reference(tok
     batches = _batches(tokens)
     model, ref = make_model("llama"), make_model("llama")
     report = _run_stage(model, batches)
-    want = _reference_sequential(ref, batches, QuantSpec(3, 32, False))  # the default grid: zero points
+    want = _reference_sequential(ref, batches, QuantSpec(3, 32, False, "mse"))  # the default: zero points, MSE ranges
     assert report["by_gptq"] == len(want) == 28 and report["by_rtn"] == 0
     for name, codes in want.items():
         owner = model.get_submodule(name.rpartition(".")[0])
@@ -147,7 +147,7 @@ def test_a_basis_read_along_both_axes_is_rounded(tokens, capsys):
     assert report["by_rtn"] == len(bases) and report["by_gptq"] == 4 * 4 + 3 * 4  # attention 4 x 4, V's 3 x 4
     for n, U in bases.items():  # at the stage's basis_bits (8 by default; the V's and the attention at 3)
         owner = model.get_submodule(n)
-        assert torch.equal(owner.U_qcodes, pack(quantize(U.t(), QuantSpec(8, 32, False)).codes, 8)), n
+        assert torch.equal(owner.U_qcodes, pack(quantize(U.t(), QuantSpec(8, 32, False, "mse")).codes, 8)), n
         assert model.layershare_quant["tensors"][n + ".U"]["bits"] == 8
     assert model.layershare_quant["bits"] == 3 and not any(
         "bits" in t for n, t in model.layershare_quant["tensors"].items() if not n.endswith(".U"))
@@ -211,7 +211,7 @@ def test_the_stage_says_what_it_did(tokens, capsys):
     layershare.compress(make_model("llama"), Recipe(stages=[QuantConfig(bits=3, group_size=32, embeddings=True, algorithm="gptq")],
                                                     nsamples=8, seqlen=32), data=tokens)
     out = capsys.readouterr().out
-    assert "quant: 3-bit codes, groups of 32, asymmetric, sequential GPTQ (damp 0.01, blocksize 128" in out
+    assert "quant: 3-bit codes, groups of 32, asymmetric, MSE-searched ranges, sequential GPTQ (damp 0.01, blocksize 128" in out
     assert "GPTQ: 28 tensors (model.layers.*.self_attn.q_proj.weight x4" in out
     assert "round to nearest: 2 tensors (model.embed_tokens.weight, lm_head.weight)" in out
 

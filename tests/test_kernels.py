@@ -56,6 +56,7 @@ def isa():
     """Switch the native path (set_isa) within a test; the best path again afterwards."""
     yield ops.set_isa
     ops.set_isa("best")
+    ops.set_spread("best")
 
 
 @native
@@ -85,12 +86,19 @@ def test_masks(pattern):
 
 
 @native
-@pytest.mark.parametrize("path", ["avx2", "avx512"])
-def test_vector_paths_equal_the_portable_one(isa, path):
+@pytest.mark.parametrize("path,spread", [("avx2", None), ("avx512", "permute"), ("avx512", "expand")])
+def test_vector_paths_equal_the_portable_one(isa, path, spread):
     best = isa("best")
     if path == "avx512" and best != "avx512" or isa(path if path == "avx2" else "best") != path:
         pytest.skip(f"this CPU has no {path} path (its best: {best})")
+    if spread:
+        assert ops.set_spread(spread) == spread
+    g = torch.Generator().manual_seed(1)
+    full = torch.rand(40, 300, generator=g) < 0.5  # whole 64-column blocks kept in some rows (loaded unspread)
+    full[::3] = True
+    full[1, 64:128] = True
     cases = [sparse_v(r, h, dtype, seed=r + h) for r, h in [(33, 100), (65, 65), (100, 7), (5, 200)] for dtype in DTYPES]
+    cases += [sparse_v(40, 300, dtype, keep=full) for dtype in DTYPES]
     g = torch.Generator().manual_seed(2)
     for values, mask, offsets, dense in cases:
         r, h = dense.shape
@@ -105,6 +113,25 @@ def test_vector_paths_equal_the_portable_one(isa, path):
             for a, b in zip(got[path][:2], got["portable"][:2]):  # float32 sums in another order
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
             assert torch.equal(got[path][2], got["portable"][2])
+    ops.set_spread("best")
+
+
+@native
+def test_spreads_are_bit_identical_and_the_choice_is_checked(isa):
+    """expand and permute move the same values to the same lanes: equal results, not just close."""
+    if isa("best") != "avx512":
+        pytest.skip("no AVX-512 path on this CPU")
+    values, mask, offsets, dense = sparse_v(70, 333, torch.bfloat16, seed=5)
+    z, x = torch.randn(3, 70), torch.randn(3, 333)
+    got = {}
+    for use in ("permute", "expand"):
+        ops.set_spread(use)
+        got[use] = (torch.ops.layershare.bitmask_in(z, values, mask, offsets, 333),
+                    torch.ops.layershare.bitmask_out(x, values, mask, offsets))
+    assert all(torch.equal(a, b) for a, b in zip(got["permute"], got["expand"]))
+    with pytest.raises(RuntimeError, match="use must be 'expand', 'permute' or 'best', got 'gather'"):
+        ops.set_spread("gather")
+    assert ops.set_spread("best") in ("expand", "permute")
 
 
 @native

@@ -34,6 +34,7 @@ def quant_v(r, h, bits, group, symmetric, seed=0, keep=None):
 def isa():
     yield ops.set_isa
     ops.set_isa("best")
+    ops.set_spread("best")
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -63,8 +64,12 @@ def test_every_path_expands_exactly_and_multiplies_as_the_dense_dequantized_v(is
     for r, h in SHAPES:
         qv, mask, offsets, dense = quant_v(r, h, bits, group, symmetric, seed=r * h + bits)
         g = torch.Generator().manual_seed(1)
-        for use in ("portable", "avx2", "best"):
-            if isa(use) not in (use, best):
+        for use in ("portable", "avx2", "best", "best-permute"):  # AVX-512: both spreads (expand, permute)
+            if isa(use.removesuffix("-permute")) not in (use.removesuffix("-permute"), best):
+                continue
+            if best == "avx512":
+                ops.set_spread("permute" if use.endswith("-permute") else "expand")
+            elif use.endswith("-permute"):
                 continue
             # the expansion is grid.decode's values exactly, on every path
             assert torch.equal(ops.expand(qv, mask, offsets, torch.empty(r, h)), dense), (use, r, h)

@@ -101,6 +101,53 @@ def test_error_within_half_a_step_with_short_last_group(spec):
     assert (dequantize(q)[w == 0] == 0).all()  # zero is on both grids
 
 
+def _shrunk_grid_error(w: torch.Tensor, p: float, spec: QuantSpec) -> torch.Tensor:
+    """Each row's sum of |w - w_hat|^2.4 on the min/max grid of the row with its range times p
+    (written from the definition: the range [p min(w, 0), p max(w, 0)] as the reference shrinks it)."""
+    lo, hi = p * w.amin(-1).clamp_max(0), p * w.amax(-1).clamp_min(0)
+    half = lambda x: x.clamp_min(2.0**-24).to(torch.float16)  # noqa: E731
+    if spec.symmetric:
+        scale = half(torch.maximum(-lo, hi) / (spec.maxq / 2))
+        want = torch.maximum(-lo, hi) / (spec.maxq / 2)
+    else:
+        scale = half((hi - lo) / spec.maxq)
+        want = (hi - lo) / spec.maxq
+    scale = torch.where(scale.float() < want, torch.nextafter(scale, torch.tensor(65504.0, dtype=torch.float16)), scale)
+    zero = None if spec.symmetric else torch.round(-lo / scale.float()).clamp(0, spec.maxq)
+    z = 2 ** (spec.bits - 1) if zero is None else zero[:, None]
+    codes = (torch.round(w / scale.float()[:, None]) + z).clamp(0, spec.maxq)
+    return ((codes - z) * scale.float()[:, None] - w).abs().pow(2.4).sum(-1)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(3, 64, False, "mse"), QuantSpec(4, 64, True, "mse")], ids=str)
+def test_mse_observer_keeps_the_best_of_the_reference_s_shrink_factors(spec):
+    """The chosen range is the shrink factor (1.0 .. 0.21, step 0.01) of least |err|^2.4 per
+    group; on heavy-tailed weights it clips outliers and beats min/max, never loses to it."""
+    torch.manual_seed(3)
+    w = torch.distributions.StudentT(2.0).sample((40, 64))
+    q, plain = quantize(w, spec), quantize(w, QuantSpec(spec.bits, 64, spec.symmetric))
+    err = lambda t: (dequantize(t) - w).abs().pow(2.4).sum(-1)  # noqa: E731
+    candidates = torch.stack([_shrunk_grid_error(w, 1 - i / 100, spec) for i in range(80)])
+    torch.testing.assert_close(err(q), candidates.amin(0), rtol=1e-5, atol=0)
+    assert (err(q) <= err(plain) * (1 + 1e-6)).all() and err(q).sum() < 0.95 * err(plain).sum()
+    assert q.spec == plain.spec  # the observer is not part of the stored format
+    assert ((dequantize(q) - w).abs() > q.scales.float() / 2 * 1.001).any()  # outliers were clipped
+
+
+def test_mse_observer_ignores_the_short_last_group_s_padding():
+    spec = QuantSpec(4, 32, False, "mse")
+    torch.manual_seed(4)
+    w = torch.distributions.StudentT(2.0).sample((6, 70))
+    q, tail = quantize(w, spec), quantize(w[:, 64:], spec)
+    assert torch.equal(q.codes[:, 64:], tail.codes) and torch.equal(q.scales[:, 2], tail.scales[:, 0])
+    assert torch.equal(q.zeros[:, 2], tail.zeros[:, 0])
+
+
+def test_spec_refuses_unknown_observers():
+    with pytest.raises(ValueError, match="observer must be one of minmax, mse, got 'percentile'"):
+        QuantSpec(4, 32, True, "percentile")
+
+
 def test_the_grids_are_gptq_s():
     w = torch.tensor([[-1.0, 0.5, 0.25, 3.0]])
     sym = quantize(w, QuantSpec(4, 4, True))  # absmax / 7.5, levels -8..7, codes offset by 8
@@ -184,7 +231,8 @@ def _correlated_inputs(rows: int, n: int, seed: int) -> torch.Tensor:
     return torch.randn(rows, n, generator=g) @ torch.randn(n, n, generator=g) + torch.randn(n, generator=g)
 
 
-@pytest.mark.parametrize("spec", [QuantSpec(4, 32, True), QuantSpec(3, 24, False), QuantSpec(2, 100, False)], ids=str)
+@pytest.mark.parametrize("spec", [QuantSpec(4, 32, True), QuantSpec(3, 24, False), QuantSpec(2, 100, False),
+                                  QuantSpec(3, 24, False, "mse")], ids=str)
 def test_gptq_with_identity_hessian_is_rtn(spec):
     w = torch.randn(16, 100, generator=_gen(7))
     got, rtn = gptq(w, torch.eye(100, dtype=torch.float64), spec, blocksize=40), quantize(w, spec)
@@ -218,7 +266,8 @@ def _textbook_gptq(w: torch.Tensor, H: torch.Tensor, spec: QuantSpec, percdamp: 
 
 
 @pytest.mark.parametrize("blocksize", [1, 5, 128])
-@pytest.mark.parametrize("spec", [QuantSpec(3, 6, False), QuantSpec(4, 16, True)], ids=str)
+@pytest.mark.parametrize("spec", [QuantSpec(3, 6, False), QuantSpec(4, 16, True), QuantSpec(3, 6, False, "mse")],
+                         ids=lambda s: f"{s}-{s.observer}")
 def test_gptq_matches_the_textbook_algorithm(spec, blocksize):
     X = _correlated_inputs(64, 16, seed=10)
     H = X.T.double() @ X.double()

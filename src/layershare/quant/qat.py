@@ -1,7 +1,10 @@
 """Quantization-aware fine-tuning: `finetune` of a quantized model trains every quantized tensor
 through fake quantization (straight-through), on the grid its codes are stored on, then stores
 the codes of what it learnt (round to nearest on that grid, which is what the fake-quantized
-forward computed). The dense model quantized alone and distilled this way is the paper's QAT
+forward computed). The fake quantization takes each group's range from the weights by min/max,
+whatever observer chose the stored one: the weights start as the stored values, whose extremes
+sit on the ends of their grid when an MSE search clipped them, so the training starts (up to
+rounding) from the stored model. The dense model quantized alone and distilled this way is the paper's QAT
 baseline (`compress --method none --bits 2`, then `finetune`).
 
 enable(model)  before training: FiPS's shared bases and V through their own fake-quantization

@@ -17,11 +17,13 @@
 //                              (scales float16, zero points uint8: as the file stores them)
 //   bitmask_isa(use)           the path that runs ("avx512", "avx2" or "portable"); `use` switches
 //                              it (tests compare the paths)
+//   bitmask_spread(use)        how the AVX-512 path moves values to their columns ("expand" on
+//                              Intel CPUs, "permute" elsewhere: see spread16); `use` switches it
 //
 // Accumulation is in float32. Three paths compute each op, the best the CPU has chosen at run
 // time: AVX-512 (F, BW, VL: 16 columns per chunk), AVX2+FMA+F16C (8 columns per chunk), both
-// moving the kept values to their columns by a lookup table and one permute, and portable scalar
-// C++. The environment variable LAYERSHARE_KERNEL=avx2 or =portable caps the choice. Every read
+// moving the kept values to their columns by a lookup table and one permute (AVX-512 on Intel: one
+// vexpandps), a block whose 64 entries are all kept loaded as it is, and portable scalar C++. The environment variable LAYERSHARE_KERNEL=avx2 or =portable caps the choice. Every read
 // of `values` and `mask` is checked against the buffers' sizes: offsets that disagree with the
 // mask give wrong numbers, never a read out of bounds.
 
@@ -191,6 +193,21 @@ void expand_row_portable(const SparseV<T>& v, int64_t i, float* row) {
   }
 }
 
+// How the AVX-512 path spreads a chunk's values (see spread16): vexpandps on Intel CPUs, else a
+// permute; LAYERSHARE_KERNEL_SPREAD=expand|permute overrides it, bitmask_spread(use) switches it.
+bool default_expand() {
+  const char* env = std::getenv("LAYERSHARE_KERNEL_SPREAD");
+  if (env && std::string(env) == "expand") return true;
+  if (env && std::string(env) == "permute") return false;
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  __builtin_cpu_init();
+  return __builtin_cpu_is("intel");
+#else
+  return false;
+#endif
+}
+std::atomic<bool> g_expand{default_expand()};
+
 // ---- the vector paths (x86): AVX2, AVX-512 -----------------------------------------------------
 #if LS_X86
 // f(std::integral_constant<int, N>{}) with N = rows (1..kMaxRows; more rows: kMaxRows): the
@@ -291,6 +308,12 @@ LS_AVX2 LS_INLINE void each_chunk(const SparseV<T>& v, uint64_t bits, int64_t& p
       at = p - q0;
     } else {
       src = v.values + p;
+    }
+    if (bits == ~0ULL) {  // a full block (a 16-bit weight held for float32 compute: every block): no spreading
+#pragma GCC unroll 8
+      for (int t = 0; t < 8; ++t) f(t, load8(src + at + 8 * t));
+      p += kBlock;
+      return;
     }
     const int64_t first = at;
 #pragma GCC unroll 8
@@ -441,9 +464,20 @@ LS_AVX512 LS_INLINE __m512 decode16(const SparseV<T>& v, int64_t q) {
 }
 
 // The chunk of 16 columns whose mask bytes are lo (columns 0-7) and hi (8-15): its packed values
-// moved to their columns, 0 elsewhere. kSpread's rows for both bytes make one index vector (hi's
-// shifted by lo's count), whose -1 entries (sign bits) are the lanes zeroed. One vpermps: a
-// vexpandps does the same in one instruction but measured 3x slower on this Zen 5 (fp32, 1 row).
+// moved to their columns, 0 elsewhere. Two ways, the same result bit for bit (g_expand picks):
+// kSpread's rows for both bytes make one index vector (hi's shifted by lo's count), whose -1
+// entries (sign bits) are the lanes zeroed, for one vpermps ("permute"); or one vexpandps with the
+// mask bits in column order ("expand"). Measured on one V of SmolLM2's up/gate shape, half kept,
+// bfloat16 values, one row: on a Zen 5 expand was 3x slower than permute; on an Intel Xeon with
+// AMX 1.4x faster (105 against 148 us). So expand is the default on Intel CPUs, permute elsewhere;
+// LAYERSHARE_KERNEL_SPREAD=expand|permute or bitmask_spread(use) overrides it.
+LS_AVX512 LS_INLINE uint64_t reverse_bits(uint64_t w) {  // bit k <-> bit 63-k
+  w = __builtin_bswap64(w);
+  w = ((w >> 1) & 0x5555555555555555ULL) | ((w & 0x5555555555555555ULL) << 1);
+  w = ((w >> 2) & 0x3333333333333333ULL) | ((w & 0x3333333333333333ULL) << 2);
+  return ((w >> 4) & 0x0F0F0F0F0F0F0F0FULL) | ((w & 0x0F0F0F0F0F0F0F0FULL) << 4);
+}
+
 LS_AVX512 LS_INLINE __m512 spread16(__m512 packed, unsigned lo, unsigned hi) {
   __m128i idx = _mm_unpacklo_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(kSpread.idx[lo])),
                                    _mm_loadl_epi64(reinterpret_cast<const __m128i*>(kSpread.idx[hi])));
@@ -468,7 +502,24 @@ LS_AVX512 LS_INLINE void each_chunk16(const SparseV<T>& v, uint64_t bits, int64_
     } else {
       src = v.values + p;
     }
+    if (bits == ~0ULL) {  // a full block: no spreading
+#pragma GCC unroll 4
+      for (int t = 0; t < 4; ++t) f(t, load16(src + at + 16 * t));
+      p += kBlock;
+      return;
+    }
     const int64_t first = at;
+    if (g_expand.load(std::memory_order_relaxed)) {  // vexpandps, the mask bits in column order
+      const uint64_t columns = reverse_bits(bits);
+#pragma GCC unroll 4
+      for (int t = 0; t < 4; ++t) {
+        const __mmask16 m = static_cast<__mmask16>(columns >> (16 * t));
+        f(t, _mm512_maskz_expand_ps(m, load16(src + at)));
+        at += __builtin_popcount(m);
+      }
+      p += at - first;
+      return;
+    }
 #pragma GCC unroll 4
     for (int t = 0; t < 4; ++t) {
       const unsigned lo = static_cast<unsigned>(bits >> 56), hi = static_cast<unsigned>(bits >> 48) & 0xFF;
@@ -612,6 +663,16 @@ std::string bitmask_isa(std::optional<c10::string_view> use) {
     g_isa = best_isa(u);
   }
   return kIsaNames[g_isa.load()];
+}
+
+std::string bitmask_spread(std::optional<c10::string_view> use) {
+  if (use) {
+    const std::string u(*use);
+    TORCH_CHECK(u == "expand" || u == "permute" || u == "best",
+                "bitmask_spread: use must be 'expand', 'permute' or 'best', got '", u, "'");
+    g_expand = u == "best" ? default_expand() : u == "expand";
+  }
+  return g_expand.load() ? "expand" : "permute";
 }
 
 // ---- the ops -----------------------------------------------------------------------------------
@@ -862,6 +923,7 @@ TORCH_LIBRARY(layershare, m) {
   m.def("bitmask_expand_q(Tensor codes, Tensor scales, Tensor zeros, int bits, int group, int n, Tensor mask, "
         "Tensor offsets, Tensor(a!) out) -> ()");
   m.def("bitmask_isa(str? use=None) -> str", &bitmask_isa);
+  m.def("bitmask_spread(str? use=None) -> str", &bitmask_spread);
 }
 
 TORCH_LIBRARY_IMPL(layershare, CPU, m) {

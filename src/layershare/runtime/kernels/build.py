@@ -18,6 +18,7 @@ from pathlib import Path
 
 from layershare.runtime.kernels.library import (
     CFLAGS,
+    LDFLAGS,
     NAME,
     SOURCE,
     build_dir,
@@ -31,7 +32,8 @@ def build(verbose: bool = False) -> Path:
 
     folder = build_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    load(name=NAME, sources=[str(SOURCE)], extra_cflags=list(CFLAGS), build_directory=str(folder),
+    load(name=NAME, sources=[str(SOURCE)], extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS),
+         build_directory=str(folder),
          is_python_module=False, verbose=verbose)
     return library_path()
 

@@ -10,13 +10,17 @@ import torch
 
 SOURCE = Path(__file__).with_name("bitmask.cpp")
 NAME = "layershare_bitmask"
-# no -march=native: the library must run on any x86-64; the AVX2 functions carry their own target
-CFLAGS = ("-O3",)
+# no -march=native: the library must run on any x86-64; the AVX2 functions carry their own target.
+# -fopenmp: at::parallel_for is an inline header whose OpenMP pragma is dropped without it, and the ops
+# then run on one thread whatever torch.set_num_threads says (measured: 1 and 2 threads equal before).
+# Linked with -fopenmp the library needs libgomp.so.1, the one torch has already loaded: one thread pool.
+CFLAGS = ("-O3", "-fopenmp")
+LDFLAGS = ("-fopenmp",)
 
 
 def build_dir() -> Path:
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS + LDFLAGS).encode()).hexdigest()[:16]
     return cache / "layershare" / "kernels" / f"{torch.__version__}-{digest}"
 
 

@@ -151,6 +151,22 @@ def set_isa(use: str) -> str:
     return torch.ops.layershare.bitmask_isa(use)
 
 
+def spread() -> str:
+    """How the AVX-512 path moves kept values to their columns: "expand" (one vexpandps: the
+    default on Intel CPUs) or "permute" (a lookup table and one vpermps: elsewhere); the same
+    results bit for bit (bitmask.cpp, spread16)."""
+    if not available():
+        raise RuntimeError("the native sparse kernel is not loaded")
+    return torch.ops.layershare.bitmask_spread()
+
+
+def set_spread(use: str) -> str:
+    """Switch the AVX-512 spreading to "expand", "permute" or back to the CPU's "best"; returns it."""
+    if not available():
+        raise RuntimeError("the native sparse kernel is not loaded")
+    return torch.ops.layershare.bitmask_spread(use)
+
+
 def _register_fakes() -> None:
     """Shapes of the ops' outputs without computing them (torch.compile, meta tensors)."""
     global _fakes
