@@ -23,7 +23,8 @@
 // Accumulation is in float32. Three paths compute each op, the best the CPU has chosen at run
 // time: AVX-512 (F, BW, VL: 16 columns per chunk), AVX2+FMA+F16C (8 columns per chunk), both
 // moving the kept values to their columns by a lookup table and one permute (AVX-512 on Intel: one
-// vexpandps), a block whose 64 entries are all kept loaded as it is, and portable scalar C++. The environment variable LAYERSHARE_KERNEL=avx2 or =portable caps the choice. Every read
+// vexpandps), a block whose 64 entries are all kept loaded as it is, and portable scalar C++. The
+// environment variable LAYERSHARE_KERNEL=avx2 or =portable caps the choice. Every read
 // of `values` and `mask` is checked against the buffers' sizes: offsets that disagree with the
 // mask give wrong numbers, never a read out of bounds.
 
