@@ -10,7 +10,8 @@ How the codes are chosen (`algorithm`):
   axes, as FiPS's U: rounded, by measurement, quant/inputs.py); a dense V; a sparse V's kept
   values (quant/gptq.gptq_masked: the pattern stays, the pruned entries exactly 0). Options:
   `damp` (the reference's percdamp), `blocksize` (lazy batches), `act_order` (columns by
-  decreasing Hessian diagonal, with static groups: the stored layout is unchanged). The rest
+  decreasing Hessian diagonal, with static groups: the stored layout is unchanged), `observer`
+  (each group's range searched for the least error when GPTQ reaches it: the default). The rest
   (FiPS's bases, MASA's atoms, embeddings, the LM head) is rounded to nearest, before GPTQ
   starts, so that GPTQ's inputs come from it quantized. A Hessian still singular after
   dampening stops the run with the tensor's name (nothing is written).
@@ -45,9 +46,9 @@ class QuantConfig(StageConfig):
     """bits: per code (2, 3, 4 or 8); basis_bits: per code of the shared bases (FiPS's and Basis
     Sharing's U; None: `bits`); group_size: input entries per scale; symmetric: absmax grid
     (else min/max with a zero point); observer: how a group's range is chosen ("minmax", "mse"
-    (quant/grid.py) or "auto": "mse" under GPTQ, "minmax" under RTN); algorithm: "gptq" or "rtn"; embeddings: quantize the input
-    embeddings and the LM head too (rounded); damp, blocksize, act_order: GPTQ's. `ratio` does
-    not apply (the size follows from bits)."""
+    (quant/grid.py) or "auto": "mse" under GPTQ, "minmax" under RTN); algorithm: "gptq" or
+    "rtn"; embeddings: quantize the input embeddings and the LM head too (rounded); damp,
+    blocksize, act_order: GPTQ's. `ratio` does not apply (the size follows from bits)."""
 
     method = "quant"
     part: ClassVar[str] = "weights"
