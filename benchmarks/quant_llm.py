@@ -286,11 +286,11 @@ def grid(row: dict) -> str:
     quant = [s for s in row.get("recipe", {}).get("stages", []) if s.get("method") == "quant"]
     if not quant:
         return "-"
-    kind = "absmax" if quant[-1].get("symmetric") else "zero point"
-    observer = quant[-1].get("observer", "minmax")  # rows made before the field: min/max ranges
-    if observer == "auto":
-        observer = "mse" if quant[-1].get("algorithm") == "gptq" else "minmax"
-    return kind + (", MSE ranges" if observer == "mse" else "")
+    stage = quant[-1]
+    kind = "absmax" if stage.get("symmetric") else "zero point"
+    # the stage's own rule resolves "auto"; rows made before the field ran min/max ranges
+    ranges = QuantConfig(algorithm=stage.get("algorithm", "gptq"), observer=stage.get("observer", "minmax")).ranges
+    return kind + (", MSE ranges" if ranges == "mse" else "")
 
 
 def notes(rows: list[dict]) -> str:

@@ -146,25 +146,26 @@ def isa() -> str:
 def set_isa(use: str) -> str:
     """Switch the native kernels to "portable", to at most "avx2", or back to the "best" path the
     CPU has (tests compare them); returns the path now in use."""
-    if not available():
-        raise RuntimeError("the native sparse kernel is not loaded")
-    return torch.ops.layershare.bitmask_isa(use)
+    return _native_ops().bitmask_isa(use)
 
 
 def spread() -> str:
     """How the AVX-512 path moves kept values to their columns: "expand" (one vexpandps: the
     default on Intel CPUs) or "permute" (a lookup table and one vpermps: elsewhere); the same
     results bit for bit (bitmask.cpp, spread16)."""
-    if not available():
-        raise RuntimeError("the native sparse kernel is not loaded")
-    return torch.ops.layershare.bitmask_spread()
+    return _native_ops().bitmask_spread()
 
 
 def set_spread(use: str) -> str:
     """Switch the AVX-512 spreading to "expand", "permute" or back to the CPU's "best"; returns it."""
+    return _native_ops().bitmask_spread(use)
+
+
+def _native_ops():
+    """torch.ops.layershare, refusing when the native library is not loaded."""
     if not available():
         raise RuntimeError("the native sparse kernel is not loaded")
-    return torch.ops.layershare.bitmask_spread(use)
+    return torch.ops.layershare
 
 
 def _register_fakes() -> None:
