@@ -73,6 +73,35 @@ def test_products_match_dense(r, dtype):
 
 
 @native
+def test_in_product_split_by_rows_over_threads_matches_dense():
+    """The in-product gives each thread a stretch of V's rows and adds their partial sums: V large
+    enough for 2..4 tasks, any row count (more than 8: several passes), every value dtype."""
+    for dtype in DTYPES:
+        v = sparse_v(300, 700, dtype, seed=3)
+        for threads in (1, 2, 4):
+            torch.set_num_threads(threads)
+            check_products(*v, rows=[1, 5, 8, 11], raw=True)
+    torch.set_num_threads(2)
+
+
+@native
+def test_the_decoding_fast_path_takes_only_what_it_may():
+    """float32 rows up to DECODE_ROWS, contiguous, no grad, 16/32-bit values: straight to the op
+    (the same op as the general path, so the same numbers); anything else goes the checked way."""
+    values, mask, offsets, dense = sparse_v(20, 70, torch.bfloat16)
+    x = torch.randn(3, 70)
+    assert ops._decoding(x, values) and not ops._decoding(x.bfloat16(), values)
+    assert not ops._decoding(torch.randn(ops.DECODE_ROWS + 1, 70), values)
+    assert not ops._decoding(torch.randn(70, 3).t(), values) and not ops._decoding(x.requires_grad_(), values)
+    assert not ops._decoding(x.detach(), values.double())
+    assert torch.equal(ops.out_product(x.detach(), values, mask, offsets),
+                       torch.ops.layershare.bitmask_out(x.detach(), values, mask, offsets))
+    y = ops.out_product(x, values, mask, offsets)  # requires grad: the reference, differentiable
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, dense.float().sum(0).expand(3, -1), rtol=1e-5, atol=1e-5)
+
+
+@native
 @pytest.mark.parametrize("pattern", ["zeros", "ones", "empty rows", "sparse", "dense"])
 def test_masks(pattern):
     for r, h in [(33, 100), (65, 7), (7, 130), (1, 1)]:
@@ -86,13 +115,14 @@ def test_masks(pattern):
 
 
 @native
-@pytest.mark.parametrize("path,spread", [("avx2", None), ("avx512", "permute"), ("avx512", "expand")])
+@pytest.mark.parametrize("path,spread", [("avx2", None), ("avx512", "permute"), ("avx512", "expand"),
+                                         ("avx512", "expand16")])
 def test_vector_paths_equal_the_portable_one(isa, path, spread):
     best = isa("best")
     if path == "avx512" and best != "avx512" or isa(path if path == "avx2" else "best") != path:
         pytest.skip(f"this CPU has no {path} path (its best: {best})")
-    if spread:
-        assert ops.set_spread(spread) == spread
+    if spread and ops.set_spread(spread) != spread:
+        pytest.skip(f"this CPU has no {spread} spread (no AVX-512 VBMI2)")
     g = torch.Generator().manual_seed(1)
     full = torch.rand(40, 300, generator=g) < 0.5  # whole 64-column blocks kept in some rows (loaded unspread)
     full[::3] = True
@@ -118,20 +148,28 @@ def test_vector_paths_equal_the_portable_one(isa, path, spread):
 
 @native
 def test_spreads_are_bit_identical_and_the_choice_is_checked(isa):
-    """expand and permute move the same values to the same lanes: equal results, not just close."""
+    """The spreads move the same values to the same lanes: equal in-products, not just close (expand16
+    keeps each column's sums in the same order); equal out-products from expand and permute (expand16's
+    are summed in other lanes up to 4 rows: close; at more rows it runs expand's)."""
     if isa("best") != "avx512":
         pytest.skip("no AVX-512 path on this CPU")
     values, mask, offsets, dense = sparse_v(70, 333, torch.bfloat16, seed=5)
-    z, x = torch.randn(3, 70), torch.randn(3, 333)
     got = {}
-    for use in ("permute", "expand"):
-        ops.set_spread(use)
-        got[use] = (torch.ops.layershare.bitmask_in(z, values, mask, offsets, 333),
-                    torch.ops.layershare.bitmask_out(x, values, mask, offsets))
-    assert all(torch.equal(a, b) for a, b in zip(got["permute"], got["expand"]))
-    with pytest.raises(RuntimeError, match="use must be 'expand', 'permute' or 'best', got 'gather'"):
+    uses = ("permute", "expand", "expand16")
+    for n in (1, 3, 8):
+        z, x = torch.randn(n, 70), torch.randn(n, 333)
+        for use in uses:
+            got[use] = (ops.set_spread(use), torch.ops.layershare.bitmask_in(z, values, mask, offsets, 333),
+                        torch.ops.layershare.bitmask_out(x, values, mask, offsets))
+        assert torch.equal(got["permute"][1], got["expand"][1]) and torch.equal(got["permute"][2], got["expand"][2])
+        assert torch.equal(got["expand16"][1], got["expand"][1])
+        if got["expand16"][0] == "expand16" and n <= 4:
+            torch.testing.assert_close(got["expand16"][2], got["expand"][2], rtol=1e-5, atol=1e-5)
+        else:  # no VBMI2 (expand16 runs expand), or more than 4 rows
+            assert torch.equal(got["expand16"][2], got["expand"][2])
+    with pytest.raises(RuntimeError, match="use must be 'expand16', 'expand', 'permute' or 'best', got 'gather'"):
         ops.set_spread("gather")
-    assert ops.set_spread("best") in ("expand", "permute")
+    assert ops.set_spread("best") in uses
 
 
 @native
@@ -333,16 +371,45 @@ def test_a_bfloat16_file_loaded_in_float32_keeps_its_values_at_16_bits(tmp_path,
     sparse = layershare.load(path, runtime="sparse", dtype=torch.float32)
     compact = layershare.load(path, runtime="compact", dtype=torch.float32)
     layers = [m for m in sparse.modules() if isinstance(m, SharedBasisLinear)]
-    assert layers and all(m.V_values.dtype == torch.bfloat16 and m.basis.U.dtype == torch.float32 for m in layers)
+    assert layers and all(m.V_values.dtype == torch.bfloat16 for m in layers)
+    # the shared U too: held at 16 bits for the kernels (U rebuilt in float32 on access), never saved
+    bases = {id(m.basis): m.basis for m in layers}.values()
+    assert all(b.held and b.U16.dtype == torch.bfloat16 and "U" not in b._parameters for b in bases)
+    wide = {id(m.basis): m.basis for m in compact.modules() if isinstance(m, SharedBasisLinear)}.values()
+    assert all(torch.equal(b.U, w.U) for b, w in zip(bases, wide))
     assert all(m.V_values.dtype == torch.float32 for m in compact.modules() if isinstance(m, SharedBasisLinear))
     with torch.no_grad():
         for ids in (input_ids, input_ids[:1, :1]):
             torch.testing.assert_close(sparse(ids).logits, compact(ids).logits, rtol=1e-5, atol=1e-5)
+    from layershare.checkpoint.save import save_compressed
+    from layershare.checkpoint.verify import CheckpointError
+
+    with pytest.raises(CheckpointError, match=f"{len(bases)} of its linears, embeddings and shared bases were "
+                       "narrowed to their exact 16-bit weights when it was loaded .*runtime='compact'"):
+        save_compressed(sparse, tmp_path / "again")
+    assert not (tmp_path / "again").exists()
     layer = layers[0]
     wide = layer.V_values.float() * (1 + 2**-12)  # not a bfloat16 value any more
     layer._buffers["V_values"] = wide
     narrow_values(layer, torch.bfloat16)
     assert layer.V_values is wide
+
+
+@native
+def test_a_shared_basis_is_held_at_16_bits_only_when_exact():
+    from layershare.modules.shared_basis import SharedBasis
+
+    U = torch.randn(70, 33)
+    basis = SharedBasis(U.clone())
+    assert not basis.hold_narrow(torch.bfloat16) and not basis.held  # not bfloat16 values
+    assert not SharedBasis(U.bfloat16().float()).hold_narrow(torch.float32)  # no 16-bit file dtype
+    exact = SharedBasis(U.bfloat16().float())
+    assert exact.hold_narrow(torch.bfloat16) and exact.held and exact.U16.dtype == torch.bfloat16
+    assert torch.equal(exact.U, U.bfloat16().float()) and exact.rank == 33
+    x, z = torch.randn(3, 70), torch.randn(3, 33)
+    ref = U.bfloat16().double()
+    torch.testing.assert_close(exact.project(x).double(), x.double() @ ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(exact.unproject(z).double(), z.double() @ ref.t(), rtol=1e-5, atol=1e-5)
 
 
 def test_kernel_form_in_bfloat16(compressed, input_ids):
@@ -371,3 +438,4 @@ def test_auto_picks_the_kernel_form_only_for_a_model_on_the_cpu(compressed):
     layer.basis.to("meta")
     assert _group_form(layer.basis, group, "auto") in ("factored", "merged")
     assert _group_form(layer.basis, group, "sparse") == "sparse"
+

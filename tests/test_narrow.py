@@ -157,3 +157,27 @@ def test_a_module_at_two_paths_is_replaced_at_both():
     narrow_model(model)
     a, b = model.model.layers[0].self_attn.o_proj, model.model.layers[1].self_attn.o_proj
     assert isinstance(a, Linear16) and a is b
+
+
+@needs_kernel
+def test_long_inputs_run_under_inference_mode_and_after_it():
+    """A prompt widens a 16-bit weight into the thread's scratch buffer, made once per thread:
+    made first under torch.inference_mode, it must still be writable outside it (it was not:
+    `generate` under inference_mode, then a perplexity under no_grad, failed)."""
+    import threading
+
+    model = _round_to(make_model("llama"), torch.bfloat16)
+    assert narrow_model(model) > 0
+    ids = torch.randint(0, model.config.vocab_size, (1, 37), generator=torch.Generator().manual_seed(0))
+    out = {}
+
+    def run():  # a fresh thread: its first scratch buffer is made here, under inference_mode
+        with torch.inference_mode():
+            out["first"] = model(ids).logits.clone()
+        with torch.no_grad():
+            out["again"] = model(ids).logits
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    assert torch.equal(out["first"], out["again"])

@@ -53,6 +53,19 @@ def test_int4_linear_equals_dequantize_then_matmul(bits, symmetric, k, group):
         assert (y - ref).abs().max() <= tol * ref.abs().max(), rows
 
 
+def test_prefill_scratch_made_under_inference_mode_is_writable_after_it():
+    """The dequantization buffer a prompt fills is kept per shape: made first under
+    torch.inference_mode, it must still be writable outside it (it was not)."""
+    q = quantize(torch.randn(64, 96) * 0.05, QuantSpec(4, 32, True))
+    layer = Int4Linear.from_codes(q.codes, q.scales, torch.full_like(q.scales, 8, dtype=torch.uint8), 32, 4, None)
+    x = torch.randn(1, 40, 96, dtype=torch.float64)  # a dtype no other test's buffer has
+    quantized._scratch.pop((64 * 96, torch.float64, x.device), None)
+    with torch.inference_mode():
+        first = layer(x)
+    with torch.no_grad():
+        assert torch.equal(layer(x), first)
+
+
 def _tiny_quantized(tmp_path, bits=4):
     from layershare import QuantConfig, Recipe
     from layershare.testing import make_model

@@ -145,16 +145,17 @@ def _save_config(model: nn.Module, entry: dict, folder: Path) -> None:
 def check_not_merged(model: nn.Module, action: str) -> None:
     """Refuse a model whose compressed layers were merged into dense ones, whose quantized tensors
     were kept packed for the low-bit kernels (int4 linears, V values and shared bases as codes), or
-    whose plain weights were narrowed to 16 bits, at load time (none keeps the modules the file's
+    whose plain weights or shared bases were narrowed to 16 bits, at load time (none keeps the modules the file's
     layout describes)."""
     merged, packed = getattr(model, "layershare_merged", 0), getattr(model, "layershare_packed", 0)
     narrowed = getattr(model, "layershare_narrowed", 0)
     if merged or packed or narrowed:
         what = (f"{merged} of its compressed layers were merged into dense ones" if merged else
                 f"{packed} of its quantized tensors were kept packed for the low-bit kernels" if packed else
-                f"{narrowed} of its linears and embeddings were narrowed to their exact 16-bit weights")
-        raise CheckpointError(f"cannot {action} this model: {what} when it was loaded (runtime='auto' or "
-                              f"'merged'); load it with layershare.load(DIR, runtime='compact') to {action} it")
+                f"{narrowed} of its linears, embeddings and shared bases were narrowed to their exact 16-bit "
+                "weights")
+        raise CheckpointError(f"cannot {action} this model: {what} when it was loaded (runtime='auto', 'sparse' "
+                              f"or 'merged'); load it with layershare.load(DIR, runtime='compact') to {action} it")
 
 
 def save_compressed(model: nn.Module, output_dir: str | Path, tokenizer=None, overwrite: bool = False,

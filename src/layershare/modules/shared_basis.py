@@ -63,12 +63,16 @@ class SharedBasis(nn.Module):
         self.fake_quant = None  # a quant.QuantSpec while tuning with quantization-aware training
         self.fake_quant_input_first = True  # U's groups along d (shared with layers of role "in"), else along r
 
+    NARROW_BUFFERS = ("U16", "U16_mask", "U16_offsets")
+
     @property
     def U(self) -> torch.Tensor:
-        """The basis (d x r): the parameter, or, while held as codes, rebuilt from them (float32)."""
+        """The basis (d x r): the parameter, or, while held as codes or at 16 bits, rebuilt from them (float32)."""
         p = self._parameters.get("U")
         if p is not None:
             return p
+        if "U16" in self._buffers:
+            return self.U16.float()
         if "Uq_codes" in self._buffers:
             M = self._coded_matrix()
             return M.t() if self._uq[1] else M
@@ -77,7 +81,8 @@ class SharedBasis(nn.Module):
     # ---- held as codes (the kernel form at run time) --------------------------------------------
     @property
     def held(self) -> bool:
-        return "U" not in self._parameters and "Uq_codes" in self._buffers
+        """U held for the kernels (as codes, or at 16 bits), not as a parameter."""
+        return "U" not in self._parameters and ("Uq_codes" in self._buffers or "U16" in self._buffers)
 
     def _codes(self):
         from layershare.runtime.kernels.ops import QuantValues
@@ -116,10 +121,35 @@ class SharedBasis(nn.Module):
         self._z = None
         return True
 
-    def _times(self, x: torch.Tensor, transpose_u: bool) -> torch.Tensor:
-        """x @ U (or x @ U^T) from the held codes, by the bitmask kernels."""
+    def hold_narrow(self, stored: torch.dtype | None) -> bool:
+        """Hold a float32 U at the 16-bit `stored` dtype (a 16-bit file loaded in float32) for the
+        kernels, which widen it as they read it (an all-ones bitmask: the same float32 products,
+        half the bytes), if every value round-trips exactly (True); else leave it (False)."""
+        p = self._parameters.get("U")
+        if p is None or stored not in (torch.bfloat16, torch.float16):
+            return False
+        if p.dtype != torch.float32 or p.device.type != "cpu":
+            return False
+        narrow = p.detach().to(stored)
+        if not torch.equal(narrow.float(), p.detach()):
+            return False
+        from layershare.modules.bits import pack_bits
         from layershare.runtime.kernels import ops
 
+        mask = pack_bits(torch.ones(p.shape, dtype=torch.bool))
+        for k, t in zip(self.NARROW_BUFFERS, (narrow.contiguous(), mask, ops.prepare(mask, tuple(p.shape)))):
+            self.register_buffer(k, t, persistent=False)
+        del self._parameters["U"]
+        self._z = None
+        return True
+
+    def _times(self, x: torch.Tensor, transpose_u: bool) -> torch.Tensor:
+        """x @ U (or x @ U^T) from U held at 16 bits or as codes, by the bitmask kernels."""
+        from layershare.runtime.kernels import ops
+
+        if "U16" in self._buffers:  # U (d x r) as the kernels' V
+            M = (self.U16.view(-1), self.U16_mask, self.U16_offsets)
+            return ops.out_product(x, *M) if transpose_u else ops.in_product(x, *M, self.U16.shape[1])
         M = (self._codes(), self.Uq_mask, self.Uq_offsets)
         transposed, shape = self._uq[1], self._uq[2]
         if transposed != transpose_u:  # x @ M^T
@@ -139,6 +169,8 @@ class SharedBasis(nn.Module):
 
     @property
     def rank(self) -> int:
+        if "U16" in self._buffers:
+            return self.U16.shape[1]
         return self._uq[2][0 if self._uq[1] else 1] if self.held else self.U.shape[1]
 
     def project(self, x: torch.Tensor) -> torch.Tensor:

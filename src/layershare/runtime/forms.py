@@ -143,6 +143,8 @@ def _convert(model: nn.Module, runtime: str, stored: torch.dtype | None = None) 
             kernel = all(isinstance(m, SharedBasisLinear) and m.form == "kernel" for _, m in members)
             if kernel and shared.hold_codes():
                 model.layershare_packed = getattr(model, "layershare_packed", 0) + 1
+            elif kernel and shared.hold_narrow(stored):  # a 16-bit U loaded wider: back at 16 bits
+                model.layershare_narrowed = getattr(model, "layershare_narrowed", 0) + 1
             shared.drop_staged()
     return merged
 

@@ -129,7 +129,8 @@ class Int4Linear(nn.Module):
             key = (self.out_features * self.in_features, x.dtype, x.device)
             buf = _scratch.get(key)
             if buf is None:
-                buf = _scratch[key] = torch.empty(key[0], dtype=x.dtype, device=x.device)
+                with torch.inference_mode(False):  # writable outside inference_mode too (ops.scratch)
+                    buf = _scratch[key] = torch.empty(key[0], dtype=x.dtype, device=x.device)
             y = F.linear(x2, self.weight_as(x.dtype, buf.view(self.out_features, self.in_features)))
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)

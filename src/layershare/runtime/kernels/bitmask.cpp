@@ -17,13 +17,16 @@
 //                              (scales float16, zero points uint8: as the file stores them)
 //   bitmask_isa(use)           the path that runs ("avx512", "avx2" or "portable"); `use` switches
 //                              it (tests compare the paths)
-//   bitmask_spread(use)        how the AVX-512 path moves values to their columns ("expand" on
-//                              Intel CPUs, "permute" elsewhere: see spread16); `use` switches it
+//   bitmask_spread(use)        how the AVX-512 path moves values to their columns ("expand16" on
+//                              Intel CPUs with VBMI2, "expand" on other Intel CPUs, "permute"
+//                              elsewhere: see Spread); `use` switches it
 //
 // Accumulation is in float32. Three paths compute each op, the best the CPU has chosen at run
 // time: AVX-512 (F, BW, VL: 16 columns per chunk), AVX2+FMA+F16C (8 columns per chunk), both
 // moving the kept values to their columns by a lookup table and one permute (AVX-512 on Intel: one
-// vexpandps), a block whose 64 entries are all kept loaded as it is, and portable scalar C++. The
+// vexpandps, or for bfloat16 values one vpexpandw per 32 columns: each_pair32), a block whose 64
+// entries are all kept loaded as it is, and portable scalar C++. The out-product gives each thread
+// a stretch of V's rows, the in-product too (partial sums over every column, added in task order). The
 // environment variable LAYERSHARE_KERNEL=avx2 or =portable caps the choice. Every read
 // of `values` and `mask` is checked against the buffers' sizes: offsets that disagree with the
 // mask give wrong numbers, never a read out of bounds.
@@ -62,6 +65,7 @@ constexpr int64_t kBlock = 64;   // columns per block: one 64-bit word of mask p
 constexpr int64_t kMaxRows = 8;  // activation rows per pass (their accumulators stay in registers)
 constexpr int64_t kGrainEntries = 32768;  // entries of V per parallel task, at least
 constexpr int64_t kAccFloats = 16384;     // the in-product's accumulators per task: 64 KiB (L1/L2)
+constexpr int64_t kPrefetch = 4096;       // bytes ahead of the values being read (SparseV::prefetch)
 
 // ---- V as the kernels read it -----------------------------------------------------------------
 // Value types besides float32/bfloat16/float16: integer codes on a group-wise grid (quant/grid.py),
@@ -139,6 +143,17 @@ struct SparseV {
     }
   }
 
+  // Ask for the values kPrefetch bytes past value p (those the row reads a few blocks later): in a
+  // decoding model, whose weights come from memory between other work, the hardware prefetchers
+  // alone left the products waiting (decode step 38 -> 33 ms at one sequence, SmolLM2 FiPS 20%,
+  // Intel Xeon, 2 threads; 2-16 KiB measured alike). A prefetch past the buffer's end is harmless.
+  LS_INLINE void prefetch(int64_t p) const {
+    const char* at;
+    if constexpr (kQuant<T>) at = reinterpret_cast<const char*>(codes) + (std::is_same<T, Q4>::value ? p >> 1 : p);
+    else at = reinterpret_cast<const char*>(values + p);
+    __builtin_prefetch(at + kPrefetch, 0, 3);
+  }
+
   // whether every vector load of a block whose values start at p lies inside the buffers
   LS_INLINE bool inside(int64_t p) const { return p >= 0 && p + kBlock + kReach<T> <= nnz; }
 };
@@ -146,9 +161,10 @@ struct SparseV {
 // ---- portable path ---------------------------------------------------------------------------
 // y[n, block b] = sum_i zt[i, n] * V[i, block b] for n < rows (zt: r x rows, y: rows x h, row stride ldy).
 template <typename T>
-void in_block_portable(const SparseV<T>& v, const float* zt, int64_t rows, int64_t b, float* y, int64_t ldy) {
+void in_block_portable(const SparseV<T>& v, const float* zt, int64_t rows, int64_t b, float* y, int64_t ldy,
+                       int64_t i0, int64_t i1) {
   float acc[kMaxRows][kBlock] = {};
-  for (int64_t i = 0; i < v.r; ++i) {
+  for (int64_t i = i0; i < i1; ++i) {
     int64_t p = v.start(i, b);
     uint64_t bits = v.word(i, b);
     while (bits) {  // set bits from the top: kept columns in order
@@ -194,20 +210,45 @@ void expand_row_portable(const SparseV<T>& v, int64_t i, float* row) {
   }
 }
 
-// How the AVX-512 path spreads a chunk's values (see spread16): vexpandps on Intel CPUs, else a
-// permute; LAYERSHARE_KERNEL_SPREAD=expand|permute overrides it, bitmask_spread(use) switches it.
-bool default_expand() {
-  const char* env = std::getenv("LAYERSHARE_KERNEL_SPREAD");
-  if (env && std::string(env) == "expand") return true;
-  if (env && std::string(env) == "permute") return false;
+// How the AVX-512 path spreads a chunk's values: kExpand16 (bfloat16 values, on CPUs with VBMI2:
+// see each_pair32; other value types take kExpand), kExpand (vexpandps) or kPermute (spread16). The
+// default is kExpand16 on Intel CPUs that have VBMI2, kExpand on other Intel CPUs, kPermute elsewhere;
+// LAYERSHARE_KERNEL_SPREAD=expand16|expand|permute overrides it, bitmask_spread(use) switches it.
+enum Spread : int { kPermute = 0, kExpand = 1, kExpand16 = 2 };
+const char* const kSpreadNames[] = {"permute", "expand", "expand16"};
+
+bool cpu_has_vbmi2() {
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
   __builtin_cpu_init();
-  return __builtin_cpu_is("intel");
+  return __builtin_cpu_supports("avx512vbmi2");
 #else
   return false;
 #endif
 }
-std::atomic<bool> g_expand{default_expand()};
+
+Spread best_spread() {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  __builtin_cpu_init();
+  if (!__builtin_cpu_is("intel")) return kPermute;
+  return cpu_has_vbmi2() ? kExpand16 : kExpand;
+#else
+  return kPermute;
+#endif
+}
+
+// "permute", "expand", "expand16" (kExpand where the CPU lacks VBMI2) or anything else: the best
+Spread spread_named(const std::string& use) {
+  if (use == "permute") return kPermute;
+  if (use == "expand") return kExpand;
+  if (use == "expand16") return cpu_has_vbmi2() ? kExpand16 : kExpand;
+  return best_spread();
+}
+
+Spread default_spread() {
+  const char* env = std::getenv("LAYERSHARE_KERNEL_SPREAD");
+  return spread_named(env ? std::string(env) : std::string());
+}
+std::atomic<int> g_spread{default_spread()};
 
 // ---- the vector paths (x86): AVX2, AVX-512 -----------------------------------------------------
 #if LS_X86
@@ -298,6 +339,7 @@ LS_AVX2 LS_INLINE __m256 spread(__m256 packed, unsigned m) {
 // row's values starting at p, which moves on to the next block's.
 template <typename T, typename F>
 LS_AVX2 LS_INLINE void each_chunk(const SparseV<T>& v, uint64_t bits, int64_t& p, F&& f) {
+  v.prefetch(p);
   if (v.inside(p)) {  // every 8-value load of the block lies inside the buffer
     const std::conditional_t<kQuant<T>, float, T>* src;  // the block's values
     int64_t at = 0;
@@ -366,21 +408,21 @@ LS_AVX2 LS_INLINE void in_row_avx2(const SparseV<T>& v, const float* zt, int64_t
 
 template <typename T, int N>
 LS_AVX2 void in_tile_avx2(const SparseV<T>& v, const float* zt, int64_t b0, int64_t b1, float* acc, float* y,
-                          int64_t ldy) {
+                          int64_t ldy, int64_t i0, int64_t i1) {
   const int64_t ld = (b1 - b0) * kBlock;
   std::memset(acc, 0, N * ld * sizeof(float));
   // one row of V at a time, streamed: measured 2.8x faster than two rows (i, i + r/2) at once
   // (SmolLM2's up/gate, one activation row: 124 against 349 µs on a Zen 5 core, 2026-12-04)
-  for (int64_t i = 0; i < v.r; ++i) in_row_avx2<T, N>(v, zt, i, b0, b1, acc, ld);
+  for (int64_t i = i0; i < i1; ++i) in_row_avx2<T, N>(v, zt, i, b0, b1, acc, ld);
   const int64_t cols = std::min(ld, v.h - b0 * kBlock);
   for (int n = 0; n < N; ++n) std::memcpy(y + n * ldy + b0 * kBlock, acc + n * ld, cols * sizeof(float));
 }
 
 template <typename T, int N>
-LS_AVX2 void in_blocks_avx2(const SparseV<T>& v, const float* zt, int64_t b0, int64_t b1, float* y, int64_t ldy) {
+LS_AVX2 void in_blocks_avx2(const SparseV<T>& v, const float* zt, int64_t b0, int64_t b1, float* y, int64_t ldy, int64_t i0, int64_t i1) {
   const int64_t tile = std::min(kAccFloats / (N * kBlock), b1 - b0);
   float* acc = accumulators(N * tile * kBlock);
-  for (int64_t b = b0; b < b1; b += tile) in_tile_avx2<T, N>(v, zt, b, std::min(b1, b + tile), acc, y, ldy);
+  for (int64_t b = b0; b < b1; b += tile) in_tile_avx2<T, N>(v, zt, b, std::min(b1, b + tile), acc, y, ldy, i0, i1);
 }
 
 // out_row_portable for N rows; x is zero-padded to nb*64 columns. K independent accumulators
@@ -465,7 +507,7 @@ LS_AVX512 LS_INLINE __m512 decode16(const SparseV<T>& v, int64_t q) {
 }
 
 // The chunk of 16 columns whose mask bytes are lo (columns 0-7) and hi (8-15): its packed values
-// moved to their columns, 0 elsewhere. Two ways, the same result bit for bit (g_expand picks):
+// moved to their columns, 0 elsewhere. Two ways, the same result bit for bit (g_spread picks):
 // kSpread's rows for both bytes make one index vector (hi's shifted by lo's count), whose -1
 // entries (sign bits) are the lanes zeroed, for one vpermps ("permute"); or one vexpandps with the
 // mask bits in column order ("expand"). Measured on one V of SmolLM2's up/gate shape, half kept,
@@ -491,6 +533,7 @@ LS_AVX512 LS_INLINE __m512 spread16(__m512 packed, unsigned lo, unsigned hi) {
 // row's values starting at p, which moves on to the next block's.
 template <typename T, typename F>
 LS_AVX512 LS_INLINE void each_chunk16(const SparseV<T>& v, uint64_t bits, int64_t& p, F&& f) {
+  v.prefetch(p);
   if (v.inside(p)) {  // every 16-value load of the block lies inside the buffer
     const std::conditional_t<kQuant<T>, float, T>* src;  // the block's values
     int64_t at = 0;
@@ -510,7 +553,7 @@ LS_AVX512 LS_INLINE void each_chunk16(const SparseV<T>& v, uint64_t bits, int64_
       return;
     }
     const int64_t first = at;
-    if (g_expand.load(std::memory_order_relaxed)) {  // vexpandps, the mask bits in column order
+    if (g_spread.load(std::memory_order_relaxed) != kPermute) {  // vexpandps, the mask bits in column order
       const uint64_t columns = reverse_bits(bits);
 #pragma GCC unroll 4
       for (int t = 0; t < 4; ++t) {
@@ -562,20 +605,20 @@ LS_AVX512 LS_INLINE void in_row_avx512(const SparseV<T>& v, const float* zt, int
 
 template <typename T, int N>
 LS_AVX512 void in_tile_avx512(const SparseV<T>& v, const float* zt, int64_t b0, int64_t b1, float* acc, float* y,
-                              int64_t ldy) {
+                              int64_t ldy, int64_t i0, int64_t i1) {
   const int64_t ld = (b1 - b0) * kBlock;
   std::memset(acc, 0, N * ld * sizeof(float));
-  for (int64_t i = 0; i < v.r; ++i) in_row_avx512<T, N>(v, zt, i, b0, b1, acc, ld);
+  for (int64_t i = i0; i < i1; ++i) in_row_avx512<T, N>(v, zt, i, b0, b1, acc, ld);
   const int64_t cols = std::min(ld, v.h - b0 * kBlock);
   for (int n = 0; n < N; ++n) std::memcpy(y + n * ldy + b0 * kBlock, acc + n * ld, cols * sizeof(float));
 }
 
 template <typename T, int N>
 LS_AVX512 void in_blocks_avx512(const SparseV<T>& v, const float* zt, int64_t b0, int64_t b1, float* y,
-                                int64_t ldy) {
+                                int64_t ldy, int64_t i0, int64_t i1) {
   const int64_t tile = std::min(kAccFloats / (N * kBlock), b1 - b0);
   float* acc = accumulators(N * tile * kBlock);
-  for (int64_t b = b0; b < b1; b += tile) in_tile_avx512<T, N>(v, zt, b, std::min(b1, b + tile), acc, y, ldy);
+  for (int64_t b = b0; b < b1; b += tile) in_tile_avx512<T, N>(v, zt, b, std::min(b1, b + tile), acc, y, ldy, i0, i1);
 }
 
 template <typename T, int N>
@@ -614,6 +657,129 @@ LS_AVX512 void expand_row_avx512(const SparseV<T>& v, int64_t i, float* row) {
       _mm512_storeu_ps(dst + 16 * t, chunk);
     });
     if (w < kBlock) std::memcpy(row + b * kBlock, tmp, w * sizeof(float));
+  }
+}
+
+// ---- AVX-512 with VBMI2, 16-bit values ("expand16") -----------------------------------------
+// bfloat16 values spread 32 columns at a time with one vpexpandw, on their 16 bits: lane j of the
+// result holds column 2j in its low half and 2j+1 in its high half, so `<< 16` gives the even
+// columns' float32 values and `& 0xFFFF0000` the odd ones', with no conversion on the shuffle port
+// (which the other spreads use two or three times per 16 columns). The in-product's accumulators
+// hold each 32 columns as [16 even | 16 odd] and are put back in column order once per tile: the
+// same sums in the same order as the other paths, bit for bit. The out-product reads x rearranged
+// the same way (once per call); its partial sums fall in other lanes than the other paths' (equal
+// to float32 rounding). Measured on an Intel Xeon with AMX (docs/runtime.md).
+#define LS_VBMI2 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,avx2,fma,f16c,popcnt")))
+#define LS_VBMI2_LAMBDA \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,avx2,fma,f16c,popcnt"), always_inline))
+
+LS_VBMI2 LS_INLINE __m512 even16(__m512i w) { return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)); }
+LS_VBMI2 LS_INLINE __m512 odd16(__m512i w) {
+  return _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+
+// f(t, even, odd) for the 2 chunks t of 32 columns of one block of a row of V (mask bits `bits`):
+// even = columns 32t, 32t+2, ..., 32t+30 and odd = 32t+1, ..., 32t+31 as float32; the row's
+// values start at p, which moves on to the next block's.
+template <typename F>
+LS_VBMI2 LS_INLINE void each_pair32(const SparseV<c10::BFloat16>& v, uint64_t bits, int64_t& p, F&& f) {
+  v.prefetch(p);
+  const int64_t count = __builtin_popcountll(bits);
+  alignas(64) uint16_t tail[2 * kBlock];
+  const uint16_t* src = reinterpret_cast<const uint16_t*>(v.values) + p;
+  if (!v.inside(p)) {  // near the ends of the buffer: the block's values copied (0 past the buffer)
+    for (int64_t k = 0; k < 2 * kBlock; ++k) tail[k] = k < count ? c10::BFloat16(v.value(p + k)).x : 0;
+    src = tail;
+  }
+  __m512i w0, w1;
+  if (bits == ~0ULL) {  // a full block: no spreading
+    w0 = _mm512_loadu_si512(src);
+    w1 = _mm512_loadu_si512(src + 32);
+  } else {
+    const uint64_t columns = reverse_bits(bits);
+    const __mmask32 m0 = static_cast<__mmask32>(columns), m1 = static_cast<__mmask32>(columns >> 32);
+    w0 = _mm512_maskz_expand_epi16(m0, _mm512_loadu_si512(src));
+    w1 = _mm512_maskz_expand_epi16(m1, _mm512_loadu_si512(src + __builtin_popcount(m0)));
+  }
+  p += count;
+  f(0, even16(w0), odd16(w0));
+  f(1, even16(w1), odd16(w1));
+}
+
+// in_tile_avx512 for bfloat16 values: the accumulators in [even | odd] order per 32 columns.
+template <int N>
+LS_VBMI2 void in_tile_w16(const SparseV<c10::BFloat16>& v, const float* zt, int64_t b0, int64_t b1, float* acc,
+                          float* y, int64_t ldy, int64_t i0, int64_t i1) {
+  const int64_t ld = (b1 - b0) * kBlock;
+  std::memset(acc, 0, N * ld * sizeof(float));
+  for (int64_t i = i0; i < i1; ++i) {
+    __m512 zb[N];
+    for (int n = 0; n < N; ++n) zb[n] = _mm512_set1_ps(zt[i * N + n]);
+    int64_t p = v.start(i, b0);
+    for (int64_t b = b0; b < b1; ++b) {
+      const uint64_t bits = v.word(i, b);
+      if (!bits) continue;
+      float* a = acc + (b - b0) * kBlock;
+      each_pair32(v, bits, p, [&](int t, __m512 even, __m512 odd) LS_VBMI2_LAMBDA {
+#pragma GCC unroll 8
+        for (int n = 0; n < N; ++n) {
+          float* an = a + n * ld + 32 * t;
+          _mm512_store_ps(an, _mm512_fmadd_ps(zb[n], even, _mm512_load_ps(an)));
+          _mm512_store_ps(an + 16, _mm512_fmadd_ps(zb[n], odd, _mm512_load_ps(an + 16)));
+        }
+      });
+    }
+  }
+  // back to column order: lanes (e0, o0, e1, o1, ...) from the even and odd halves
+  const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  const int64_t cols = std::min(ld, v.h - b0 * kBlock);
+  for (int n = 0; n < N; ++n) {
+    float* an = acc + n * ld;
+    for (int64_t c = 0; c < ld; c += 32) {
+      const __m512 e = _mm512_load_ps(an + c), o = _mm512_load_ps(an + c + 16);
+      _mm512_store_ps(an + c, _mm512_permutex2var_ps(e, lo, o));
+      _mm512_store_ps(an + c + 16, _mm512_permutex2var_ps(e, hi, o));
+    }
+    std::memcpy(y + n * ldy + b0 * kBlock, an, cols * sizeof(float));
+  }
+}
+
+template <int N>
+LS_VBMI2 void in_blocks_w16(const SparseV<c10::BFloat16>& v, const float* zt, int64_t b0, int64_t b1, float* y,
+                            int64_t ldy, int64_t i0, int64_t i1) {
+  const int64_t tile = std::min(kAccFloats / (N * kBlock), b1 - b0);
+  float* acc = accumulators(N * tile * kBlock);
+  for (int64_t b = b0; b < b1; b += tile) in_tile_w16<N>(v, zt, b, std::min(b1, b + tile), acc, y, ldy, i0, i1);
+}
+
+// out_row_avx512 for bfloat16 values; x (zero-padded to nb*64 columns) in [even | odd] order per
+// 32 columns (split_even_odd).
+template <int N>
+LS_VBMI2 void out_row_w16(const SparseV<c10::BFloat16>& v, const float* x, int64_t ldx, int64_t i, float* out,
+                          int64_t ldo) {
+  constexpr int K = N == 1 ? 4 : 2;  // independent accumulators per row: (chunk, half) -> acc[(2t + half) % K]
+  __m512 acc[N][K];
+  for (int n = 0; n < N; ++n)
+    for (int k = 0; k < K; ++k) acc[n][k] = _mm512_setzero_ps();
+  int64_t p = v.start(i, 0);
+  for (int64_t b = 0; b < v.nb; ++b) {
+    const uint64_t bits = v.word(i, b);
+    if (!bits) continue;
+    const float* xb = x + b * kBlock;
+    each_pair32(v, bits, p, [&](int t, __m512 even, __m512 odd) LS_VBMI2_LAMBDA {
+#pragma GCC unroll 8
+      for (int n = 0; n < N; ++n) {
+        const float* xn = xb + n * ldx + 32 * t;
+        acc[n][(2 * t) % K] = _mm512_fmadd_ps(even, _mm512_loadu_ps(xn), acc[n][(2 * t) % K]);
+        acc[n][(2 * t + 1) % K] = _mm512_fmadd_ps(odd, _mm512_loadu_ps(xn + 16), acc[n][(2 * t + 1) % K]);
+      }
+    });
+  }
+  for (int n = 0; n < N; ++n) {
+    __m512 s = acc[n][0];
+    for (int k = 1; k < K; ++k) s = _mm512_add_ps(s, acc[n][k]);
+    out[n * ldo + i] = _mm512_reduce_add_ps(s);
   }
 }
 #endif  // LS_X86
@@ -669,11 +835,11 @@ std::string bitmask_isa(std::optional<c10::string_view> use) {
 std::string bitmask_spread(std::optional<c10::string_view> use) {
   if (use) {
     const std::string u(*use);
-    TORCH_CHECK(u == "expand" || u == "permute" || u == "best",
-                "bitmask_spread: use must be 'expand', 'permute' or 'best', got '", u, "'");
-    g_expand = u == "best" ? default_expand() : u == "expand";
+    TORCH_CHECK(u == "expand16" || u == "expand" || u == "permute" || u == "best",
+                "bitmask_spread: use must be 'expand16', 'expand', 'permute' or 'best', got '", u, "'");
+    g_spread = spread_named(u);
   }
-  return g_expand.load() ? "expand" : "permute";
+  return kSpreadNames[g_spread.load()];
 }
 
 // ---- the ops -----------------------------------------------------------------------------------
@@ -770,23 +936,49 @@ template <typename T>
 at::Tensor in_impl(const at::Tensor& z, const SparseV<T>& v) {
   const int64_t N = z.size(0), r = v.r, h = v.h;
   at::Tensor y = at::empty({N, h}, z.options());
-  const int isa = g_isa;
+  const int isa = g_isa, spread = g_spread;
+  // Each task takes a stretch of whole rows of V (so reads one stretch of values and mask, in
+  // order), into partial sums over every column; the tasks' sums are added in task order. (Split
+  // by columns, every thread read every row in pieces: 1.5x slower for SmolLM2's V from memory.)
+  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), r * h / kGrainEntries));
+  thread_local std::vector<float> part;  // the partial sums of tasks 1..tasks-1: (tasks-1) x N x h
+  part.resize(std::max<size_t>(part.size(), (tasks - 1) * N * h));
   for (int64_t n0 = 0; n0 < N; n0 += kMaxRows) {
     const int64_t rows = std::min(kMaxRows, N - n0);
     const at::Tensor zt = z.narrow(0, n0, rows).t().contiguous();  // r x rows: one row of V's weights together
     const float* zp = zt.const_data_ptr<float>();
     float* yp = y.data_ptr<float>() + n0 * h;
-    at::parallel_for(0, v.nb, grain(r * kBlock), [&](int64_t b0, int64_t b1) {
+    float* pp = part.data() + n0 * h;
+    at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t i0 = r * t / tasks, i1 = r * (t + 1) / tasks;
+        float* out = t == 0 ? yp : pp + (t - 1) * N * h;
 #if LS_X86
-      if (isa == kAvx512)
-        return with_rows(rows, [&](auto n) { in_blocks_avx512<T, decltype(n)::value>(v, zp, b0, b1, yp, h); });
-      if (isa == kAvx2)
-        return with_rows(rows, [&](auto n) { in_blocks_avx2<T, decltype(n)::value>(v, zp, b0, b1, yp, h); });
+        if constexpr (std::is_same<T, c10::BFloat16>::value)
+          if (isa == kAvx512 && spread == kExpand16) {
+            with_rows(rows, [&](auto n) { in_blocks_w16<decltype(n)::value>(v, zp, 0, v.nb, out, h, i0, i1); });
+            continue;
+          }
+        if (isa == kAvx512) {
+          with_rows(rows, [&](auto n) { in_blocks_avx512<T, decltype(n)::value>(v, zp, 0, v.nb, out, h, i0, i1); });
+          continue;
+        }
+        if (isa == kAvx2) {
+          with_rows(rows, [&](auto n) { in_blocks_avx2<T, decltype(n)::value>(v, zp, 0, v.nb, out, h, i0, i1); });
+          continue;
+        }
 #endif
-      for (int64_t b = b0; b < b1; ++b) in_block_portable(v, zp, rows, b, yp, h);
+        for (int64_t b = 0; b < v.nb; ++b) in_block_portable(v, zp, rows, b, out, h, i0, i1);
+      }
     });
+    for (int64_t t = 1; t < tasks; ++t) {
+      const float* src = pp + (t - 1) * N * h;
+      for (int64_t n = 0; n < rows; ++n)
+        for (int64_t c = 0; c < h; ++c) yp[n * h + c] += src[n * h + c];
+    }
   }
   (void)isa;
+  (void)spread;
   return y;
 }
 
@@ -795,16 +987,36 @@ at::Tensor out_impl(const at::Tensor& x, const SparseV<T>& v) {
   const int64_t N = x.size(0), h = v.h, r = v.r;
   at::Tensor out = at::empty({N, r}, x.options());
   const int isa = g_isa;
-  // the vector paths read x in whole blocks: a copy zero-padded to nb*64 columns
-  const at::Tensor xp = isa != kPortable ? at::constant_pad_nd(x, {0, v.nb * kBlock - h}) : x;
-  const int64_t ldx = xp.size(1);
+  // (up to 4 rows: at 8, its two accumulators per row measured slower than out_row_avx512's)
+  const bool w16 = std::is_same<T, c10::BFloat16>::value && isa == kAvx512 && g_spread == kExpand16 && N <= 4;
+  // The vector paths read x in whole blocks: when h is not a multiple of 64, a copy zero-padded to
+  // nb*64 columns; for out_row_w16, each 32 columns as [16 even | 16 odd]. Written into a buffer of
+  // the calling thread (no tensor ops: at one row they cost more than a small product).
+  const float* xs = x.const_data_ptr<float>();
+  int64_t ldx = h;
+  if (w16 || (isa != kPortable && v.nb * kBlock != h)) {
+    ldx = v.nb * kBlock;
+    thread_local std::vector<float> buf;
+    buf.resize(std::max<size_t>(buf.size(), N * ldx));
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t c = 0; c < ldx; ++c) {
+        const int64_t j = c & 31, col = w16 ? c - j + (j < 16 ? 2 * j : 2 * j - 31) : c;
+        buf[n * ldx + c] = col < h ? xs[n * h + col] : 0.f;
+      }
+    xs = buf.data();
+  }
   for (int64_t n0 = 0; n0 < N; n0 += kMaxRows) {
     const int64_t rows = std::min(kMaxRows, N - n0);
-    const float* xg = xp.const_data_ptr<float>() + n0 * ldx;
+    const float* xg = xs + n0 * ldx;
     float* og = out.data_ptr<float>() + n0 * r;
     at::parallel_for(0, r, grain(h), [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
 #if LS_X86
+        if constexpr (std::is_same<T, c10::BFloat16>::value)
+          if (w16) {
+            with_rows(rows, [&](auto n) { out_row_w16<decltype(n)::value>(v, xg, ldx, i, og, r); });
+            continue;
+          }
         if (isa == kAvx512) {
           with_rows(rows, [&](auto n) { out_row_avx512<T, decltype(n)::value>(v, xg, ldx, i, og, r); });
           continue;

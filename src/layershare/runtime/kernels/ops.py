@@ -101,6 +101,7 @@ class QuantValues(NamedTuple):
         return (self.codes, self.scales, self.zeros, self.bits, self.group, self.n)
 
 _loaded: bool | None = None
+_decode_in = _decode_out = None  # the ops' overloads, bound at load (_decoding's path)
 _fakes = False
 _warned = False
 _scratch = threading.local()
@@ -118,6 +119,7 @@ def disabled() -> bool:
 
 
 def _load() -> bool:
+    global _decode_in, _decode_out
     if disabled():
         return False
     if not _registered():
@@ -126,7 +128,20 @@ def _load() -> bool:
             return False
         torch.ops.load_library(str(path))
     _register_fakes()
-    return _registered()
+    if not _registered():
+        return False
+    _decode_in, _decode_out = torch.ops.layershare.bitmask_in.default, torch.ops.layershare.bitmask_out.default
+    return True
+
+
+def _decoding(t: torch.Tensor, values) -> bool:
+    """Whether `t` (2-D) is the common decoding case, for the ops with no further checks or
+    conversions: at most DECODE_ROWS contiguous float32 CPU rows that ask for no gradient, 16/32-bit
+    values on the CPU, the library loaded. (Each check of the general path costs about a
+    microsecond; a token of SmolLM2 calls the products some 270 times.)"""
+    return (_loaded is True and t.dtype is torch.float32 and t.shape[0] <= DECODE_ROWS and t.is_cpu
+            and not t.requires_grad and type(values) is torch.Tensor and values.is_cpu
+            and values.dtype in VALUE_DTYPES and t.is_contiguous())
 
 
 def available() -> bool:
@@ -150,14 +165,17 @@ def set_isa(use: str) -> str:
 
 
 def spread() -> str:
-    """How the AVX-512 path moves kept values to their columns: "expand" (one vexpandps: the
-    default on Intel CPUs) or "permute" (a lookup table and one vpermps: elsewhere); the same
-    results bit for bit (bitmask.cpp, spread16)."""
+    """How the AVX-512 path moves kept values to their columns: "expand16" (bfloat16 values spread
+    32 columns at a time by one vpexpandw: the default on Intel CPUs with AVX-512 VBMI2; other value
+    types take "expand"), "expand" (one vexpandps per 16 columns: other Intel CPUs) or "permute" (a
+    lookup table and one vpermps: elsewhere). In-products are the same bit for bit; expand16's
+    out-products at up to 4 rows sum in other lanes (bitmask.cpp, each_pair32)."""
     return _native_ops().bitmask_spread()
 
 
 def set_spread(use: str) -> str:
-    """Switch the AVX-512 spreading to "expand", "permute" or back to the CPU's "best"; returns it."""
+    """Switch the AVX-512 spreading to "expand16" (where the CPU has VBMI2, else "expand"), "expand",
+    "permute" or back to the CPU's "best"; returns the one now in use."""
     return _native_ops().bitmask_spread(use)
 
 
@@ -290,6 +308,8 @@ def in_product(z: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, offset
     """z @ V for z of shape (..., r): (..., h), in z's dtype."""
     r = z.shape[-1]
     z2 = _rows(z)
+    if _decoding(z2, values):
+        return _decode_in(z2, values, mask, offsets, h).view(*z.shape[:-1], h)
     if _gpu(z2, values):
         y = _triton().in_product(z2, values, mask, _per_block(offsets, mask, (r, h)), h)
     elif not _native(z2, values):
@@ -308,6 +328,8 @@ def out_product(x: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, offse
     """x @ V^T for x of shape (..., h): (..., r), in x's dtype."""
     r, h = offsets.shape[0], x.shape[-1]
     x2 = _rows(x)
+    if _decoding(x2, values):
+        return _decode_out(x2, values, mask, offsets).view(*x.shape[:-1], r)
     if _gpu(x2, values):
         y = _triton().out_product(x2, values, mask, _per_block(offsets, mask, (r, h)))
     elif not _native(x2, values):
@@ -348,7 +370,11 @@ def scratch(shape: tuple[int, ...]) -> torch.Tensor:
         numel *= n
     buf = getattr(_scratch, "buf", None)
     if buf is None or buf.numel() < numel:
-        buf = _scratch.buf = torch.empty(max(numel, 1))
+        # a normal tensor even when first asked for under torch.inference_mode: an inference
+        # tensor could not be written again outside it (generate under inference_mode, then a
+        # perplexity under no_grad failed so)
+        with torch.inference_mode(False):
+            buf = _scratch.buf = torch.empty(max(numel, 1))
     return buf[:numel].view(shape)
 
 
