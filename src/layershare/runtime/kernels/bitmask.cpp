@@ -754,7 +754,7 @@ LS_VBMI2 void in_blocks_w16(const SparseV<c10::BFloat16>& v, const float* zt, in
 }
 
 // out_row_avx512 for bfloat16 values; x (zero-padded to nb*64 columns) in [even | odd] order per
-// 32 columns (split_even_odd).
+// 32 columns (out_impl rearranges it).
 template <int N>
 LS_VBMI2 void out_row_w16(const SparseV<c10::BFloat16>& v, const float* x, int64_t ldx, int64_t i, float* out,
                           int64_t ldo) {
