@@ -70,7 +70,7 @@ ROWS = ["dense", "gptq-2", "gptq-3", "fips-qat3@2", "fips-qat4@3", "rtn-2", "rtn
         "basis-sharing20-gptq-3", "svd-llm20-gptq-3"]
 # "-mse" / "-minmax": each group's range chosen by the MSE search (QuantConfig.observer="mse") / its min and max
 ROWS += [r + "-mse" for r in ("rtn-3", "rtn-4", "gptq-2", "gptq-3", "gptq-4", "gptq-4-act", "fips20-gptq-4",
-                              "fips20-gptq-3", "fips20-rtn-4")]
+                              "fips20-gptq-3", "fips20-rtn-4", "gptq-3-w16")]
 ROWS += [r + "-minmax" for r in ("gptq-3", "gptq-4", "fips20-gptq-4", "fips20-gptq-3", "basis-sharing20-gptq-3",
                                  "svd-llm20-gptq-3")]
 # "-sym": the absmax grid without zero points (the library's default before 2026-12-05)

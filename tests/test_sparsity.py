@@ -155,8 +155,7 @@ def test_tuning_keeps_pruned_entries_at_zero_and_the_forward_masked():
     seen = []
 
     def after_step():
-        for l in layers:
-            l.apply_mask()
+        pr.apply_masks()  # what reconstruct runs after every step
         if layers[0].mask is not None:
             seen.append(all(float(l.V.detach()[~l.mask].abs().max()) == 0.0 for l in layers))
 
@@ -167,3 +166,28 @@ def test_tuning_keeps_pruned_entries_at_zero_and_the_forward_masked():
     with torch.no_grad():  # the forward equals the explicitly masked product
         for l in layers:
             assert torch.allclose(l(x), x @ l.basis.U @ (l.V * l.mask), atol=1e-6)
+
+
+def test_apply_masks_zeroes_outside_the_current_mask_exactly():
+    """apply_masks multiplies by a 0/1 tensor it keeps per mask: kept entries unchanged bit for
+    bit, the rest zero, and a replaced mask (a later update) is followed, not the held one."""
+    layers = _layers()
+    pr = GroupPruner(layers, n_final=100, schedule="static", steps=0)
+    pr.prune_to(150)
+    first = [l.mask for l in layers]
+    with torch.no_grad():
+        for l in layers:
+            l.V.add_(1.5)  # an optimiser step moves every entry
+    before = [l.V.detach().clone() for l in layers]
+    pr.apply_masks()
+    for l, b, m in zip(layers, before, first):
+        assert torch.equal(l.V.detach()[m], b[m]) and not l.V.detach()[~m].any()
+    pr.prune_to(100)  # new masks, fewer entries
+    assert all(l.mask is not m for l, m in zip(layers, first))
+    with torch.no_grad():
+        for l in layers:
+            l.V.add_(1.5)
+    pr.apply_masks()
+    assert sum(int(torch.count_nonzero(l.V.detach())) for l in layers) == 100
+    for l in layers:
+        assert not l.V.detach()[~l.mask].any()

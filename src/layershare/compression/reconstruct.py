@@ -143,8 +143,8 @@ def reconstruct(fns: list[MlpFn], X: list[torch.Tensor], Y: list[torch.Tensor], 
                 pruner.step(t)
 
         def after_step() -> None:  # pruned entries back to zero (the forward reads V as it is)
-            for layer in pruner.layers if pruner is not None else ():
-                layer.apply_mask()
+            if pruner is not None:
+                pruner.apply_masks()
 
         curve = optimize(trainable, tune.steps, tune.lr, loss_at, weight_decay=tune.weight_decay, min_lr=0.01,
                          before_step=before_step, after_step=after_step, desc=desc)

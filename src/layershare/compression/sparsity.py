@@ -177,6 +177,26 @@ class GroupPruner:
         self.schedule = schedule
         self.every = every
         self.t_end = max(1, int(end * steps)) if schedule == "gradual" and steps > 0 else 0
+        self._zero_out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # apply_masks' multipliers
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        """Zero each V outside its mask (after an optimiser step moved pruned entries, and after
+        each update). On the CPU V is multiplied by a 0/1 tensor in V's dtype, made once per mask
+        and dropped with the pruner: a product with the bool mask itself converts every element on
+        the way (one 642 x 1536 V at one thread: 1.3-1.6 ms against 0.36 ms; a bfloat16 0/1 tensor,
+        half the bytes, 0.64 ms), and this runs after every step. The same zeros either way."""
+        for i, layer in enumerate(self.layers):
+            mask = layer.mask
+            if mask is None:
+                continue
+            if layer.V.device.type != "cpu":
+                layer.V.mul_(mask)
+                continue
+            held = self._zero_out.get(i)
+            if held is None or held[0] is not mask or held[1].dtype != layer.V.dtype:
+                held = self._zero_out[i] = (mask, mask.to(layer.V.dtype))
+            layer.V.mul_(held[1])
 
     def target(self, t: int) -> int:
         if t >= self.t_end:
@@ -210,8 +230,8 @@ class GroupPruner:
             offset += n
         for layer, mask in zip(self.layers, top_k_masks(scores, keep, [l.V.shape for l in self.layers])):
             layer.mask = mask
-            layer.V.mul_(mask)
             layer.sparse = True
+        self.apply_masks()
 
     def _prune_nm(self, keep: int, per_layer: list[torch.Tensor]) -> None:
         n, m = self.nm
