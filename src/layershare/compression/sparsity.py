@@ -191,7 +191,7 @@ class GroupPruner:
             if mask is None:
                 continue
             if layer.V.device.type != "cpu":
-                layer.V.mul_(mask)
+                layer.apply_mask()
                 continue
             held = self._zero_out.get(i)
             if held is None or held[0] is not mask or held[1].dtype != layer.V.dtype:
@@ -250,9 +250,9 @@ class GroupPruner:
             top = torch.zeros_like(g).scatter_(1, torch.topk(g.masked_fill(mk == 0, -1.0), n, dim=1).indices, 1.0)
             new = torch.where(sel[:, None], top * mk, mk)
             layer.mask = nm_unview(new, layer.role, m, layer.V.shape) > 0
-            layer.V.mul_(layer.mask)
             layer.sparse = True
             offset += g.shape[0]
+        self.apply_masks()
 
     def step(self, t: int) -> None:
         if self.due(t):

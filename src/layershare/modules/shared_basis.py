@@ -107,14 +107,12 @@ class SharedBasis(nn.Module):
         staged = self.__dict__.pop("_uq_staged", None)
         if staged is None:
             return False
-        from layershare.modules.bits import pack_bits
         from layershare.runtime.kernels import ops
 
         qv, transposed = staged
         d, r = self._parameters["U"].shape
         shape = (r, d) if transposed else (d, r)
-        mask = pack_bits(torch.ones(shape, dtype=torch.bool))
-        for k, t in zip(self.CODE_BUFFERS, (qv.codes, qv.scales, qv.zeros, mask, ops.prepare(mask, shape))):
+        for k, t in zip(self.CODE_BUFFERS, (qv.codes, qv.scales, qv.zeros, *ops.all_kept(shape))):
             self.register_buffer(k, t, persistent=False)
         self._uq = ((qv.bits, qv.group, qv.n), transposed, shape)
         del self._parameters["U"]
@@ -133,11 +131,9 @@ class SharedBasis(nn.Module):
         narrow = p.detach().to(stored)
         if not torch.equal(narrow.float(), p.detach()):
             return False
-        from layershare.modules.bits import pack_bits
         from layershare.runtime.kernels import ops
 
-        mask = pack_bits(torch.ones(p.shape, dtype=torch.bool))
-        for k, t in zip(self.NARROW_BUFFERS, (narrow.contiguous(), mask, ops.prepare(mask, tuple(p.shape)))):
+        for k, t in zip(self.NARROW_BUFFERS, (narrow.contiguous(), *ops.all_kept(tuple(p.shape)))):
             self.register_buffer(k, t, persistent=False)
         del self._parameters["U"]
         self._z = None

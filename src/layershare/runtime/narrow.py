@@ -26,7 +26,6 @@ from torch import nn
 from torch.nn import functional as F
 
 from layershare.adapters.base import set_path
-from layershare.modules.bits import pack_bits
 from layershare.runtime import kernels
 from layershare.runtime.kernels import ops
 
@@ -53,8 +52,9 @@ class Linear16(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.register_buffer("weight16", weight)
         # the kernel's view of W: every entry kept (mask all ones), the per-row index built here
-        self.register_buffer("mask", pack_bits(torch.ones(weight.shape, dtype=torch.bool)))
-        self.register_buffer("offsets", ops.prepare(self.mask, tuple(weight.shape)))
+        mask, offsets = ops.all_kept(tuple(weight.shape))
+        self.register_buffer("mask", mask)
+        self.register_buffer("offsets", offsets)
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

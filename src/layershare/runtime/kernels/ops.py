@@ -284,6 +284,13 @@ def prepare(mask: torch.Tensor, shape: tuple[int, int], per: int = INDEX_PER) ->
     return (counts.cumsum(0) - counts).to(torch.int32).view(r, nb)[:, ::per].contiguous()
 
 
+def all_kept(shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask, offsets) of a dense matrix as the kernels' V: every entry kept (a 16-bit weight or
+    basis, or codes, that the kernels widen as they read them)."""
+    mask = pack_bits(torch.ones(shape, dtype=torch.bool))
+    return mask, prepare(mask, tuple(shape))
+
+
 def _per_block(offsets: torch.Tensor, mask: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     """An offset per block, as the Triton kernels read them (a layer made on a GPU holds that one:
     shared_basis._set_offsets; one made on the CPU and moved holds the coarser one, expanded here)."""
