@@ -1,4 +1,5 @@
 """Quantization composed with sharing on SmolLM2-135M (issue 18): perplexity against bytes.
+Other models with --model (Gemma-3-270M's rows: --model gemma3-270m --out docs/quant_llm_gemma3_cpu.json).
 
     python benchmarks/quant_llm.py --device cuda                  # every row (H100: ~10 min before the
                                                                   # distillation rows were added)
@@ -7,7 +8,7 @@
 
 Rows: the dense model (bfloat16); round to nearest and GPTQ alone at 2, 3 and 4 bits (GPTQ: the
 library's, sequential block by block, quant/sequential.py; damp 0.01, blocksize 128; "-wN": N
-calibration windows instead of the library's 64, "-act": act_order, "-mse" / "-minmax": each group's
+calibration windows instead of the library's, "-gN": groups of N weights instead of 128, "-act": act_order, "-mse" / "-minmax": each group's
 range by the MSE search / its min and max, where the library's default ("auto" since 2026-12-05: MSE
 under GPTQ, min/max under RTN; min/max before) is not wanted; the table's "grid" column says which ran); FiPS with
 quantization-aware tuning (qat: fake-quantized U and V inside the block-wise reconstruction, then
@@ -55,6 +56,7 @@ from layershare.methods import BasisSharingConfig, FiPSConfig, QuantConfig, SVDL
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "quant_llm.json"
 OUT_CPU = ROOT / "docs" / "quant_llm_cpu.json"  # rows run on the 2-core CPU (--device cpu --out ...)
+OUT_GEMMA = ROOT / "docs" / "quant_llm_gemma3_cpu.json"  # Gemma-3-270M's rows (--model gemma3-270m --out ...)
 CALIB, VALID, TEST = "austen:sensesensibility", "austen:mansfieldpark", "austen:northangerabbey"
 GROUP = 128
 PAIRS = {"fips-qat3@2": ("fips", 3, 2, "unstructured"), "fips-dense-v-qat3@2": ("fips", 3, 2, "none"),
@@ -70,7 +72,8 @@ ROWS = ["dense", "gptq-2", "gptq-3", "fips-qat3@2", "fips-qat4@3", "rtn-2", "rtn
         "basis-sharing20-gptq-3", "svd-llm20-gptq-3"]
 # "-mse" / "-minmax": each group's range chosen by the MSE search (QuantConfig.observer="mse") / its min and max
 ROWS += [r + "-mse" for r in ("rtn-3", "rtn-4", "gptq-2", "gptq-3", "gptq-4", "gptq-4-act", "fips20-gptq-4",
-                              "fips20-gptq-3", "fips20-rtn-4", "gptq-3-w16")]
+                              "fips20-gptq-3", "fips20-rtn-4", "gptq-3-w16", "gptq-4-g64", "fips20-gptq-4-g64",
+                              "fips20-gptq-4-act")]
 ROWS += [r + "-minmax" for r in ("gptq-3", "gptq-4", "fips20-gptq-4", "fips20-gptq-3", "basis-sharing20-gptq-3",
                                  "svd-llm20-gptq-3")]
 # "-sym": the absmax grid without zero points (the library's default before 2026-12-05)
@@ -147,14 +150,15 @@ def recipe_for(row: str, model, device: str, overrides: dict) -> Recipe:
 
 
 def quant_stage(row: str) -> tuple[QuantConfig, dict]:
-    """ALGO-BITS[-wN][-act][-sym|-asym][-mse|-minmax] -> the quantization stage and the run's calibration windows (qat-B:
+    """ALGO-BITS[-wN][-gN][-act][-sym|-asym][-mse|-minmax] -> the quantization stage and the run's calibration windows (qat-B:
     RTN codes, then the quantization-aware distillation)."""
     algo, bits, *options = row.split("-")
     act = "act" in options
     windows = {"nsamples": int(o[1:]) for o in options if o.startswith("w")}
+    group = next((int(o[1:]) for o in options if o.startswith("g") and o[1:].isdigit()), GROUP)
     kind = {"symmetric": o == "sym" for o in options if o in ("sym", "asym")}  # else the library's default
     observer = {"observer": o for o in options if o in ("mse", "minmax")}  # else the library's default
-    stage = QuantConfig(bits=int(bits), group_size=GROUP, algorithm="rtn" if algo == "qat" else algo, act_order=act,
+    stage = QuantConfig(bits=int(bits), group_size=group, algorithm="rtn" if algo == "qat" else algo, act_order=act,
                         **kind, **observer)
     return stage, windows
 
@@ -371,15 +375,16 @@ def main() -> None:
     print(table(list(rows.values())))
     if args.render:  # every results file: one table per file, one plot
         parts, every = [], []
-        for f in (OUT, OUT_CPU):
+        for f in (OUT, OUT_CPU, OUT_GEMMA):
             if f.exists():
                 found = json.loads(f.read_text())
-                every += found
-                parts.append(f"## {f.name}\n\n" + table(found) + "\n\n" + notes(found))
+                models = sorted({r["model"].split(" ")[0] for r in found})
+                every += [r for r in found if r["model"].startswith("smollm2-135m")]  # the plot: SmolLM2's
+                parts.append(f"## {f.name} ({', '.join(models)})\n\n" + table(found) + "\n\n" + notes(found))
         (ROOT / "docs" / "quant_llm.md").write_text(
-            "# Quantization composed with sharing (SmolLM2-135M)\n\nWritten by `benchmarks/quant_llm.py --render`; "
+            "# Quantization composed with sharing\n\nWritten by `benchmarks/quant_llm.py --render`; "
             "the protocol is its docstring. Rows sorted by size; \"compress s\" includes the distillation of "
-            "QAT rows (not the evaluation).\n\n" + "\n".join(parts))
+            "QAT rows (not the evaluation); \"-gN\": groups of N weights instead of 128.\n\n" + "\n".join(parts))
         plot(every, ROOT / "docs" / "quant_llm.png")
 
 

@@ -54,3 +54,48 @@ def test_tuning_that_makes_a_group_worse_is_undone(tokens, input_ids):
     with torch.no_grad():
         torch.testing.assert_close(bad_model(input_ids).logits, ref_model(input_ids).logits)
     assert bad.sizes.param_equivalents == ref.sizes.param_equivalents
+
+
+def test_planned_steps_follow_the_one_shot_error():
+    from types import SimpleNamespace
+
+    from layershare.compression.reconstruct import planned_steps
+
+    tune = SimpleNamespace(steps=400, full_steps_error=0.07, min_steps_fraction=0.7)
+    assert planned_steps(tune, 0.3) == planned_steps(tune, 0.07) == 400
+    assert planned_steps(tune, 0.0616) == 352  # 400 * 0.88
+    assert planned_steps(tune, 0.01) == planned_steps(tune, 0.0) == 280  # the floor, 0.7 x 400
+    assert planned_steps(SimpleNamespace(steps=400, full_steps_error=None, min_steps_fraction=0.7), 0.0) == 400
+    assert planned_steps(SimpleNamespace(steps=0, full_steps_error=0.07, min_steps_fraction=0.7), 0.0) == 0
+    assert planned_steps(SimpleNamespace(steps=3, full_steps_error=1.0, min_steps_fraction=0.01), 0.0) == 1
+
+
+def test_a_group_that_starts_close_tunes_fewer_steps_to_the_same_final_mask(tokens, tmp_path):
+    """With full_steps_error above every group's one-shot error, each group takes
+    min_steps_fraction of the steps (or its error's share), its gradual pruning still ends at
+    the budget's exact count; None gives every group all of them."""
+    import json
+
+    few = layershare.compress(make_model("llama"), small_recipe(ratio=0.25, steps=20, lr=1e-3, full_steps_error=10.0,
+                                                                min_steps_fraction=0.5),
+                              data=tokens, output_dir=tmp_path / "few")
+    full = layershare.compress(make_model("llama"), small_recipe(ratio=0.25, steps=20, lr=1e-3, full_steps_error=None),
+                               data=tokens)
+    for g, f in zip(few.report.groups, full.report.groups):
+        assert g.stats.rel_err_before == f.stats.rel_err_before < 5.0
+        assert g.stats.steps == len(g.stats.loss_curve) == 10
+        assert f.stats.steps == 20
+    assert few.sizes.param_equivalents == full.sizes.param_equivalents
+    meta = json.loads((tmp_path / "few" / "layershare.json").read_text())
+    stage = meta["stages"][0]
+    assert [g["steps"] for g in stage["groups"]] == [10] * len(few.report.groups)
+
+
+def test_steps_options_are_checked_before_work():
+    from layershare.config import RecipeError
+    from layershare.methods import FiPSConfig
+
+    with pytest.raises(RecipeError, match="full_steps_error must be > 0"):
+        FiPSConfig(full_steps_error=0.0).validate()
+    with pytest.raises(RecipeError, match=r"min_steps_fraction must be in \(0, 1\]"):
+        FiPSConfig(min_steps_fraction=1.5).validate()

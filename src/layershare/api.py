@@ -241,7 +241,8 @@ def stage_meta(stage) -> dict:
     return {"method": stage.method, "ratio": stage.plan.model_ratio, "seconds": stage.seconds,
             "groups": [{"blocks": g.blocks, "rank": g.rank, "nnz": g.nnz,
                         "rel_err_before": g.stats.rel_err_before, "rel_err_after": g.stats.rel_err_after,
-                        "kept_init": g.stats.kept_init, "seconds": g.seconds, **g.info} for g in stage.groups],
+                        "kept_init": g.stats.kept_init, "steps": g.stats.steps, "seconds": g.seconds, **g.info}
+                       for g in stage.groups],
             **stage.extra}
 
 

@@ -589,7 +589,8 @@ def cmd_info(args) -> int:
             print(f"    merged MLPs of blocks {st['window']} (one MLP, tied)")
         for g in st.get("groups", []):
             print(f"    blocks {g['blocks']}: rank {g['rank']}, nnz {g['nnz']:,}, "
-                  f"rel. error {g['rel_err_before']:.4f} -> {g['rel_err_after']:.4f} ({g['seconds']:.0f} s)")
+                  f"rel. error {g['rel_err_before']:.4f} -> {g['rel_err_after']:.4f}"
+                  + (f", {g['steps']} steps" if g.get("steps") else "") + f" ({g['seconds']:.0f} s)")
     if "finetune" in meta:
         f = meta["finetune"]
         print(f"  fine-tuned on {f['data']}: {f['steps']} steps x {f['batch_size']}, distillation loss "

@@ -10,6 +10,10 @@ tokens) is above the init's at the final mask, the group goes back to that init 
 one-shot pruned factors) and `ReconStats.kept_init` says so. Adam moves every entry by about
 `lr` a step whatever its scale, so an init that is already close (a rank above the width,
 pruned by activation score) can come out of 200 noisy steps worse than it went in.
+
+A group that starts close needs fewer steps: with `full_steps_error` set (FiPSConfig), a group
+whose one-shot error e (rel_err_before) is below it tunes for steps * max(min_steps_fraction,
+e / full_steps_error) steps (planned_steps), its pruning schedule spread over them.
 """
 from __future__ import annotations
 
@@ -94,17 +98,30 @@ def _restore(params, pruner, state) -> None:
             p.copy_(v)
 
 
+def planned_steps(tune, before: float) -> int:
+    """The group's tuning steps: `tune.steps`, or fewer when its one-shot error `before` is below
+    `tune.full_steps_error` (in proportion to it, at least `tune.min_steps_fraction` of them)."""
+    steps, full = tune.steps, getattr(tune, "full_steps_error", None)
+    if steps <= 0 or full is None or before >= full:
+        return steps
+    fraction = max(getattr(tune, "min_steps_fraction", 1.0), before / full)
+    return max(1, round(steps * fraction))
+
+
 def reconstruct(fns: list[MlpFn], X: list[torch.Tensor], Y: list[torch.Tensor], params: list[torch.nn.Parameter],
                 pruner, tune, device: str, desc: str = "reconstruct",
                 generator: torch.Generator | None = None) -> ReconStats:
     """Tune `params` so that fns[j](X[j]) matches Y[j]; `tune` holds steps, lr, weight_decay,
-    batch_tokens, loss ("mse" or "nmse") and tune_dtype (FiPSConfig)."""
+    batch_tokens, loss ("mse" or "nmse"), tune_dtype, full_steps_error and min_steps_fraction
+    (FiPSConfig)."""
     before, init_state = _init_at_final_mask(fns, X, Y, params, pruner, device)
+    steps = planned_steps(tune, before)
     if pruner is not None:
+        pruner.retime(steps)
         pruner.step(0)
     curve: list[float] = []
     trainable = [p for p in params if p.requires_grad]
-    if tune.steps > 0 and trainable:
+    if steps > 0 and trainable:
         n = X[0].shape[0]
         bs = min(max(1, tune.batch_tokens // _tokens_per_row(X[0])), n)
         energy = [float(y.float().pow(2).mean()) for y in Y] if tune.loss == "nmse" else [1.0] * len(Y)
@@ -146,7 +163,7 @@ def reconstruct(fns: list[MlpFn], X: list[torch.Tensor], Y: list[torch.Tensor], 
             if pruner is not None:
                 pruner.apply_masks()
 
-        curve = optimize(trainable, tune.steps, tune.lr, loss_at, weight_decay=tune.weight_decay, min_lr=0.01,
+        curve = optimize(trainable, steps, tune.lr, loss_at, weight_decay=tune.weight_decay, min_lr=0.01,
                          before_step=before_step, after_step=after_step, desc=desc)
     if pruner is not None:
         pruner.finish()

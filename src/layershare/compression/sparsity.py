@@ -176,8 +176,14 @@ class GroupPruner:
         self.n_init = max(n_final, int(round(initial_density * self.total)))
         self.schedule = schedule
         self.every = every
-        self.t_end = max(1, int(end * steps)) if schedule == "gradual" and steps > 0 else 0
+        self.end = end
+        self.retime(steps)
         self._zero_out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # apply_masks' multipliers
+
+    def retime(self, steps: int) -> None:
+        """Spread the gradual schedule over `steps` tuning steps (the group's, when reconstruct
+        gives it fewer than the config's: the mask still becomes final at `end` of them)."""
+        self.t_end = max(1, int(self.end * steps)) if self.schedule == "gradual" and steps > 0 else 0
 
     @torch.no_grad()
     def apply_masks(self) -> None:

@@ -72,9 +72,16 @@ class FiPSConfig(GroupedConfig):
     # statistics ("activation", the default, not in the paper; sparsity.py) or by |V| ("magnitude",
     # the paper's). Validation ppl at 20%: Gemma-3-270M 267.3 vs 343.5, SmolLM2-135M 30.44 vs 31.84
     prune_score: Literal["magnitude", "activation"] = "activation"
-    # optimiser steps per group (0: init only). Validation ppl at 20%: SmolLM2-135M 29.37 at 400,
-    # 29.43 at 320, 29.50 at 280 (8.3 min instead of 10-11); Gemma-3-270M 91.2 at 400, 99.6 at 280
+    # optimiser steps per group (0: init only; the most a group takes, see full_steps_error).
+    # Validation ppl at 20%, every group these steps: SmolLM2-135M 29.37 at 400, 29.43 at 320,
+    # 29.50 at 280 (8.3 min instead of 10-11); Gemma-3-270M 91.2 at 400, 99.6 at 280
     steps: int = 400
+    # a group whose one-shot error e (its init's relative error at the final mask) is below this
+    # tunes for steps * max(min_steps_fraction, e / full_steps_error) steps; None: every group
+    # `steps`. One-shot errors at 20%: SmolLM2-135M's groups 0.0001-0.063 (mostly 0.7 x 400 steps),
+    # Gemma-3-270M's 0.072-0.32 (all 400: the fewer steps cost it 9%, SmolLM2 under 1%)
+    full_steps_error: Optional[float] = 0.07
+    min_steps_fraction: float = 0.7
     # "whitened" (SVD of the data-whitened weights; the default: Gemma-3-270M at 20% validation
     # ppl 343 vs 405 for "svd") or "svd" (of the raw weights, the paper's)
     init: Literal["whitened", "svd"] = "whitened"
@@ -113,6 +120,9 @@ class FiPSConfig(GroupedConfig):
                  f"{m}: pattern {self.pattern!r} fixes the sparsity at {fixed}; got sparsity {self.sparsity} "
                  f"(leave it unset, or use pattern 'unstructured')")
         need(self.steps >= 0, f"{m}: steps must be >= 0, got {self.steps}")
+        need(self.full_steps_error is None or self.full_steps_error > 0,
+             f"{m}: full_steps_error must be > 0 (or None: every group `steps`), got {self.full_steps_error}")
+        need(0 < self.min_steps_fraction <= 1, f"{m}: min_steps_fraction must be in (0, 1], got {self.min_steps_fraction}")
         need(self.prune_every >= 1, f"{m}: prune_every must be >= 1, got {self.prune_every}")
         need(0 < self.prune_end <= 1, f"{m}: prune_end must be in (0, 1], got {self.prune_end}")
         need(self.batch_tokens >= 1, f"{m}: batch_tokens must be >= 1, got {self.batch_tokens}")
