@@ -8,7 +8,8 @@ Other models with --model (Gemma-3-270M's rows: --model gemma3-270m --out docs/q
 
 Rows: the dense model (bfloat16); round to nearest and GPTQ alone at 2, 3 and 4 bits (GPTQ: the
 library's, sequential block by block, quant/sequential.py; damp 0.01, blocksize 128; "-wN": N
-calibration windows instead of the library's, "-gN": groups of N weights instead of 128, "-act": act_order, "-mse" / "-minmax": each group's
+calibration windows instead of the library's, "-gN": groups of N weights instead of 128, "-act": act_order (rows
+without it run without, the library's default until 2026-12-06), "-mse" / "-minmax": each group's
 range by the MSE search / its min and max, where the library's default ("auto" since 2026-12-05: MSE
 under GPTQ, min/max under RTN; min/max before) is not wanted; the table's "grid" column says which ran); FiPS with
 quantization-aware tuning (qat: fake-quantized U and V inside the block-wise reconstruction, then
@@ -73,7 +74,7 @@ ROWS = ["dense", "gptq-2", "gptq-3", "fips-qat3@2", "fips-qat4@3", "rtn-2", "rtn
 # "-mse" / "-minmax": each group's range chosen by the MSE search (QuantConfig.observer="mse") / its min and max
 ROWS += [r + "-mse" for r in ("rtn-3", "rtn-4", "gptq-2", "gptq-3", "gptq-4", "gptq-4-act", "fips20-gptq-4",
                               "fips20-gptq-3", "fips20-rtn-4", "gptq-3-w16", "gptq-4-g64", "fips20-gptq-4-g64",
-                              "fips20-gptq-4-act")]
+                              "fips20-gptq-4-act", "gptq-3-act", "fips20-gptq-4-g64-act")]
 ROWS += [r + "-minmax" for r in ("gptq-3", "gptq-4", "fips20-gptq-4", "fips20-gptq-3", "basis-sharing20-gptq-3",
                                  "svd-llm20-gptq-3")]
 # "-sym": the absmax grid without zero points (the library's default before 2026-12-05)

@@ -63,7 +63,7 @@ def _model_hessians(model, batches, modules: dict, transform=lambda m, x: x) -> 
     return H
 
 
-def _reference_sequential(model, batches, spec: QuantSpec) -> dict:
+def _reference_sequential(model, batches, spec: QuantSpec, act_order: bool) -> dict:
     """GPTQ block by block, written plainly: for each block and each sub-list of SEQUENCE, the
     whole model (earlier blocks and sub-lists already quantized) is run on every batch, each
     linear's X^T X summed, GPTQ applied and the dequantized weight written back."""
@@ -73,18 +73,20 @@ def _reference_sequential(model, batches, spec: QuantSpec) -> dict:
             H = _model_hessians(model, batches, {n: block.get_submodule(n) for n in names})
             for n in names:
                 lin = block.get_submodule(n)
-                q = gptq(lin.weight.detach(), H[n], spec)
+                q = gptq(lin.weight.detach(), H[n], spec, act_order=act_order)
                 with torch.no_grad():
                     lin.weight.copy_(dequantize(q))
                 codes[f"model.layers.{i}.{n}.weight"] = q.codes
     return codes
 
 
-def test_sequential_gptq_gives_the_codes_of_a_plain_block_by_block_reference(tokens):
+@pytest.mark.parametrize("act_order", [True, False])  # the default, and without
+def test_sequential_gptq_gives_the_codes_of_a_plain_block_by_block_reference(tokens, act_order):
     batches = _batches(tokens)
     model, ref = make_model("llama"), make_model("llama")
-    report = _run_stage(model, batches)
-    want = _reference_sequential(ref, batches, QuantSpec(3, 32, False, "mse"))  # the default: zero points, MSE ranges
+    report = _run_stage(model, batches, act_order=act_order)
+    # the default grid: zero points, MSE ranges
+    want = _reference_sequential(ref, batches, QuantSpec(3, 32, False, "mse"), act_order)
     assert report["by_gptq"] == len(want) == 28 and report["by_rtn"] == 0
     for name, codes in want.items():
         owner = model.get_submodule(name.rpartition(".")[0])
