@@ -38,7 +38,10 @@ def test_compress_info_eval(model_dir, texts, tmp_path, capsys):
         layershare.evaluate_perplexity(dense_model, tok, str(held), seqlen=64).ppl, rel=1e-6)
     assert meta["eval"]["ppl"] != pytest.approx(meta["eval"]["dense_ppl"], rel=1e-6)  # it was compressed
     assert main(["info", str(out)]) == 0
-    assert "compressed with fips" in capsys.readouterr().out
+    info = capsys.readouterr().out
+    assert "compressed with fips" in info
+    for g in meta["stages"][0]["groups"]:  # each group's tuning steps, as recorded (at most --steps)
+        assert 1 <= g["steps"] <= 5 and f"{g['rel_err_after']:.4f}, {g['steps']} steps (" in info
     assert main(["eval", str(out), "--text", str(held), "--seqlen", "64"]) == 0
     ppl = float(capsys.readouterr().out.split("perplexity ")[1].split()[0])
     assert ppl == pytest.approx(meta["eval"]["ppl"], rel=1e-3)

@@ -68,7 +68,7 @@ class QuantConfig(StageConfig):
     damp: float = 0.01  # GPTQ's dampening, a fraction of the mean Hessian diagonal (the reference's)
     blocksize: int = 128  # GPTQ's lazy batches, in columns (the reference's)
     # GPTQ: columns by decreasing Hessian diagonal, static groups (the layout unchanged). SmolLM2, 16 validation
-    # windows: GPTQ-4 30.25 against 32.85 without (docs/quant_llm.md, rows "-act")
+    # windows: GPTQ-4 30.25 against 32.85 without, GPTQ-3 37.45 against 44.00 (docs/quant_llm.md, rows "-act")
     act_order: bool = True
     # how each group's range is chosen (quant/grid.py): "minmax", "mse" (the range shrunk to the smallest error) or
     # "auto": "mse" under GPTQ, "minmax" under RTN. SmolLM2, 16 validation windows (docs/quant_llm.md): GPTQ-3 44.00
