@@ -326,11 +326,26 @@ def plot(rows: list[dict], path: Path) -> None:
     def where(r):
         return "" if r["device"].startswith("NVIDIA") else f" ({r['device'].upper()})"
 
+    # per bit width, the row closest to the library's default: activation order and searched ranges
+    # where run ("-act-mse"), else searched ranges ("-mse"), else the plain row; the other variants
+    # stay in the table
+    present = {r["row"] for r in rows}
+
+    def preferred(r) -> bool:
+        base = re.sub(r"(-act)?(-mse)?$", "", r["row"])
+        if not re.fullmatch(r"(fips20-)?gptq-\d", base):
+            return r["row"] == base
+        for suffix in ("-act-mse", "-mse", ""):
+            if base + suffix in present:
+                return r["row"] == base + suffix
+        return False
+
+    rows = [r for r in rows if preferred(r) or r["row"].endswith("+ft")]
     for label, pattern in groups.items():
         for ft in (False, True):
             for dev in sorted({where(r) for r in rows}):
                 pts = sorted((r["linear_bits"], r["ppl"], r["row"]) for r in rows
-                             if re.fullmatch(pattern, r["row"].removesuffix("+ft"))
+                             if re.fullmatch(pattern, re.sub(r"(-act)?(-mse)?$", "", r["row"].removesuffix("+ft")))
                              and r["row"].endswith("+ft") == ft and where(r) == dev)
                 if not pts:
                     continue
@@ -385,7 +400,8 @@ def main() -> None:
         (ROOT / "docs" / "quant_llm.md").write_text(
             "# Quantization composed with sharing\n\nWritten by `benchmarks/quant_llm.py --render`; "
             "the protocol is its docstring. Rows sorted by size; \"compress s\" includes the distillation of "
-            "QAT rows (not the evaluation); \"-gN\": groups of N weights instead of 128.\n\n" + "\n".join(parts))
+            "QAT rows (not the evaluation); \"-gN\": groups of N weights instead of 128. The plot draws SmolLM2's rows, "
+            "for GPTQ per bit width the one closest to the library's default (\"-act-mse\", else \"-mse\").\n\n" + "\n".join(parts))
         plot(every, ROOT / "docs" / "quant_llm.png")
 
 
