@@ -331,13 +331,16 @@ def plot(rows: list[dict], path: Path) -> None:
     # stay in the table
     present = {r["row"] for r in rows}
 
+    def base(row: str) -> str:  # the row without its "-act" / "-mse" (and "+ft") suffixes
+        return re.sub(r"(-act)?(-mse)?$", "", row.removesuffix("+ft"))
+
     def preferred(r) -> bool:
-        base = re.sub(r"(-act)?(-mse)?$", "", r["row"])
-        if not re.fullmatch(r"(fips20-)?gptq-\d", base):
-            return r["row"] == base
+        base_row = base(r["row"])
+        if not re.fullmatch(r"(fips20-)?gptq-\d", base_row):
+            return r["row"] == base_row
         for suffix in ("-act-mse", "-mse", ""):
-            if base + suffix in present:
-                return r["row"] == base + suffix
+            if base_row + suffix in present:
+                return r["row"] == base_row + suffix
         return False
 
     rows = [r for r in rows if preferred(r) or r["row"].endswith("+ft")]
@@ -345,7 +348,7 @@ def plot(rows: list[dict], path: Path) -> None:
         for ft in (False, True):
             for dev in sorted({where(r) for r in rows}):
                 pts = sorted((r["linear_bits"], r["ppl"], r["row"]) for r in rows
-                             if re.fullmatch(pattern, re.sub(r"(-act)?(-mse)?$", "", r["row"].removesuffix("+ft")))
+                             if re.fullmatch(pattern, base(r["row"]))
                              and r["row"].endswith("+ft") == ft and where(r) == dev)
                 if not pts:
                     continue
