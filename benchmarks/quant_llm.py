@@ -9,7 +9,8 @@ Other models with --model (Gemma-3-270M's rows: --model gemma3-270m --out docs/q
 Rows: the dense model (bfloat16); round to nearest and GPTQ alone at 2, 3 and 4 bits (GPTQ: the
 library's, sequential block by block, quant/sequential.py; damp 0.01, blocksize 128; "-wN": N
 calibration windows instead of the library's, "-gN": groups of N weights instead of 128, "-act": act_order (rows
-without it run without, the library's default until 2026-12-06), "-mse" / "-minmax": each group's
+without it run without, the library's default until 2026-12-06), "-aN": GPTAQ's alpha N/100 (GPTQ aimed
+at the float model's outputs, QuantConfig.gptaq; rows without it: 0), "-mse" / "-minmax": each group's
 range by the MSE search / its min and max, where the library's default ("auto" since 2026-12-05: MSE
 under GPTQ, min/max under RTN; min/max before) is not wanted; the table's "grid" column says which ran); FiPS with
 quantization-aware tuning (qat: fake-quantized U and V inside the block-wise reconstruction, then
@@ -75,6 +76,8 @@ ROWS = ["dense", "gptq-2", "gptq-3", "fips-qat3@2", "fips-qat4@3", "rtn-2", "rtn
 ROWS += [r + "-mse" for r in ("rtn-3", "rtn-4", "gptq-2", "gptq-3", "gptq-4", "gptq-4-act", "fips20-gptq-4",
                               "fips20-gptq-3", "fips20-rtn-4", "gptq-3-w16", "gptq-4-g64", "fips20-gptq-4-g64",
                               "fips20-gptq-4-act", "gptq-3-act", "fips20-gptq-4-g64-act")]
+# "-aN": GPTAQ's alpha N/100 (QuantConfig.gptaq)
+ROWS += [f"{r}-act-mse-a{a}" for r in ("gptq-4", "gptq-3", "fips20-gptq-4", "fips20-gptq-3") for a in (25, 100)]
 ROWS += [r + "-minmax" for r in ("gptq-3", "gptq-4", "fips20-gptq-4", "fips20-gptq-3", "basis-sharing20-gptq-3",
                                  "svd-llm20-gptq-3")]
 # "-sym": the absmax grid without zero points (the library's default before 2026-12-05)
@@ -151,7 +154,7 @@ def recipe_for(row: str, model, device: str, overrides: dict) -> Recipe:
 
 
 def quant_stage(row: str) -> tuple[QuantConfig, dict]:
-    """ALGO-BITS[-wN][-gN][-act][-sym|-asym][-mse|-minmax] -> the quantization stage and the run's calibration windows (qat-B:
+    """ALGO-BITS[-wN][-gN][-act][-sym|-asym][-mse|-minmax][-aN] -> the quantization stage and the run's calibration windows (qat-B:
     RTN codes, then the quantization-aware distillation)."""
     algo, bits, *options = row.split("-")
     act = "act" in options
@@ -159,8 +162,9 @@ def quant_stage(row: str) -> tuple[QuantConfig, dict]:
     group = next((int(o[1:]) for o in options if o.startswith("g") and o[1:].isdigit()), GROUP)
     kind = {"symmetric": o == "sym" for o in options if o in ("sym", "asym")}  # else the library's default
     observer = {"observer": o for o in options if o in ("mse", "minmax")}  # else the library's default
+    gptaq = next((int(o[1:]) / 100 for o in options if o.startswith("a") and o[1:].isdigit()), 0.0)
     stage = QuantConfig(bits=int(bits), group_size=group, algorithm="rtn" if algo == "qat" else algo, act_order=act,
-                        **kind, **observer)
+                        gptaq=gptaq, **kind, **observer)
     return stage, windows
 
 
@@ -326,19 +330,19 @@ def plot(rows: list[dict], path: Path) -> None:
     def where(r):
         return "" if r["device"].startswith("NVIDIA") else f" ({r['device'].upper()})"
 
-    # per bit width, the row closest to the library's default: activation order and searched ranges
-    # where run ("-act-mse"), else searched ranges ("-mse"), else the plain row; the other variants
-    # stay in the table
+    # per bit width, the row closest to the library's default: activation order, searched ranges and GPTAQ
+    # ("-act-mse-a100") where run, else without GPTAQ ("-act-mse"), else searched ranges ("-mse"), else the plain row;
+    # the other variants stay in the table
     present = {r["row"] for r in rows}
 
-    def base(row: str) -> str:  # the row without its "-act" / "-mse" (and "+ft") suffixes
-        return re.sub(r"(-act)?(-mse)?$", "", row.removesuffix("+ft"))
+    def base(row: str) -> str:  # the row without its "-act" / "-mse" / "-aN" (and "+ft") suffixes
+        return re.sub(r"(-act)?(-mse)?(-a\d+)?$", "", row.removesuffix("+ft"))
 
     def preferred(r) -> bool:
         base_row = base(r["row"])
         if not re.fullmatch(r"(fips20-)?gptq-\d", base_row):
             return r["row"] == base_row
-        for suffix in ("-act-mse", "-mse", ""):
+        for suffix in ("-act-mse-a100", "-act-mse", "-mse", ""):
             if base_row + suffix in present:
                 return r["row"] == base_row + suffix
         return False
@@ -404,7 +408,7 @@ def main() -> None:
             "# Quantization composed with sharing\n\nWritten by `benchmarks/quant_llm.py --render`; "
             "the protocol is its docstring. Rows sorted by size; \"compress s\" includes the distillation of "
             "QAT rows (not the evaluation); \"-gN\": groups of N weights instead of 128. The plot draws SmolLM2's rows, "
-            "for GPTQ per bit width the one closest to the library's default (\"-act-mse\", else \"-mse\").\n\n" + "\n".join(parts))
+            "for GPTQ per bit width the one closest to the library's default (\"-act-mse-a100\", else \"-act-mse\", else \"-mse\").\n\n" + "\n".join(parts))
         plot(every, ROOT / "docs" / "quant_llm.png")
 
 

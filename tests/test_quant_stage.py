@@ -155,6 +155,9 @@ def test_cli_flags_build_the_stages(tmp_path):
         "gptq", True, 0.05, 128)
     with pytest.raises(RecipeError, match="blocksize must be a positive integer"):
         build_recipe(args("--method", "none", "--bits", "3", "--set", "blocksize=0"))
+    assert build_recipe(args("--method", "none", "--bits", "3", "--set", "gptaq=0.25")).stages[0].gptaq == 0.25
+    with pytest.raises(RecipeError, match=r"quant: gptaq must be in \[0, 1\], got 1.5"):
+        build_recipe(args("--method", "none", "--bits", "3", "--set", "gptaq=1.5"))
     r = build_recipe(args("--method", "none", "--bits", "3", "--set", "observer=mse"))
     assert r.stages[0].observer == "mse" and r.stages[0].spec.observer == "mse"
     with pytest.raises(RecipeError, match="quant: observer must be 'auto' \\| 'minmax' \\| 'mse', got 'max'"):
@@ -183,12 +186,12 @@ def test_codes_that_no_longer_match_are_not_saved(tokens, tmp_path):
         theirs.save_pretrained(tmp_path / "theirs")
 
 
-# min/max ranges and no act_order: with the default MSE-searched ones GPTQ starts much closer (loss 0.00087 / 0.0034
-# against 0.00114 / 0.0060) and 12 steps move it by -0.4% / -7%; with act_order (and min/max) by -0.9% / -9%: too
-# little to tell a working QAT from a broken one
+# min/max ranges, no act_order, no GPTAQ: with the default MSE-searched ones GPTQ starts much closer (loss 0.00087 /
+# 0.0034 against 0.00114 / 0.0060) and 12 steps move it by -0.4% / -7%; with act_order (and min/max) by -0.9% / -9%,
+# with GPTAQ (FiPS, 3 bits) by -4.6%: too little to tell a working QAT from a broken one
 @pytest.mark.parametrize("stages", [[FiPSConfig(steps=0, batch_tokens=128),
-                                     QuantConfig(bits=3, group_size=32, observer="minmax", act_order=False)],
-                                    [QuantConfig(bits=2, group_size=32, observer="minmax", act_order=False)]],
+                                     QuantConfig(bits=3, group_size=32, observer="minmax", act_order=False, gptaq=0.0)],
+                                    [QuantConfig(bits=2, group_size=32, observer="minmax", act_order=False, gptaq=0.0)]],
                          ids=["fips+3bit", "dense-2bit"])
 def test_quantization_aware_finetune_lowers_the_loss_and_stores_what_it_trained(tokens, tmp_path, stages):
     """finetune of a quantized model: trained through fake quantization (FiPS's U and sparse V

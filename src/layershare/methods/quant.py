@@ -75,6 +75,12 @@ class QuantConfig(StageConfig):
     # against 54.15, GPTQ-4 32.85 against 33.90; RTN-3 101.32 against 108.66 but RTN-4 36.48 against 35.76, and RTN
     # also stores what QAT trained through its min/max grid, which must not move
     observer: Literal["auto", "minmax", "mse"] = "auto"
+    # GPTAQ's alpha (asymmetric calibration, quant/gptq.toward_float): how far GPTQ aims at the float model's
+    # outputs instead of each layer's own output on the quantized inputs (0: plain GPTQ; 1: the float model's; the
+    # GPTAQ reference uses 0.25). Above 0 it costs a float copy of each unit's blocks and their forwards (about
+    # twice the stage's time). SmolLM2, 4 bits, 16 validation windows: 29.05 against 30.25 at 0; after FiPS 20%
+    # 32.22 against 33.53 (another FiPS run: 31.78 at 1, 32.40 at 0.25) (docs/results.md)
+    gptaq: float = 1.0
 
     def validate(self) -> None:
         need(self.bits in BITS, f"{self.method}: bits must be one of {', '.join(map(str, BITS))}, got {self.bits}")
@@ -84,6 +90,7 @@ class QuantConfig(StageConfig):
         need(self.algorithm in ("rtn", "gptq"), f"{self.method}: algorithm must be 'rtn' or 'gptq', got "
                                                 f"{self.algorithm!r}")
         need(0 <= self.damp < 1, f"{self.method}: damp must be in [0, 1), got {self.damp}")
+        need(0 <= self.gptaq <= 1, f"{self.method}: gptaq must be in [0, 1], got {self.gptaq}")
         need(self.blocksize >= 1, f"{self.method}: blocksize must be a positive integer, got {self.blocksize}")
 
     @property
@@ -110,7 +117,7 @@ class QuantConfig(StageConfig):
         if self.algorithm == "rtn":
             return f"{grid}, round to nearest"
         return (f"{grid}, sequential GPTQ (damp {self.damp:g}, blocksize {self.blocksize}, act_order "
-                f"{'on' if self.act_order else 'off'})")
+                f"{'on' if self.act_order else 'off'}" + (f", GPTAQ alpha {self.gptaq:g}" if self.gptaq else "") + ")")
 
 
 class Quantize(WholeModelMethod):
@@ -136,20 +143,24 @@ class Quantize(WholeModelMethod):
 
             blocks = adapter.blocks(model)
             cap = ctx.residency.capture(model, blocks, batches, ctx.device, adapter)
-            quantize_sequentially(blocks, cap, chosen, self._quantize, adapter, ctx.device)
+            quantize_sequentially(blocks, cap, chosen, self._quantize, adapter, ctx.device,
+                                  float_targets=c.gptaq > 0)
         print(f"quant: GPTQ: {_summary(chosen)}; round to nearest: {_summary(rounded)}", flush=True)
         model.layershare_quant = quant_entry(c.spec, shapes, {name: first for name, (_, _, first) in found.items()},
                                              {name: c.spec_for(owner).bits for name, (owner, _, _) in found.items()})
         return {"tensors": len(found), "by_gptq": len(chosen), "by_rtn": len(rounded)}
 
-    def _quantize(self, target: Target, hessian: torch.Tensor) -> None:
-        """GPTQ of one tensor from its inputs' Hessian, written in place (quant/model.py)."""
-        from layershare.quant.gptq import gptq, gptq_masked
+    def _quantize(self, target: Target, hessian: torch.Tensor, cross: torch.Tensor | None = None) -> None:
+        """GPTQ of one tensor from its inputs' Hessian (and, with gptaq > 0, the cross moment
+        with the float model's inputs), written in place (quant/model.py)."""
+        from layershare.quant.gptq import gptq, gptq_masked, toward_float
 
         c = self.config
         spec = c.spec_for(target.owner)
         w, stored = target.matrix(), target.stored()
         try:
+            if cross is not None:
+                w = toward_float(w, hessian, cross, percdamp=c.damp, alpha=c.gptaq)
             if stored is None:
                 q = gptq(w, hessian, spec, percdamp=c.damp, blocksize=c.blocksize, act_order=c.act_order)
             else:

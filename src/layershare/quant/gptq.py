@@ -146,6 +146,25 @@ def gptq_masked(
     return QTensor(codes.view(-1)[where], scales, zeros, spec)
 
 
+def toward_float(w: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, *, percdamp: float = 0.01,
+                 alpha: float = 1.0) -> torch.Tensor:
+    """The weight GPTQ quantizes so that the result matches the float model (GPTAQ's asymmetric
+    calibration, Li et al. 2025, arXiv:2504.02692): the layer's inputs in the model quantized so
+    far are X~ (hessian H = X~^T X~), in the float model X (cross D = (X - X~)^T X~), and
+    ||W X - Q X~||^2 = ||(W + W D H^-1) X~ - Q X~||^2 + const, so GPTQ of W' = W + W D H^-1 on H
+    minimizes the error against the float output. `alpha` scales the step from W to W' (the GPTAQ
+    reference's alpha, 0.25 there, applied inside its column loop rather than before it as here).
+    H dampened as GPTQ dampens it; dead inputs (H_jj = 0, so D's column j is 0) keep W's column.
+    Returns W' (out x in, float32)."""
+    _check(w, hessian, percdamp, 1)
+    if cross.shape != hessian.shape:
+        raise ValueError(f"the cross moment must be in x in like the Hessian, got {tuple(cross.shape)}")
+    W, H = _without_dead_inputs(w, hessian)
+    H.diagonal().add_(percdamp * H.diagonal().mean())
+    delta = torch.linalg.solve(H, (W.double() @ cross.to(H)).t()).t()  # W D H^-1, H symmetric
+    return (w.detach().double() + alpha * delta).float()
+
+
 def _check(w: torch.Tensor, hessian: torch.Tensor, percdamp: float, blocksize: int) -> None:
     if w.dim() != 2 or hessian.shape != (w.shape[1], w.shape[1]):
         raise ValueError(

@@ -18,9 +18,17 @@ llm-compressor's sequential pipeline).
    quantized. FiPS's group: the first walk quantizes the attention and gathers U's Hessian (the
    MLPs still with the float U), the second quantizes the V's from z = x @ U with U quantized.
 5. The unit's blocks, fully quantized, make the next unit's inputs.
+
+With `float_targets` (GPTAQ's asymmetric calibration, Li et al. 2025, arXiv:2504.02692), a float copy
+of each unit's blocks runs beside them on the float model's own hidden states, and each step also
+sums D = (X - X~)^T X~ of every target, X its input in the float model and X~ in the model quantized
+so far: GPTQ then matches the float model's output W X instead of the layer's own output on the
+quantized inputs W X~ (`quantize(target, H, D)`; quant/gptq.toward_float).
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 from typing import Callable
 
 import torch
@@ -39,13 +47,17 @@ class _Stop(Exception):
 
 @torch.no_grad()
 def quantize_sequentially(blocks: nn.ModuleList, cap: Captured, targets: dict[str, Target],
-                          quantize: Callable[[Target, torch.Tensor], None], adapter, device: str) -> None:
-    """Quantize every target (in place, through `quantize`), unit after unit."""
+                          quantize: Callable[[Target, torch.Tensor, torch.Tensor | None], None], adapter,
+                          device: str, float_targets: bool = False) -> None:
+    """Quantize every target (in place, through `quantize(target, H, D)`; D None unless
+    `float_targets`), unit after unit."""
     hidden = cap.hidden
+    floats = cap.hidden if float_targets else None  # the float model's hidden states
     units_ = units(targets.values())
     for unit in tqdm(units_, desc="GPTQ blocks", unit="unit", dynamic_ncols=True):
         pending = {n: t for n, t in targets.items() if t.blocks & set(unit)}
-        hidden = _Unit(blocks, unit, cap.args, adapter, device, quantize).run(hidden, pending)
+        hidden, floats = _Unit(blocks, unit, cap.args, adapter, device, quantize, floats is not None).run(
+            hidden, floats, pending)
 
 
 def units(targets) -> list[list[int]]:
@@ -69,41 +81,54 @@ def units(targets) -> list[list[int]]:
 class _Unit:
     """One unit of blocks: walked until every tensor it holds is quantized."""
 
-    def __init__(self, blocks, unit: list[int], args, adapter, device: str, quantize):
+    def __init__(self, blocks, unit: list[int], args, adapter, device: str, quantize, float_targets: bool):
         self.blocks, self.unit, self.args = blocks, unit, args
         self.adapter, self.device, self.quantize = adapter, device, quantize
         self.steps: dict[int, list[Step]] = {}
+        self.floats: dict[int, nn.Module] | None = None  # float copies of the unit's blocks (float_targets)
+        self.float_of: dict[int, nn.Module] = {}  # id(module) -> its float copy
+        if float_targets:  # one deepcopy: a tensor shared by the unit's blocks stays shared in the copies
+            copies = copy.deepcopy([blocks[b] for b in unit])
+            self.floats = dict(zip(unit, copies))
+            for b, c in self.floats.items():
+                self.float_of.update({id(m): f for m, f in zip(blocks[b].modules(), c.modules())})
 
-    def run(self, hidden: list[torch.Tensor], pending: dict[str, Target]) -> list[torch.Tensor]:
-        """The unit's outputs once every pending target is quantized."""
-        out = None
+    def run(self, hidden: list[torch.Tensor], floats: list[torch.Tensor] | None, pending: dict[str, Target]
+            ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        """The unit's outputs once every pending target is quantized, and the float copies' outputs
+        (None without float targets)."""
+        out, float_out = None, None
         while pending:
             before = len(pending)
-            out, at_end = self._walk(hidden, pending)
+            out, float_out, at_end = self._walk(hidden, floats, pending)
             if len(pending) == before:
                 raise RuntimeError(f"GPTQ: no tensor of blocks {self.unit} could be quantized "
                                    f"({', '.join(pending)})")
             if at_end:  # these outputs were made before the last tensors were quantized
                 out = None
-        return out if out is not None else self._forward(hidden, self.unit)
+        if floats is not None and float_out is None:
+            float_out = self._forward(floats, self.unit, self.floats)
+        return (out if out is not None else self._forward(hidden, self.unit)), float_out
 
-    def _walk(self, hidden, pending) -> tuple[list[torch.Tensor], bool]:
-        """One pass over the unit's blocks; returns their outputs and whether tensors were
-        quantized at the end of the pass (after the outputs were made)."""
-        gathered: dict[str, torch.Tensor] = {}
+    def _walk(self, hidden, floats, pending) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, bool]:
+        """One pass over the unit's blocks; returns their outputs, the float copies' outputs, and
+        whether tensors were quantized at the end of the pass (after the outputs were made)."""
+        gathered: dict[str, list] = {}  # name -> [H, D]
         seen: dict[str, int] = {}
-        h = hidden
+        h, f = hidden, floats
         for b in self.unit:
             if b not in self.steps:
                 self.steps[b] = self._probe(b, h, pending)
-            self._walk_block(b, h, pending, gathered, seen)
+            self._walk_block(b, h, f, pending, gathered, seen)
             h = self._forward(h, [b])
+            if f is not None:
+                f = self._forward(f, [b], self.floats)
         complete = [n for n in gathered if seen[n] == len(pending[n].uses)]
         for n in complete:
-            self.quantize(pending.pop(n), gathered.pop(n))
-        return h, bool(complete)
+            self.quantize(pending.pop(n), *gathered.pop(n))
+        return h, f, bool(complete)
 
-    def _walk_block(self, b: int, h, pending, gathered, seen) -> None:
+    def _walk_block(self, b: int, h, f, pending, gathered, seen) -> None:
         """Block b's steps in order: each step's Hessians gathered, its tensors used only in this
         block quantized at once. After a tensor that stays unquantized (it has uses in other
         blocks), only tensors already being gathered in this pass go on being gathered."""
@@ -112,13 +137,16 @@ class _Unit:
             todo = [(t, u) for t, u in step if t.name in pending and (not waiting or t.name in gathered)]
             if not todo:
                 continue
-            for name, H in self._gather(b, h, todo).items():
-                gathered[name] = gathered[name].add_(H) if name in gathered else H
+            for name, HD in self._gather(b, h, f, todo).items():
+                if name in gathered:
+                    gathered[name] = [a.add_(c) if a is not None else None for a, c in zip(gathered[name], HD)]
+                else:
+                    gathered[name] = HD
             for t, _ in todo:
                 seen[t.name] = seen.get(t.name, 0) + 1
             for t in {id(t): t for t, _ in todo}.values():
                 if t.blocks == {b} and seen[t.name] == len(t.uses):
-                    self.quantize(pending.pop(t.name), gathered.pop(t.name))
+                    self.quantize(pending.pop(t.name), *gathered.pop(t.name))
                 else:
                     waiting = True
 
@@ -158,49 +186,84 @@ class _Unit:
             steps.setdefault((read[id(u.module)], u.factor), []).append((t, u))
         return [steps[k] for k in sorted(steps)]
 
-    def _gather(self, b: int, h, todo: Step) -> dict[str, torch.Tensor]:
-        """Sum over the batches of X^T X (float64) of each target's input in `todo`; block b runs
-        on each batch only until every module in `todo` has read its input."""
+    def _gather(self, b: int, h, f, todo: Step) -> dict[str, list]:
+        """Per target in `todo`: [H, D], sums over the batches (float64) of H = X~^T X~ of its input X~
+        and, with float copies (`f` their hidden states), D = (X - X~)^T X~ with X its input in the
+        float copy (else None); each block runs on each batch only until every module in `todo`
+        has read its input."""
         by_module: dict[int, Step] = {}
         for t, u in todo:
             by_module.setdefault(id(u.module), []).append((t, u))
-        H: dict[str, torch.Tensor] = {}
+        out: dict[str, list] = {}
         called: set[int] = set()
-        grams: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # one product per input (q, k, v)
+        grams: dict[tuple[int, int], tuple] = {}  # one product per input (q, k, v): (x, H, D)
+        float_x: dict[int, torch.Tensor] = {}  # id(module) -> its input in the float copy, this batch
 
         def hook(m, a, kw):
             x = a[0] if a else next(iter(kw.values()))
             for t, u in by_module[id(m)]:
                 key = (id(x), id(u.source))
                 if key not in grams:
-                    grams[key] = (x, _gram(u.input(x)))
-                g = grams[key][1]
-                H[t.name] = H[t.name].add_(g) if t.name in H else g.clone()
+                    xq = u.input(x)
+                    cross = None
+                    if f is not None:
+                        xf = dataclasses.replace(u, module=self.float_of[id(u.module)]).input(float_x[id(m)])
+                        cross = _cross(xf, xq)
+                    grams[key] = (x, _gram(xq), cross)
+                _, g, d = grams[key]
+                if t.name in out:
+                    out[t.name][0].add_(g)
+                    if d is not None:
+                        out[t.name][1].add_(d)
+                else:
+                    out[t.name] = [g.clone(), None if d is None else d.clone()]
             called.add(id(m))
             if len(called) == len(by_module):
                 raise _Stop
 
-        handles = [u.module.register_forward_pre_hook(hook, with_kwargs=True)
-                   for u in {id(u.module): u for _, u in todo}.values()]
+        def float_hook(m, a, kw):
+            float_x[original[id(m)]] = a[0] if a else next(iter(kw.values()))
+            if len(float_x) == len(by_module):
+                raise _Stop
+
+        modules = {id(u.module): u.module for _, u in todo}
+        handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in modules.values()]
+        original = {}
+        if f is not None:
+            original = {id(self.float_of[k]): k for k in modules}
+            handles += [self.float_of[k].register_forward_pre_hook(float_hook, with_kwargs=True) for k in modules]
         try:
             for i, hb in enumerate(h):
                 called.clear()
                 grams.clear()
-                try:
-                    call_block(self.blocks[b], hb, self.args[i][b], self.device)
-                except _Stop:
-                    pass
+                float_x.clear()
+                if f is not None:
+                    _until_stop(self.floats[b], f[i], self.args[i][b], self.device)
+                _until_stop(self.blocks[b], hb, self.args[i][b], self.device)
         finally:
             for hd in handles:
                 hd.remove()
-        return H
+        return out
 
-    def _forward(self, h, blocks: list[int]) -> list[torch.Tensor]:
-        return run_group(self.blocks, blocks, Captured(hidden=h, args=self.args), self.adapter, self.device,
-                         record=False)[2]
+    def _forward(self, h, blocks: list[int], modules=None) -> list[torch.Tensor]:
+        return run_group(self.blocks if modules is None else modules, blocks, Captured(hidden=h, args=self.args),
+                         self.adapter, self.device, record=False)[2]
+
+
+def _until_stop(block: nn.Module, h: torch.Tensor, args, device: str) -> None:
+    try:
+        call_block(block, h, args, device)
+    except _Stop:
+        pass
 
 
 def _gram(x: torch.Tensor) -> torch.Tensor:
     """X^T X of the rows of x, computed in float32, returned in float64."""
     x = x.detach().reshape(-1, x.shape[-1]).float()
     return (x.t() @ x).double()
+
+
+def _cross(x_float: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(X - X~)^T X~ of the rows of x_float (X) and x (X~), computed in float32, returned in float64."""
+    x = x.detach().reshape(-1, x.shape[-1]).float()
+    return ((x_float.detach().reshape(-1, x.shape[-1]).float() - x).t() @ x).double()

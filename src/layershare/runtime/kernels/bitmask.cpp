@@ -276,6 +276,15 @@ float* accumulators(int64_t floats) {
   return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t{63});
 }
 
+// The in-product over all of V's nb column blocks, N activation rows, in tiles of blocks whose N
+// accumulator rows fit kAccFloats: `tile(b0, b1, acc)` runs one tile (an ISA's in_tile_*).
+template <int N, typename Tile>
+void in_blocks(int64_t nb, Tile&& tile) {
+  const int64_t width = std::min<int64_t>(kAccFloats / (N * kBlock), nb);
+  float* acc = accumulators(N * width * kBlock);
+  for (int64_t b = 0; b < nb; b += width) tile(b, std::min(nb, b + width), acc);
+}
+
 // ---- AVX2 path -------------------------------------------------------------------------------
 #define LS_AVX2_LAMBDA __attribute__((target("avx2,fma,f16c,popcnt"), always_inline))
 
@@ -418,12 +427,6 @@ LS_AVX2 void in_tile_avx2(const SparseV<T>& v, const float* zt, int64_t b0, int6
   for (int n = 0; n < N; ++n) std::memcpy(y + n * ldy + b0 * kBlock, acc + n * ld, cols * sizeof(float));
 }
 
-template <typename T, int N>
-LS_AVX2 void in_blocks_avx2(const SparseV<T>& v, const float* zt, int64_t b0, int64_t b1, float* y, int64_t ldy, int64_t i0, int64_t i1) {
-  const int64_t tile = std::min(kAccFloats / (N * kBlock), b1 - b0);
-  float* acc = accumulators(N * tile * kBlock);
-  for (int64_t b = b0; b < b1; b += tile) in_tile_avx2<T, N>(v, zt, b, std::min(b1, b + tile), acc, y, ldy, i0, i1);
-}
 
 // out_row_portable for N rows; x is zero-padded to nb*64 columns. K independent accumulators
 // per row keep several FMAs in flight when N is small.
@@ -613,13 +616,6 @@ LS_AVX512 void in_tile_avx512(const SparseV<T>& v, const float* zt, int64_t b0, 
   for (int n = 0; n < N; ++n) std::memcpy(y + n * ldy + b0 * kBlock, acc + n * ld, cols * sizeof(float));
 }
 
-template <typename T, int N>
-LS_AVX512 void in_blocks_avx512(const SparseV<T>& v, const float* zt, int64_t b0, int64_t b1, float* y,
-                                int64_t ldy, int64_t i0, int64_t i1) {
-  const int64_t tile = std::min(kAccFloats / (N * kBlock), b1 - b0);
-  float* acc = accumulators(N * tile * kBlock);
-  for (int64_t b = b0; b < b1; b += tile) in_tile_avx512<T, N>(v, zt, b, std::min(b1, b + tile), acc, y, ldy, i0, i1);
-}
 
 template <typename T, int N>
 LS_AVX512 void out_row_avx512(const SparseV<T>& v, const float* x, int64_t ldx, int64_t i, float* out,
@@ -745,13 +741,6 @@ LS_VBMI2 void in_tile_w16(const SparseV<c10::BFloat16>& v, const float* zt, int6
   }
 }
 
-template <int N>
-LS_VBMI2 void in_blocks_w16(const SparseV<c10::BFloat16>& v, const float* zt, int64_t b0, int64_t b1, float* y,
-                            int64_t ldy, int64_t i0, int64_t i1) {
-  const int64_t tile = std::min(kAccFloats / (N * kBlock), b1 - b0);
-  float* acc = accumulators(N * tile * kBlock);
-  for (int64_t b = b0; b < b1; b += tile) in_tile_w16<N>(v, zt, b, std::min(b1, b + tile), acc, y, ldy, i0, i1);
-}
 
 // out_row_avx512 for bfloat16 values; x (zero-padded to nb*64 columns) in [even | odd] order per
 // 32 columns (out_impl rearranges it).
@@ -956,15 +945,24 @@ at::Tensor in_impl(const at::Tensor& z, const SparseV<T>& v) {
 #if LS_X86
         if constexpr (std::is_same<T, c10::BFloat16>::value)
           if (isa == kAvx512 && spread == kExpand16) {
-            with_rows(rows, [&](auto n) { in_blocks_w16<decltype(n)::value>(v, zp, 0, v.nb, out, h, i0, i1); });
+            with_rows(rows, [&](auto n) {
+            constexpr int N = decltype(n)::value;
+            in_blocks<N>(v.nb, [&](int64_t b0, int64_t b1, float* acc) { in_tile_w16<N>(v, zp, b0, b1, acc, out, h, i0, i1); });
+          });
             continue;
           }
         if (isa == kAvx512) {
-          with_rows(rows, [&](auto n) { in_blocks_avx512<T, decltype(n)::value>(v, zp, 0, v.nb, out, h, i0, i1); });
+          with_rows(rows, [&](auto n) {
+            constexpr int N = decltype(n)::value;
+            in_blocks<N>(v.nb, [&](int64_t b0, int64_t b1, float* acc) { in_tile_avx512<T, N>(v, zp, b0, b1, acc, out, h, i0, i1); });
+          });
           continue;
         }
         if (isa == kAvx2) {
-          with_rows(rows, [&](auto n) { in_blocks_avx2<T, decltype(n)::value>(v, zp, 0, v.nb, out, h, i0, i1); });
+          with_rows(rows, [&](auto n) {
+            constexpr int N = decltype(n)::value;
+            in_blocks<N>(v.nb, [&](int64_t b0, int64_t b1, float* acc) { in_tile_avx2<T, N>(v, zp, b0, b1, acc, out, h, i0, i1); });
+          });
           continue;
         }
 #endif
