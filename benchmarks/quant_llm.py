@@ -407,7 +407,7 @@ def main() -> None:
         (ROOT / "docs" / "quant_llm.md").write_text(
             "# Quantization composed with sharing\n\nWritten by `benchmarks/quant_llm.py --render`; "
             "the protocol is its docstring. Rows sorted by size; \"compress s\" includes the distillation of "
-            "QAT rows (not the evaluation); \"-gN\": groups of N weights instead of 128. The plot draws SmolLM2's rows, "
+            "QAT rows (not the evaluation); \"-gN\": groups of N weights instead of 128; \"-aN\": GPTAQ alpha N/100 (the library's default since 2026-12-06: 1; rows without it: 0). The plot draws SmolLM2's rows, "
             "for GPTQ per bit width the one closest to the library's default (\"-act-mse-a100\", else \"-act-mse\", else \"-mse\").\n\n" + "\n".join(parts))
         plot(every, ROOT / "docs" / "quant_llm.png")
 

@@ -23,7 +23,9 @@ With `float_targets` (GPTAQ's asymmetric calibration, Li et al. 2025, arXiv:2504
 of each unit's blocks runs beside them on the float model's own hidden states, and each step also
 sums D = (X - X~)^T X~ of every target, X its input in the float model and X~ in the model quantized
 so far: GPTQ then matches the float model's output W X instead of the layer's own output on the
-quantized inputs W X~ (`quantize(target, H, D)`; quant/gptq.toward_float).
+quantized inputs W X~ (`quantize(target, H, D)`; quant/gptq.toward_float). "Float" is the model as
+it enters this walk: tensors rounded before GPTQ (FiPS's bases at 8 bits, embeddings) are rounded in
+the copies too.
 """
 from __future__ import annotations
 
