@@ -18,7 +18,7 @@ from layershare.methods.quant import Quantize
 from layershare.modules.shared_basis import SharedBasis, SharedBasisLinear
 from layershare.modules.store import StageStore
 from layershare.quant import QuantSpec, dequantize, gptq, gptq_masked, pack, quantize
-from layershare.quant.gptq import toward_float
+from layershare.quant.gptq import SingularHessianError, toward_float
 from layershare.quant.inputs import Target, Use
 
 SPEC = dict(bits=3, group_size=32, algorithm="gptq")
@@ -248,6 +248,9 @@ def test_toward_float_is_the_least_squares_weight_for_the_quantized_inputs():
     assert errors[1] < 0.85 * errors[0], errors  # measured: 0.79x
     with pytest.raises(ValueError, match="cross moment must be in x in"):
         toward_float(W, H, D[:3])
+    few = Xq[:20]  # 20 tokens for 40 inputs, damp 0: refused as GPTQ refuses it, no W' computed
+    with pytest.raises(SingularHessianError, match="singular after dampening"):
+        toward_float(W, few.t().double() @ few.double(), D, percdamp=0.0)
 
 
 def _cross_moments(model, float_model, batches, name: str):

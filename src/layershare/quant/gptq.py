@@ -154,14 +154,13 @@ def toward_float(w: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, *,
     ||W X - Q X~||^2 = ||(W + W D H^-1) X~ - Q X~||^2 + const, so GPTQ of W' = W + W D H^-1 on H
     minimizes the error against the float output. `alpha` scales the step from W to W' (the GPTAQ
     reference's alpha, 0.25 there, applied inside its column loop rather than before it as here).
-    H dampened as GPTQ dampens it; dead inputs (H_jj = 0, so D's column j is 0) keep W's column.
-    Returns W' (out x in, float32)."""
+    H dampened as GPTQ dampens it and refused as GPTQ refuses it (SingularHessianError); dead inputs
+    (H_jj = 0, so D's column j is 0) keep W's column. Returns W' (out x in, float32)."""
     _check(w, hessian, percdamp, 1)
     if cross.shape != hessian.shape:
         raise ValueError(f"the cross moment must be in x in like the Hessian, got {tuple(cross.shape)}")
     W, H = _without_dead_inputs(w, hessian)
-    H.diagonal().add_(percdamp * H.diagonal().mean())
-    delta = torch.linalg.solve(H, (W.double() @ cross.to(H)).t()).t()  # W D H^-1, H symmetric
+    delta = torch.cholesky_solve((W.double() @ cross.to(H)).t(), _dampened_cholesky(H, percdamp)).t()  # W D H^-1
     return (w.detach().double() + alpha * delta).float()
 
 
@@ -199,8 +198,9 @@ def _static_qparams(W: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, tor
     return choose_qparams(padded.unflatten(-1, (-1, g)), spec)
 
 
-def _inverse_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
-    """Upper Cholesky factor of the dampened inverse Hessian (float32); H is dampened in place."""
+def _dampened_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """Lower Cholesky factor of H (float64) after dampening it in place; SingularHessianError if H
+    is still singular."""
     H.diagonal().add_(percdamp * H.diagonal().mean())
     L, info = torch.linalg.cholesky_ex(H)
     tiny = H.shape[0] * torch.finfo(H.dtype).eps * H.diagonal().max()
@@ -208,7 +208,12 @@ def _inverse_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
         raise SingularHessianError(
             f"the Hessian of its inputs is singular after dampening (damp {percdamp:g}): fewer independent "
             "calibration inputs than input features; raise damp or add calibration data")
-    return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).float()
+    return L
+
+
+def _inverse_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """Upper Cholesky factor of the dampened inverse Hessian (float32); H is dampened in place."""
+    return torch.linalg.cholesky(torch.cholesky_inverse(_dampened_cholesky(H, percdamp)), upper=True).float()
 
 
 def _permuted_positions(stored: torch.Tensor, n: int, perm: torch.Tensor) -> torch.Tensor:

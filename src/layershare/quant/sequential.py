@@ -140,10 +140,7 @@ class _Unit:
             if not todo:
                 continue
             for name, HD in self._gather(b, h, f, todo).items():
-                if name in gathered:
-                    gathered[name] = [a.add_(c) if a is not None else None for a, c in zip(gathered[name], HD)]
-                else:
-                    gathered[name] = HD
+                _add(gathered, name, HD, copy=False)
             for t, _ in todo:
                 seen[t.name] = seen.get(t.name, 0) + 1
             for t in {id(t): t for t, _ in todo}.values():
@@ -198,7 +195,7 @@ class _Unit:
             by_module.setdefault(id(u.module), []).append((t, u))
         out: dict[str, list] = {}
         called: set[int] = set()
-        grams: dict[tuple[int, int], tuple] = {}  # one product per input (q, k, v): (x, H, D)
+        grams: dict[tuple[int, int], tuple] = {}  # one product per input (q, k, v): (x, [H, D])
         float_x: dict[int, torch.Tensor] = {}  # id(module) -> its input in the float copy, this batch
 
         def hook(m, a, kw):
@@ -206,19 +203,13 @@ class _Unit:
             for t, u in by_module[id(m)]:
                 key = (id(x), id(u.source))
                 if key not in grams:
-                    xq = u.input(x)
+                    xq = _rows(u.input(x))
                     cross = None
                     if f is not None:
                         xf = dataclasses.replace(u, module=self.float_of[id(u.module)]).input(float_x[id(m)])
-                        cross = _cross(xf, xq)
-                    grams[key] = (x, _gram(xq), cross)
-                _, g, d = grams[key]
-                if t.name in out:
-                    out[t.name][0].add_(g)
-                    if d is not None:
-                        out[t.name][1].add_(d)
-                else:
-                    out[t.name] = [g.clone(), None if d is None else d.clone()]
+                        cross = ((_rows(xf) - xq).t() @ xq).double()
+                    grams[key] = (x, [(xq.t() @ xq).double(), cross])
+                _add(out, t.name, grams[key][1], copy=True)  # one product, possibly several targets
             called.add(id(m))
             if len(called) == len(by_module):
                 raise _Stop
@@ -259,13 +250,17 @@ def _until_stop(block: nn.Module, h: torch.Tensor, args, device: str) -> None:
         pass
 
 
-def _gram(x: torch.Tensor) -> torch.Tensor:
-    """X^T X of the rows of x, computed in float32, returned in float64."""
-    x = x.detach().reshape(-1, x.shape[-1]).float()
-    return (x.t() @ x).double()
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x as rows of its last dimension in float32 (the products are computed in float32, summed in float64)."""
+    return x.detach().reshape(-1, x.shape[-1]).float()
 
 
-def _cross(x_float: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """(X - X~)^T X~ of the rows of x_float (X) and x (X~), computed in float32, returned in float64."""
-    x = x.detach().reshape(-1, x.shape[-1]).float()
-    return ((x_float.detach().reshape(-1, x.shape[-1]).float() - x).t() @ x).double()
+def _add(sums: dict[str, list], name: str, HD: list, copy: bool) -> None:
+    """sums[name] += [H, D] in place (D None without float targets); a first entry is stored as
+    given, or as a copy when `copy` (HD still read by other targets)."""
+    if name in sums:
+        for a, c in zip(sums[name], HD):
+            if a is not None:
+                a.add_(c)
+    else:
+        sums[name] = [c.clone() if copy and c is not None else c for c in HD]

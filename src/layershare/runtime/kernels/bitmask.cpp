@@ -427,7 +427,6 @@ LS_AVX2 void in_tile_avx2(const SparseV<T>& v, const float* zt, int64_t b0, int6
   for (int n = 0; n < N; ++n) std::memcpy(y + n * ldy + b0 * kBlock, acc + n * ld, cols * sizeof(float));
 }
 
-
 // out_row_portable for N rows; x is zero-padded to nb*64 columns. K independent accumulators
 // per row keep several FMAs in flight when N is small.
 template <typename T, int N>
@@ -616,7 +615,6 @@ LS_AVX512 void in_tile_avx512(const SparseV<T>& v, const float* zt, int64_t b0, 
   for (int n = 0; n < N; ++n) std::memcpy(y + n * ldy + b0 * kBlock, acc + n * ld, cols * sizeof(float));
 }
 
-
 template <typename T, int N>
 LS_AVX512 void out_row_avx512(const SparseV<T>& v, const float* x, int64_t ldx, int64_t i, float* out,
                               int64_t ldo) {
@@ -740,7 +738,6 @@ LS_VBMI2 void in_tile_w16(const SparseV<c10::BFloat16>& v, const float* zt, int6
     std::memcpy(y + n * ldy + b0 * kBlock, an, cols * sizeof(float));
   }
 }
-
 
 // out_row_avx512 for bfloat16 values; x (zero-padded to nb*64 columns) in [even | odd] order per
 // 32 columns (out_impl rearranges it).
@@ -946,9 +943,9 @@ at::Tensor in_impl(const at::Tensor& z, const SparseV<T>& v) {
         if constexpr (std::is_same<T, c10::BFloat16>::value)
           if (isa == kAvx512 && spread == kExpand16) {
             with_rows(rows, [&](auto n) {
-            constexpr int N = decltype(n)::value;
-            in_blocks<N>(v.nb, [&](int64_t b0, int64_t b1, float* acc) { in_tile_w16<N>(v, zp, b0, b1, acc, out, h, i0, i1); });
-          });
+              constexpr int N = decltype(n)::value;
+              in_blocks<N>(v.nb, [&](int64_t b0, int64_t b1, float* acc) { in_tile_w16<N>(v, zp, b0, b1, acc, out, h, i0, i1); });
+            });
             continue;
           }
         if (isa == kAvx512) {
