@@ -86,11 +86,13 @@ def test_in_product_split_by_rows_over_threads_matches_dense():
 
 @native
 def test_the_decoding_fast_path_takes_only_what_it_may():
-    """float32 rows up to DECODE_ROWS, contiguous, no grad, 16/32-bit values: straight to the op
-    (the same op as the general path, so the same numbers); anything else goes the checked way."""
+    """float32/bfloat16/float16 rows up to DECODE_ROWS, contiguous, no grad, 16/32-bit values:
+    straight to the op (the same op as the general path, so the same numbers); anything else goes
+    the checked way."""
     values, mask, offsets, dense = sparse_v(20, 70, torch.bfloat16)
     x = torch.randn(3, 70)
-    assert ops._decoding(x, values) and not ops._decoding(x.bfloat16(), values)
+    assert ops._decoding(x, values) and ops._decoding(x.bfloat16(), values) and ops._decoding(x.half(), values)
+    assert not ops._decoding(x.double(), values)
     assert not ops._decoding(torch.randn(ops.DECODE_ROWS + 1, 70), values)
     assert not ops._decoding(torch.randn(70, 3).t(), values) and not ops._decoding(x.requires_grad_(), values)
     assert not ops._decoding(x.detach(), values.double())
@@ -99,6 +101,28 @@ def test_the_decoding_fast_path_takes_only_what_it_may():
     y = ops.out_product(x, values, mask, offsets)  # requires grad: the reference, differentiable
     y.sum().backward()
     torch.testing.assert_close(x.grad, dense.float().sum(0).expand(3, -1), rtol=1e-5, atol=1e-5)
+
+
+@native
+@pytest.mark.parametrize("act", [torch.bfloat16, torch.float16])
+def test_16bit_activations_are_the_float32_product_rounded(act):
+    """The ops widen 16-bit activations inside (no conversion ops around them): the result is the
+    float32 product of the widened rows, rounded to the activations' dtype, bit for bit; the
+    prompt path (more than DECODE_ROWS rows) agrees to the dtype's rounding."""
+    for dtype in DTYPES:
+        values, mask, offsets, dense = sparse_v(37, 150, dtype)
+        for rows in (1, 3, 8):
+            z, x = torch.randn(rows, 37).to(act), torch.randn(rows, 150).to(act)
+            y_in, y_out = ops.in_product(z, values, mask, offsets, 150), ops.out_product(x, values, mask, offsets)
+            assert y_in.dtype == act and y_out.dtype == act
+            assert torch.equal(y_in, ops.in_product(z.float(), values, mask, offsets, 150).to(act))
+            assert torch.equal(y_out, ops.out_product(x.float(), values, mask, offsets).to(act))
+        z, x = torch.randn(ops.DECODE_ROWS + 3, 37).to(act), torch.randn(ops.DECODE_ROWS + 3, 150).to(act)
+        ref = dense.float()  # sums of up to 150 terms of about 1: a 16-bit result is within ~0.05
+        torch.testing.assert_close(ops.in_product(z, values, mask, offsets, 150).float(), z.float() @ ref,
+                                   rtol=2e-2, atol=1e-1)
+        torch.testing.assert_close(ops.out_product(x, values, mask, offsets).float(), x.float() @ ref.t(),
+                                   rtol=2e-2, atol=1e-1)
 
 
 @native

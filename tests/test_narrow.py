@@ -8,6 +8,7 @@ import layershare
 from layershare.checkpoint.save import save_compressed
 from layershare.checkpoint.verify import CheckpointError
 from layershare.runtime import kernels, narrow
+from layershare.runtime.kernels import ops
 from layershare.runtime.narrow import Embedding16, Linear16, exact_narrow, narrow_model
 
 needs_kernel = pytest.mark.skipif(not kernels.available(), reason="the native kernels are not built")
@@ -49,6 +50,44 @@ def test_exact_16_bit_weights_are_held_narrow_and_compute_the_same(tokens, tmp_p
     ids = torch.randint(0, auto.config.vocab_size, (2, 5), generator=g)
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
     assert torch.equal(auto.generate(ids, **kw), wide.generate(ids, **kw))
+
+
+@needs_kernel
+def test_a_model_loaded_in_bfloat16_runs_its_16_bit_linears_and_bases_in_the_kernels(tokens, tmp_path, monkeypatch):
+    """Loaded in bfloat16, each plain linear becomes a Linear16 on the same tensor (no copy) and each
+    shared U is held for the kernels as it is: a few rows run the kernels (float32 sums, rounded to
+    bfloat16), longer inputs PyTorch's bfloat16 GEMM as the dense layers do; the logits agree with
+    the compact form in bfloat16 and a prompt's linears give the plain module's output exactly."""
+    path = _saved(tmp_path, tokens)
+    compact = layershare.load(path, runtime="compact", dtype=torch.bfloat16)
+    auto = layershare.load(path, dtype=torch.bfloat16)
+    lin = [m for m in auto.modules() if isinstance(m, Linear16)]
+    assert len(lin) == 4 * auto.config.num_hidden_layers + 1 and all(m.weight16.dtype == torch.bfloat16 for m in lin)
+    bases = [m for m in auto.modules() if type(m).__name__ == "SharedBasis"]
+    assert bases and all(b.held and b.U16.dtype == torch.bfloat16 for b in bases)
+    plain = dict(compact.named_modules())
+    for name, m in auto.named_modules():  # the very weights the compact form holds, not rounded again
+        if isinstance(m, Linear16):
+            assert torch.equal(m.weight16, plain[name].weight)
+    calls = []
+    real = narrow.F.linear
+    monkeypatch.setattr(narrow.F, "linear", lambda *a, **k: calls.append(a[0].shape[0]) or real(*a, **k))
+    g = torch.Generator().manual_seed(5)
+    for rows in (1, 4, 8, 37):
+        ids = torch.randint(0, auto.config.vocab_size, (1, rows), generator=g)
+        calls.clear()
+        with torch.no_grad():
+            a = auto(ids).logits
+            gemms = len(calls)
+            c = compact(ids).logits
+        assert a.dtype == torch.bfloat16
+        # the kernels up to GEMM16_ROWS rows; PyTorch's GEMM above it (on a CPU with bfloat16 in
+        # hardware) or above DECODE_ROWS
+        gemm = rows > ops.DECODE_ROWS or (rows > ops.GEMM16_ROWS and ops._gemm_16bit(ids.new_empty(0).bfloat16()))
+        assert gemms == (len(lin) if gemm else 0)
+        torch.testing.assert_close(a.float(), c.float(), rtol=0.05, atol=0.05 * c.float().abs().max().item())
+    x = torch.randn(37, lin[0].in_features).bfloat16()
+    assert torch.equal(lin[0](x), torch.nn.functional.linear(x, lin[0].weight16))
 
 
 @needs_kernel

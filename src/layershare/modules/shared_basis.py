@@ -122,15 +122,20 @@ class SharedBasis(nn.Module):
     def hold_narrow(self, stored: torch.dtype | None) -> bool:
         """Hold a float32 U at the 16-bit `stored` dtype (a 16-bit file loaded in float32) for the
         kernels, which widen it as they read it (an all-ones bitmask: the same float32 products,
-        half the bytes), if every value round-trips exactly (True); else leave it (False)."""
+        half the bytes), if every value round-trips exactly (True); else leave it (False). A U
+        that is 16-bit already (a model loaded in bfloat16/float16) is held as it is (True): at a
+        few rows the kernels' product is faster than PyTorch's 16-bit GEMV (runtime/narrow.py)."""
         p = self._parameters.get("U")
-        if p is None or stored not in (torch.bfloat16, torch.float16):
+        if p is None or p.device.type != "cpu":
             return False
-        if p.dtype != torch.float32 or p.device.type != "cpu":
+        if p.dtype in (torch.bfloat16, torch.float16):
+            narrow = p.detach()
+        elif p.dtype != torch.float32 or stored not in (torch.bfloat16, torch.float16):
             return False
-        narrow = p.detach().to(stored)
-        if not torch.equal(narrow.float(), p.detach()):
-            return False
+        else:
+            narrow = p.detach().to(stored)
+            if not torch.equal(narrow.float(), p.detach()):
+                return False
         from layershare.runtime.kernels import ops
 
         for k, t in zip(self.NARROW_BUFFERS, (narrow.contiguous(), *ops.all_kept(tuple(p.shape)))):
@@ -144,6 +149,8 @@ class SharedBasis(nn.Module):
         from layershare.runtime.kernels import ops
 
         if "U16" in self._buffers:  # U (d x r) as the kernels' V
+            if ops.dense_16bit(x.reshape(-1, x.shape[-1]), self.U16):  # a 16-bit model's prompt: PyTorch's GEMM
+                return x @ (self.U16.t() if transpose_u else self.U16)
             M = (self.U16.view(-1), self.U16_mask, self.U16_offsets)
             return ops.out_product(x, *M) if transpose_u else ops.in_product(x, *M, self.U16.shape[1])
         M = (self._codes(), self.Uq_mask, self.Uq_offsets)

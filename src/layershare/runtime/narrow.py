@@ -15,7 +15,14 @@ with it in float32:
 
 The products are float32 products of the same float32 numbers, so the outputs equal the wide
 model's up to the order of summation (tests/test_narrow.py). Half the bytes per token to read
-also make decoding faster. Nothing is narrowed without the native kernels (the widening per call
+also make decoding faster.
+
+A model loaded in bfloat16 or float16 holds its linears at 16 bits already; `narrow_model` puts
+each plain one in a Linear16 on the same tensor too, because at a few rows the kernels' product
+(widened in registers, float32 sums, the result rounded to the activations' dtype) is faster than
+PyTorch's 16-bit GEMV on the CPUs measured (docs/runtime.md); prompts (more than
+ops.GEMM16_ROWS rows where the CPU has bfloat16 in hardware) run PyTorch's GEMM as the dense
+model does. Nothing is narrowed without the native kernels (the widening per call
 would be slower than the float32 weights), off the CPU, or for any other runtime. Such a model
 refuses to be saved, like a merged or packed one (load it with runtime="compact" to save it).
 """
@@ -59,7 +66,14 @@ class Linear16(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
-        if x2.shape[0] <= ops.DECODE_ROWS:
+        if x2.shape[0] <= ops.GEMM16_ROWS and ops._decoding(x2, self.weight16):  # decoding: the op, no more checks
+            y = ops._decode_out(x2, self.weight16.view(-1), self.mask, self.offsets)
+            if self.bias is not None:
+                y = y + self.bias.to(y.dtype)
+            return y.view(*lead, self.out_features)
+        if ops.dense_16bit(x2, self.weight16):  # a 16-bit model's prompt: the dense model's own GEMM
+            y = F.linear(x2, self.weight16)
+        elif x2.shape[0] <= ops.DECODE_ROWS:
             y = ops.out_product(x2, self.weight16.view(-1), self.mask, self.offsets)
         else:
             y = x2.new_empty(x2.shape[0], self.out_features)
@@ -94,22 +108,23 @@ class Embedding16(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, {self.weight16.dtype} held"
 
 
-def _plain(m: nn.Module) -> bool:
-    """A plain float32 nn.Linear / nn.Embedding with no hooks (subclasses compute otherwise:
-    Gemma-3's scaled embedding, GPT-2's Conv1D)."""
+def _plain(m: nn.Module, dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> bool:
+    """A plain nn.Linear / nn.Embedding on the CPU, its weight of one of `dtypes`, with no hooks
+    (subclasses compute otherwise: Gemma-3's scaled embedding, GPT-2's Conv1D)."""
     if type(m) not in (nn.Linear, nn.Embedding):
         return False
     if m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook"):  # accelerate's offload hooks too
         return False
     if type(m) is nn.Embedding and (m.max_norm is not None or m.sparse or m.scale_grad_by_freq):
         return False
-    return m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"
+    return m.weight.dtype in dtypes and m.weight.device.type == "cpu"
 
 
 def narrow_model(model: nn.Module) -> int:
     """Replace, in place, every plain float32 nn.Linear / nn.Embedding of a CPU model whose weight
-    is exactly 16-bit by Linear16 / Embedding16 (tied weights stay one tensor). Returns how many
-    modules it replaced (0 without the native kernels)."""
+    is exactly 16-bit by Linear16 / Embedding16 (tied weights stay one tensor), and every plain
+    16-bit nn.Linear (a model loaded in bfloat16 or float16) by a Linear16 on the same tensor.
+    Returns how many modules it replaced (0 without the native kernels)."""
     if not kernels.available():
         return 0
     holders: dict[int, list[nn.Module]] = {}  # id(weight) -> every module holding it (tied ones: several)
@@ -123,6 +138,12 @@ def narrow_model(model: nn.Module) -> int:
     for name, m in list(model.named_modules(remove_duplicate=False)):
         if id(m) in done:
             set_path(model, name, done[id(m)])
+            continue
+        if name and type(m) is nn.Linear and _plain(m, NARROW_DTYPES):  # a 16-bit model's linear: the same
+            new = Linear16(m.weight.detach(), m.bias.detach() if m.bias is not None else None)  # tensor, no copy
+            set_path(model, name, new)
+            done[id(m)] = new
+            replaced += 1
             continue
         if not name or not _plain(m):
             continue

@@ -8,8 +8,10 @@
 // told apart by the shape), the index in `values` of the first kept entry of V[i, 64b:64b+64]; the
 // blocks between are reached by counting the mask bits of the blocks before them.
 //
-//   bitmask_in(z, ...)         z @ V    (z: N x r float32 -> N x h), in parallel over column blocks
-//   bitmask_out(x, ...)        x @ V^T  (x: N x h float32 -> N x r), in parallel over rows of V
+//   bitmask_in(z, ...)         z @ V    (z: N x r -> N x h), in parallel over stretches of V's rows
+//   bitmask_out(x, ...)        x @ V^T  (x: N x h -> N x r), in parallel over rows of V
+//                              (activations float32, bfloat16 or float16, the result in their dtype;
+//                              16-bit ones widened to float32 as the products start)
 //   bitmask_expand(..., out)   out = V  (r x h float32, written in place), in parallel over rows
 //   bitmask_in_q / bitmask_out_q / bitmask_expand_q (codes, scales, zeros, bits, group, n, ...)
 //                              the same with the kept values held as integer codes (ops.QuantValues):
@@ -250,6 +252,17 @@ Spread default_spread() {
 }
 std::atomic<int> g_spread{default_spread()};
 
+// A buffer of at least `floats` floats kept by the calling thread, aligned to a cache line (a vector
+// load from it never spans two lines: activations widened or padded into a std::vector's 16-byte
+// alignment made the out-product at 8 rows 1.5x slower); Slot tells apart buffers in use at once.
+enum { kAccSlot, kWidenSlot, kPadSlot, kZtSlot };
+template <int Slot>
+float* thread_buffer(int64_t floats) {
+  thread_local std::vector<float> buf;
+  buf.resize(std::max<size_t>(buf.size(), floats + 16));
+  return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t{63});
+}
+
 // ---- the vector paths (x86): AVX2, AVX-512 -----------------------------------------------------
 #if LS_X86
 // f(std::integral_constant<int, N>{}) with N = rows (1..kMaxRows; more rows: kMaxRows): the
@@ -270,11 +283,7 @@ void with_rows(int64_t rows, F&& f) {
 
 // `floats` accumulators for the in-products: on the heap (64 KiB is much for a thread's stack),
 // kept per thread, aligned to a cache line.
-float* accumulators(int64_t floats) {
-  thread_local std::vector<float> buf;
-  buf.resize(std::max<size_t>(buf.size(), floats + 16));
-  return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t{63});
-}
+float* accumulators(int64_t floats) { return thread_buffer<kAccSlot>(floats); }
 
 // The in-product over all of V's nb column blocks, N activation rows, in tiles of blocks whose N
 // accumulator rows fit kAccFloats: `tile(b0, b1, acc)` runs one tile (an ISA's in_tile_*).
@@ -605,12 +614,52 @@ LS_AVX512 LS_INLINE void in_row_avx512(const SparseV<T>& v, const float* zt, int
   }
 }
 
+// in_row_avx512 for rows i and i + 1 of V at once: each accumulator is loaded and stored once for
+// both rows (the in-product is bound by those loads and stores at several activation rows), adding
+// row i's term, then row i + 1's: the same sums in the same order as two passes, bit for bit.
+template <typename T, int N>
+LS_AVX512 LS_INLINE void in_rows2_avx512(const SparseV<T>& v, const float* zt, int64_t i, int64_t b0, int64_t b1,
+                                         float* acc, int64_t ld) {
+  __m512 za[N], zc[N];
+  for (int n = 0; n < N; ++n) {
+    za[n] = _mm512_set1_ps(zt[i * N + n]);
+    zc[n] = _mm512_set1_ps(zt[(i + 1) * N + n]);
+  }
+  int64_t p = v.start(i, b0), q = v.start(i + 1, b0);
+  for (int64_t b = b0; b < b1; ++b) {
+    const uint64_t bits = v.word(i, b), next = v.word(i + 1, b);
+    float* a = acc + (b - b0) * kBlock;
+    if (!bits || !next) {  // one row (or none) has entries here
+      if (bits | next)
+        each_chunk16(v, bits | next, bits ? p : q, [&](int t, __m512 chunk) LS_AVX512_LAMBDA {
+#pragma GCC unroll 8
+          for (int n = 0; n < N; ++n) {
+            float* an = a + n * ld + 16 * t;
+            _mm512_store_ps(an, _mm512_fmadd_ps(bits ? za[n] : zc[n], chunk, _mm512_load_ps(an)));
+          }
+        });
+      continue;
+    }
+    __m512 first[4];
+    each_chunk16(v, bits, p, [&](int t, __m512 chunk) LS_AVX512_LAMBDA { first[t] = chunk; });
+    each_chunk16(v, next, q, [&](int t, __m512 chunk) LS_AVX512_LAMBDA {
+#pragma GCC unroll 8
+      for (int n = 0; n < N; ++n) {
+        float* an = a + n * ld + 16 * t;
+        _mm512_store_ps(an, _mm512_fmadd_ps(zc[n], chunk, _mm512_fmadd_ps(za[n], first[t], _mm512_load_ps(an))));
+      }
+    });
+  }
+}
+
 template <typename T, int N>
 LS_AVX512 void in_tile_avx512(const SparseV<T>& v, const float* zt, int64_t b0, int64_t b1, float* acc, float* y,
                               int64_t ldy, int64_t i0, int64_t i1) {
   const int64_t ld = (b1 - b0) * kBlock;
   std::memset(acc, 0, N * ld * sizeof(float));
-  for (int64_t i = i0; i < i1; ++i) in_row_avx512<T, N>(v, zt, i, b0, b1, acc, ld);
+  int64_t i = i0;
+  for (; i + 1 < i1; i += 2) in_rows2_avx512<T, N>(v, zt, i, b0, b1, acc, ld);
+  if (i < i1) in_row_avx512<T, N>(v, zt, i, b0, b1, acc, ld);
   const int64_t cols = std::min(ld, v.h - b0 * kBlock);
   for (int n = 0; n < N; ++n) std::memcpy(y + n * ldy + b0 * kBlock, acc + n * ld, cols * sizeof(float));
 }
@@ -675,8 +724,18 @@ LS_VBMI2 LS_INLINE __m512 odd16(__m512i w) {
 // f(t, even, odd) for the 2 chunks t of 32 columns of one block of a row of V (mask bits `bits`):
 // even = columns 32t, 32t+2, ..., 32t+30 and odd = 32t+1, ..., 32t+31 as float32; the row's
 // values start at p, which moves on to the next block's.
+LS_VBMI2 LS_INLINE void pair32(const SparseV<c10::BFloat16>& v, uint64_t bits, int64_t& p, __m512i& w0, __m512i& w1);
+
 template <typename F>
 LS_VBMI2 LS_INLINE void each_pair32(const SparseV<c10::BFloat16>& v, uint64_t bits, int64_t& p, F&& f) {
+  __m512i w0, w1;
+  pair32(v, bits, p, w0, w1);
+  f(0, even16(w0), odd16(w0));
+  f(1, even16(w1), odd16(w1));
+}
+
+// The block's 64 columns as two vectors of 32 bfloat16 values, 0 where not kept (each_pair32's).
+LS_VBMI2 LS_INLINE void pair32(const SparseV<c10::BFloat16>& v, uint64_t bits, int64_t& p, __m512i& w0, __m512i& w1) {
   v.prefetch(p);
   const int64_t count = __builtin_popcountll(bits);
   alignas(64) uint16_t tail[2 * kBlock];
@@ -685,7 +744,6 @@ LS_VBMI2 LS_INLINE void each_pair32(const SparseV<c10::BFloat16>& v, uint64_t bi
     for (int64_t k = 0; k < 2 * kBlock; ++k) tail[k] = k < count ? c10::BFloat16(v.value(p + k)).x : 0;
     src = tail;
   }
-  __m512i w0, w1;
   if (bits == ~0ULL) {  // a full block: no spreading
     w0 = _mm512_loadu_si512(src);
     w1 = _mm512_loadu_si512(src + 32);
@@ -696,8 +754,6 @@ LS_VBMI2 LS_INLINE void each_pair32(const SparseV<c10::BFloat16>& v, uint64_t bi
     w1 = _mm512_maskz_expand_epi16(m1, _mm512_loadu_si512(src + __builtin_popcount(m0)));
   }
   p += count;
-  f(0, even16(w0), odd16(w0));
-  f(1, even16(w1), odd16(w1));
 }
 
 // in_tile_avx512 for bfloat16 values: the accumulators in [even | odd] order per 32 columns.
@@ -706,7 +762,47 @@ LS_VBMI2 void in_tile_w16(const SparseV<c10::BFloat16>& v, const float* zt, int6
                           float* y, int64_t ldy, int64_t i0, int64_t i1) {
   const int64_t ld = (b1 - b0) * kBlock;
   std::memset(acc, 0, N * ld * sizeof(float));
-  for (int64_t i = i0; i < i1; ++i) {
+  // rows i and i + 1 of V at once, as in_rows2_avx512 (the same sums in the same order)
+  int64_t i = i0;
+  for (; i + 1 < i1; i += 2) {
+    __m512 za[N], zc[N];
+    for (int n = 0; n < N; ++n) {
+      za[n] = _mm512_set1_ps(zt[i * N + n]);
+      zc[n] = _mm512_set1_ps(zt[(i + 1) * N + n]);
+    }
+    int64_t p = v.start(i, b0), q = v.start(i + 1, b0);
+    for (int64_t b = b0; b < b1; ++b) {
+      const uint64_t bits = v.word(i, b), next = v.word(i + 1, b);
+      float* a = acc + (b - b0) * kBlock;
+      if (!bits || !next) {
+        if (bits | next)
+          each_pair32(v, bits | next, bits ? p : q, [&](int t, __m512 even, __m512 odd) LS_VBMI2_LAMBDA {
+#pragma GCC unroll 8
+            for (int n = 0; n < N; ++n) {
+              float* an = a + n * ld + 32 * t;
+              const __m512 z = bits ? za[n] : zc[n];
+              _mm512_store_ps(an, _mm512_fmadd_ps(z, even, _mm512_load_ps(an)));
+              _mm512_store_ps(an + 16, _mm512_fmadd_ps(z, odd, _mm512_load_ps(an + 16)));
+            }
+          });
+        continue;
+      }
+      __m512i u[2], w[2];
+      pair32(v, bits, p, u[0], u[1]);
+      pair32(v, next, q, w[0], w[1]);
+#pragma GCC unroll 2
+      for (int t = 0; t < 2; ++t) {
+        const __m512 ue = even16(u[t]), uo = odd16(u[t]), we = even16(w[t]), wo = odd16(w[t]);
+#pragma GCC unroll 8
+        for (int n = 0; n < N; ++n) {
+          float* an = a + n * ld + 32 * t;
+          _mm512_store_ps(an, _mm512_fmadd_ps(zc[n], we, _mm512_fmadd_ps(za[n], ue, _mm512_load_ps(an))));
+          _mm512_store_ps(an + 16, _mm512_fmadd_ps(zc[n], wo, _mm512_fmadd_ps(za[n], uo, _mm512_load_ps(an + 16))));
+        }
+      }
+    }
+  }
+  for (; i < i1; ++i) {
     __m512 zb[N];
     for (int n = 0; n < N; ++n) zb[n] = _mm512_set1_ps(zt[i * N + n]);
     int64_t p = v.start(i, b0);
@@ -845,6 +941,49 @@ void check_float_matrix(const at::Tensor& t, const char* name) {
               t.scalar_type());
 }
 
+// Activations: float32, bfloat16 or float16 (the products are float32 ones either way).
+void check_activations(const at::Tensor& t, const char* name) {
+  const auto dt = t.scalar_type();
+  TORCH_CHECK(t.device().is_cpu() && t.dim() == 2 && t.is_contiguous() &&
+                  (dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf),
+              "bitmask ops: ", name, " must be a contiguous 2-D float32, bfloat16 or float16 CPU tensor, got ",
+              t.sizes(), " ", dt);
+}
+
+// 16-bit activations widened to float32 (exactly) in a buffer of the calling thread, float32 ones as
+// they are: no tensor op (at one row, converting with .float() and back cost about 8 us a product,
+// more than the product of a 192 x 576 linear).
+const float* widened(const at::Tensor& t) {
+  if (t.scalar_type() == at::kFloat) return t.const_data_ptr<float>();
+  const int64_t n = t.numel();
+  float* buf = thread_buffer<kWidenSlot>(n);
+  if (t.scalar_type() == at::kBFloat16) {
+    const c10::BFloat16* p = t.const_data_ptr<c10::BFloat16>();
+    for (int64_t k = 0; k < n; ++k) buf[k] = static_cast<float>(p[k]);
+  } else {
+    const c10::Half* p = t.const_data_ptr<c10::Half>();
+    for (int64_t k = 0; k < n; ++k) buf[k] = static_cast<float>(p[k]);
+  }
+  return buf;
+}
+
+// The float32 result y in `dtype` (the activations'): y itself for float32, else rounded to nearest
+// even, as Tensor.to rounds.
+at::Tensor narrowed(const at::Tensor& y, at::ScalarType dtype) {
+  if (dtype == at::kFloat) return y;
+  at::Tensor out = at::empty(y.sizes(), y.options().dtype(dtype));
+  const float* src = y.const_data_ptr<float>();
+  const int64_t n = y.numel();
+  if (dtype == at::kBFloat16) {
+    c10::BFloat16* dst = out.data_ptr<c10::BFloat16>();
+    for (int64_t k = 0; k < n; ++k) dst[k] = c10::BFloat16(src[k]);
+  } else {
+    c10::Half* dst = out.data_ptr<c10::Half>();
+    for (int64_t k = 0; k < n; ++k) dst[k] = c10::Half(src[k]);
+  }
+  return out;
+}
+
 // The mask and offsets of a V of shape (r, h), checked; returns (nb, per): blocks of 64 columns per
 // row, and blocks per offset (1: one offset a block; 4: one every 4 blocks).
 std::pair<int64_t, int64_t> check_mask_offsets(const at::Tensor& mask, const at::Tensor& offsets, int64_t r,
@@ -921,7 +1060,9 @@ int64_t grain(int64_t entries_per_task) { return std::max<int64_t>(1, kGrainEntr
 template <typename T>
 at::Tensor in_impl(const at::Tensor& z, const SparseV<T>& v) {
   const int64_t N = z.size(0), r = v.r, h = v.h;
-  at::Tensor y = at::empty({N, h}, z.options());
+  at::Tensor y = at::empty({N, h}, z.options().dtype(at::kFloat));
+  const float* zs = widened(z);
+  float* ztb = thread_buffer<kZtSlot>(r * std::min(N, kMaxRows));  // r x rows: one row of V's weights together
   const int isa = g_isa, spread = g_spread;
   // Each task takes a stretch of whole rows of V (so reads one stretch of values and mask, in
   // order), into partial sums over every column; the tasks' sums are added in task order. (Split
@@ -931,8 +1072,9 @@ at::Tensor in_impl(const at::Tensor& z, const SparseV<T>& v) {
   part.resize(std::max<size_t>(part.size(), (tasks - 1) * N * h));
   for (int64_t n0 = 0; n0 < N; n0 += kMaxRows) {
     const int64_t rows = std::min(kMaxRows, N - n0);
-    const at::Tensor zt = z.narrow(0, n0, rows).t().contiguous();  // r x rows: one row of V's weights together
-    const float* zp = zt.const_data_ptr<float>();
+    for (int64_t i = 0; i < r; ++i)
+      for (int64_t n = 0; n < rows; ++n) ztb[i * rows + n] = zs[(n0 + n) * r + i];
+    const float* zp = ztb;
     float* yp = y.data_ptr<float>() + n0 * h;
     float* pp = part.data() + n0 * h;
     at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
@@ -974,31 +1116,30 @@ at::Tensor in_impl(const at::Tensor& z, const SparseV<T>& v) {
   }
   (void)isa;
   (void)spread;
-  return y;
+  return narrowed(y, z.scalar_type());
 }
 
 template <typename T>
 at::Tensor out_impl(const at::Tensor& x, const SparseV<T>& v) {
   const int64_t N = x.size(0), h = v.h, r = v.r;
-  at::Tensor out = at::empty({N, r}, x.options());
+  at::Tensor out = at::empty({N, r}, x.options().dtype(at::kFloat));
   const int isa = g_isa;
   // (up to 4 rows: at 8, its two accumulators per row measured slower than out_row_avx512's)
   const bool w16 = std::is_same<T, c10::BFloat16>::value && isa == kAvx512 && g_spread == kExpand16 && N <= 4;
   // The vector paths read x in whole blocks: when h is not a multiple of 64, a copy zero-padded to
   // nb*64 columns; for out_row_w16, each 32 columns as [16 even | 16 odd]. Written into a buffer of
   // the calling thread (no tensor ops: at one row they cost more than a small product).
-  const float* xs = x.const_data_ptr<float>();
+  const float* xs = widened(x);
   int64_t ldx = h;
   if (w16 || (isa != kPortable && v.nb * kBlock != h)) {
     ldx = v.nb * kBlock;
-    thread_local std::vector<float> buf;
-    buf.resize(std::max<size_t>(buf.size(), N * ldx));
+    float* buf = thread_buffer<kPadSlot>(N * ldx);
     for (int64_t n = 0; n < N; ++n)
       for (int64_t c = 0; c < ldx; ++c) {
         const int64_t j = c & 31, col = w16 ? c - j + (j < 16 ? 2 * j : 2 * j - 31) : c;
         buf[n * ldx + c] = col < h ? xs[n * h + col] : 0.f;
       }
-    xs = buf.data();
+    xs = buf;
   }
   for (int64_t n0 = 0; n0 < N; n0 += kMaxRows) {
     const int64_t rows = std::min(kMaxRows, N - n0);
@@ -1025,7 +1166,7 @@ at::Tensor out_impl(const at::Tensor& x, const SparseV<T>& v) {
       }
     });
   }
-  return out;
+  return narrowed(out, x.scalar_type());
 }
 
 template <typename T>
@@ -1053,7 +1194,7 @@ void expand_impl(const at::Tensor& out, const SparseV<T>& v) {
 
 at::Tensor bitmask_in(const at::Tensor& z, const at::Tensor& values, const at::Tensor& mask, const at::Tensor& offsets,
                       int64_t h) {
-  check_float_matrix(z, "z");
+  check_activations(z, "z");
   at::Tensor y;
   with_value_type(values, [&](auto tag) {
     using T = decltype(tag);
@@ -1064,7 +1205,7 @@ at::Tensor bitmask_in(const at::Tensor& z, const at::Tensor& values, const at::T
 
 at::Tensor bitmask_out(const at::Tensor& x, const at::Tensor& values, const at::Tensor& mask,
                        const at::Tensor& offsets) {
-  check_float_matrix(x, "x");
+  check_activations(x, "x");
   const int64_t r = offsets.dim() == 2 ? offsets.size(0) : 0;
   at::Tensor out;
   with_value_type(values, [&](auto tag) {
@@ -1086,7 +1227,7 @@ void bitmask_expand(const at::Tensor& values, const at::Tensor& mask, const at::
 at::Tensor bitmask_in_q(const at::Tensor& z, const at::Tensor& codes, const at::Tensor& scales,
                         const at::Tensor& zeros, int64_t bits, int64_t group, int64_t n, const at::Tensor& mask,
                         const at::Tensor& offsets, int64_t h) {
-  check_float_matrix(z, "z");
+  check_activations(z, "z");
   at::Tensor y;
   with_code_type(bits, [&](auto tag) {
     using T = decltype(tag);
@@ -1098,7 +1239,7 @@ at::Tensor bitmask_in_q(const at::Tensor& z, const at::Tensor& codes, const at::
 at::Tensor bitmask_out_q(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
                          const at::Tensor& zeros, int64_t bits, int64_t group, int64_t n, const at::Tensor& mask,
                          const at::Tensor& offsets) {
-  check_float_matrix(x, "x");
+  check_activations(x, "x");
   const int64_t r = offsets.dim() == 2 ? offsets.size(0) : 0;
   at::Tensor out;
   with_code_type(bits, [&](auto tag) {

@@ -11,7 +11,8 @@ activations of any leading shape and dtype:
   out_product(x, values, mask, offsets)     x @ V^T  (..., h) -> (..., r)   (down, before @ U^T)
 
 Up to DECODE_ROWS rows of activations (decoding) go through the sparse kernels (bitmask.cpp:
-float32 accumulation; bfloat16/float16 activations are converted to float32 around them). More
+float32 accumulation; bfloat16/float16 activations are widened to float32 inside the op and the
+result rounded back to their dtype). More
 rows (a prompt) expand V into a per-thread float32 scratch buffer and use PyTorch's dense GEMM,
 in bfloat16 for bfloat16 activations on a CPU that has it in hardware (as the dense model's
 linears do), else in float32: no dense V is kept by any layer between calls. CUDA activations
@@ -136,10 +137,11 @@ def _load() -> bool:
 
 def _decoding(t: torch.Tensor, values) -> bool:
     """Whether `t` (2-D) is the common decoding case, for the ops with no further checks or
-    conversions: at most DECODE_ROWS contiguous float32 CPU rows that ask for no gradient, 16/32-bit
+    conversions: at most DECODE_ROWS contiguous float32/bfloat16/float16 CPU rows that ask for no
+    gradient (16-bit ones widened inside the op, the result in their dtype), 16/32-bit
     values on the CPU, the library loaded. (Each check of the general path costs about a
     microsecond; a token of SmolLM2 calls the products some 270 times.)"""
-    return (_loaded is True and t.dtype is torch.float32 and t.shape[0] <= DECODE_ROWS and t.is_cpu
+    return (_loaded is True and t.dtype in ACTIVATION_DTYPES and t.shape[0] <= DECODE_ROWS and t.is_cpu
             and not t.requires_grad and type(values) is torch.Tensor and values.is_cpu
             and values.dtype in VALUE_DTYPES and t.is_contiguous())
 
@@ -322,9 +324,9 @@ def in_product(z: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, offset
     elif not _native(z2, values):
         y = z2 @ reference_dense(values, mask, (r, h)).to(z.dtype)
     elif z2.shape[0] <= DECODE_ROWS and isinstance(values, QuantValues):
-        y = torch.ops.layershare.bitmask_in_q(z2.float().contiguous(), *values.args(), mask, offsets, h)
+        y = torch.ops.layershare.bitmask_in_q(z2.contiguous(), *values.args(), mask, offsets, h)
     elif z2.shape[0] <= DECODE_ROWS:
-        y = torch.ops.layershare.bitmask_in(z2.float().contiguous(), values, mask, offsets, h)
+        y = torch.ops.layershare.bitmask_in(z2.contiguous(), values, mask, offsets, h)
     else:
         V = _expanded(values, mask, offsets, (r, h))
         y = z2 @ V.to(z2.dtype) if _gemm_16bit(z2) else z2.float() @ V
@@ -342,9 +344,9 @@ def out_product(x: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, offse
     elif not _native(x2, values):
         y = x2 @ reference_dense(values, mask, (r, h)).to(x.dtype).t()
     elif x2.shape[0] <= DECODE_ROWS and isinstance(values, QuantValues):
-        y = torch.ops.layershare.bitmask_out_q(x2.float().contiguous(), *values.args(), mask, offsets)
+        y = torch.ops.layershare.bitmask_out_q(x2.contiguous(), *values.args(), mask, offsets)
     elif x2.shape[0] <= DECODE_ROWS:
-        y = torch.ops.layershare.bitmask_out(x2.float().contiguous(), values, mask, offsets)
+        y = torch.ops.layershare.bitmask_out(x2.contiguous(), values, mask, offsets)
     else:
         V = _expanded(values, mask, offsets, (r, h))
         y = x2 @ V.to(x2.dtype).t() if _gemm_16bit(x2) else x2.float() @ V.t()
@@ -364,6 +366,22 @@ def _gemm_16bit(t: torch.Tensor) -> bool:
     """Whether a long input's GEMM runs in its own 16-bit dtype (as the dense model's does: bfloat16
     activations on a CPU with bfloat16 in hardware, AVX512-BF16 or AMX) rather than in float32."""
     return t.dtype == torch.bfloat16 and native_bf16("cpu")
+
+
+# Above this many rows, bfloat16 activations times a whole bfloat16 weight run PyTorch's GEMM on a
+# CPU with bfloat16 in hardware (AMX / AVX512-BF16); at fewer, the kernels (an all-ones bitmask).
+# Measured on an Intel Xeon with AMX, 2 threads, 30 weights cycled: 576 x 576 at 1 / 4 / 8 rows
+# PyTorch 42 / 41 / 41 us, the kernels 22 / 34 / 47 us; the 49152 x 576 head at 8 rows 1.9 / 3.1 ms.
+GEMM16_ROWS = 4
+
+
+def dense_16bit(t: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether activations `t` (2-D) times a whole 16-bit `weight` should run PyTorch's own GEMM in
+    that dtype rather than the kernels: `t` of the weight's dtype, and more than DECODE_ROWS rows,
+    or more than GEMM16_ROWS where the CPU multiplies bfloat16 in hardware."""
+    if t.dtype != weight.dtype:
+        return False
+    return t.shape[0] > DECODE_ROWS or (t.shape[0] > GEMM16_ROWS and _gemm_16bit(t))
 
 
 def scratch(shape: tuple[int, ...]) -> torch.Tensor:
