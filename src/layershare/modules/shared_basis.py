@@ -148,11 +148,13 @@ class SharedBasis(nn.Module):
         """x @ U (or x @ U^T) from U held at 16 bits or as codes, by the bitmask kernels."""
         from layershare.runtime.kernels import ops
 
-        if "U16" in self._buffers:  # U (d x r) as the kernels' V
-            if ops.dense_16bit(x.reshape(-1, x.shape[-1]), self.U16):  # a 16-bit model's prompt: PyTorch's GEMM
-                return x @ (self.U16.t() if transpose_u else self.U16)
-            M = (self.U16.view(-1), self.U16_mask, self.U16_offsets)
-            return ops.out_product(x, *M) if transpose_u else ops.in_product(x, *M, self.U16.shape[1])
+        b = self._buffers
+        if "U16" in b:  # U (d x r) as the kernels' V
+            U16 = b["U16"]
+            if ops.dense_16bit(x.reshape(-1, x.shape[-1]), U16):  # a 16-bit model's prompt: PyTorch's GEMM
+                return x @ (U16.t() if transpose_u else U16)
+            M = (U16.view(-1), b["U16_mask"], b["U16_offsets"])
+            return ops.out_product(x, *M) if transpose_u else ops.in_product(x, *M, U16.shape[1])
         M = (self._codes(), self.Uq_mask, self.Uq_offsets)
         transposed, shape = self._uq[1], self._uq[2]
         if transposed != transpose_u:  # x @ M^T
@@ -179,13 +181,16 @@ class SharedBasis(nn.Module):
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """z = x @ U, computed once for the layers that read the same x (up and gate): the last
         result is reused while x is the same tensor, unchanged, and U unchanged."""
-        # inference tensors keep no version counter (and cannot change outside inference mode)
-        key = (-1 if x.is_inference() else x._version, -1 if self.held else self.U._version,
+        # inference tensors keep no version counter (and cannot change outside inference mode);
+        # a held U (no parameter) does not change. (Read without properties: a decoding token
+        # projects 30 times, and each attribute lookup through nn.Module costs.)
+        p = self._parameters.get("U")
+        key = (-1 if x.is_inference() else x._version, -1 if p is None else p._version,
                torch.is_grad_enabled(), self.fake_quant)
         cached = self._z
         if cached is not None and cached[0]() is x and cached[1] == key:
             return cached[2]
-        z = self._times(x, False) if self.held else x @ self.effective_U().to(x.dtype)
+        z = self._times(x, False) if p is None else x @ self.effective_U().to(x.dtype)
         self.projections += 1
         self._z = (weakref.ref(x), key, z)
         return z
@@ -248,10 +253,10 @@ class SharedBasisLinear(nn.Module):
             self.V.mul_(self.mask)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.form == "csr":
-            return self._csr_forward(x)
         if self.form == "kernel":
             return self._kernel_forward(x)
+        if self.form == "csr":
+            return self._csr_forward(x)
         V = self.V if self.form in ("train", "factored") else self._rebuild_V()
         if self.fake_quant is not None and self.form == "train":
             V = self._fake_quantized(V)
@@ -320,9 +325,10 @@ class SharedBasisLinear(nn.Module):
     def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         from layershare.runtime.kernels import ops
 
-        packed = (self.stored_values(), self.V_mask, self.V_offsets)
+        b = self._buffers  # read directly: this runs some 90 times a decoded token
+        packed = (b["V_values"] if "V_values" in b else self.stored_values(), b["V_mask"], b["V_offsets"])
         if self.role == IN:
-            y = ops.in_product(self.basis.project(x), *packed, self.v_shape[1])
+            y = ops.in_product(self.basis.project(x), *packed, self._v_shape[1])
         else:
             y = self.basis.unproject(ops.out_product(x, *packed))
         return y if self.bias is None else y + self.bias.to(x.dtype)
