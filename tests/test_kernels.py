@@ -126,6 +126,39 @@ def test_16bit_activations_are_the_float32_product_rounded(act):
 
 
 @native
+@pytest.mark.parametrize("path", ["best", "avx2", "portable"])
+def test_a_matrix_kept_whole_needs_no_mask_and_computes_as_an_all_ones_one(isa, path):
+    """all_kept's form (an empty mask, offsets of shape (r, 0)) reads every entry in row-major order:
+    the same products and expansion, bit for bit, as the same values under an explicit all-ones
+    bitmask, on every path, for float and code values; a wrong value count is refused."""
+    if isa(path) != path and path != "best":
+        pytest.skip(f"this CPU has no {path} path")
+    g = torch.Generator().manual_seed(7)
+    for r, h in [(33, 100), (65, 7), (7, 130), (1, 1), (3, 64)]:
+        keep = torch.ones(r, h, dtype=torch.bool)
+        mask, offsets = ops.all_kept((r, h))
+        assert mask.numel() == 0 and tuple(offsets.shape) == (r, 0)
+        ones, ones_off = pack_bits(keep), ops.prepare(pack_bits(keep), (r, h))
+        for dtype in DTYPES:
+            values = torch.randn(r * h, generator=g).to(dtype)
+            for n in (1, 3, 8, 11):
+                z, x = torch.randn(n, r, generator=g), torch.randn(n, h, generator=g)
+                assert torch.equal(ops.in_product(z, values, mask, offsets, h),
+                                   ops.in_product(z, values, ones, ones_off, h))
+                assert torch.equal(ops.out_product(x, values, mask, offsets), ops.out_product(x, values, ones, ones_off))
+            assert torch.equal(ops.expand(values, mask, offsets, torch.empty(r, h)), values.float().view(r, h))
+            assert torch.equal(ops.reference_dense(values, mask, (r, h)), values.view(r, h))
+        q = torch.randint(0, 16, (r * h,), generator=g, dtype=torch.uint8)
+        qv = ops.QuantValues.from_codes(q, torch.rand(-(-r * h // 16), generator=g).half(), None, 4, 16)
+        z = torch.randn(2, r, generator=g)
+        assert torch.equal(ops.in_product(z, qv, mask, offsets, h), ops.in_product(z, qv, ones, ones_off, h))
+        torch.testing.assert_close(ops.in_product(z, qv, mask, offsets, h), z @ qv.dequantize().view(r, h),
+                                   rtol=1e-5, atol=1e-4)
+    with pytest.raises(RuntimeError, match=r"kept whole needs 12 values, got 11"):
+        torch.ops.layershare.bitmask_out(torch.randn(1, 4), torch.randn(11), *ops.all_kept((3, 4)))
+
+
+@native
 @pytest.mark.parametrize("pattern", ["zeros", "ones", "empty rows", "sparse", "dense"])
 def test_masks(pattern):
     for r, h in [(33, 100), (65, 7), (7, 130), (1, 1)]:

@@ -146,9 +146,10 @@ def test_a_narrowed_model_is_smaller_and_refuses_to_be_saved(tokens, tmp_path, m
         m.setattr(narrow, "narrow_model", lambda model: 0)
         wide = layershare.load(path)
     assert wide.layershare_narrowed == 0
-    # two bytes saved per narrowed weight, less the linears' all-ones masks (1/8 byte) and indices
+    # two bytes saved per narrowed weight, exactly: the kernels read a 16-bit weight whole (no
+    # all-ones bitmask, no index: ops.all_kept)
     saved = resident_bytes(wide) - resident_bytes(auto)
-    assert 1.5 * sum(held.values()) < saved < 2 * sum(held.values())
+    assert saved == 2 * sum(held.values())
     with pytest.raises(CheckpointError, match="narrowed to their exact 16-bit weights.*runtime='compact'"):
         save_compressed(auto, tmp_path / "again")
     assert not (tmp_path / "again").exists()

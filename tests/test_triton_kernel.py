@@ -86,16 +86,19 @@ def test_no_rows_and_no_columns(tb):
 def test_usable_only_on_a_gpu_or_under_the_interpreter(tb, monkeypatch):
     t = torch.zeros(1)
     assert tb.usable(t)  # the interpreter runs the kernels on the CPU
+    monkeypatch.setattr(ops, "_kernel_input", lambda t, values, device_type: True)  # as a CUDA tensor would be
+    assert ops._gpu(t, t, torch.ones(1, dtype=torch.uint8))
+    assert not ops._gpu(t, t, ops.all_kept((3, 4))[0])  # a V kept whole: the reference's dense product
     monkeypatch.delenv("TRITON_INTERPRET")
     assert not tb.usable(t)  # a CPU tensor otherwise takes the native kernels (ops.py)
-    assert not ops._gpu(t, t)
+    assert not ops._gpu(t, t, torch.ones(1, dtype=torch.uint8))
 
 
 def test_a_model_whose_sparse_layers_take_them_computes_what_compact_does(tb, compressed, input_ids, monkeypatch):
     """The routing of ops.in_product/out_product to these kernels, as on a GPU, end to end."""
     calls = []
 
-    def gpu(t, values):
+    def gpu(t, values, mask):
         calls.append(t.shape[0])
         return tb.usable(t)
 

@@ -50,7 +50,7 @@ class SharedBasis(nn.Module):
     """The basis U (d x r) one group of blocks shares; registered once per group.
 
     At run time a quantized U whose users all run the native kernels may be held as its codes
-    instead (`hold_codes`: ops.QuantValues of U's stored orientation with an all-ones bitmask):
+    instead (`hold_codes`: ops.QuantValues of U's stored orientation, kept whole: ops.all_kept):
     `project` and `unproject` then run the bitmask kernels, and `U` is rebuilt on access."""
 
     CODE_BUFFERS = ("Uq_codes", "Uq_scales", "Uq_zeros", "Uq_mask", "Uq_offsets")
@@ -121,7 +121,7 @@ class SharedBasis(nn.Module):
 
     def hold_narrow(self, stored: torch.dtype | None) -> bool:
         """Hold a float32 U at the 16-bit `stored` dtype (a 16-bit file loaded in float32) for the
-        kernels, which widen it as they read it (an all-ones bitmask: the same float32 products,
+        kernels, which widen it as they read it (kept whole, ops.all_kept: the same float32 products,
         half the bytes), if every value round-trips exactly (True); else leave it (False). A U
         that is 16-bit already (a model loaded in bfloat16/float16) is held as it is (True): at a
         few rows the kernels' product is faster than PyTorch's 16-bit GEMV (runtime/narrow.py)."""

@@ -8,7 +8,7 @@ float32 weight round-trips exactly through bfloat16 (or float16) at that width, 
 with it in float32:
 
   Embedding16  rows looked up at 16 bits, widened to float32 (exact)
-  Linear16     up to DECODE_ROWS rows: the native kernel's x @ V^T with an all-ones bitmask
+  Linear16     up to DECODE_ROWS rows: the native kernel's x @ V^T with V kept whole (ops.all_kept)
                (runtime/kernels: 16-bit values widened in registers, float32 accumulation); more
                rows: the weight widened a slice at a time into the kernels' scratch buffer (ops.scratch), then PyTorch's
                GEMM. A tied embedding and head share one 16-bit tensor.

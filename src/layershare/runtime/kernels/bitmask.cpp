@@ -91,6 +91,7 @@ struct SparseV {
   const int32_t* offsets;
   int64_t r, h, nb;
   int64_t per = 1, no = 0;  // blocks per offset (1 or 4) and offsets per row (set by the ops)
+  bool whole = false;       // every entry kept: no mask and no offsets are read (a weight held whole)
   // quantized values (T = Q4 or Q8; `values` unused): codes, per-group scales and zero points
   const uint8_t* codes = nullptr;
   const c10::Half* qscale = nullptr;  // float16, as the file stores them
@@ -102,6 +103,10 @@ struct SparseV {
   // The mask bits of row i, block b: column 64b+k in bit 63-k, bits past the row's end cleared.
   // Reads 8 bytes (9 when the row does not start on a byte) from bit i*h + 64b.
   LS_INLINE uint64_t word(int64_t i, int64_t b) const {
+    if (whole) {
+      const int64_t n = width(b);
+      return n < kBlock ? ~0ULL << (kBlock - n) : ~0ULL;
+    }
     const int64_t pos = i * h + b * kBlock, q = pos >> 3;
     const int s = static_cast<int>(pos & 7);
     uint64_t w = q + 9 <= nbytes ? bits_at(mask + q, s) : word_near_end(q, s);
@@ -124,6 +129,7 @@ struct SparseV {
   }
 
   LS_INLINE int64_t start(int64_t i, int64_t b) const {
+    if (whole) return i * h + b * kBlock;
     const int64_t s = per == 1 ? b : b >> 2;
     int64_t p = offsets[i * no + s];
     for (int64_t k = s * per; k < b; ++k) p += __builtin_popcountll(word(i, k));  // at most 3 words
@@ -984,34 +990,47 @@ at::Tensor narrowed(const at::Tensor& y, at::ScalarType dtype) {
   return out;
 }
 
-// The mask and offsets of a V of shape (r, h), checked; returns (nb, per): blocks of 64 columns per
-// row, and blocks per offset (1: one offset a block; 4: one every 4 blocks).
-std::pair<int64_t, int64_t> check_mask_offsets(const at::Tensor& mask, const at::Tensor& offsets, int64_t r,
-                                               int64_t h) {
+// The mask and offsets of a V of shape (r, h), checked; returns (nb, per, whole): blocks of 64
+// columns per row, blocks per offset (1: one offset a block; 4: one every 4 blocks), and whether V
+// is kept whole (an empty mask and offsets of shape (r, 0): every entry kept, none read).
+struct Layout {
+  int64_t nb, per;
+  bool whole;
+};
+Layout check_mask_offsets(const at::Tensor& mask, const at::Tensor& offsets, int64_t r, int64_t h) {
   TORCH_CHECK(h >= 0, "bitmask ops: h must be >= 0, got ", h);
   const int64_t nb = (h + kBlock - 1) / kBlock;
   TORCH_CHECK(mask.device().is_cpu() && mask.dim() == 1 && mask.scalar_type() == at::kByte && mask.is_contiguous(),
               "bitmask ops: mask must be a contiguous 1-D uint8 CPU tensor");
+  if (mask.numel() == 0 && r * h > 0 && offsets.dim() == 2 && offsets.size(0) == r && offsets.size(1) == 0) {
+    TORCH_CHECK(offsets.device().is_cpu() && offsets.scalar_type() == at::kInt,
+                "bitmask ops: offsets must be an int32 CPU tensor");
+    return {nb, 1, true};
+  }
   TORCH_CHECK(mask.numel() == (r * h + 7) / 8, "bitmask ops: mask has ", mask.numel(), " bytes, expected ",
-              (r * h + 7) / 8, " for V of shape (", r, ", ", h, ")");
+              (r * h + 7) / 8, " for V of shape (", r, ", ", h, ") (or 0 with offsets of shape (", r,
+              ", 0): V kept whole)");
   TORCH_CHECK(offsets.device().is_cpu() && offsets.scalar_type() == at::kInt && offsets.is_contiguous() &&
                   offsets.dim() == 2 && offsets.size(0) == r &&
                   (offsets.size(1) == nb || offsets.size(1) == (nb + 3) / 4),
               "bitmask ops: offsets must be a contiguous int32 tensor of shape (", r, ", ", nb, ") or (", r, ", ",
               (nb + 3) / 4, "), got ", offsets.sizes(), " ", offsets.scalar_type());
-  return {nb, offsets.size(1) == nb ? 1 : 4};
+  return {nb, offsets.size(1) == nb ? 1 : 4, false};
 }
 
 template <typename T>
 SparseV<T> sparse_v(const at::Tensor& values, const at::Tensor& mask, const at::Tensor& offsets, int64_t r,
                     int64_t h) {
-  const auto [nb, per] = check_mask_offsets(mask, offsets, r, h);
+  const auto [nb, per, whole] = check_mask_offsets(mask, offsets, r, h);
   TORCH_CHECK(values.device().is_cpu() && values.dim() == 1 && values.is_contiguous(),
               "bitmask ops: values must be a contiguous 1-D CPU tensor");
+  TORCH_CHECK(!whole || values.numel() == r * h, "bitmask ops: V of shape (", r, ", ", h,
+              ") kept whole needs ", r * h, " values, got ", values.numel());
   SparseV<T> v{values.const_data_ptr<T>(), values.numel(), mask.const_data_ptr<uint8_t>(), mask.numel(),
                offsets.const_data_ptr<int32_t>(), r, h, nb};
   v.per = per;
   v.no = offsets.size(1);
+  v.whole = whole;
   return v;
 }
 
@@ -1036,10 +1055,13 @@ SparseV<T> sparse_qv(const at::Tensor& codes, const at::Tensor& scales, const at
                   zeros.is_contiguous() && zeros.numel() == groups,
               "bitmask ops: zeros must be a contiguous 1-D uint8 CPU tensor of ", groups, " entries, got ",
               zeros.sizes(), " ", zeros.scalar_type());
-  const auto [nb, per] = check_mask_offsets(mask, offsets, r, h);
+  const auto [nb, per, whole] = check_mask_offsets(mask, offsets, r, h);
+  TORCH_CHECK(!whole || n == r * h, "bitmask ops: V of shape (", r, ", ", h, ") kept whole needs ", r * h,
+              " values, got ", n);
   SparseV<T> v{nullptr, n, mask.const_data_ptr<uint8_t>(), mask.numel(), offsets.const_data_ptr<int32_t>(), r, h, nb};
   v.per = per;
   v.no = offsets.size(1);
+  v.whole = whole;
   v.codes = codes.const_data_ptr<uint8_t>();
   v.qscale = scales.const_data_ptr<c10::Half>();
   v.qzero = zeros.const_data_ptr<uint8_t>();

@@ -35,7 +35,6 @@ from __future__ import annotations
 import os
 import threading
 import warnings
-import weakref
 from typing import NamedTuple
 
 import torch
@@ -261,9 +260,10 @@ def _triton():
     return triton_bitmask
 
 
-def _gpu(t: torch.Tensor, values: torch.Tensor) -> bool:
-    """Whether activations `t` take the Triton kernels (a CUDA tensor, Triton installed, no grad)."""
-    return _kernel_input(t, values, "cuda") and _triton().usable(t)
+def _gpu(t: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> bool:
+    """Whether activations `t` take the Triton kernels (a CUDA tensor, Triton installed, no grad, a
+    V with a bitmask: one kept whole runs the reference's dense product)."""
+    return mask.numel() > 0 and _kernel_input(t, values, "cuda") and _triton().usable(t)
 
 
 # ---- the index, computed at load ------------------------------------------------------------
@@ -287,21 +287,13 @@ def prepare(mask: torch.Tensor, shape: tuple[int, int], per: int = INDEX_PER) ->
     return (counts.cumsum(0) - counts).to(torch.int32).view(r, nb)[:, ::per].contiguous()
 
 
-_ALL_KEPT: "weakref.WeakValueDictionary[tuple, torch.Tensor]" = weakref.WeakValueDictionary()
-
-
 def all_kept(shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mask, offsets) of a dense matrix as the kernels' V: every entry kept (a 16-bit weight or
-    basis, or codes, that the kernels widen as they read them). One pair per shape while some
-    layer holds it (the kernels only read them): a model's same-shaped weights share it (SmolLM2's
-    121 narrowed linears held 8.4 MiB of masks, one copy each)."""
-    shape = tuple(int(n) for n in shape)
-    mask, offsets = _ALL_KEPT.get(("mask", *shape)), _ALL_KEPT.get(("offsets", *shape))
-    if mask is None or offsets is None:
-        mask = pack_bits(torch.ones(shape, dtype=torch.bool))
-        offsets = prepare(mask, shape)
-        _ALL_KEPT[("mask", *shape)], _ALL_KEPT[("offsets", *shape)] = mask, offsets
-    return mask, offsets
+    """(mask, offsets) of a matrix the kernels read whole (a 16-bit weight or basis, or codes, that
+    they widen as they read them): an empty mask and offsets of shape (r, 0), which tell the native
+    kernels that every entry is kept, in row-major order. No bits to store or read (an all-ones
+    bitmask and its index cost 1/16 of a 16-bit weight's bytes: 8.4 MiB for SmolLM2's narrowed
+    linears)."""
+    return torch.empty(0, dtype=torch.uint8), torch.empty((int(shape[0]), 0), dtype=torch.int32)
 
 
 def _per_block(offsets: torch.Tensor, mask: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -315,6 +307,8 @@ def reference_dense(values: "torch.Tensor | QuantValues", mask: torch.Tensor, sh
     """V as a dense (r x h) matrix in the values' dtype (float32 for QuantValues)."""
     if isinstance(values, QuantValues):
         values = values.dequantize()
+    if mask.numel() == 0 and values.numel() == shape[0] * shape[1]:  # kept whole (all_kept)
+        return values.reshape(shape)
     return values.new_zeros(shape).masked_scatter_(unpack_bits(mask, shape), values)
 
 
@@ -330,7 +324,7 @@ def in_product(z: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, offset
     z2 = _rows(z)
     if _decoding(z2, values):
         return _decode_in(z2, values, mask, offsets, h).view(*z.shape[:-1], h)
-    if _gpu(z2, values):
+    if _gpu(z2, values, mask):
         y = _triton().in_product(z2, values, mask, _per_block(offsets, mask, (r, h)), h)
     elif not _native(z2, values):
         y = z2 @ reference_dense(values, mask, (r, h)).to(z.dtype)
@@ -350,7 +344,7 @@ def out_product(x: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, offse
     x2 = _rows(x)
     if _decoding(x2, values):
         return _decode_out(x2, values, mask, offsets).view(*x.shape[:-1], r)
-    if _gpu(x2, values):
+    if _gpu(x2, values, mask):
         y = _triton().out_product(x2, values, mask, _per_block(offsets, mask, (r, h)))
     elif not _native(x2, values):
         y = x2 @ reference_dense(values, mask, (r, h)).to(x.dtype).t()
@@ -380,7 +374,7 @@ def _gemm_16bit(t: torch.Tensor) -> bool:
 
 
 # Above this many rows, bfloat16 activations times a whole bfloat16 weight run PyTorch's GEMM on a
-# CPU with bfloat16 in hardware (AMX / AVX512-BF16); at fewer, the kernels (an all-ones bitmask).
+# CPU with bfloat16 in hardware (AMX / AVX512-BF16); at fewer, the kernels (the weight kept whole).
 # Measured on an Intel Xeon with AMX, 2 threads, 30 weights cycled: 576 x 576 at 1 / 4 / 8 rows
 # PyTorch 42 / 41 / 41 us, the kernels 22 / 34 / 47 us; the 49152 x 576 head at 8 rows 1.9 / 3.1 ms.
 GEMM16_ROWS = 4
