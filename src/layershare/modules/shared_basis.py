@@ -282,8 +282,12 @@ class SharedBasisLinear(nn.Module):
 
     def stored_values(self):
         """A sparse compact/kernel layer's kept values: the `V_values` tensor, or an ops.QuantValues
-        when they are held as codes (set_quant_values)."""
-        if "V_values" in self._buffers or not hasattr(self, "_vq"):
+        when they are held as codes (set_quant_values). (Read from _buffers, not through nn.Module's
+        attribute lookup: the kernel form asks for them some 90 times a decoded token.)"""
+        values = self._buffers.get("V_values")
+        if values is not None:
+            return values
+        if not hasattr(self, "_vq"):
             return self.V_values
         from layershare.runtime.kernels.ops import QuantValues
 
@@ -326,7 +330,7 @@ class SharedBasisLinear(nn.Module):
         from layershare.runtime.kernels import ops
 
         b = self._buffers  # read directly: this runs some 90 times a decoded token
-        packed = (b["V_values"] if "V_values" in b else self.stored_values(), b["V_mask"], b["V_offsets"])
+        packed = (self.stored_values(), b["V_mask"], b["V_offsets"])
         if self.role == IN:
             y = ops.in_product(self.basis.project(x), *packed, self._v_shape[1])
         else:

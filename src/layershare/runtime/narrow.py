@@ -68,10 +68,7 @@ class Linear16(nn.Module):
         lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
         if x2.shape[0] <= ops.GEMM16_ROWS and ops._decoding(x2, self.weight16):  # decoding: the op, no more checks
             y = ops._decode_out(x2, self.weight16.view(-1), self.mask, self.offsets)
-            if self.bias is not None:
-                y = y + self.bias.to(y.dtype)
-            return y.view(*lead, self.out_features)
-        if ops.dense_16bit(x2, self.weight16):  # a 16-bit model's prompt: the dense model's own GEMM
+        elif ops.dense_16bit(x2, self.weight16):  # a 16-bit model's prompt: the dense model's own GEMM
             y = F.linear(x2, self.weight16)
         elif x2.shape[0] <= ops.DECODE_ROWS:
             y = ops.out_product(x2, self.weight16.view(-1), self.mask, self.offsets)

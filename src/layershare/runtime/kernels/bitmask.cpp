@@ -960,33 +960,32 @@ void check_activations(const at::Tensor& t, const char* name) {
 // they are: no tensor op (at one row, converting with .float() and back cost about 8 us a product,
 // more than the product of a 192 x 576 linear).
 const float* widened(const at::Tensor& t) {
-  if (t.scalar_type() == at::kFloat) return t.const_data_ptr<float>();
-  const int64_t n = t.numel();
-  float* buf = thread_buffer<kWidenSlot>(n);
-  if (t.scalar_type() == at::kBFloat16) {
-    const c10::BFloat16* p = t.const_data_ptr<c10::BFloat16>();
-    for (int64_t k = 0; k < n; ++k) buf[k] = static_cast<float>(p[k]);
-  } else {
-    const c10::Half* p = t.const_data_ptr<c10::Half>();
-    for (int64_t k = 0; k < n; ++k) buf[k] = static_cast<float>(p[k]);
-  }
-  return buf;
+  const float* out = nullptr;
+  with_value_type(t, [&](auto tag) {  // (check_activations has admitted only these three dtypes)
+    using S = decltype(tag);
+    if constexpr (std::is_same<S, float>::value) {
+      out = t.const_data_ptr<float>();
+    } else {
+      float* buf = thread_buffer<kWidenSlot>(t.numel());
+      const S* p = t.const_data_ptr<S>();
+      for (int64_t k = 0; k < t.numel(); ++k) buf[k] = static_cast<float>(p[k]);
+      out = buf;
+    }
+  });
+  return out;
 }
 
-// The float32 result y in `dtype` (the activations'): y itself for float32, else rounded to nearest
+// The float32 result y in the activations' dtype: y itself for float32, else rounded to nearest
 // even, as Tensor.to rounds.
-at::Tensor narrowed(const at::Tensor& y, at::ScalarType dtype) {
-  if (dtype == at::kFloat) return y;
-  at::Tensor out = at::empty(y.sizes(), y.options().dtype(dtype));
-  const float* src = y.const_data_ptr<float>();
-  const int64_t n = y.numel();
-  if (dtype == at::kBFloat16) {
-    c10::BFloat16* dst = out.data_ptr<c10::BFloat16>();
-    for (int64_t k = 0; k < n; ++k) dst[k] = c10::BFloat16(src[k]);
-  } else {
-    c10::Half* dst = out.data_ptr<c10::Half>();
-    for (int64_t k = 0; k < n; ++k) dst[k] = c10::Half(src[k]);
-  }
+at::Tensor narrowed(const at::Tensor& y, const at::Tensor& activations) {
+  if (activations.scalar_type() == at::kFloat) return y;
+  at::Tensor out = at::empty(y.sizes(), y.options().dtype(activations.scalar_type()));
+  with_value_type(activations, [&](auto tag) {
+    using S = decltype(tag);
+    const float* src = y.const_data_ptr<float>();
+    S* dst = out.data_ptr<S>();
+    for (int64_t k = 0; k < y.numel(); ++k) dst[k] = S(src[k]);
+  });
   return out;
 }
 
@@ -1138,7 +1137,7 @@ at::Tensor in_impl(const at::Tensor& z, const SparseV<T>& v) {
   }
   (void)isa;
   (void)spread;
-  return narrowed(y, z.scalar_type());
+  return narrowed(y, z);
 }
 
 template <typename T>
@@ -1188,7 +1187,7 @@ at::Tensor out_impl(const at::Tensor& x, const SparseV<T>& v) {
       }
     });
   }
-  return narrowed(out, x.scalar_type());
+  return narrowed(out, x);
 }
 
 template <typename T>
