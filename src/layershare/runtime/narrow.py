@@ -21,8 +21,7 @@ A model loaded in bfloat16 or float16 holds its linears at 16 bits already; `nar
 each plain one in a Linear16 on the same tensor too, because at a few rows the kernels' product
 (widened in registers, float32 sums, the result rounded to the activations' dtype) is faster than
 PyTorch's 16-bit GEMV on the CPUs measured (docs/runtime.md); prompts (more than
-ops.GEMM16_ROWS rows where the CPU has bfloat16 in hardware) run PyTorch's GEMM as the dense
-model does. Nothing is narrowed without the native kernels (the widening per call
+ops.DECODE_ROWS rows) run PyTorch's GEMM as the dense model does. Nothing is narrowed without the native kernels (the widening per call
 would be slower than the float32 weights), off the CPU, or for any other runtime. Such a model
 refuses to be saved, like a merged or packed one (load it with runtime="compact" to save it).
 """
@@ -66,7 +65,7 @@ class Linear16(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
-        if x2.shape[0] <= ops.GEMM16_ROWS and ops._decoding(x2, self.weight16):  # decoding: the op, no more checks
+        if ops._decoding(x2, self.weight16):  # decoding: the op, no more checks
             y = ops._decode_out(x2, self.weight16.view(-1), self.mask, self.offsets)
         elif ops.dense_16bit(x2, self.weight16):  # a 16-bit model's prompt: the dense model's own GEMM
             y = F.linear(x2, self.weight16)

@@ -67,7 +67,7 @@ constexpr int64_t kBlock = 64;   // columns per block: one 64-bit word of mask p
 constexpr int64_t kMaxRows = 8;  // activation rows per pass (their accumulators stay in registers)
 constexpr int64_t kGrainEntries = 32768;  // entries of V per parallel task, at least
 constexpr int64_t kAccFloats = 16384;     // the in-product's accumulators per task: 64 KiB (L1/L2)
-constexpr int64_t kPrefetch = 4096;       // bytes ahead of the values being read (SparseV::prefetch)
+constexpr int64_t kPrefetch = 8192;       // bytes ahead of the values being read (SparseV::prefetch)
 
 // ---- V as the kernels read it -----------------------------------------------------------------
 // Value types besides float32/bfloat16/float16: integer codes on a group-wise grid (quant/grid.py),
@@ -151,15 +151,23 @@ struct SparseV {
     }
   }
 
-  // Ask for the values kPrefetch bytes past value p (those the row reads a few blocks later): in a
-  // decoding model, whose weights come from memory between other work, the hardware prefetchers
-  // alone left the products waiting (decode step 38 -> 33 ms at one sequence, SmolLM2 FiPS 20%,
-  // Intel Xeon, 2 threads; 2-16 KiB measured alike). A prefetch past the buffer's end is harmless.
+  // Ask for the two cache lines kPrefetch bytes past value p (those the row reads a few blocks
+  // later), into L2 (prefetcht1): in a decoding model, whose weights come from memory between other
+  // work, the hardware prefetchers alone left the products waiting (decode step 38 -> 33 ms at one
+  // sequence, SmolLM2 FiPS 20%, Intel Xeon, 2 threads, with one line 4 KiB ahead into L1). A block
+  // of 16-bit values whole is 128 bytes, so one line a block left every other line to the hardware:
+  // two lines 8 KiB ahead into L2 measured faster again (decode 1 sequence 1.06x -> 1.13x the dense
+  // float32 model, 1.28x -> 1.34x bfloat16, same process, alternated; docs/runtime.md). Integer
+  // codes (4 or 8 bits a value): one line 4 KiB ahead. A prefetch past the buffer's end is harmless.
   LS_INLINE void prefetch(int64_t p) const {
-    const char* at;
-    if constexpr (kQuant<T>) at = reinterpret_cast<const char*>(codes) + (std::is_same<T, Q4>::value ? p >> 1 : p);
-    else at = reinterpret_cast<const char*>(values + p);
-    __builtin_prefetch(at + kPrefetch, 0, 3);
+    if constexpr (kQuant<T>) {  // a block of codes is 32 or 64 bytes: one line
+      const char* at = reinterpret_cast<const char*>(codes) + (std::is_same<T, Q4>::value ? p >> 1 : p);
+      __builtin_prefetch(at + kPrefetch / 2, 0, 2);
+    } else {
+      const char* at = reinterpret_cast<const char*>(values + p);
+      __builtin_prefetch(at + kPrefetch, 0, 2);
+      __builtin_prefetch(at + kPrefetch + 64, 0, 2);
+    }
   }
 
   // whether every vector load of a block whose values start at p lies inside the buffers
@@ -228,7 +236,7 @@ const char* const kSpreadNames[] = {"permute", "expand", "expand16"};
 bool cpu_has_vbmi2() {
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512vbmi2");
+  return __builtin_cpu_supports("avx512vbmi2") && __builtin_cpu_supports("gfni");  // (every CPU with VBMI2 so far)
 #else
   return false;
 #endif
@@ -709,7 +717,7 @@ LS_AVX512 void expand_row_avx512(const SparseV<T>& v, int64_t i, float* row) {
   }
 }
 
-// ---- AVX-512 with VBMI2, 16-bit values ("expand16") -----------------------------------------
+// ---- AVX-512 with VBMI2 (and GFNI), 16-bit values ("expand16") ---------------------------------
 // bfloat16 values spread 32 columns at a time with one vpexpandw, on their 16 bits: lane j of the
 // result holds column 2j in its low half and 2j+1 in its high half, so `<< 16` gives the even
 // columns' float32 values and `& 0xFFFF0000` the odd ones', with no conversion on the shuffle port
@@ -718,9 +726,20 @@ LS_AVX512 void expand_row_avx512(const SparseV<T>& v, int64_t i, float* row) {
 // same sums in the same order as the other paths, bit for bit. The out-product reads x rearranged
 // the same way (once per call); its partial sums fall in other lanes than the other paths' (equal
 // to float32 rounding). Measured on an Intel Xeon with AMX (docs/runtime.md).
-#define LS_VBMI2 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,avx2,fma,f16c,popcnt")))
+#define LS_VBMI2 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,gfni,avx2,fma,f16c,popcnt")))
 #define LS_VBMI2_LAMBDA \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,avx2,fma,f16c,popcnt"), always_inline))
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,gfni,avx2,fma,f16c,popcnt"), always_inline))
+
+// reverse_bits with GFNI (which every CPU with VBMI2 has; cpu_has_vbmi2 checks both): the bits of
+// each byte reversed by one affine transform, then the bytes. The scalar shifts, ands and ors it
+// replaces were a sizable part of a block's work: SmolLM2's up/gate V in-product at one row
+// 63.0 -> 51.2 us, out-product 61.4 -> 51.5 (values cached; 104.7 -> 90.4 and 100.5 -> 85.8 from
+// memory), 2 threads, same process, alternated.
+LS_VBMI2 LS_INLINE uint64_t reverse_bits_gfni(uint64_t w) {
+  const __m128i x = _mm_gf2p8affine_epi64_epi8(_mm_cvtsi64_si128(static_cast<int64_t>(w)),
+                                               _mm_set1_epi64x(static_cast<int64_t>(0x8040201008040201ULL)), 0);
+  return __builtin_bswap64(static_cast<uint64_t>(_mm_cvtsi128_si64(x)));
+}
 
 LS_VBMI2 LS_INLINE __m512 even16(__m512i w) { return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)); }
 LS_VBMI2 LS_INLINE __m512 odd16(__m512i w) {
@@ -754,7 +773,7 @@ LS_VBMI2 LS_INLINE void pair32(const SparseV<c10::BFloat16>& v, uint64_t bits, i
     w0 = _mm512_loadu_si512(src);
     w1 = _mm512_loadu_si512(src + 32);
   } else {
-    const uint64_t columns = reverse_bits(bits);
+    const uint64_t columns = reverse_bits_gfni(bits);
     const __mmask32 m0 = static_cast<__mmask32>(columns), m1 = static_cast<__mmask32>(columns >> 32);
     w0 = _mm512_maskz_expand_epi16(m0, _mm512_loadu_si512(src));
     w1 = _mm512_maskz_expand_epi16(m1, _mm512_loadu_si512(src + __builtin_popcount(m0)));
