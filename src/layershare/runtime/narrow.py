@@ -21,9 +21,10 @@ A model loaded in bfloat16 or float16 holds its linears at 16 bits already; `nar
 each plain one in a Linear16 on the same tensor too, because at a few rows the kernels' product
 (widened in registers, float32 sums, the result rounded to the activations' dtype) is faster than
 PyTorch's 16-bit GEMV on the CPUs measured (docs/runtime.md); prompts (more than
-ops.DECODE_ROWS rows) run PyTorch's GEMM as the dense model does. Nothing is narrowed without the native kernels (the widening per call
-would be slower than the float32 weights), off the CPU, or for any other runtime. Such a model
-refuses to be saved, like a merged or packed one (load it with runtime="compact" to save it).
+ops.DECODE_ROWS rows) run PyTorch's GEMM as the dense model does. Nothing is narrowed without
+the native kernels (the widening per call would be slower than the float32 weights), off the
+CPU, or for any other runtime. Such a model refuses to be saved, like a merged or packed one
+(load it with runtime="compact" to save it).
 """
 from __future__ import annotations
 
