@@ -372,6 +372,23 @@ def test_environment_caps_the_path_and_loading_stays_lean():
         torch.testing.assert_close(torch.tensor(seen[got]), torch.tensor(seen[ref]), rtol=1e-5, atol=1e-5)
 
 
+def test_the_build_is_keyed_by_every_file_the_source_includes(tmp_path, monkeypatch):
+    """A library built from older sources is never loaded: its folder's name hashes bitmask.cpp
+    and each local header it includes (build.py passes only bitmask.cpp to the compiler)."""
+    import re
+
+    from layershare.runtime.kernels import library
+
+    local = set(re.findall(r'^#include "([^"]+)"', library.SOURCE.read_text(), re.M))
+    assert local and local == {h.name for h in library.HEADERS} and all(h.exists() for h in library.HEADERS)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    before = library.build_dir()
+    header = tmp_path / library.HEADERS[0].name
+    header.write_text(library.HEADERS[0].read_text() + "// edited\n")
+    monkeypatch.setattr(library, "HEADERS", (header,))
+    assert library.build_dir() != before and library.build_dir().parent == before.parent
+
+
 # ---- the "kernel" form of SharedBasisLinear (runtime="sparse") --------------------------------
 @pytest.fixture(scope="module")
 def compressed(tmp_path_factory):

@@ -64,12 +64,14 @@ def test_every_path_expands_exactly_and_multiplies_as_the_dense_dequantized_v(is
     for r, h in SHAPES:
         qv, mask, offsets, dense = quant_v(r, h, bits, group, symmetric, seed=r * h + bits)
         g = torch.Generator().manual_seed(1)
-        for use in ("portable", "avx2", "best", "best-permute"):  # AVX-512: both spreads (expand, permute)
-            if isa(use.removesuffix("-permute")) not in (use.removesuffix("-permute"), best):
+        # AVX-512: every spread (expand16 decodes 4-bit codes with VBMI2 where the CPU has it)
+        for use in ("portable", "avx2", "best", "best-permute", "best-expand16"):
+            base, _, spread = use.partition("-")
+            if isa(base) not in (base, best):
                 continue
             if best == "avx512":
-                ops.set_spread("permute" if use.endswith("-permute") else "expand")
-            elif use.endswith("-permute"):
+                ops.set_spread(spread or "expand")
+            elif spread:
                 continue
             # the expansion is grid.decode's values exactly, on every path
             assert torch.equal(ops.expand(qv, mask, offsets, torch.empty(r, h)), dense), (use, r, h)
@@ -81,6 +83,41 @@ def test_every_path_expands_exactly_and_multiplies_as_the_dense_dequantized_v(is
                     torch.testing.assert_close(y.double(), z.double() @ dense.double(), rtol=1e-5, atol=1e-5)
                     torch.testing.assert_close(o.double(), x.double() @ dense.double().t(), rtol=1e-5, atol=1e-5)
     torch.set_num_threads(2)
+
+
+@native
+def test_the_vbmi2_codes_path_is_the_expand_path_bit_for_bit(isa):
+    """4-bit codes decoded by byte shuffles (groups >= 64; smaller groups and zero points above 15
+    take the other path) give the expand spread's products exactly: odd and even starts, blocks
+    across two groups, full and empty blocks, 1-8 rows, bad offsets read nothing out of bounds."""
+    if isa("best") != "avx512" or ops.set_spread("expand16") != "expand16":
+        pytest.skip("needs a CPU with AVX-512 VBMI2")
+    g = torch.Generator().manual_seed(5)
+    cases = [(33, 100, 64, 0.5), (65, 129, 128, 0.5), (40, 256, 64, 0.97), (17, 64, 256, 1.0), (50, 190, 64, 0.1)]
+    for r, h, group, density in cases:
+        keep = torch.rand(r, h, generator=g) < density
+        keep[3] = True  # a full row: whole blocks
+        keep[5] = False  # an empty row
+        for bits in (4, 2):
+            qv, mask, offsets, _ = quant_v(r, h, bits, group, False, seed=r + h, keep=keep)
+            if bits == 2:  # zero points past 15 (not written by the grid): the other path, still exact
+                qv = ops.QuantValues(qv.codes, qv.scales, torch.randint(0, 256, qv.zeros.shape, dtype=torch.uint8,
+                                                                        generator=g), 4, group, qv.n)
+            zs = [torch.randn(n, r, generator=g) for n in range(1, 9)]
+            xs = [torch.randn(n, h, generator=g) for n in range(1, 9)]
+            got = {}
+            for spread in ("expand", "expand16"):
+                ops.set_spread(spread)
+                got[spread] = ([ops.expand(qv, mask, offsets, torch.empty(r, h))]
+                               + [ops.in_product(z, qv, mask, offsets, h) for z in zs]
+                               + [ops.out_product(x, qv, mask, offsets) for x in xs])
+            exact = torch.zeros(r, h)
+            exact[keep] = qv.dequantize()  # grid.decode's arithmetic, with whatever zero points
+            assert torch.equal(got["expand16"][0], exact)
+            assert all(torch.equal(a, b) for a, b in zip(got["expand"], got["expand16"], strict=True)), (r, h, group, bits)
+            for bad in (offsets + qv.n - 3, offsets - 10**6, torch.full_like(offsets, 2**31 - 1)):
+                ops.in_product(torch.randn(3, r), qv, mask, bad, h)
+                ops.out_product(torch.randn(3, h), qv, mask, bad)
 
 
 @native

@@ -20,18 +20,21 @@
 //   bitmask_isa(use)           the path that runs ("avx512", "avx2" or "portable"); `use` switches
 //                              it (tests compare the paths)
 //   bitmask_spread(use)        how the AVX-512 path moves values to their columns ("expand16" on
-//                              Intel CPUs with VBMI2, "expand" on other Intel CPUs, "permute"
+//                              Intel CPUs with VBMI2: bfloat16 values and 4-bit codes spread on
+//                              their 16 or 8 bits; "expand" on other Intel CPUs, "permute"
 //                              elsewhere: see Spread); `use` switches it
 //
 // Accumulation is in float32. Three paths compute each op, the best the CPU has chosen at run
 // time: AVX-512 (F, BW, VL: 16 columns per chunk), AVX2+FMA+F16C (8 columns per chunk), both
 // moving the kept values to their columns by a lookup table and one permute (AVX-512 on Intel: one
-// vexpandps, or for bfloat16 values one vpexpandw per 32 columns: each_pair32), a block whose 64
-// entries are all kept loaded as it is, and portable scalar C++. The out-product gives each thread
-// a stretch of V's rows, the in-product too (partial sums over every column, added in task order). The
-// environment variable LAYERSHARE_KERNEL=avx2 or =portable caps the choice. Every read
-// of `values` and `mask` is checked against the buffers' sizes: offsets that disagree with the
-// mask give wrong numbers, never a read out of bounds.
+// vexpandps; with VBMI2, one vpexpandw per 32 columns for bfloat16 values, each_pair32, and one
+// vpexpandb per block for 4-bit codes, each_chunk_vbmi2), a block whose 64 entries are all kept
+// loaded as it is, and portable scalar C++. The AVX-512 drivers (bitmask_avx512.h) are compiled
+// twice, without and with VBMI2. The out-product gives each thread a stretch of V's rows, the
+// in-product too (partial sums over every column, added in task order). The environment variable
+// LAYERSHARE_KERNEL=avx2 or =portable caps the choice. Every read of `values` and `mask` is
+// checked against the buffers' sizes: offsets that disagree with the mask give wrong numbers,
+// never a read out of bounds.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -226,8 +229,9 @@ void expand_row_portable(const SparseV<T>& v, int64_t i, float* row) {
   }
 }
 
-// How the AVX-512 path spreads a chunk's values: kExpand16 (bfloat16 values, on CPUs with VBMI2:
-// see each_pair32; other value types take kExpand), kExpand (vexpandps) or kPermute (spread16). The
+// How the AVX-512 path spreads a chunk's values: kExpand16 (on CPUs with VBMI2: bfloat16 values by
+// each_pair32, 4-bit codes by each_chunk_vbmi2; other value types take kExpand), kExpand
+// (vexpandps) or kPermute (spread16). The
 // default is kExpand16 on Intel CPUs that have VBMI2, kExpand on other Intel CPUs, kPermute elsewhere;
 // LAYERSHARE_KERNEL_SPREAD=expand16|expand|permute overrides it, bitmask_spread(use) switches it.
 enum Spread : int { kPermute = 0, kExpand = 1, kExpand16 = 2 };
@@ -236,7 +240,9 @@ const char* const kSpreadNames[] = {"permute", "expand", "expand16"};
 bool cpu_has_vbmi2() {
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512vbmi2") && __builtin_cpu_supports("gfni");  // (every CPU with VBMI2 so far)
+  // (every CPU with VBMI2 so far has VBMI, GFNI and BMI2 too)
+  return __builtin_cpu_supports("avx512vbmi2") && __builtin_cpu_supports("avx512vbmi") &&
+         __builtin_cpu_supports("gfni") && __builtin_cpu_supports("bmi2");
 #else
   return false;
 #endif
@@ -608,114 +614,15 @@ LS_AVX512 LS_INLINE void each_chunk16(const SparseV<T>& v, uint64_t bits, int64_
   }
 }
 
-template <typename T, int N>
-LS_AVX512 LS_INLINE void in_row_avx512(const SparseV<T>& v, const float* zt, int64_t i, int64_t b0, int64_t b1,
-                                       float* acc, int64_t ld) {
-  __m512 zb[N];
-  for (int n = 0; n < N; ++n) zb[n] = _mm512_set1_ps(zt[i * N + n]);
-  int64_t p = v.start(i, b0);
-  for (int64_t b = b0; b < b1; ++b) {
-    const uint64_t bits = v.word(i, b);
-    if (!bits) continue;
-    float* a = acc + (b - b0) * kBlock;
-    each_chunk16(v, bits, p, [&](int t, __m512 chunk) LS_AVX512_LAMBDA {
-#pragma GCC unroll 8
-      for (int n = 0; n < N; ++n) {
-        float* an = a + n * ld + 16 * t;
-        _mm512_store_ps(an, _mm512_fmadd_ps(zb[n], chunk, _mm512_load_ps(an)));
-      }
-    });
-  }
-}
-
-// in_row_avx512 for rows i and i + 1 of V at once: each accumulator is loaded and stored once for
-// both rows (the in-product is bound by those loads and stores at several activation rows), adding
-// row i's term, then row i + 1's: the same sums in the same order as two passes, bit for bit.
-template <typename T, int N>
-LS_AVX512 LS_INLINE void in_rows2_avx512(const SparseV<T>& v, const float* zt, int64_t i, int64_t b0, int64_t b1,
-                                         float* acc, int64_t ld) {
-  __m512 za[N], zc[N];
-  for (int n = 0; n < N; ++n) {
-    za[n] = _mm512_set1_ps(zt[i * N + n]);
-    zc[n] = _mm512_set1_ps(zt[(i + 1) * N + n]);
-  }
-  int64_t p = v.start(i, b0), q = v.start(i + 1, b0);
-  for (int64_t b = b0; b < b1; ++b) {
-    const uint64_t bits = v.word(i, b), next = v.word(i + 1, b);
-    float* a = acc + (b - b0) * kBlock;
-    if (!bits || !next) {  // one row (or none) has entries here
-      if (bits | next)
-        each_chunk16(v, bits | next, bits ? p : q, [&](int t, __m512 chunk) LS_AVX512_LAMBDA {
-#pragma GCC unroll 8
-          for (int n = 0; n < N; ++n) {
-            float* an = a + n * ld + 16 * t;
-            _mm512_store_ps(an, _mm512_fmadd_ps(bits ? za[n] : zc[n], chunk, _mm512_load_ps(an)));
-          }
-        });
-      continue;
-    }
-    __m512 first[4];
-    each_chunk16(v, bits, p, [&](int t, __m512 chunk) LS_AVX512_LAMBDA { first[t] = chunk; });
-    each_chunk16(v, next, q, [&](int t, __m512 chunk) LS_AVX512_LAMBDA {
-#pragma GCC unroll 8
-      for (int n = 0; n < N; ++n) {
-        float* an = a + n * ld + 16 * t;
-        _mm512_store_ps(an, _mm512_fmadd_ps(zc[n], chunk, _mm512_fmadd_ps(za[n], first[t], _mm512_load_ps(an))));
-      }
-    });
-  }
-}
-
-template <typename T, int N>
-LS_AVX512 void in_tile_avx512(const SparseV<T>& v, const float* zt, int64_t b0, int64_t b1, float* acc, float* y,
-                              int64_t ldy, int64_t i0, int64_t i1) {
-  const int64_t ld = (b1 - b0) * kBlock;
-  std::memset(acc, 0, N * ld * sizeof(float));
-  int64_t i = i0;
-  for (; i + 1 < i1; i += 2) in_rows2_avx512<T, N>(v, zt, i, b0, b1, acc, ld);
-  if (i < i1) in_row_avx512<T, N>(v, zt, i, b0, b1, acc, ld);
-  const int64_t cols = std::min(ld, v.h - b0 * kBlock);
-  for (int n = 0; n < N; ++n) std::memcpy(y + n * ldy + b0 * kBlock, acc + n * ld, cols * sizeof(float));
-}
-
-template <typename T, int N>
-LS_AVX512 void out_row_avx512(const SparseV<T>& v, const float* x, int64_t ldx, int64_t i, float* out,
-                              int64_t ldo) {
-  constexpr int K = N == 1 ? 4 : N == 2 ? 2 : 1;
-  __m512 acc[N][K];
-  for (int n = 0; n < N; ++n)
-    for (int k = 0; k < K; ++k) acc[n][k] = _mm512_setzero_ps();
-  int64_t p = v.start(i, 0);
-  for (int64_t b = 0; b < v.nb; ++b) {
-    const uint64_t bits = v.word(i, b);
-    if (!bits) continue;
-    const float* xb = x + b * kBlock;
-    each_chunk16(v, bits, p, [&](int t, __m512 chunk) LS_AVX512_LAMBDA {
-#pragma GCC unroll 8
-      for (int n = 0; n < N; ++n)
-        acc[n][t % K] = _mm512_fmadd_ps(chunk, _mm512_loadu_ps(xb + n * ldx + 16 * t), acc[n][t % K]);
-    });
-  }
-  for (int n = 0; n < N; ++n) {
-    __m512 s = acc[n][0];
-    for (int k = 1; k < K; ++k) s = _mm512_add_ps(s, acc[n][k]);
-    out[n * ldo + i] = _mm512_reduce_add_ps(s);
-  }
-}
-
-template <typename T>
-LS_AVX512 void expand_row_avx512(const SparseV<T>& v, int64_t i, float* row) {
-  int64_t p = v.start(i, 0);
-  for (int64_t b = 0; b < v.nb; ++b) {
-    alignas(64) float tmp[kBlock];
-    const int64_t w = v.width(b);
-    float* dst = w == kBlock ? row + b * kBlock : tmp;
-    each_chunk16(v, v.word(i, b), p, [&](int t, __m512 chunk) LS_AVX512_LAMBDA {
-      _mm512_storeu_ps(dst + 16 * t, chunk);
-    });
-    if (w < kBlock) std::memcpy(row + b * kBlock, tmp, w * sizeof(float));
-  }
-}
+namespace avx512 {
+#define LS_DRIVER LS_AVX512
+#define LS_DRIVER_LAMBDA LS_AVX512_LAMBDA
+#define LS_CHUNKS each_chunk16
+#include "bitmask_avx512.h"
+#undef LS_CHUNKS
+#undef LS_DRIVER_LAMBDA
+#undef LS_DRIVER
+}  // namespace avx512
 
 // ---- AVX-512 with VBMI2 (and GFNI), 16-bit values ("expand16") ---------------------------------
 // bfloat16 values spread 32 columns at a time with one vpexpandw, on their 16 bits: lane j of the
@@ -726,9 +633,9 @@ LS_AVX512 void expand_row_avx512(const SparseV<T>& v, int64_t i, float* row) {
 // same sums in the same order as the other paths, bit for bit. The out-product reads x rearranged
 // the same way (once per call); its partial sums fall in other lanes than the other paths' (equal
 // to float32 rounding). Measured on an Intel Xeon with AMX (docs/runtime.md).
-#define LS_VBMI2 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,gfni,avx2,fma,f16c,popcnt")))
+#define LS_VBMI2 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512vbmi2,gfni,bmi2,avx2,fma,f16c,popcnt")))
 #define LS_VBMI2_LAMBDA \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,gfni,avx2,fma,f16c,popcnt"), always_inline))
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512vbmi2,gfni,bmi2,avx2,fma,f16c,popcnt"), always_inline))
 
 // reverse_bits with GFNI (which every CPU with VBMI2 has; cpu_has_vbmi2 checks both): the bits of
 // each byte reversed by one affine transform, then the bytes. The scalar shifts, ands and ors it
@@ -781,13 +688,13 @@ LS_VBMI2 LS_INLINE void pair32(const SparseV<c10::BFloat16>& v, uint64_t bits, i
   p += count;
 }
 
-// in_tile_avx512 for bfloat16 values: the accumulators in [even | odd] order per 32 columns.
+// avx512::in_tile for bfloat16 values: the accumulators in [even | odd] order per 32 columns.
 template <int N>
 LS_VBMI2 void in_tile_w16(const SparseV<c10::BFloat16>& v, const float* zt, int64_t b0, int64_t b1, float* acc,
                           float* y, int64_t ldy, int64_t i0, int64_t i1) {
   const int64_t ld = (b1 - b0) * kBlock;
   std::memset(acc, 0, N * ld * sizeof(float));
-  // rows i and i + 1 of V at once, as in_rows2_avx512 (the same sums in the same order)
+  // rows i and i + 1 of V at once, as avx512::in_rows2 (the same sums in the same order)
   int64_t i = i0;
   for (; i + 1 < i1; i += 2) {
     __m512 za[N], zc[N];
@@ -860,7 +767,7 @@ LS_VBMI2 void in_tile_w16(const SparseV<c10::BFloat16>& v, const float* zt, int6
   }
 }
 
-// out_row_avx512 for bfloat16 values; x (zero-padded to nb*64 columns) in [even | odd] order per
+// avx512::out_row for bfloat16 values; x (zero-padded to nb*64 columns) in [even | odd] order per
 // 32 columns (out_impl rearranges it).
 template <int N>
 LS_VBMI2 void out_row_w16(const SparseV<c10::BFloat16>& v, const float* x, int64_t ldx, int64_t i, float* out,
@@ -889,6 +796,85 @@ LS_VBMI2 void out_row_w16(const SparseV<c10::BFloat16>& v, const float* x, int64
     out[n * ldo + i] = _mm512_reduce_add_ps(s);
   }
 }
+
+// ---- AVX-512 with VBMI2, 4-bit codes -------------------------------------------------------------
+// A block's codes decoded in the integer domain and spread once: the codes one a byte (one vpermb
+// and one vpmultishiftqb from the packed nibbles, from an even or odd start), the zero point
+// subtracted in int8 (a 4-bit code less a zero point <= 15 fits), one vpexpandb by the mask bits
+// in column order, then per 16 columns one sign extension, one conversion and the scale. The
+// values are decode16's bit for bit: (code - zero) and its conversion are exact, then one product
+// by the scale. A block of 64 columns spans at most two groups when group >= 64; smaller groups,
+// and zero points above 15 (never written by quant/grid.py at 4 bits), take each_chunk16's path.
+
+// qword k of the gather: bytes 4k..4k+4 of the codes (the nibbles of codes 8k..8k+7 from an even
+// or odd start); the last three bytes of each qword are not read by the shifts.
+struct Q4Gather {
+  uint8_t idx[64];
+  constexpr Q4Gather() : idx{} {
+    for (int k = 0; k < 8; ++k)
+      for (int m = 0; m < 8; ++m) idx[8 * k + m] = static_cast<uint8_t>(4 * k + (m < 4 ? m : 4));
+  }
+};
+alignas(64) constexpr Q4Gather kQ4Gather{};
+
+// codes p..p+63 one a byte (those past `count` of them are whatever follows; callers drop them)
+LS_VBMI2 LS_INLINE __m512i codes64(const SparseV<Q4>& v, int64_t p, int64_t count) {
+  const int odd = static_cast<int>(p & 1);
+  const int64_t bytes = (odd + count + 1) >> 1;  // <= 33: no byte past the last code's is read
+  const __m512i raw = _mm512_maskz_loadu_epi8(_bzhi_u64(~0ULL, static_cast<unsigned>(bytes)), v.codes + (p >> 1));
+  const __m512i gathered = _mm512_permutexvar_epi8(_mm512_load_si512(kQ4Gather.idx), raw);
+  // byte j of each qword: the 8 bits from bit 4 (j + odd), whose low nibble is code 8k + j
+  const __m512i shifts = _mm512_set1_epi64(odd ? 0x201C1814100C0804LL : 0x1C1814100C080400LL);
+  return _mm512_and_si512(_mm512_multishift_epi64_epi8(shifts, gathered), _mm512_set1_epi8(15));
+}
+
+// each_chunk16 on CPUs with VBMI2: 4-bit codes as above, every other value type as each_chunk16.
+template <typename T, typename F>
+LS_VBMI2 LS_INLINE void each_chunk_vbmi2(const SparseV<T>& v, uint64_t bits, int64_t& p, F&& f) {
+  if constexpr (std::is_same<T, Q4>::value) {
+    const int64_t count = __builtin_popcountll(bits);
+    const int64_t g = p >> v.gshift, k = ((g + 1) << v.gshift) - p;  // values p + k, ... are in group g + 1
+    const bool two = k < count;
+    if (count && v.gshift >= 6 && p >= 0 && p + count <= v.nnz) {  // (groups g and g + 1 exist)
+      const uint8_t z0 = v.qzero[g], z1 = two ? v.qzero[g + 1] : z0;
+      if (z0 <= 15 && z1 <= 15) {
+        v.prefetch(p);
+        __m512i zero = _mm512_set1_epi8(static_cast<char>(z0));
+        if (two) zero = _mm512_mask_blend_epi8(~0ULL << k, zero, _mm512_set1_epi8(static_cast<char>(z1)));
+        __m512i d = _mm512_sub_epi8(codes64(v, p, count), zero);
+        const uint64_t columns = bits == ~0ULL ? bits : reverse_bits_gfni(bits);
+        if (bits != ~0ULL) d = _mm512_maskz_expand_epi8(columns, d);
+        const __m512 s0 = _mm512_set1_ps(_cvtsh_ss(v.qscale[g].x));
+        const __m512 s1 = two ? _mm512_set1_ps(_cvtsh_ss(v.qscale[g + 1].x)) : s0;
+        const uint64_t later = two ? _pdep_u64(~0ULL << k, columns) : 0;  // the columns of group g + 1
+        const auto chunk = [&](int t, __m128i q) LS_VBMI2_LAMBDA {  // columns 16t..16t+15
+          f(t, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)),
+                             _mm512_mask_blend_ps(static_cast<__mmask16>(later >> (16 * t)), s0, s1)));
+        };
+        chunk(0, _mm512_castsi512_si128(d));
+        chunk(1, _mm512_extracti32x4_epi32(d, 1));
+        chunk(2, _mm512_extracti32x4_epi32(d, 2));
+        chunk(3, _mm512_extracti32x4_epi32(d, 3));
+        p += count;
+        return;
+      }
+    }
+  }
+  __m512 chunks[4];  // (f, compiled for VBMI2, cannot be inlined into each_chunk16)
+  each_chunk16(v, bits, p, [&](int t, __m512 chunk) LS_AVX512_LAMBDA { chunks[t] = chunk; });
+#pragma GCC unroll 4
+  for (int t = 0; t < 4; ++t) f(t, chunks[t]);
+}
+
+namespace vbmi2 {
+#define LS_DRIVER LS_VBMI2
+#define LS_DRIVER_LAMBDA LS_VBMI2_LAMBDA
+#define LS_CHUNKS each_chunk_vbmi2
+#include "bitmask_avx512.h"
+#undef LS_CHUNKS
+#undef LS_DRIVER_LAMBDA
+#undef LS_DRIVER
+}  // namespace vbmi2
 #endif  // LS_X86
 
 // ---- which path runs ---------------------------------------------------------------------------
@@ -1130,10 +1116,18 @@ at::Tensor in_impl(const at::Tensor& z, const SparseV<T>& v) {
             });
             continue;
           }
+        if constexpr (std::is_same<T, Q4>::value)
+          if (isa == kAvx512 && spread == kExpand16) {
+            with_rows(rows, [&](auto n) {
+              constexpr int N = decltype(n)::value;
+              in_blocks<N>(v.nb, [&](int64_t b0, int64_t b1, float* acc) { vbmi2::in_tile<T, N>(v, zp, b0, b1, acc, out, h, i0, i1); });
+            });
+            continue;
+          }
         if (isa == kAvx512) {
           with_rows(rows, [&](auto n) {
             constexpr int N = decltype(n)::value;
-            in_blocks<N>(v.nb, [&](int64_t b0, int64_t b1, float* acc) { in_tile_avx512<T, N>(v, zp, b0, b1, acc, out, h, i0, i1); });
+            in_blocks<N>(v.nb, [&](int64_t b0, int64_t b1, float* acc) { avx512::in_tile<T, N>(v, zp, b0, b1, acc, out, h, i0, i1); });
           });
           continue;
         }
@@ -1163,9 +1157,9 @@ template <typename T>
 at::Tensor out_impl(const at::Tensor& x, const SparseV<T>& v) {
   const int64_t N = x.size(0), h = v.h, r = v.r;
   at::Tensor out = at::empty({N, r}, x.options().dtype(at::kFloat));
-  const int isa = g_isa;
-  // (up to 4 rows: at 8, its two accumulators per row measured slower than out_row_avx512's)
-  const bool w16 = std::is_same<T, c10::BFloat16>::value && isa == kAvx512 && g_spread == kExpand16 && N <= 4;
+  const int isa = g_isa, spread = g_spread;
+  // (up to 4 rows: at 8, its two accumulators per row measured slower than avx512::out_row's)
+  const bool w16 = std::is_same<T, c10::BFloat16>::value && isa == kAvx512 && spread == kExpand16 && N <= 4;
   // The vector paths read x in whole blocks: when h is not a multiple of 64, a copy zero-padded to
   // nb*64 columns; for out_row_w16, each 32 columns as [16 even | 16 odd]. Written into a buffer of
   // the calling thread (no tensor ops: at one row they cost more than a small product).
@@ -1193,8 +1187,13 @@ at::Tensor out_impl(const at::Tensor& x, const SparseV<T>& v) {
             with_rows(rows, [&](auto n) { out_row_w16<decltype(n)::value>(v, xg, ldx, i, og, r); });
             continue;
           }
+        if constexpr (std::is_same<T, Q4>::value)
+          if (isa == kAvx512 && spread == kExpand16) {
+            with_rows(rows, [&](auto n) { vbmi2::out_row<T, decltype(n)::value>(v, xg, ldx, i, og, r); });
+            continue;
+          }
         if (isa == kAvx512) {
-          with_rows(rows, [&](auto n) { out_row_avx512<T, decltype(n)::value>(v, xg, ldx, i, og, r); });
+          with_rows(rows, [&](auto n) { avx512::out_row<T, decltype(n)::value>(v, xg, ldx, i, og, r); });
           continue;
         }
         if (isa == kAvx2) {
@@ -1206,19 +1205,25 @@ at::Tensor out_impl(const at::Tensor& x, const SparseV<T>& v) {
       }
     });
   }
+  (void)spread;
   return narrowed(out, x);
 }
 
 template <typename T>
 void expand_impl(const at::Tensor& out, const SparseV<T>& v) {
   const int64_t r = v.r, h = v.h;
-  const int isa = g_isa;
+  const int isa = g_isa, spread = g_spread;
   float* o = out.data_ptr<float>();
   at::parallel_for(0, r, grain(h), [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
 #if LS_X86
+      if constexpr (std::is_same<T, Q4>::value)
+        if (isa == kAvx512 && spread == kExpand16) {
+          vbmi2::expand_row(v, i, o + i * h);
+          continue;
+        }
       if (isa == kAvx512) {
-        expand_row_avx512(v, i, o + i * h);
+        avx512::expand_row(v, i, o + i * h);
         continue;
       }
       if (isa == kAvx2) {
@@ -1230,6 +1235,7 @@ void expand_impl(const at::Tensor& out, const SparseV<T>& v) {
     }
   });
   (void)isa;
+  (void)spread;
 }
 
 at::Tensor bitmask_in(const at::Tensor& z, const at::Tensor& values, const at::Tensor& mask, const at::Tensor& offsets,

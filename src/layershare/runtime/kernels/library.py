@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("bitmask.cpp")
+HEADERS = (Path(__file__).with_name("bitmask_avx512.h"),)  # included by SOURCE
 NAME = "layershare_bitmask"
 # no -march=native: the library must run on any x86-64; the AVX2 functions carry their own target.
 # -fopenmp: at::parallel_for is an inline header whose OpenMP pragma is dropped without it, and the ops
@@ -20,7 +21,8 @@ LDFLAGS = ("-fopenmp",)
 
 def build_dir() -> Path:
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS + LDFLAGS).encode()).hexdigest()[:16]
+    sources = b"".join(f.read_bytes() for f in (SOURCE, *HEADERS))
+    digest = hashlib.sha256(sources + " ".join(CFLAGS + LDFLAGS).encode()).hexdigest()[:16]
     return cache / "layershare" / "kernels" / f"{torch.__version__}-{digest}"
 
 
