@@ -372,6 +372,70 @@ def test_environment_caps_the_path_and_loading_stays_lean():
         torch.testing.assert_close(torch.tensor(seen[got]), torch.tensor(seen[ref]), rtol=1e-5, atol=1e-5)
 
 
+@pytest.fixture
+def amx():
+    """Switch the AMX products (set_amx) within a test; the default again afterwards."""
+    yield ops.set_amx
+    ops.set_amx("best")
+
+
+@native
+def test_amx_switch_is_checked():
+    with pytest.raises(RuntimeError, match="bitmask_amx: use must be 'on', 'off' or 'best', got 'yes'"):
+        ops.set_amx("yes")
+    if ops.amx() == "absent":
+        with pytest.raises(RuntimeError, match="no AMX-BF16 tiles to use"):
+            ops.set_amx("on")
+        assert ops.set_amx("best") == "absent"
+    else:
+        assert ops.set_amx("off") == "off" and ops.set_amx("best") == "on"
+
+
+@native
+@pytest.mark.parametrize("threads", [1, 2])
+def test_amx_products_equal_the_fma_paths_to_rounding(amx, threads):
+    """bfloat16 values times bfloat16 activations at 1-8 rows (tiles from 4 or 6 rows) over shapes
+    that are not multiples of the tiles (16 or 32 rows of V, 64 columns), empty and full rows, and
+    the same products of float32 activations, which never take the tiles, bit for bit."""
+    if ops.amx() == "absent":
+        pytest.skip("this CPU (or OS) has no AMX-BF16 tiles")
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(7)
+    for r, h in [(33, 100), (65, 129), (100, 7), (1, 64), (575, 200), (17, 1)]:
+        keep = torch.rand(r, h, generator=g) < 0.5
+        keep[0] = True
+        keep[min(2, r - 1)] = False
+        values, mask, offsets, dense = sparse_v(r, h, torch.bfloat16, keep=keep, seed=r)
+        for n in range(1, 9):
+            z, x = torch.randn(n, r, generator=g), torch.randn(n, h, generator=g)
+            got = {}
+            for use in ("on", "off"):
+                amx(use)
+                got[use] = [ops.in_product(z.bfloat16(), values, mask, offsets, h),
+                            ops.out_product(x.bfloat16(), values, mask, offsets),
+                            ops.in_product(z, values, mask, offsets, h), ops.out_product(x, values, mask, offsets)]
+            ref_in, ref_out = z.bfloat16().double() @ dense, x.bfloat16().double() @ dense.t()
+            for use in ("on", "off"):  # float32 sums in either order, then one rounding to bfloat16
+                torch.testing.assert_close(got[use][0].double(), ref_in, rtol=2**-7, atol=1e-4 * r, msg=f"{use} in")
+                torch.testing.assert_close(got[use][1].double(), ref_out, rtol=2**-7, atol=1e-4 * h, msg=f"{use} out")
+            assert torch.equal(got["on"][2], got["off"][2]) and torch.equal(got["on"][3], got["off"][3])
+    # a weight held whole: its rows' tiles loaded where they lie (whole blocks, 16 rows at a time),
+    # the same tiles as an explicit all-ones bitmask gives, so the same sums bit for bit
+    amx("on")
+    for r, h in [(40, 128), (33, 64), (16, 192), (70, 100)]:
+        values = torch.randn(r * h, generator=g).bfloat16()
+        mask, offsets = ops.all_kept((r, h))
+        ones = pack_bits(torch.ones(r, h, dtype=torch.bool))
+        ones_off = ops.prepare(ones, (r, h))
+        for n in (4, 8):
+            x = torch.randn(n, h, generator=g).bfloat16()
+            whole = ops.out_product(x, values, mask, offsets)
+            assert torch.equal(whole, ops.out_product(x, values, ones, ones_off))
+            torch.testing.assert_close(whole.double(), x.double() @ values.double().view(r, h).t(), rtol=2**-7,
+                                       atol=1e-4 * h)
+    torch.set_num_threads(2)
+
+
 def test_the_build_is_keyed_by_every_file_the_source_includes(tmp_path, monkeypatch):
     """A library built from older sources is never loaded: its folder's name hashes bitmask.cpp
     and each local header it includes (build.py passes only bitmask.cpp to the compiler)."""

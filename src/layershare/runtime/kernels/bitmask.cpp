@@ -53,7 +53,13 @@
 #include <utility>
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 #if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
 #include <immintrin.h>
 #define LS_X86 1
 #define LS_AVX2 __attribute__((target("avx2,fma,f16c,popcnt")))
@@ -275,7 +281,7 @@ std::atomic<int> g_spread{default_spread()};
 // A buffer of at least `floats` floats kept by the calling thread, aligned to a cache line (a vector
 // load from it never spans two lines: activations widened or padded into a std::vector's 16-byte
 // alignment made the out-product at 8 rows 1.5x slower); Slot tells apart buffers in use at once.
-enum { kAccSlot, kWidenSlot, kPadSlot, kZtSlot };
+enum { kAccSlot, kWidenSlot, kPadSlot, kZtSlot, kAmxSlot, kTileSlot };
 template <int Slot>
 float* thread_buffer(int64_t floats) {
   thread_local std::vector<float> buf;
@@ -875,6 +881,177 @@ namespace vbmi2 {
 #undef LS_DRIVER_LAMBDA
 #undef LS_DRIVER
 }  // namespace vbmi2
+
+// ---- AMX: bfloat16 values times bfloat16 activations at several rows, on tiles ------------------
+// The in-product at several rows spends its time in the accumulators (each FMA of a chunk loads
+// and stores 16 of them per row); with AMX the 8 rows' sums stay in tiles. For 32 rows of V at a
+// time, each block's values are spread by pair32 (as at one row) and interleaved in pairs of rows
+// (the tiles' VNNI layout) into 4 KiB of B tiles, z's 32 columns in bfloat16 are the A tile, and
+// one tdpbf16ps per 16 columns adds the products into C tiles held in the accumulators' memory
+// between blocks. Only for bfloat16 activations (z exactly representable, as the dense bfloat16
+// model's GEMM takes them) and bfloat16 values; sums are float32 in another order than the FMA
+// path's (equal to float32 rounding).
+#define LS_AMX \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512vbmi2,gfni,bmi2,avx2,fma,f16c,popcnt,amx-tile,amx-bf16")))
+
+// Whether the CPU has AMX-BF16 and the OS lets this process use the tiles (Linux asks per process).
+bool amx_usable() {
+#if defined(__linux__)
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (!cpu_has_vbmi2() || !__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+  if (!((d >> 22) & 1) || !((d >> 24) & 1)) return false;  // AMX-BF16, AMX-TILE
+  constexpr long kReqXcompPerm = 0x1023, kXtiledata = 18;
+  return syscall(SYS_arch_prctl, kReqXcompPerm, kXtiledata) == 0;
+#else
+  return false;
+#endif
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// in_tile_w16 with AMX: zb holds z's N rows in bfloat16 (row stride rp >= i1 + 32, zeros past r).
+LS_AMX void in_tile_amx(const SparseV<c10::BFloat16>& v, const uint16_t* zb, int64_t rp, int N, int64_t b0,
+                        int64_t b1, float* acc, float* y, int64_t ldy, int64_t i0, int64_t i1) {
+  const int64_t ld = (b1 - b0) * kBlock;
+  std::memset(acc, 0, N * ld * sizeof(float));
+  TileConfig cfg;
+  for (int t = 0; t < 5; ++t) cfg.rows[t] = static_cast<uint8_t>(N), cfg.colsb[t] = 64;  // C0-C3, A
+  for (int t = 5; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;                          // B
+  _tile_loadconfig(&cfg);
+  // B tiles of every block of the tile for 32 rows of V: block b's 4 tiles (16 pairs of rows x 16
+  // columns each, 4 KiB) at bt + (b - b0) * 2048; filled a pair of rows at a time (two streams of
+  // values, read in order, as the FMA path reads them), then multiplied block by block.
+  uint16_t* bt = reinterpret_cast<uint16_t*>(thread_buffer<kTileSlot>((b1 - b0) * 1024));
+  const __m512i none = _mm512_setzero_si512();
+  const int64_t stride = ld * static_cast<int64_t>(sizeof(float));
+  for (int64_t i = i0; i < i1; i += 32) {
+    const int64_t rows = std::min<int64_t>(32, i1 - i);
+    for (int64_t k = 0; k < 16; ++k) {  // rows i + 2k and i + 2k + 1
+      const bool has_a = 2 * k < rows, has_b = 2 * k + 1 < rows;
+      int64_t p = has_a ? v.start(i + 2 * k, b0) : 0, q = has_b ? v.start(i + 2 * k + 1, b0) : 0;
+      for (int64_t b = b0; b < b1; ++b) {
+        __m512i u0 = none, u1 = none, w0 = none, w1 = none;
+        if (has_a) {
+          const uint64_t bits = v.word(i + 2 * k, b);
+          if (bits) pair32(v, bits, p, u0, u1);
+        }
+        if (has_b) {
+          const uint64_t bits = v.word(i + 2 * k + 1, b);
+          if (bits) pair32(v, bits, q, w0, w1);
+        }
+        // tile t, column j: the pair (row 2k, row 2k + 1) of column 8 (j / 4) + j % 4 (+4 for odd t, +32 for t >= 2)
+        uint16_t* tb = bt + (b - b0) * 2048 + k * 32;
+        _mm512_store_si512(tb, _mm512_unpacklo_epi16(u0, w0));
+        _mm512_store_si512(tb + 512, _mm512_unpackhi_epi16(u0, w0));
+        _mm512_store_si512(tb + 1024, _mm512_unpacklo_epi16(u1, w1));
+        _mm512_store_si512(tb + 1536, _mm512_unpackhi_epi16(u1, w1));
+      }
+    }
+    _tile_loadd(4, zb + i, rp * 2);
+    for (int64_t b = b0; b < b1; ++b) {
+      float* a = acc + (b - b0) * kBlock;
+      const uint16_t* tb = bt + (b - b0) * 2048;
+      _tile_loadd(0, a, stride);
+      _tile_loadd(1, a + 16, stride);
+      _tile_loadd(2, a + 32, stride);
+      _tile_loadd(3, a + 48, stride);
+      _tile_loadd(5, tb, 64);
+      _tile_loadd(6, tb + 512, 64);
+      _tile_loadd(7, tb + 1024, 64);
+      _tile_dpbf16ps(0, 4, 5);
+      _tile_dpbf16ps(1, 4, 6);
+      _tile_dpbf16ps(2, 4, 7);
+      _tile_loadd(5, tb + 1536, 64);
+      _tile_dpbf16ps(3, 4, 5);
+      _tile_stored(0, a, stride);
+      _tile_stored(1, a + 16, stride);
+      _tile_stored(2, a + 32, stride);
+      _tile_stored(3, a + 48, stride);
+    }
+  }
+  _tile_release();
+  // back to column order: slot 16t + j of a block holds column amx_column(t, j); unpacklo/hi take
+  // words 0-3 / 4-7 of each 128-bit lane, so per 32 columns (tiles 2h, 2h + 1):
+  const __m512i lo = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i hi = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  const int64_t cols = std::min(ld, v.h - b0 * kBlock);
+  for (int n = 0; n < N; ++n) {
+    float* an = acc + n * ld;
+    for (int64_t c = 0; c < ld; c += 32) {
+      const __m512 e = _mm512_load_ps(an + c), o = _mm512_load_ps(an + c + 16);
+      _mm512_store_ps(an + c, _mm512_permutex2var_ps(e, lo, o));
+      _mm512_store_ps(an + c + 16, _mm512_permutex2var_ps(e, hi, o));
+    }
+    std::memcpy(y + n * ldy + b0 * kBlock, an, cols * sizeof(float));
+  }
+}
+
+// The out-product x @ V^T on AMX tiles: per 16 rows of V, each block's values spread by pair32 into
+// two A tiles (16 rows x 32 columns, as they lie), x in bfloat16 as B tiles (pairs of columns x N
+// rows: xv, laid out by out_impl), one tdpbf16ps per 32 columns into a C tile (16 rows of V x N).
+LS_AMX void out_rows_amx(const SparseV<c10::BFloat16>& v, const uint32_t* xv, int N, int64_t i0, int64_t i1,
+                         float* out, int64_t ldo) {
+  TileConfig cfg;
+  cfg.rows[0] = 16, cfg.colsb[0] = static_cast<uint16_t>(4 * N);                    // C
+  cfg.rows[1] = cfg.rows[2] = 16, cfg.colsb[1] = cfg.colsb[2] = 64;                 // A: 32 columns
+  cfg.rows[3] = cfg.rows[4] = 16, cfg.colsb[3] = cfg.colsb[4] = static_cast<uint16_t>(4 * N);  // B
+  _tile_loadconfig(&cfg);
+  uint16_t* at = reinterpret_cast<uint16_t*>(thread_buffer<kTileSlot>(v.nb * 512));  // 2 KiB a block
+  const __m512i none = _mm512_setzero_si512();
+  alignas(64) float c[16 * 16];
+  // a weight held whole whose rows are whole blocks: its tiles loaded where they lie
+  const bool direct = v.whole && v.h % kBlock == 0;
+  const uint16_t* w = reinterpret_cast<const uint16_t*>(v.values);
+  for (int64_t i = i0; i < i1; i += 16) {
+    const int64_t rows = std::min<int64_t>(16, i1 - i);
+    if (direct && rows == 16) {
+      _tile_zero(0);
+      for (int64_t b = 0; b < v.nb; ++b) {
+        const uint16_t* a = w + i * v.h + b * kBlock;
+        _mm_prefetch(reinterpret_cast<const char*>(a + 16 * v.h), _MM_HINT_T1);  // (the next strip's rows
+        _tile_loadd(1, a, 2 * v.h);                                               //  start a strip later)
+        _tile_loadd(2, a + 32, 2 * v.h);
+        _tile_loadd(3, xv + (2 * b) * 16 * N, 4 * N);
+        _tile_loadd(4, xv + (2 * b + 1) * 16 * N, 4 * N);
+        _tile_dpbf16ps(0, 1, 3);
+        _tile_dpbf16ps(0, 2, 4);
+      }
+      _tile_stored(0, c, 4 * N);
+      for (int64_t k = 0; k < rows; ++k)
+        for (int n = 0; n < N; ++n) out[n * ldo + i + k] = c[k * N + n];
+      continue;
+    }
+    for (int64_t k = 0; k < 16; ++k) {
+      int64_t p = k < rows ? v.start(i + k, 0) : 0;
+      for (int64_t b = 0; b < v.nb; ++b) {
+        __m512i u0 = none, u1 = none;
+        if (k < rows) {
+          const uint64_t bits = v.word(i + k, b);
+          if (bits) pair32(v, bits, p, u0, u1);
+        }
+        _mm512_store_si512(at + b * 1024 + k * 32, u0);
+        _mm512_store_si512(at + b * 1024 + 512 + k * 32, u1);
+      }
+    }
+    _tile_zero(0);
+    for (int64_t b = 0; b < v.nb; ++b) {
+      _tile_loadd(1, at + b * 1024, 64);
+      _tile_loadd(2, at + b * 1024 + 512, 64);
+      _tile_loadd(3, xv + (2 * b) * 16 * N, 4 * N);
+      _tile_loadd(4, xv + (2 * b + 1) * 16 * N, 4 * N);
+      _tile_dpbf16ps(0, 1, 3);
+      _tile_dpbf16ps(0, 2, 4);
+    }
+    _tile_stored(0, c, 4 * N);
+    for (int64_t k = 0; k < rows; ++k)
+      for (int n = 0; n < N; ++n) out[n * ldo + i + k] = c[k * N + n];
+  }
+  _tile_release();
+}
 #endif  // LS_X86
 
 // ---- which path runs ---------------------------------------------------------------------------
@@ -933,6 +1110,31 @@ std::string bitmask_spread(std::optional<c10::string_view> use) {
     g_spread = spread_named(u);
   }
   return kSpreadNames[g_spread.load()];
+}
+
+// Whether bfloat16 products at several rows run on AMX tiles (in_tile_amx from kAmxInRows rows,
+// out_rows_amx from kAmxOutRows): where the CPU and OS allow it, unless LAYERSHARE_KERNEL_AMX=0;
+// bitmask_amx(use) switches it. Below those rows the FMA paths measured faster (SmolLM2 FiPS 20%'s
+// V's, bfloat16, 2 threads, Intel Xeon: in-product at 5 rows 116.0 against 116.5 us, at 8 rows
+// 128.0 against 171.7; out-product at 3 rows 100.1 against 95.8, at 4 rows 93.5 against 112.5).
+constexpr int64_t kAmxInRows = 6, kAmxOutRows = 4;
+#if LS_X86
+const bool g_amx_usable = amx_usable();
+#else
+const bool g_amx_usable = false;
+#endif
+std::atomic<bool> g_amx{g_amx_usable && !(std::getenv("LAYERSHARE_KERNEL_AMX") &&
+                                          std::string(std::getenv("LAYERSHARE_KERNEL_AMX")) == "0")};
+
+std::string bitmask_amx(std::optional<c10::string_view> use) {
+  if (use) {
+    const std::string u(*use);
+    TORCH_CHECK(u == "on" || u == "off" || u == "best", "bitmask_amx: use must be 'on', 'off' or 'best', got '", u,
+                "'");
+    TORCH_CHECK(u != "on" || g_amx_usable, "bitmask_amx: this CPU (or OS) has no AMX-BF16 tiles to use");
+    g_amx = u != "off" && g_amx_usable;
+  }
+  return g_amx ? "on" : g_amx_usable ? "off" : "absent";
 }
 
 // ---- the ops -----------------------------------------------------------------------------------
@@ -1090,6 +1292,10 @@ at::Tensor in_impl(const at::Tensor& z, const SparseV<T>& v) {
   const float* zs = widened(z);
   float* ztb = thread_buffer<kZtSlot>(r * std::min(N, kMaxRows));  // r x rows: one row of V's weights together
   const int isa = g_isa, spread = g_spread;
+  const bool amx = std::is_same<T, c10::BFloat16>::value && g_amx && isa == kAvx512 && spread == kExpand16 &&
+                   z.scalar_type() == at::kBFloat16;
+  const int64_t rp = r + 32;  // amx: z's rows in bfloat16, zero-padded (a tile reads 32 columns)
+  uint16_t* zb = amx ? reinterpret_cast<uint16_t*>(thread_buffer<kAmxSlot>((std::min(N, kMaxRows) * rp + 1) / 2)) : nullptr;
   // Each task takes a stretch of whole rows of V (so reads one stretch of values and mask, in
   // order), into partial sums over every column; the tasks' sums are added in task order. (Split
   // by columns, every thread read every row in pieces: 1.5x slower for SmolLM2's V from memory.)
@@ -1101,6 +1307,14 @@ at::Tensor in_impl(const at::Tensor& z, const SparseV<T>& v) {
     for (int64_t i = 0; i < r; ++i)
       for (int64_t n = 0; n < rows; ++n) ztb[i * rows + n] = zs[(n0 + n) * r + i];
     const float* zp = ztb;
+    const bool tiles = amx && rows >= kAmxInRows;
+    if (tiles) {
+      const uint16_t* zs16 = reinterpret_cast<const uint16_t*>(z.const_data_ptr<c10::BFloat16>()) + n0 * r;
+      for (int64_t n = 0; n < rows; ++n) {
+        std::memcpy(zb + n * rp, zs16 + n * r, r * sizeof(uint16_t));
+        std::memset(zb + n * rp + r, 0, (rp - r) * sizeof(uint16_t));
+      }
+    }
     float* yp = y.data_ptr<float>() + n0 * h;
     float* pp = part.data() + n0 * h;
     at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
@@ -1108,6 +1322,16 @@ at::Tensor in_impl(const at::Tensor& z, const SparseV<T>& v) {
         const int64_t i0 = r * t / tasks, i1 = r * (t + 1) / tasks;
         float* out = t == 0 ? yp : pp + (t - 1) * N * h;
 #if LS_X86
+        if constexpr (std::is_same<T, c10::BFloat16>::value)
+          if (tiles) {
+            with_rows(rows, [&](auto n) {
+              constexpr int N = decltype(n)::value;
+              in_blocks<N>(v.nb, [&](int64_t b0, int64_t b1, float* acc) {
+                in_tile_amx(v, zb, rp, N, b0, b1, acc, out, h, i0, i1);
+              });
+            });
+            continue;
+          }
         if constexpr (std::is_same<T, c10::BFloat16>::value)
           if (isa == kAvx512 && spread == kExpand16) {
             with_rows(rows, [&](auto n) {
@@ -1163,9 +1387,24 @@ at::Tensor out_impl(const at::Tensor& x, const SparseV<T>& v) {
   // The vector paths read x in whole blocks: when h is not a multiple of 64, a copy zero-padded to
   // nb*64 columns; for out_row_w16, each 32 columns as [16 even | 16 odd]. Written into a buffer of
   // the calling thread (no tensor ops: at one row they cost more than a small product).
-  const float* xs = widened(x);
+  // AMX (bfloat16 values and activations, kAmxOutRows to kMaxRows rows): x as B tiles, xv[(2b + half) * 16 + k][n]
+  // = columns 64b + 32 half + 2k and + 1 of row n (a pair of bfloat16), zero past h
+  const bool tiles = std::is_same<T, c10::BFloat16>::value && g_amx && isa == kAvx512 && spread == kExpand16 &&
+                     x.scalar_type() == at::kBFloat16 && N >= kAmxOutRows && N <= kMaxRows;
+  uint32_t* xv = nullptr;
+  if (tiles) {
+    xv = reinterpret_cast<uint32_t*>(thread_buffer<kAmxSlot>(v.nb * 32 * N));
+    const uint16_t* x16 = reinterpret_cast<const uint16_t*>(x.const_data_ptr<c10::BFloat16>());
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t k = 0; k < v.nb * 32; ++k) {
+        const int64_t col = 2 * k;
+        const uint32_t lo = col < h ? x16[n * h + col] : 0, hi = col + 1 < h ? x16[n * h + col + 1] : 0;
+        xv[k * N + n] = lo | (hi << 16);
+      }
+  }
+  const float* xs = tiles ? nullptr : widened(x);
   int64_t ldx = h;
-  if (w16 || (isa != kPortable && v.nb * kBlock != h)) {
+  if (!tiles && (w16 || (isa != kPortable && v.nb * kBlock != h))) {
     ldx = v.nb * kBlock;
     float* buf = thread_buffer<kPadSlot>(N * ldx);
     for (int64_t n = 0; n < N; ++n)
@@ -1175,6 +1414,16 @@ at::Tensor out_impl(const at::Tensor& x, const SparseV<T>& v) {
       }
     xs = buf;
   }
+#if LS_X86
+  if constexpr (std::is_same<T, c10::BFloat16>::value)
+    if (tiles) {
+      float* o = out.data_ptr<float>();
+      at::parallel_for(0, (r + 15) / 16, std::max<int64_t>(1, grain(h) / 16), [&](int64_t s0, int64_t s1) {
+        out_rows_amx(v, xv, static_cast<int>(N), 16 * s0, std::min(r, 16 * s1), o, r);
+      });
+      return narrowed(out, x);
+    }
+#endif
   for (int64_t n0 = 0; n0 < N; n0 += kMaxRows) {
     const int64_t rows = std::min(kMaxRows, N - n0);
     const float* xg = xs + n0 * ldx;
@@ -1319,6 +1568,7 @@ TORCH_LIBRARY(layershare, m) {
         "Tensor offsets, Tensor(a!) out) -> ()");
   m.def("bitmask_isa(str? use=None) -> str", &bitmask_isa);
   m.def("bitmask_spread(str? use=None) -> str", &bitmask_spread);
+  m.def("bitmask_amx(str? use=None) -> str", &bitmask_amx);
 }
 
 TORCH_LIBRARY_IMPL(layershare, CPU, m) {

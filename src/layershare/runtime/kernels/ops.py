@@ -184,6 +184,19 @@ def set_spread(use: str) -> str:
     return _native_ops().bitmask_spread(use)
 
 
+def amx() -> str:
+    """Whether bfloat16 in-products (bfloat16 values and activations) at 2-8 rows run on AMX tiles:
+    "on" (the default where the CPU has AMX-BF16 and the OS allows it; LAYERSHARE_KERNEL_AMX=0 turns
+    it off), "off", or "absent"."""
+    return _native_ops().bitmask_amx()
+
+
+def set_amx(use: str) -> str:
+    """Switch the AMX in-product "on" (refused where absent), "off" or back to the "best"; returns
+    amx()."""
+    return _native_ops().bitmask_amx(use)
+
+
 def _native_ops():
     """torch.ops.layershare, refusing when the native library is not loaded."""
     if not available():
