@@ -7,8 +7,9 @@ right place for load time, memory and prefill, but its decode ratios inherit the
 rows. Here each round times every model at one and at eight sequences (greedy generation of
 `--new-tokens` tokens after a 16-token prompt, after a warm-up); a row reports the median tok/s
 over rounds and the median of its per-round ratios to the dense model of that round.
-The quality of the very models timed is reported beside (perplexity on the first
-`--ppl-windows` windows of the test book).
+The quality of the very models timed is reported beside: perplexity on the first `--ppl-windows`
+windows of the test book (the prompt path), and of 8 x 64 test tokens fed one token at a time
+with the KV cache (the products at 8 rows that decoding runs).
 
   python benchmarks/decode_ab.py --labels "fips, bf16 file" "rtn 4-bit, bf16 file" --dtypes float32 bfloat16
 
@@ -50,6 +51,25 @@ def tok_s(model, batch: int, new_tokens: int) -> float:
         t = time.perf_counter()
         model.generate(ids, **kw)
     return batch * new_tokens / (time.perf_counter() - t)
+
+
+def decode_path_ppl(model, ids, batch: int = 8, tokens: int = 64) -> float:
+    """Perplexity of `batch` sequences of `tokens` test tokens fed one token at a time with the KV
+    cache: the products at `batch` rows that decoding runs (the windowed perplexity runs the prompt
+    path), so the quality of the very path timed."""
+    import math
+
+    import torch
+
+    from transformers import DynamicCache
+
+    x = ids[: batch * tokens].view(batch, tokens)
+    cache, logits = DynamicCache(config=model.config), []
+    with torch.inference_mode():
+        for t in range(tokens - 1):
+            logits.append(model(x[:, t:t + 1], cache=cache, use_cache=True).logits[:, -1].float())
+    lp = torch.log_softmax(torch.stack(logits, 1), -1)
+    return math.exp(-lp.gather(-1, x[:, 1:, None]).mean().item())
 
 
 def main() -> None:
@@ -103,6 +123,7 @@ def main() -> None:
             if args.ppl_windows:
                 row["ppl_slice"] = layershare.evaluate_perplexity(m, tok, ids, seqlen=2048,
                                                                   max_windows=args.ppl_windows).ppl
+            row["ppl_decode_b8"] = decode_path_ppl(m, ids)
             rows.append(row)
         entries.append({"model": args.model, "dtype": dt, "threads": args.threads, "rounds": args.rounds,
                         "new_tokens": args.new_tokens, "ratio": args.ratio, "ppl_windows": args.ppl_windows,
@@ -114,13 +135,14 @@ def main() -> None:
     old = json.loads(path.read_text()) if path.exists() else []
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(old + entries, indent=2))
-    print("| loaded in | model | decode b1 tok/s | vs dense | decode b8 tok/s | vs dense | ppl (slice) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| loaded in | model | decode b1 tok/s | vs dense | decode b8 tok/s | vs dense | ppl (slice) | "
+          "ppl (decode path, 8 x 64) |")
+    print("|---|---|---|---|---|---|---|---|")
     for e in entries:
         for row in e["rows"]:
             ppl = row.get("ppl_slice", float("nan"))
             print(f"| {e['dtype']} | {row['label']} | {row['decode_b1_tok_s']:.1f} | {row['vs_dense_b1']:.2f}x | "
-                  f"{row['decode_b8_tok_s']:.1f} | {row['vs_dense_b8']:.2f}x | {ppl:.2f} |")
+                  f"{row['decode_b8_tok_s']:.1f} | {row['vs_dense_b8']:.2f}x | {ppl:.2f} | {row['ppl_decode_b8']:.2f} |")
 
 
 if __name__ == "__main__":
