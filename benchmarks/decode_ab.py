@@ -142,7 +142,8 @@ def main() -> None:
         for row in e["rows"]:
             ppl = row.get("ppl_slice", float("nan"))
             print(f"| {e['dtype']} | {row['label']} | {row['decode_b1_tok_s']:.1f} | {row['vs_dense_b1']:.2f}x | "
-                  f"{row['decode_b8_tok_s']:.1f} | {row['vs_dense_b8']:.2f}x | {ppl:.2f} | {row['ppl_decode_b8']:.2f} |")
+                  f"{row['decode_b8_tok_s']:.1f} | {row['vs_dense_b8']:.2f}x | {ppl:.2f} | "
+                  f"{row['ppl_decode_b8']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -114,7 +114,8 @@ def test_the_vbmi2_codes_path_is_the_expand_path_bit_for_bit(isa):
             exact = torch.zeros(r, h)
             exact[keep] = qv.dequantize()  # grid.decode's arithmetic, with whatever zero points
             assert torch.equal(got["expand16"][0], exact)
-            assert all(torch.equal(a, b) for a, b in zip(got["expand"], got["expand16"], strict=True)), (r, h, group, bits)
+            same = [torch.equal(a, b) for a, b in zip(got["expand"], got["expand16"], strict=True)]
+            assert all(same), (r, h, group, bits, same)
             for bad in (offsets + qv.n - 3, offsets - 10**6, torch.full_like(offsets, 2**31 - 1)):
                 ops.in_product(torch.randn(3, r), qv, mask, bad, h)
                 ops.out_product(torch.randn(3, h), qv, mask, bad)

@@ -23,6 +23,9 @@
 //                              Intel CPUs with VBMI2: bfloat16 values and 4-bit codes spread on
 //                              their 16 or 8 bits; "expand" on other Intel CPUs, "permute"
 //                              elsewhere: see Spread); `use` switches it
+//   bitmask_amx(use)           whether bfloat16 values times bfloat16 activations at several rows
+//                              run on AMX tiles ("on" where the CPU and OS allow, "off", "absent";
+//                              in_tile_amx, out_rows_amx); `use` switches it
 //
 // Accumulation is in float32. Three paths compute each op, the best the CPU has chosen at run
 // time: AVX-512 (F, BW, VL: 16 columns per chunk), AVX2+FMA+F16C (8 columns per chunk), both
@@ -237,9 +240,9 @@ void expand_row_portable(const SparseV<T>& v, int64_t i, float* row) {
 
 // How the AVX-512 path spreads a chunk's values: kExpand16 (on CPUs with VBMI2: bfloat16 values by
 // each_pair32, 4-bit codes by each_chunk_vbmi2; other value types take kExpand), kExpand
-// (vexpandps) or kPermute (spread16). The
-// default is kExpand16 on Intel CPUs that have VBMI2, kExpand on other Intel CPUs, kPermute elsewhere;
-// LAYERSHARE_KERNEL_SPREAD=expand16|expand|permute overrides it, bitmask_spread(use) switches it.
+// (vexpandps) or kPermute (spread16). The default is kExpand16 on Intel CPUs that have VBMI2,
+// kExpand on other Intel CPUs, kPermute elsewhere; LAYERSHARE_KERNEL_SPREAD=expand16|expand|permute
+// overrides it, bitmask_spread(use) switches it.
 enum Spread : int { kPermute = 0, kExpand = 1, kExpand16 = 2 };
 const char* const kSpreadNames[] = {"permute", "expand", "expand16"};
 
@@ -639,9 +642,9 @@ namespace avx512 {
 // same sums in the same order as the other paths, bit for bit. The out-product reads x rearranged
 // the same way (once per call); its partial sums fall in other lanes than the other paths' (equal
 // to float32 rounding). Measured on an Intel Xeon with AMX (docs/runtime.md).
-#define LS_VBMI2 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512vbmi2,gfni,bmi2,avx2,fma,f16c,popcnt")))
-#define LS_VBMI2_LAMBDA \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512vbmi2,gfni,bmi2,avx2,fma,f16c,popcnt"), always_inline))
+#define LS_VBMI2_ISA "avx512f,avx512bw,avx512vl,avx512vbmi,avx512vbmi2,gfni,bmi2,avx2,fma,f16c,popcnt"
+#define LS_VBMI2 __attribute__((target(LS_VBMI2_ISA)))
+#define LS_VBMI2_LAMBDA __attribute__((target(LS_VBMI2_ISA), always_inline))
 
 // reverse_bits with GFNI (which every CPU with VBMI2 has; cpu_has_vbmi2 checks both): the bits of
 // each byte reversed by one affine transform, then the bytes. The scalar shifts, ands and ors it
@@ -891,8 +894,7 @@ namespace vbmi2 {
 // between blocks. Only for bfloat16 activations (z exactly representable, as the dense bfloat16
 // model's GEMM takes them) and bfloat16 values; sums are float32 in another order than the FMA
 // path's (equal to float32 rounding).
-#define LS_AMX \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512vbmi2,gfni,bmi2,avx2,fma,f16c,popcnt,amx-tile,amx-bf16")))
+#define LS_AMX __attribute__((target(LS_VBMI2_ISA ",amx-tile,amx-bf16")))
 
 // Whether the CPU has AMX-BF16 and the OS lets this process use the tiles (Linux asks per process).
 bool amx_usable() {
@@ -1289,13 +1291,14 @@ template <typename T>
 at::Tensor in_impl(const at::Tensor& z, const SparseV<T>& v) {
   const int64_t N = z.size(0), r = v.r, h = v.h;
   at::Tensor y = at::empty({N, h}, z.options().dtype(at::kFloat));
-  const float* zs = widened(z);
+  const float* zs = nullptr;  // z in float32 (widened when first needed: the tiles read its bfloat16)
   float* ztb = thread_buffer<kZtSlot>(r * std::min(N, kMaxRows));  // r x rows: one row of V's weights together
   const int isa = g_isa, spread = g_spread;
   const bool amx = std::is_same<T, c10::BFloat16>::value && g_amx && isa == kAvx512 && spread == kExpand16 &&
                    z.scalar_type() == at::kBFloat16;
   const int64_t rp = r + 32;  // amx: z's rows in bfloat16, zero-padded (a tile reads 32 columns)
-  uint16_t* zb = amx ? reinterpret_cast<uint16_t*>(thread_buffer<kAmxSlot>((std::min(N, kMaxRows) * rp + 1) / 2)) : nullptr;
+  uint16_t* zb = nullptr;
+  if (amx) zb = reinterpret_cast<uint16_t*>(thread_buffer<kAmxSlot>((std::min(N, kMaxRows) * rp + 1) / 2));
   // Each task takes a stretch of whole rows of V (so reads one stretch of values and mask, in
   // order), into partial sums over every column; the tasks' sums are added in task order. (Split
   // by columns, every thread read every row in pieces: 1.5x slower for SmolLM2's V from memory.)
@@ -1304,17 +1307,19 @@ at::Tensor in_impl(const at::Tensor& z, const SparseV<T>& v) {
   part.resize(std::max<size_t>(part.size(), (tasks - 1) * N * h));
   for (int64_t n0 = 0; n0 < N; n0 += kMaxRows) {
     const int64_t rows = std::min(kMaxRows, N - n0);
-    for (int64_t i = 0; i < r; ++i)
-      for (int64_t n = 0; n < rows; ++n) ztb[i * rows + n] = zs[(n0 + n) * r + i];
-    const float* zp = ztb;
     const bool tiles = amx && rows >= kAmxInRows;
-    if (tiles) {
+    if (!tiles) {
+      if (!zs) zs = widened(z);
+      for (int64_t i = 0; i < r; ++i)
+        for (int64_t n = 0; n < rows; ++n) ztb[i * rows + n] = zs[(n0 + n) * r + i];
+    } else {
       const uint16_t* zs16 = reinterpret_cast<const uint16_t*>(z.const_data_ptr<c10::BFloat16>()) + n0 * r;
       for (int64_t n = 0; n < rows; ++n) {
         std::memcpy(zb + n * rp, zs16 + n * r, r * sizeof(uint16_t));
         std::memset(zb + n * rp + r, 0, (rp - r) * sizeof(uint16_t));
       }
     }
+    const float* zp = ztb;
     float* yp = y.data_ptr<float>() + n0 * h;
     float* pp = part.data() + n0 * h;
     at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {

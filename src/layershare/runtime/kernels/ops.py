@@ -102,7 +102,8 @@ class QuantValues(NamedTuple):
         return (self.codes, self.scales, self.zeros, self.bits, self.group, self.n)
 
 _loaded: bool | None = None
-_decode_in = _decode_out = _decode_in_q = _decode_out_q = None  # the ops' overloads, bound at load (_decoding's path)
+# the ops' overloads, bound at load (_decoding's path)
+_decode_in = _decode_out = _decode_in_q = _decode_out_q = None
 _fakes = False
 _warned = False
 _scratch = threading.local()
@@ -172,9 +173,10 @@ def set_isa(use: str) -> str:
 def spread() -> str:
     """How the AVX-512 path moves kept values to their columns: "expand16" (bfloat16 values spread
     32 columns at a time by one vpexpandw, 4-bit codes 64 at a time by one vpexpandb: the default on
-    Intel CPUs with AVX-512 VBMI2; other value types take "expand"), "expand" (one vexpandps per 16 columns: other Intel CPUs) or "permute" (a
-    lookup table and one vpermps: elsewhere). In-products are the same bit for bit; expand16's
-    out-products at up to 4 rows sum in other lanes (bitmask.cpp, each_pair32)."""
+    Intel CPUs with AVX-512 VBMI2; other value types take "expand"), "expand" (one vexpandps per 16
+    columns: other Intel CPUs) or "permute" (a lookup table and one vpermps: elsewhere). In-products
+    are the same bit for bit; expand16's out-products at up to 4 rows sum in other lanes
+    (bitmask.cpp, each_pair32)."""
     return _native_ops().bitmask_spread()
 
 
@@ -185,14 +187,15 @@ def set_spread(use: str) -> str:
 
 
 def amx() -> str:
-    """Whether bfloat16 in-products (bfloat16 values and activations) at 2-8 rows run on AMX tiles:
-    "on" (the default where the CPU has AMX-BF16 and the OS allows it; LAYERSHARE_KERNEL_AMX=0 turns
-    it off), "off", or "absent"."""
+    """Whether products of bfloat16 values and bfloat16 activations run on AMX tiles (in-products
+    at 6-8 rows, out-products at 4-8: bitmask.cpp, in_tile_amx and out_rows_amx): "on" (the default
+    where the CPU has AMX-BF16 and the OS allows it; LAYERSHARE_KERNEL_AMX=0 turns it off), "off",
+    or "absent"."""
     return _native_ops().bitmask_amx()
 
 
 def set_amx(use: str) -> str:
-    """Switch the AMX in-product "on" (refused where absent), "off" or back to the "best"; returns
+    """Switch the AMX products "on" (refused where absent), "off" or back to the "best"; returns
     amx()."""
     return _native_ops().bitmask_amx(use)
 
