@@ -697,6 +697,22 @@ LS_VBMI2 LS_INLINE void pair32(const SparseV<c10::BFloat16>& v, uint64_t bits, i
   p += count;
 }
 
+// The accumulators (N rows of ld floats, a multiple of 32) put back in column order: column j < 16
+// of each 32 is lane lo[j] of (their first 16 | next 16), column 16 + j lane hi[j]; then the first
+// `cols` of each row copied to y (row stride ldy).
+LS_VBMI2 void to_columns(float* acc, int64_t ld, int N, __m512i lo, __m512i hi, int64_t cols, float* y,
+                         int64_t ldy) {
+  for (int n = 0; n < N; ++n) {
+    float* an = acc + n * ld;
+    for (int64_t c = 0; c < ld; c += 32) {
+      const __m512 e = _mm512_load_ps(an + c), o = _mm512_load_ps(an + c + 16);
+      _mm512_store_ps(an + c, _mm512_permutex2var_ps(e, lo, o));
+      _mm512_store_ps(an + c + 16, _mm512_permutex2var_ps(e, hi, o));
+    }
+    std::memcpy(y + n * ldy, an, cols * sizeof(float));
+  }
+}
+
 // avx512::in_tile for bfloat16 values: the accumulators in [even | odd] order per 32 columns.
 template <int N>
 LS_VBMI2 void in_tile_w16(const SparseV<c10::BFloat16>& v, const float* zt, int64_t b0, int64_t b1, float* acc,
@@ -762,18 +778,9 @@ LS_VBMI2 void in_tile_w16(const SparseV<c10::BFloat16>& v, const float* zt, int6
     }
   }
   // back to column order: lanes (e0, o0, e1, o1, ...) from the even and odd halves
-  const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-  const __m512i hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-  const int64_t cols = std::min(ld, v.h - b0 * kBlock);
-  for (int n = 0; n < N; ++n) {
-    float* an = acc + n * ld;
-    for (int64_t c = 0; c < ld; c += 32) {
-      const __m512 e = _mm512_load_ps(an + c), o = _mm512_load_ps(an + c + 16);
-      _mm512_store_ps(an + c, _mm512_permutex2var_ps(e, lo, o));
-      _mm512_store_ps(an + c + 16, _mm512_permutex2var_ps(e, hi, o));
-    }
-    std::memcpy(y + n * ldy + b0 * kBlock, an, cols * sizeof(float));
-  }
+  to_columns(acc, ld, N, _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23),
+             _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31),
+             std::min(ld, v.h - b0 * kBlock), y + b0 * kBlock, ldy);
 }
 
 // avx512::out_row for bfloat16 values; x (zero-padded to nb*64 columns) in [even | odd] order per
@@ -945,7 +952,7 @@ LS_AMX void in_tile_amx(const SparseV<c10::BFloat16>& v, const uint16_t* zb, int
           const uint64_t bits = v.word(i + 2 * k + 1, b);
           if (bits) pair32(v, bits, q, w0, w1);
         }
-        // tile t, column j: the pair (row 2k, row 2k + 1) of column 8 (j / 4) + j % 4 (+4 for odd t, +32 for t >= 2)
+        // tile t, slot j: the pair (row 2k, row 2k + 1) of column 8 (j / 4) + j % 4 (+4 for odd t, +32 for t >= 2)
         uint16_t* tb = bt + (b - b0) * 2048 + k * 32;
         _mm512_store_si512(tb, _mm512_unpacklo_epi16(u0, w0));
         _mm512_store_si512(tb + 512, _mm512_unpackhi_epi16(u0, w0));
@@ -976,20 +983,11 @@ LS_AMX void in_tile_amx(const SparseV<c10::BFloat16>& v, const uint16_t* zb, int
     }
   }
   _tile_release();
-  // back to column order: slot 16t + j of a block holds column amx_column(t, j); unpacklo/hi take
-  // words 0-3 / 4-7 of each 128-bit lane, so per 32 columns (tiles 2h, 2h + 1):
-  const __m512i lo = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
-  const __m512i hi = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
-  const int64_t cols = std::min(ld, v.h - b0 * kBlock);
-  for (int n = 0; n < N; ++n) {
-    float* an = acc + n * ld;
-    for (int64_t c = 0; c < ld; c += 32) {
-      const __m512 e = _mm512_load_ps(an + c), o = _mm512_load_ps(an + c + 16);
-      _mm512_store_ps(an + c, _mm512_permutex2var_ps(e, lo, o));
-      _mm512_store_ps(an + c + 16, _mm512_permutex2var_ps(e, hi, o));
-    }
-    std::memcpy(y + n * ldy + b0 * kBlock, an, cols * sizeof(float));
-  }
+  // back to column order: unpacklo/hi take words 0-3 / 4-7 of each 128-bit lane, so slot j of
+  // tile 2h holds column 32h + 8 (j / 4) + j % 4, and of tile 2h + 1 that column + 4
+  to_columns(acc, ld, N, _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23),
+             _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31),
+             std::min(ld, v.h - b0 * kBlock), y + b0 * kBlock, ldy);
 }
 
 // The out-product x @ V^T on AMX tiles: per 16 rows of V, each block's values spread by pair32 into
@@ -1010,39 +1008,31 @@ LS_AMX void out_rows_amx(const SparseV<c10::BFloat16>& v, const uint32_t* xv, in
   const uint16_t* w = reinterpret_cast<const uint16_t*>(v.values);
   for (int64_t i = i0; i < i1; i += 16) {
     const int64_t rows = std::min<int64_t>(16, i1 - i);
+    // block b's A tiles: at a + b * step and 32 columns on, rows `stride` bytes apart
+    const uint16_t* a = at;
+    int64_t step = 1024, stride = 64;
     if (direct && rows == 16) {
-      _tile_zero(0);
-      for (int64_t b = 0; b < v.nb; ++b) {
-        const uint16_t* a = w + i * v.h + b * kBlock;
-        _mm_prefetch(reinterpret_cast<const char*>(a + 16 * v.h), _MM_HINT_T1);  // (the next strip's rows
-        _tile_loadd(1, a, 2 * v.h);                                               //  start a strip later)
-        _tile_loadd(2, a + 32, 2 * v.h);
-        _tile_loadd(3, xv + (2 * b) * 16 * N, 4 * N);
-        _tile_loadd(4, xv + (2 * b + 1) * 16 * N, 4 * N);
-        _tile_dpbf16ps(0, 1, 3);
-        _tile_dpbf16ps(0, 2, 4);
-      }
-      _tile_stored(0, c, 4 * N);
-      for (int64_t k = 0; k < rows; ++k)
-        for (int n = 0; n < N; ++n) out[n * ldo + i + k] = c[k * N + n];
-      continue;
-    }
-    for (int64_t k = 0; k < 16; ++k) {
-      int64_t p = k < rows ? v.start(i + k, 0) : 0;
-      for (int64_t b = 0; b < v.nb; ++b) {
-        __m512i u0 = none, u1 = none;
-        if (k < rows) {
-          const uint64_t bits = v.word(i + k, b);
-          if (bits) pair32(v, bits, p, u0, u1);
+      a = w + i * v.h, step = kBlock, stride = 2 * v.h;
+    } else {
+      for (int64_t k = 0; k < 16; ++k) {
+        int64_t p = k < rows ? v.start(i + k, 0) : 0;
+        for (int64_t b = 0; b < v.nb; ++b) {
+          __m512i u0 = none, u1 = none;
+          if (k < rows) {
+            const uint64_t bits = v.word(i + k, b);
+            if (bits) pair32(v, bits, p, u0, u1);
+          }
+          _mm512_store_si512(at + b * 1024 + k * 32, u0);
+          _mm512_store_si512(at + b * 1024 + 512 + k * 32, u1);
         }
-        _mm512_store_si512(at + b * 1024 + k * 32, u0);
-        _mm512_store_si512(at + b * 1024 + 512 + k * 32, u1);
       }
     }
     _tile_zero(0);
     for (int64_t b = 0; b < v.nb; ++b) {
-      _tile_loadd(1, at + b * 1024, 64);
-      _tile_loadd(2, at + b * 1024 + 512, 64);
+      if (step == kBlock)  // the same block's line of the next strip (its rows come a strip later)
+        _mm_prefetch(reinterpret_cast<const char*>(a + b * step + 16 * v.h), _MM_HINT_T1);
+      _tile_loadd(1, a + b * step, stride);
+      _tile_loadd(2, a + b * step + (step == kBlock ? 32 : 512), stride);
       _tile_loadd(3, xv + (2 * b) * 16 * N, 4 * N);
       _tile_loadd(4, xv + (2 * b + 1) * 16 * N, 4 * N);
       _tile_dpbf16ps(0, 1, 3);
