@@ -20,7 +20,7 @@
 //   bitmask_isa(use)           the path that runs ("avx512", "avx2" or "portable"); `use` switches
 //                              it (tests compare the paths)
 //   bitmask_spread(use)        how the AVX-512 path moves values to their columns ("expand16" on
-//                              Intel CPUs with VBMI2: bfloat16 values and 4-bit codes spread on
+//                              Intel CPUs with VBMI2: bfloat16 values and 4/8-bit codes spread on
 //                              their 16 or 8 bits; "expand" on other Intel CPUs, "permute"
 //                              elsewhere: see Spread); `use` switches it
 //   bitmask_amx(use)           whether bfloat16 values times bfloat16 activations at several rows
@@ -31,7 +31,7 @@
 // time: AVX-512 (F, BW, VL: 16 columns per chunk), AVX2+FMA+F16C (8 columns per chunk), both
 // moving the kept values to their columns by a lookup table and one permute (AVX-512 on Intel: one
 // vexpandps; with VBMI2, one vpexpandw per 32 columns for bfloat16 values, each_pair32, and one
-// vpexpandb per block for 4-bit codes, each_chunk_vbmi2), a block whose 64 entries are all kept
+// vpexpandb per block for 4- and 8-bit codes, each_chunk_vbmi2), a block whose 64 entries are all kept
 // loaded as it is, and portable scalar C++. The AVX-512 drivers (bitmask_avx512.h) are compiled
 // twice, without and with VBMI2. The out-product gives each thread a stretch of V's rows, the
 // in-product too (partial sums over every column, added in task order). The environment variable
@@ -239,7 +239,7 @@ void expand_row_portable(const SparseV<T>& v, int64_t i, float* row) {
 }
 
 // How the AVX-512 path spreads a chunk's values: kExpand16 (on CPUs with VBMI2: bfloat16 values by
-// each_pair32, 4-bit codes by each_chunk_vbmi2; other value types take kExpand), kExpand
+// each_pair32, 4- and 8-bit codes by each_chunk_vbmi2; other value types take kExpand), kExpand
 // (vexpandps) or kPermute (spread16). The default is kExpand16 on Intel CPUs that have VBMI2,
 // kExpand on other Intel CPUs, kPermute elsewhere; LAYERSHARE_KERNEL_SPREAD=expand16|expand|permute
 // overrides it, bitmask_spread(use) switches it.
@@ -844,7 +844,9 @@ LS_VBMI2 LS_INLINE __m512i codes64(const SparseV<Q4>& v, int64_t p, int64_t coun
   return _mm512_and_si512(_mm512_multishift_epi64_epi8(shifts, gathered), _mm512_set1_epi8(15));
 }
 
-// each_chunk16 on CPUs with VBMI2: 4-bit codes as above, every other value type as each_chunk16.
+// each_chunk16 on CPUs with VBMI2: 4-bit codes as above; 8-bit codes spread as bytes by one
+// vpexpandb, then per 16 columns zero-extended, less the zero point in int32 (0 where not kept),
+// converted and scaled (decode16's values bit for bit); every other value type as each_chunk16.
 template <typename T, typename F>
 LS_VBMI2 LS_INLINE void each_chunk_vbmi2(const SparseV<T>& v, uint64_t bits, int64_t& p, F&& f) {
   if constexpr (std::is_same<T, Q4>::value) {
@@ -874,6 +876,33 @@ LS_VBMI2 LS_INLINE void each_chunk_vbmi2(const SparseV<T>& v, uint64_t bits, int
         p += count;
         return;
       }
+    }
+  }
+  if constexpr (std::is_same<T, Q8>::value) {
+    const int64_t count = __builtin_popcountll(bits);
+    const int64_t g = p >> v.gshift, k = ((g + 1) << v.gshift) - p;  // values p + k, ... are in group g + 1
+    const bool two = k < count;
+    if (count && v.gshift >= 6 && p >= 0 && p + count <= v.nnz) {  // (groups g and g + 1 exist)
+      v.prefetch(p);
+      __m512i c = _mm512_maskz_loadu_epi8(_bzhi_u64(~0ULL, static_cast<unsigned>(count)), v.codes + p);
+      const uint64_t columns = bits == ~0ULL ? bits : reverse_bits_gfni(bits);
+      if (bits != ~0ULL) c = _mm512_maskz_expand_epi8(columns, c);
+      const __m512i z0 = _mm512_set1_epi32(v.qzero[g]), z1 = two ? _mm512_set1_epi32(v.qzero[g + 1]) : z0;
+      const __m512 s0 = _mm512_set1_ps(_cvtsh_ss(v.qscale[g].x));
+      const __m512 s1 = two ? _mm512_set1_ps(_cvtsh_ss(v.qscale[g + 1].x)) : s0;
+      const uint64_t later = two ? _pdep_u64(~0ULL << k, columns) : 0;  // the columns of group g + 1
+      const auto chunk = [&](int t, __m128i q) LS_VBMI2_LAMBDA {  // columns 16t..16t+15: 0 where not kept
+        const __mmask16 kept = static_cast<__mmask16>(columns >> (16 * t));
+        const __mmask16 next = static_cast<__mmask16>(later >> (16 * t));
+        const __m512i d = _mm512_maskz_sub_epi32(kept, _mm512_cvtepu8_epi32(q), _mm512_mask_blend_epi32(next, z0, z1));
+        f(t, _mm512_mul_ps(_mm512_cvtepi32_ps(d), _mm512_mask_blend_ps(next, s0, s1)));
+      };
+      chunk(0, _mm512_castsi512_si128(c));
+      chunk(1, _mm512_extracti32x4_epi32(c, 1));
+      chunk(2, _mm512_extracti32x4_epi32(c, 2));
+      chunk(3, _mm512_extracti32x4_epi32(c, 3));
+      p += count;
+      return;
     }
   }
   __m512 chunks[4];  // (f, compiled for VBMI2, cannot be inlined into each_chunk16)
@@ -1335,7 +1364,7 @@ at::Tensor in_impl(const at::Tensor& z, const SparseV<T>& v) {
             });
             continue;
           }
-        if constexpr (std::is_same<T, Q4>::value)
+        if constexpr (kQuant<T>)
           if (isa == kAvx512 && spread == kExpand16) {
             with_rows(rows, [&](auto n) {
               constexpr int N = decltype(n)::value;
@@ -1431,7 +1460,7 @@ at::Tensor out_impl(const at::Tensor& x, const SparseV<T>& v) {
             with_rows(rows, [&](auto n) { out_row_w16<decltype(n)::value>(v, xg, ldx, i, og, r); });
             continue;
           }
-        if constexpr (std::is_same<T, Q4>::value)
+        if constexpr (kQuant<T>)
           if (isa == kAvx512 && spread == kExpand16) {
             with_rows(rows, [&](auto n) { vbmi2::out_row<T, decltype(n)::value>(v, xg, ldx, i, og, r); });
             continue;
@@ -1461,7 +1490,7 @@ void expand_impl(const at::Tensor& out, const SparseV<T>& v) {
   at::parallel_for(0, r, grain(h), [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
 #if LS_X86
-      if constexpr (std::is_same<T, Q4>::value)
+      if constexpr (kQuant<T>)
         if (isa == kAvx512 && spread == kExpand16) {
           vbmi2::expand_row(v, i, o + i * h);
           continue;

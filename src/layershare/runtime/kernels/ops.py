@@ -172,11 +172,11 @@ def set_isa(use: str) -> str:
 
 def spread() -> str:
     """How the AVX-512 path moves kept values to their columns: "expand16" (bfloat16 values spread
-    32 columns at a time by one vpexpandw, 4-bit codes 64 at a time by one vpexpandb: the default on
-    Intel CPUs with AVX-512 VBMI2; other value types take "expand"), "expand" (one vexpandps per 16
-    columns: other Intel CPUs) or "permute" (a lookup table and one vpermps: elsewhere). In-products
-    are the same bit for bit; expand16's out-products at up to 4 rows sum in other lanes
-    (bitmask.cpp, each_pair32)."""
+    32 columns at a time by one vpexpandw, 4- and 8-bit codes 64 at a time by one vpexpandb: the
+    default on Intel CPUs with AVX-512 VBMI2; other value types take "expand"), "expand" (one
+    vexpandps per 16 columns: other Intel CPUs) or "permute" (a lookup table and one vpermps:
+    elsewhere). In-products are the same bit for bit; expand16's out-products at up to 4 rows sum
+    in other lanes (bitmask.cpp, each_pair32)."""
     return _native_ops().bitmask_spread()
 
 
