@@ -87,10 +87,9 @@ def test_every_path_expands_exactly_and_multiplies_as_the_dense_dequantized_v(is
 
 @native
 def test_the_vbmi2_codes_path_is_the_expand_path_bit_for_bit(isa):
-    """4- and 8-bit codes spread as bytes (groups >= 64; smaller groups, and 4-bit zero points
-    above 15, take the other path) give the expand spread's products exactly: odd and even starts,
-    blocks across two groups, full and empty blocks, 1-8 rows, bad offsets read nothing out of
-    bounds."""
+    """4- and 8-bit codes spread as bytes (groups >= 64; smaller groups take the other path) give
+    the expand spread's products exactly: odd and even starts, blocks across two groups, full and
+    empty blocks, any zero points, 1-8 rows, bad offsets read nothing out of bounds."""
     if isa("best") != "avx512" or ops.set_spread("expand16") != "expand16":
         pytest.skip("needs a CPU with AVX-512 VBMI2")
     g = torch.Generator().manual_seed(5)
@@ -101,7 +100,7 @@ def test_the_vbmi2_codes_path_is_the_expand_path_bit_for_bit(isa):
         keep[5] = False  # an empty row
         for bits in (4, 2, 8):
             qv, mask, offsets, _ = quant_v(r, h, bits, group, False, seed=r + h, keep=keep)
-            if bits == 2:  # zero points past 15 (not written by the grid): the other path, still exact
+            if bits == 2:  # zero points past 15 for 4-bit codes (not written by the grid), still exact
                 qv = ops.QuantValues(qv.codes, qv.scales, torch.randint(0, 256, qv.zeros.shape, dtype=torch.uint8,
                                                                         generator=g), 4, group, qv.n)
             zs = [torch.randn(n, r, generator=g) for n in range(1, 9)]

@@ -813,14 +813,14 @@ LS_VBMI2 void out_row_w16(const SparseV<c10::BFloat16>& v, const float* x, int64
   }
 }
 
-// ---- AVX-512 with VBMI2, 4-bit codes -------------------------------------------------------------
-// A block's codes decoded in the integer domain and spread once: the codes one a byte (one vpermb
-// and one vpmultishiftqb from the packed nibbles, from an even or odd start), the zero point
-// subtracted in int8 (a 4-bit code less a zero point <= 15 fits), one vpexpandb by the mask bits
-// in column order, then per 16 columns one sign extension, one conversion and the scale. The
-// values are decode16's bit for bit: (code - zero) and its conversion are exact, then one product
-// by the scale. A block of 64 columns spans at most two groups when group >= 64; smaller groups,
-// and zero points above 15 (never written by quant/grid.py at 4 bits), take each_chunk16's path.
+// ---- AVX-512 with VBMI2, 4- and 8-bit codes ---------------------------------------------------
+// A block's codes spread once, as bytes: the codes one a byte (8-bit: one masked load; 4-bit: one
+// vpermb and one vpmultishiftqb from the packed nibbles, from an even or odd start), one vpexpandb
+// by the mask bits in column order, then per 16 columns a zero extension, the zero point
+// subtracted in int32 (0 in the columns not kept), one conversion and the scale. The values are
+// decode16's bit for bit: (code - zero) and its conversion are exact, then one product by the
+// scale. A block of 64 columns spans at most two groups when group >= 64 (the columns of the
+// second picked by a pdep of the mask); smaller groups take each_chunk16's path.
 
 // qword k of the gather: bytes 4k..4k+4 of the codes (the nibbles of codes 8k..8k+7 from an even
 // or odd start); the last three bytes of each qword are not read by the shifts.
@@ -833,58 +833,31 @@ struct Q4Gather {
 };
 alignas(64) constexpr Q4Gather kQ4Gather{};
 
-// codes p..p+63 one a byte (those past `count` of them are whatever follows; callers drop them)
+// codes p..p+count-1 one a byte (the bytes past them are whatever follows; callers drop them); no
+// byte past the last code's is read
 LS_VBMI2 LS_INLINE __m512i codes64(const SparseV<Q4>& v, int64_t p, int64_t count) {
   const int odd = static_cast<int>(p & 1);
-  const int64_t bytes = (odd + count + 1) >> 1;  // <= 33: no byte past the last code's is read
+  const int64_t bytes = (odd + count + 1) >> 1;  // <= 33
   const __m512i raw = _mm512_maskz_loadu_epi8(_bzhi_u64(~0ULL, static_cast<unsigned>(bytes)), v.codes + (p >> 1));
   const __m512i gathered = _mm512_permutexvar_epi8(_mm512_load_si512(kQ4Gather.idx), raw);
   // byte j of each qword: the 8 bits from bit 4 (j + odd), whose low nibble is code 8k + j
   const __m512i shifts = _mm512_set1_epi64(odd ? 0x201C1814100C0804LL : 0x1C1814100C080400LL);
   return _mm512_and_si512(_mm512_multishift_epi64_epi8(shifts, gathered), _mm512_set1_epi8(15));
 }
+LS_VBMI2 LS_INLINE __m512i codes64(const SparseV<Q8>& v, int64_t p, int64_t count) {
+  return _mm512_maskz_loadu_epi8(_bzhi_u64(~0ULL, static_cast<unsigned>(count)), v.codes + p);
+}
 
-// each_chunk16 on CPUs with VBMI2: 4-bit codes as above; 8-bit codes spread as bytes by one
-// vpexpandb, then per 16 columns zero-extended, less the zero point in int32 (0 where not kept),
-// converted and scaled (decode16's values bit for bit); every other value type as each_chunk16.
+// each_chunk16 on CPUs with VBMI2: codes as above, every other value type as each_chunk16.
 template <typename T, typename F>
 LS_VBMI2 LS_INLINE void each_chunk_vbmi2(const SparseV<T>& v, uint64_t bits, int64_t& p, F&& f) {
-  if constexpr (std::is_same<T, Q4>::value) {
-    const int64_t count = __builtin_popcountll(bits);
-    const int64_t g = p >> v.gshift, k = ((g + 1) << v.gshift) - p;  // values p + k, ... are in group g + 1
-    const bool two = k < count;
-    if (count && v.gshift >= 6 && p >= 0 && p + count <= v.nnz) {  // (groups g and g + 1 exist)
-      const uint8_t z0 = v.qzero[g], z1 = two ? v.qzero[g + 1] : z0;
-      if (z0 <= 15 && z1 <= 15) {
-        v.prefetch(p);
-        __m512i zero = _mm512_set1_epi8(static_cast<char>(z0));
-        if (two) zero = _mm512_mask_blend_epi8(~0ULL << k, zero, _mm512_set1_epi8(static_cast<char>(z1)));
-        __m512i d = _mm512_sub_epi8(codes64(v, p, count), zero);
-        const uint64_t columns = bits == ~0ULL ? bits : reverse_bits_gfni(bits);
-        if (bits != ~0ULL) d = _mm512_maskz_expand_epi8(columns, d);
-        const __m512 s0 = _mm512_set1_ps(_cvtsh_ss(v.qscale[g].x));
-        const __m512 s1 = two ? _mm512_set1_ps(_cvtsh_ss(v.qscale[g + 1].x)) : s0;
-        const uint64_t later = two ? _pdep_u64(~0ULL << k, columns) : 0;  // the columns of group g + 1
-        const auto chunk = [&](int t, __m128i q) LS_VBMI2_LAMBDA {  // columns 16t..16t+15
-          f(t, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)),
-                             _mm512_mask_blend_ps(static_cast<__mmask16>(later >> (16 * t)), s0, s1)));
-        };
-        chunk(0, _mm512_castsi512_si128(d));
-        chunk(1, _mm512_extracti32x4_epi32(d, 1));
-        chunk(2, _mm512_extracti32x4_epi32(d, 2));
-        chunk(3, _mm512_extracti32x4_epi32(d, 3));
-        p += count;
-        return;
-      }
-    }
-  }
-  if constexpr (std::is_same<T, Q8>::value) {
+  if constexpr (kQuant<T>) {
     const int64_t count = __builtin_popcountll(bits);
     const int64_t g = p >> v.gshift, k = ((g + 1) << v.gshift) - p;  // values p + k, ... are in group g + 1
     const bool two = k < count;
     if (count && v.gshift >= 6 && p >= 0 && p + count <= v.nnz) {  // (groups g and g + 1 exist)
       v.prefetch(p);
-      __m512i c = _mm512_maskz_loadu_epi8(_bzhi_u64(~0ULL, static_cast<unsigned>(count)), v.codes + p);
+      __m512i c = codes64(v, p, count);
       const uint64_t columns = bits == ~0ULL ? bits : reverse_bits_gfni(bits);
       if (bits != ~0ULL) c = _mm512_maskz_expand_epi8(columns, c);
       const __m512i z0 = _mm512_set1_epi32(v.qzero[g]), z1 = two ? _mm512_set1_epi32(v.qzero[g + 1]) : z0;
