@@ -12,8 +12,9 @@
 2. Measure, each (model, run-time form) in its own process, the dense model first and last:
    load time (from the saved directory: the dense model through `from_pretrained`), resident
    memory after loading and one 16-token forward (which touches every weight page of a mapped
-   file) and at the peak (RSS above the process's RSS after its imports; on a GPU: allocated
-   memory), the bytes the model's tensors hold, prefill latency (1 x 512 and
+   file) and at the peak (RSS above the process's base RSS, read after its imports and after
+   loading and running a tiny twin of the model compressed the same way, through the same route:
+   twin_dir; on a GPU: allocated memory), the bytes the model's tensors hold, prefill latency (1 x 512 and
    1 x 2048 tokens, median of 3 after a warm-up), greedy decode tokens/s with the KV cache (batch
    1 and 8, 128 new tokens after a 16-token prompt), and perplexity on the first `--ppl-windows`
    2048-token windows of the test book (real weights only).
@@ -24,6 +25,7 @@ result; absolute times are context.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -89,6 +91,18 @@ def rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
+def release_heap() -> None:
+    """Return the C heap's free pages to the system (glibc's malloc_trim; nothing elsewhere), so that
+    the base RSS holds no memory freed before it."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def random_model_dir(name: str) -> Path:
     """A model of SmolLM2-135M's shape with random weights, saved as a transformers directory."""
     import torch
@@ -102,6 +116,33 @@ def random_model_dir(name: str) -> Path:
                       tie_word_embeddings=True, rope_theta=100000.0)
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+# the twin's sizes: a tiny model of the measured model's architecture (see twin_dir)
+TWIN = dict(num_hidden_layers=2, hidden_size=128, intermediate_size=256, num_attention_heads=2,
+            num_key_value_heads=1, head_dim=64, vocab_size=512)
+
+
+def twin_dir(model_name: str) -> Path:
+    """A tiny model of `model_name`'s architecture (its config at TWIN's sizes, random weights),
+    saved as a transformers directory. Each measuring process loads and runs the twin, compressed
+    the same way, through the same route before it reads its base RSS: what loading and a first
+    forward import on first use (transformers' modeling, loading and masking code, torch._dynamo
+    and so Triton where it is installed: about 100 MiB of modules and libraries, the same for
+    every model) then belongs to the base, not to the model measured."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = OUT / "twin" / model_name / "dense"
+    if (path / "config.json").exists():
+        return path
+    cfg = AutoConfig.from_pretrained(dense_dir(model_name))
+    for k, v in TWIN.items():
+        if hasattr(cfg, k):
+            setattr(cfg, k, v)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
     return path
 
 
@@ -127,7 +168,8 @@ def dense_dir(model_name: str) -> Path:
     return path
 
 
-def compress(model_name: str, label: str, ratio: float, steps: int, device: str) -> Path | None:
+def compress(model_name: str, label: str, ratio: float, steps: int, device: str, twin: bool = False) -> Path | None:
+    """The model (or its twin: twin_dir) compressed by `label`'s recipe at `ratio`, saved once."""
     import torch
 
     import layershare
@@ -137,12 +179,12 @@ def compress(model_name: str, label: str, ratio: float, steps: int, device: str)
     if method == "fips" and steps is not None:
         overrides["steps"] = steps
     tuned = "" if method != "fips" or steps == 0 else f" steps{'default' if steps is None else steps}"
-    path = OUT / model_name / f"{label} {ratio}{tuned}".replace(" ", "_").replace("(", "").replace(")", "").replace(":", "-")
+    path = (OUT / "twin" if twin else OUT) / model_name / f"{label} {ratio}{tuned}".replace(" ", "_").replace("(", "").replace(")", "").replace(":", "-")
     if (path / "layershare.json").exists():
         return path
     from transformers import AutoModelForCausalLM
 
-    src = dense_dir(model_name)
+    src = twin_dir(model_name) if twin else dense_dir(model_name)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     bits = overrides.pop("bits", None)
     file_dtype = overrides.pop("dtype", "float32")
@@ -156,7 +198,7 @@ def compress(model_name: str, label: str, ratio: float, steps: int, device: str)
 
             recipe.stages.append(QuantConfig(bits=bits, algorithm="rtn"))
     recipe.dtype = file_dtype
-    if model_name.endswith("-shape"):  # random weights: a few random windows calibrate as well as any
+    if twin or model_name.endswith("-shape"):  # random weights: a few random windows calibrate as well as any
         recipe.nsamples = 8
         data = torch.randint(0, model.config.vocab_size, (recipe.nsamples * recipe.seqlen + 1,),
                              generator=torch.Generator().manual_seed(0))
@@ -166,7 +208,7 @@ def compress(model_name: str, label: str, ratio: float, steps: int, device: str)
     try:
         layershare.compress(model, recipe, data=data, tokenizer=tok, output_dir=path)
     except ValueError as e:  # a budget the method cannot reach
-        print(f"   {label} at {ratio:.0%}: {e}", flush=True)
+        print(f"   {label} at {ratio:.0%}{' (twin)' if twin else ''}: {e}", flush=True)
         return None
     return path
 
@@ -183,16 +225,26 @@ def measure(spec: dict) -> dict:
 
     dev = spec["device"]
     cuda = dev.startswith("cuda")
+    dtype = getattr(torch, spec.get("dtype", "float32"))
+
+    def load(path):
+        if spec["runtime"] == "dense":
+            return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(dev).eval()
+        return layershare.load(path, device=dev, runtime=spec["runtime"], dtype=dtype)
+
+    if spec.get("twin"):  # its first-use imports into the base (twin_dir)
+        twin = load(spec["twin"])
+        with torch.inference_mode():
+            twin(torch.randint(0, twin.config.vocab_size, (1, 16)).to(dev), use_cache=False)
+        del twin
+    gc.collect()
+    release_heap()
     if cuda:
         torch.zeros(1, device=dev)
         torch.cuda.reset_peak_memory_stats(dev)
     base = rss_mb()
     t0 = time.perf_counter()
-    dtype = getattr(torch, spec.get("dtype", "float32"))
-    if spec["runtime"] == "dense":
-        model = AutoModelForCausalLM.from_pretrained(spec["dir"], dtype=dtype).to(dev).eval()
-    else:
-        model = layershare.load(spec["dir"], device=dev, runtime=spec["runtime"], dtype=dtype)
+    model = load(spec["dir"])
     if cuda:
         torch.cuda.synchronize()
     row = {"load_s": time.perf_counter() - t0, "resident_bytes": resident_bytes(model), "forms": forms(model),
@@ -302,13 +354,15 @@ def main() -> None:
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     real = not args.model.endswith("-shape")
-    jobs = [("dense", "dense", 0.0, dense_dir(args.model))]
+    jobs = [("dense", "dense", 0.0, dense_dir(args.model), twin_dir(args.model))]
     for ratio in args.ratios:
         for label in args.variants:
             print(f"== compress {label} at {ratio:.0%}", flush=True)
             path = compress(args.model, label, ratio, args.steps, args.device)
+            twin = compress(args.model, label, ratio, 0, args.device, twin=True)
             if path is not None:
-                jobs += [(label, rt, ratio, path) for rt in VARIANTS[label][1] if not args.runtimes or rt in args.runtimes]
+                jobs += [(label, rt, ratio, path, twin) for rt in VARIANTS[label][1]
+                         if not args.runtimes or rt in args.runtimes]
     jobs.append(jobs[0])  # the dense model last too: drift shows as a difference between its two rows
     results = Path(args.results)
     rows = json.loads(results.read_text()) if results.exists() else []
@@ -318,10 +372,10 @@ def main() -> None:
 
         device_name = torch.cuda.get_device_name(args.device)
     new = []
-    for (label, rt, ratio, path), dtype in [(j, d) for j in jobs for d in args.dtypes]:
+    for (label, rt, ratio, path, twin), dtype in [(j, d) for j in jobs for d in args.dtypes]:
         print(f"== measure {label} {ratio:.0%} {rt} {dtype}", flush=True)
         spec = {"dir": str(path), "runtime": rt, "device": args.device, "threads": args.threads, "dtype": dtype,
-                "ppl_windows": args.ppl_windows if real else 0}
+                "ppl_windows": args.ppl_windows if real else 0, "twin": str(twin) if twin else None}
         if args.quick:
             spec.update(reps=1, new_tokens=32)
         row = run_child(spec)
@@ -329,7 +383,8 @@ def main() -> None:
             print("   failed", flush=True)
             continue
         row.update(model=args.model, device=device_name, label=label, runtime=rt, ratio=ratio, threads=args.threads,
-                   dtype=dtype, date=time.strftime("%Y-%m-%d"), quick=args.quick, ppl_windows=spec["ppl_windows"])
+                   dtype=dtype, date=time.strftime("%Y-%m-%d"), quick=args.quick, ppl_windows=spec["ppl_windows"],
+                   twin=twin is not None)
         new.append(row)
         print("  ", {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
     key = lambda r: (r["model"], r["device"], r["label"], r["ratio"], r["runtime"], r.get("dtype", "float32"))  # noqa: E731

@@ -242,6 +242,40 @@ def test_expand_is_exact_and_checks_its_inputs():
         torch.ops.layershare.bitmask_out(torch.randn(2, 100), values.double(), mask, offsets)
     with pytest.raises(RuntimeError, match="z must be a contiguous 2-D float32"):
         torch.ops.layershare.bitmask_in(torch.randn(2, 33).t(), values, mask, offsets, 100)
+    with pytest.raises(RuntimeError, match="out must be a contiguous 2-D float32, bfloat16 or float16 CPU tensor"):
+        ops.expand(values, mask, offsets, torch.empty(33, 100, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="out must be a contiguous 2-D float32"):
+        ops.expand(values, mask, offsets, torch.empty(100, 33, dtype=torch.bfloat16).t())
+
+
+@native
+@pytest.mark.parametrize("path", ["best", "avx2", "portable"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_expanding_into_16_bits_is_the_float32_expansion_rounded(isa, path, threads):
+    """V expanded straight into bfloat16 or float16 (a prompt's 16-bit GEMM, with no float32 V held)
+    is the float32 expansion rounded as Tensor.to rounds, bit for bit: values that round (float32),
+    ties, the largest finite float32 (to infinity), infinities, subnormals; shapes past the op's
+    8-row chunks and not multiples of 8 or 64; NaN stays NaN."""
+    if isa(path) != path and path != "best":
+        pytest.skip(f"this CPU has no {path} path")
+    torch.set_num_threads(threads)
+    try:
+        for r, h, dtype in [(33, 100, torch.float32), (70, 333, torch.float32), (17, 64, torch.bfloat16),
+                            (9, 1000, torch.float16), (1, 7, torch.float32)]:
+            values, mask, offsets, _ = sparse_v(r, h, dtype, seed=r + h)
+            if dtype == torch.float32:  # specials among the values
+                special = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 3.4028235e38, float("inf"),
+                                        -float("inf"), 1e-40, -1e-45, float("nan"), 0.0, -0.0])
+                values[: special.numel()] = special[: values.numel()]
+            full = ops.expand(values, mask, offsets, torch.empty(r, h))
+            for out in (torch.bfloat16, torch.float16):
+                got = ops.expand(values, mask, offsets, torch.full((r, h), 7, dtype=out))
+                want = full.to(out)
+                nan = want.isnan()
+                assert torch.equal(got.isnan(), nan), (r, h, dtype, out)
+                assert torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16)), (r, h, dtype, out)
+    finally:
+        torch.set_num_threads(2)
 
 
 @native

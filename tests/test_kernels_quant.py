@@ -75,6 +75,9 @@ def test_every_path_expands_exactly_and_multiplies_as_the_dense_dequantized_v(is
                 continue
             # the expansion is grid.decode's values exactly, on every path
             assert torch.equal(ops.expand(qv, mask, offsets, torch.empty(r, h)), dense), (use, r, h)
+            # and into bfloat16 (a prompt's 16-bit GEMM): those values rounded as Tensor.to rounds
+            assert torch.equal(ops.expand(qv, mask, offsets, torch.empty(r, h, dtype=torch.bfloat16)),
+                               dense.bfloat16()), (use, r, h)
             for n in (1, 2, 5, 8, 37):  # sparse kernels up to 8 rows; more: expanded V + GEMM
                 for threads in ((1, 2) if n == 1 else (2,)):
                     torch.set_num_threads(threads)

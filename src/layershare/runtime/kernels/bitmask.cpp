@@ -12,7 +12,8 @@
 //   bitmask_out(x, ...)        x @ V^T  (x: N x h -> N x r), in parallel over rows of V
 //                              (activations float32, bfloat16 or float16, the result in their dtype;
 //                              16-bit ones widened to float32 as the products start)
-//   bitmask_expand(..., out)   out = V  (r x h float32, written in place), in parallel over rows
+//   bitmask_expand(..., out)   out = V  (r x h, written in place, float32, or bfloat16/float16 rounded
+//                              as Tensor.to rounds), in parallel over rows
 //   bitmask_in_q / bitmask_out_q / bitmask_expand_q (codes, scales, zeros, bits, group, n, ...)
 //                              the same with the kept values held as integer codes (ops.QuantValues):
 //                              value p = (code[p] - zeros[p / group]) * scales[p / group] in float32
@@ -1142,12 +1143,6 @@ void with_value_type(const at::Tensor& values, F&& f) {
   }
 }
 
-void check_float_matrix(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.dim() == 2 && t.scalar_type() == at::kFloat && t.is_contiguous(),
-              "bitmask ops: ", name, " must be a contiguous 2-D float32 CPU tensor, got ", t.sizes(), " ",
-              t.scalar_type());
-}
-
 // Activations: float32, bfloat16 or float16 (the products are float32 ones either way).
 void check_activations(const at::Tensor& t, const char* name) {
   const auto dt = t.scalar_type();
@@ -1155,6 +1150,38 @@ void check_activations(const at::Tensor& t, const char* name) {
                   (dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf),
               "bitmask ops: ", name, " must be a contiguous 2-D float32, bfloat16 or float16 CPU tensor, got ",
               t.sizes(), " ", dt);
+}
+
+// float32 -> bfloat16 rounded to nearest even, bit for bit as c10::BFloat16(float) (NaN -> 0x7FC0),
+// written without branches so that GCC vectorizes it at the width of the function it is inlined into.
+LS_INLINE void narrow_bf16_loop(const float* src, uint16_t* dst, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    uint32_t u;
+    std::memcpy(&u, src + j, 4);
+    const uint16_t rounded = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    dst[j] = (u & 0x7FFFFFFFu) > 0x7F800000u ? uint16_t{0x7FC0} : rounded;
+  }
+}
+#if LS_X86
+LS_AVX512 void narrow_bf16_avx512(const float* src, uint16_t* dst, int64_t n) { narrow_bf16_loop(src, dst, n); }
+LS_AVX2 void narrow_bf16_avx2(const float* src, uint16_t* dst, int64_t n) { narrow_bf16_loop(src, dst, n); }
+#endif
+
+// n floats into dst's dtype (float32: copied; bfloat16: the vector loop above; float16: as c10::Half).
+template <typename S>
+void narrow_to(const float* src, S* dst, int64_t n) {
+  if constexpr (std::is_same<S, float>::value) {
+    std::memcpy(dst, src, n * sizeof(float));
+  } else if constexpr (std::is_same<S, c10::BFloat16>::value) {
+    uint16_t* d = reinterpret_cast<uint16_t*>(dst);
+#if LS_X86
+    if (g_isa == kAvx512) return narrow_bf16_avx512(src, d, n);
+    if (g_isa == kAvx2) return narrow_bf16_avx2(src, d, n);
+#endif
+    narrow_bf16_loop(src, d, n);
+  } else {
+    for (int64_t k = 0; k < n; ++k) dst[k] = S(src[k]);
+  }
 }
 
 // 16-bit activations widened to float32 (exactly) in a buffer of the calling thread, float32 ones as
@@ -1183,9 +1210,7 @@ at::Tensor narrowed(const at::Tensor& y, const at::Tensor& activations) {
   at::Tensor out = at::empty(y.sizes(), y.options().dtype(activations.scalar_type()));
   with_value_type(activations, [&](auto tag) {
     using S = decltype(tag);
-    const float* src = y.const_data_ptr<float>();
-    S* dst = out.data_ptr<S>();
-    for (int64_t k = 0; k < y.numel(); ++k) dst[k] = S(src[k]);
+    narrow_to(y.const_data_ptr<float>(), out.data_ptr<S>(), y.numel());
   });
   return out;
 }
@@ -1455,30 +1480,39 @@ at::Tensor out_impl(const at::Tensor& x, const SparseV<T>& v) {
   return narrowed(out, x);
 }
 
+// Rows of V expanded into `out` (r x h): float32 written where they lie; bfloat16 or float16 (a
+// prompt's GEMM in that dtype) through a float32 buffer of the calling thread, kNarrowRows rows at a
+// time, then rounded as Tensor.to rounds: no float32 V of the whole shape is ever held.
+constexpr int64_t kNarrowRows = 8;
+
 template <typename T>
 void expand_impl(const at::Tensor& out, const SparseV<T>& v) {
   const int64_t r = v.r, h = v.h;
   const int isa = g_isa, spread = g_spread;
-  float* o = out.data_ptr<float>();
-  at::parallel_for(0, r, grain(h), [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
+  auto row = [&](int64_t i, float* dst) {
 #if LS_X86
-      if constexpr (kQuant<T>)
-        if (isa == kAvx512 && spread == kExpand16) {
-          vbmi2::expand_row(v, i, o + i * h);
-          continue;
-        }
-      if (isa == kAvx512) {
-        avx512::expand_row(v, i, o + i * h);
-        continue;
-      }
-      if (isa == kAvx2) {
-        expand_row_avx2(v, i, o + i * h);
-        continue;
-      }
+    if constexpr (kQuant<T>)
+      if (isa == kAvx512 && spread == kExpand16) return vbmi2::expand_row(v, i, dst);
+    if (isa == kAvx512) return avx512::expand_row(v, i, dst);
+    if (isa == kAvx2) return expand_row_avx2(v, i, dst);
 #endif
-      expand_row_portable(v, i, o + i * h);
-    }
+    expand_row_portable(v, i, dst);
+  };
+  with_value_type(out, [&](auto tag) {
+    using S = decltype(tag);
+    S* o = out.data_ptr<S>();
+    at::parallel_for(0, r, grain(h), [&](int64_t i0, int64_t i1) {
+      if constexpr (std::is_same<S, float>::value) {
+        for (int64_t i = i0; i < i1; ++i) row(i, o + i * h);
+      } else {
+        float* buf = thread_buffer<kWidenSlot>(kNarrowRows * h);
+        for (int64_t i = i0; i < i1; i += kNarrowRows) {
+          const int64_t n = std::min(kNarrowRows, i1 - i);
+          for (int64_t k = 0; k < n; ++k) row(i + k, buf + k * h);
+          narrow_to(buf, o + i * h, n * h);
+        }
+      }
+    });
   });
   (void)isa;
   (void)spread;
@@ -1509,7 +1543,7 @@ at::Tensor bitmask_out(const at::Tensor& x, const at::Tensor& values, const at::
 
 void bitmask_expand(const at::Tensor& values, const at::Tensor& mask, const at::Tensor& offsets,
                     const at::Tensor& out) {
-  check_float_matrix(out, "out");
+  check_activations(out, "out");
   with_value_type(values, [&](auto tag) {
     using T = decltype(tag);
     expand_impl(out, sparse_v<T>(values, mask, offsets, out.size(0), out.size(1)));
@@ -1544,7 +1578,7 @@ at::Tensor bitmask_out_q(const at::Tensor& x, const at::Tensor& codes, const at:
 void bitmask_expand_q(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& zeros, int64_t bits,
                       int64_t group, int64_t n, const at::Tensor& mask, const at::Tensor& offsets,
                       const at::Tensor& out) {
-  check_float_matrix(out, "out");
+  check_activations(out, "out");
   with_code_type(bits, [&](auto tag) {
     using T = decltype(tag);
     expand_impl(out, sparse_qv<T>(codes, scales, zeros, group, n, mask, offsets, out.size(0), out.size(1)));

@@ -13,9 +13,10 @@ activations of any leading shape and dtype:
 Up to DECODE_ROWS rows of activations (decoding) go through the sparse kernels (bitmask.cpp:
 float32 accumulation; bfloat16/float16 activations are widened to float32 inside the op and the
 result rounded back to their dtype). More
-rows (a prompt) expand V into a per-thread float32 scratch buffer and use PyTorch's dense GEMM,
-in bfloat16 for bfloat16 activations on a CPU that has it in hardware (as the dense model's
-linears do), else in float32: no dense V is kept by any layer between calls. CUDA activations
+rows (a prompt) expand V into a per-thread scratch buffer and use PyTorch's dense GEMM, in
+bfloat16 for bfloat16 activations on a CPU that has it in hardware (as the dense model's linears
+do; V expanded straight into bfloat16), else in float32: no dense V is kept by any layer between
+calls. CUDA activations
 take the Triton kernels (triton_bitmask.py) when Triton is installed, at every row count.
 
 `values` may also be a `QuantValues`: the kept values as integer codes on a group-wise grid
@@ -354,8 +355,8 @@ def in_product(z: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, offset
     elif z2.shape[0] <= DECODE_ROWS:
         y = torch.ops.layershare.bitmask_in(z2.contiguous(), values, mask, offsets, h)
     else:
-        V = _expanded(values, mask, offsets, (r, h))
-        y = z2 @ V.to(z2.dtype) if _gemm_16bit(z2) else z2.float() @ V
+        y = (z2 @ _expanded(values, mask, offsets, (r, h), z2.dtype) if _gemm_16bit(z2)
+             else z2.float() @ _expanded(values, mask, offsets, (r, h)))
     return y.to(z.dtype).reshape(*z.shape[:-1], h)
 
 
@@ -376,13 +377,14 @@ def out_product(x: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, offse
     elif x2.shape[0] <= DECODE_ROWS:
         y = torch.ops.layershare.bitmask_out(x2.contiguous(), values, mask, offsets)
     else:
-        V = _expanded(values, mask, offsets, (r, h))
-        y = x2 @ V.to(x2.dtype).t() if _gemm_16bit(x2) else x2.float() @ V.t()
+        y = (x2 @ _expanded(values, mask, offsets, (r, h), x2.dtype).t() if _gemm_16bit(x2)
+             else x2.float() @ _expanded(values, mask, offsets, (r, h)).t())
     return y.to(x.dtype).reshape(*x.shape[:-1], r)
 
 
 def expand(values: torch.Tensor, mask: torch.Tensor, offsets: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """Write V into `out` (r x h, float32, contiguous) with the native kernel; returns `out`."""
+    """Write V into `out` (r x h, contiguous; float32, or bfloat16/float16 rounded as Tensor.to
+    rounds) with the native kernel; returns `out`."""
     if isinstance(values, QuantValues):
         torch.ops.layershare.bitmask_expand_q(*values.args(), mask, offsets, out)
     else:
@@ -407,28 +409,30 @@ def dense_16bit(t: torch.Tensor, weight: torch.Tensor) -> bool:
     return t.dtype == weight.dtype and t.shape[0] > DECODE_ROWS
 
 
-def scratch(shape: tuple[int, ...]) -> torch.Tensor:
-    """A float32 tensor of `shape` in this thread's scratch buffer (valid until the next call in
-    this thread; one buffer for every caller); a fresh tensor while torch.compile traces (no state
-    outside the graph)."""
+def scratch(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A tensor of `shape` and `dtype` in this thread's scratch buffer (valid until the next call in
+    this thread; one buffer for every caller and dtype); a fresh tensor while torch.compile traces
+    (no state outside the graph)."""
     if torch.compiler.is_compiling():
-        return torch.empty(shape)
+        return torch.empty(shape, dtype=dtype)
     numel = 1
     for n in shape:
         numel *= n
+    nbytes = max(numel, 1) * dtype.itemsize
     buf = getattr(_scratch, "buf", None)
-    if buf is None or buf.numel() < numel:
+    if buf is None or buf.numel() < nbytes:
         # a normal tensor even when first asked for under torch.inference_mode: an inference
         # tensor could not be written again outside it (generate under inference_mode, then a
         # perplexity under no_grad failed so)
         with torch.inference_mode(False):
-            buf = _scratch.buf = torch.empty(max(numel, 1))
-    return buf[:numel].view(shape)
+            buf = _scratch.buf = torch.empty(nbytes, dtype=torch.uint8)
+    return buf[:nbytes].view(dtype)[:numel].view(shape)
 
 
-def _expanded(values, mask, offsets, shape: tuple[int, int]) -> torch.Tensor:
-    """V in float32, in this thread's scratch buffer (see scratch)."""
-    return expand(values, mask, offsets, scratch(shape))
+def _expanded(values, mask, offsets, shape: tuple[int, int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """V in `dtype` (float32, or the 16-bit dtype of a prompt's GEMM: rounded as Tensor.to rounds,
+    by the op, with no float32 V of the whole shape), in this thread's scratch buffer (scratch)."""
+    return expand(values, mask, offsets, scratch(shape, dtype))
 
 
 def self_check() -> None:
