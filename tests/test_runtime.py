@@ -128,6 +128,26 @@ def test_projection_cache_sees_in_place_changes():
     assert basis.projections == 3
 
 
+def test_a_prompts_projection_lives_no_longer_than_its_input():
+    """More than HOLD_ROWS rows (a prompt): z is reused while x lives, then dropped with it (each
+    basis used to hold its last prompt's z after the forward: 35 MiB for SmolLM2 after 2048
+    tokens). A decoding step's few rows stay cached until the next input."""
+    import weakref
+
+    basis = SharedBasis(torch.randn(8, 4))
+    with torch.no_grad():  # (with grad, z's graph holds x, as training needs)
+        x = torch.randn(2, SharedBasis.HOLD_ROWS, 8)  # 16 rows over a batch of 2
+        z = basis.project(x)
+        assert basis.project(x) is z and basis.projections == 1
+        gone = weakref.ref(z)
+        del x, z
+        assert basis._z is None and gone() is None
+        step = torch.randn(SharedBasis.HOLD_ROWS, 8)
+        z = basis.project(step)
+        del step, z
+        assert basis._z is not None
+
+
 def test_bad_runtime_and_pattern_are_refused(tokens, tmp_path):
     with pytest.raises(ValueError, match="unknown runtime 'fast'.*auto, compact, factored, csr, merged"):
         layershare.load(tmp_path / "missing", runtime="fast")

@@ -178,6 +178,8 @@ class SharedBasis(nn.Module):
             return self.U16.shape[1]
         return self._uq[2][0 if self._uq[1] else 1] if self.held else self.U.shape[1]
 
+    HOLD_ROWS = 8  # a projection of more rows than this is cached only while its input lives
+
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """z = x @ U, computed once for the layers that read the same x (up and gate): the last
         result is reused while x is the same tensor, unchanged, and U unchanged."""
@@ -192,8 +194,18 @@ class SharedBasis(nn.Module):
             return cached[2]
         z = self._times(x, False) if p is None else x @ self.effective_U().to(x.dtype)
         self.projections += 1
-        self._z = (weakref.ref(x), key, z)
+        self._z = entry = (weakref.ref(x), key, z)
+        if z.numel() > self.HOLD_ROWS * z.shape[-1] and not torch.compiler.is_compiling():
+            # a prompt's z lives no longer than its x: kept until the next call, each basis held
+            # its last prompt's z after the forward (SmolLM2 in bfloat16, 15 bases: 35 MiB after
+            # a 2048-token prompt). A decoding step's few rows stay cached (no finalizer's cost).
+            # (With grad, z's graph holds x itself, as training needs: kept until the next call.)
+            weakref.finalize(x, self._drop, entry)
         return z
+
+    def _drop(self, entry) -> None:
+        if self._z is entry:
+            self._z = None
 
     def unproject(self, z: torch.Tensor) -> torch.Tensor:
         """z @ U^T (the out-layers' last product)."""
