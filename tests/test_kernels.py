@@ -596,6 +596,44 @@ def test_kernel_form_in_bfloat16(compressed, input_ids):
             assert (out.float() - expected).abs().max() < 0.05 * expected.abs().max()
 
 
+@native
+def test_decoding_products_follow_the_tensors_a_layer_holds(compressed, input_ids):
+    """Each layer makes its decoding product once (ops.decode_fn) and keeps it: after its tensors
+    are replaced (here every 16-bit weight, shared basis and V doubled, as new tensors) it computes
+    with the new ones, as a model that never ran before the change does; a deep copy computes the
+    same; a form round trip too."""
+    from layershare.modules.shared_basis import SharedBasis
+    from layershare.runtime.narrow import Linear16
+
+    def double(model):
+        n = 0
+        for m in model.modules():
+            for cls, name in ((Linear16, "weight16"), (SharedBasis, "U16"), (SharedBasisLinear, "V_values")):
+                if isinstance(m, cls) and name in m._buffers:
+                    m._buffers[name] = m._buffers[name] * 2
+                    n += 1
+        return n
+
+    ran = layershare.load(compressed, runtime="auto", dtype=torch.bfloat16)  # plain linears in Linear16 too
+    fresh = layershare.load(compressed, runtime="auto", dtype=torch.bfloat16)
+    assert forms(ran) == {"kernel": 12} and sum(isinstance(m, Linear16) for m in ran.modules()) > 12
+    step = input_ids[:2, :1]  # two decoding rows
+    with torch.no_grad():
+        before = ran(step).logits
+        counts = double(ran), double(fresh)
+        assert counts[0] == counts[1] > 24  # V's, bases and plain linears all changed
+        after = ran(step).logits
+        assert not torch.equal(after, before)
+        assert torch.equal(after, fresh(step).logits)
+        import copy
+
+        assert torch.equal(copy.deepcopy(ran)(step).logits, after)
+        layer = next(m for m in ran.modules() if isinstance(m, SharedBasisLinear))
+        layer.to_form("compact")
+        layer.to_form("kernel")
+        assert torch.equal(ran(step).logits, after)
+
+
 def test_auto_picks_the_kernel_form_only_for_a_model_on_the_cpu(compressed):
     """The kernels are the CPU's: on another device `auto` keeps the group factored or merged
     (a meta-device copy stands in for a GPU here)."""

@@ -46,6 +46,17 @@ def _sparse_csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, siz
 
 
 
+_ops = None  # runtime.kernels.ops once a held basis or a kernel-form layer first runs
+
+
+def _load_ops():
+    global _ops
+    from layershare.runtime.kernels import ops
+
+    _ops = ops
+    return ops
+
+
 class SharedBasis(nn.Module):
     """The basis U (d x r) one group of blocks shares; registered once per group.
 
@@ -59,6 +70,7 @@ class SharedBasis(nn.Module):
         super().__init__()
         self.U = nn.Parameter(U)
         self._z = None  # (weakref to x, versions, z) of the last projection
+        self._fast = None  # (U16, Uq_codes, the two decoding products): _times
         self.projections = 0  # how many x @ U products were computed (tests count them)
         self.fake_quant = None  # a quant.QuantSpec while tuning with quantization-aware training
         self.fake_quant_input_first = True  # U's groups along d (shared with layers of role "in"), else along r
@@ -146,9 +158,20 @@ class SharedBasis(nn.Module):
 
     def _times(self, x: torch.Tensor, transpose_u: bool) -> torch.Tensor:
         """x @ U (or x @ U^T) from U held at 16 bits or as codes, by the bitmask kernels."""
-        from layershare.runtime.kernels import ops
+        ops = _ops or _load_ops()  # (not an import statement: this runs ~100 times a token)
 
         b = self._buffers
+        # decoding: the two products made once (ops.decode_fn), remade when U's tensors change
+        held = b.get("U16"), b.get("Uq_codes")
+        fast = self._fast
+        if fast is None or fast[0] is not held[0] or fast[1] is not held[1]:
+            fast = (*held, *self._decode_fns())
+            if ops._loaded is True:
+                self._fast = fast
+        x2 = ops.decode_rows(x) if fast[2 + transpose_u] is not None else None
+        if x2 is not None:
+            op, args = fast[2 + transpose_u]
+            return op(x2, *args).view(*x.shape[:-1], -1)
         if "U16" in b:  # U (d x r) as the kernels' V
             U16 = b["U16"]
             if ops.dense_16bit(x.reshape(-1, x.shape[-1]), U16):  # a 16-bit model's prompt: PyTorch's GEMM
@@ -160,6 +183,20 @@ class SharedBasis(nn.Module):
         if transposed != transpose_u:  # x @ M^T
             return ops.out_product(x, *M)
         return ops.in_product(x, *M, shape[1])  # x @ M
+
+    def _decode_fns(self) -> tuple:
+        """(x @ U, x @ U^T) as ops.decode_fn products of U as held (16-bit or codes)."""
+        from layershare.runtime.kernels import ops
+
+        b = self._buffers
+        if "U16" in b:
+            M = (b["U16"].view(-1), b["U16_mask"], b["U16_offsets"])
+            return ops.decode_fn(*M, b["U16"].shape[1]), ops.decode_fn(*M, None)
+        M = (self._codes(), self.Uq_mask, self.Uq_offsets)
+        transposed, shape = self._uq[1], self._uq[2]
+        # x @ M^T where M's orientation differs from the product's, else x @ M
+        return (ops.decode_fn(*M, None) if transposed else ops.decode_fn(*M, shape[1]),
+                ops.decode_fn(*M, shape[1]) if transposed else ops.decode_fn(*M, None))
 
     def effective_U(self) -> torch.Tensor:
         """U as the forward uses it: while QAT is on, fake-quantized on the grid the quantization
@@ -215,12 +252,12 @@ class SharedBasis(nn.Module):
         self._z = None
 
     def _apply(self, fn, recurse=True):
-        self._z = None
+        self._z = self._fast = None
         return super()._apply(fn, recurse)
 
-    def __getstate__(self):  # deepcopy/pickle: a weakref cannot be copied
+    def __getstate__(self):  # deepcopy/pickle: a weakref cannot be copied (nor need the products be)
         state = dict(super().__getstate__())
-        state["_z"] = None
+        state["_z"] = state["_fast"] = None
         return state
 
 
@@ -244,6 +281,12 @@ class SharedBasisLinear(nn.Module):
         self.sparse = sparse  # stored as nonzeros + bitmask (a pruned V) or dense
         self.form = "train"
         self.fake_quant = None  # a quant.QuantSpec while tuning with quantization-aware training
+        self._fast = None  # the kernel form's decoding product and the tensors it was made of
+
+    def __getstate__(self):  # deepcopy/pickle: the decoding product is remade from the buffers
+        state = dict(super().__getstate__())
+        state["_fast"] = None
+        return state
 
     @property
     def packed(self) -> bool:
@@ -339,9 +382,30 @@ class SharedBasisLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
-        from layershare.runtime.kernels import ops
+        ops = _ops or _load_ops()  # (not an import statement: this runs ~100 times a token)
 
         b = self._buffers  # read directly: this runs some 90 times a decoded token
+        # decoding: V's product made once (ops.decode_fn) and kept in a plain attribute with the
+        # tensors it was made of, remade when any of them is another tensor
+        values, codes, mask = b.get("V_values"), b.get("Vq_codes"), b.get("V_mask")
+        fast = self._fast
+        if fast is None or fast[0] is not values or fast[1] is not codes or fast[2] is not mask:
+            prod = ops.decode_fn(self.stored_values(), mask, b["V_offsets"],
+                                 self._v_shape[1] if self.role == IN else None)
+            fast = self._fast = (values, codes, mask, prod) if prod is not None else None
+        if fast is not None:
+            op, args = fast[3]
+            if self.role == IN:
+                z = self.basis.project(x)
+                z2 = ops.decode_rows(z)
+                if z2 is not None:
+                    y = op(z2, *args).view(*x.shape[:-1], self.out_features)
+                    return y if self.bias is None else y + self.bias.to(x.dtype)
+            else:
+                x2 = ops.decode_rows(x)
+                if x2 is not None:
+                    y = self.basis.unproject(op(x2, *args)).view(*x.shape[:-1], self.out_features)
+                    return y if self.bias is None else y + self.bias.to(x.dtype)
         packed = (self.stored_values(), b["V_mask"], b["V_offsets"])
         if self.role == IN:
             y = ops.in_product(self.basis.project(x), *packed, self._v_shape[1])

@@ -63,10 +63,26 @@ class Linear16(nn.Module):
         self.register_buffer("mask", mask)
         self.register_buffer("offsets", offsets)
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+        self._fast = None  # (weight16, ops.decode_fn's product for it): the decoding path, remade when weight16 changes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # decoding, the common case (some 120 calls a token): the product kept in a plain attribute
+        # (no nn.Module lookups), remade when weight16 is another tensor (moved, loaded, assigned)
+        w = self._buffers["weight16"]
+        fast = self._fast
+        if fast is None or fast[0] is not w:
+            prod = ops.decode_fn(w.view(-1), self._buffers["mask"], self._buffers["offsets"], None)
+            fast = self._fast = (w, prod) if prod is not None else None
+        x2 = ops.decode_rows(x) if fast is not None else None
+        if x2 is not None:
+            op, args = fast[1]
+            y = op(x2, *args)
+            bias = self._parameters.get("bias")
+            if bias is not None:
+                y = y + bias.to(y.dtype)
+            return y.view(*x.shape[:-1], self.out_features)
         lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
-        if ops._decoding(x2, self.weight16):  # decoding: the op, no more checks
+        if ops._decoding(x2, self.weight16):  # (a non-contiguous x, say: reshaped)
             y = ops._decode_out(x2, self.weight16.view(-1), self.mask, self.offsets)
         elif ops.dense_16bit(x2, self.weight16):  # a 16-bit model's prompt: the dense model's own GEMM
             y = F.linear(x2, self.weight16)
@@ -82,6 +98,11 @@ class Linear16(nn.Module):
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*lead, self.out_features)
+
+    def __getstate__(self):  # deepcopy/pickle: the decoding path is remade from the buffers
+        state = dict(super().__getstate__())
+        state["_fast"] = None
+        return state
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.weight16.dtype} held"

@@ -151,6 +151,34 @@ def _decoding(t: torch.Tensor, values) -> bool:
                  else type(values) is QuantValues and values.codes.is_cpu))
 
 
+def decode_fn(values, mask: torch.Tensor, offsets: torch.Tensor, h: int | None):
+    """A layer's decoding product, made once and kept by the layer: (op, args) with op(rows, *args)
+    = rows @ V (h given: in_product's) or rows @ V^T (h None: out_product's) for rows that
+    decode_rows admits; None where the kernels do not take these values (not loaded, values off the
+    CPU or of another dtype). The layers call it again when their tensors change."""
+    if _loaded is not True:
+        return None
+    if type(values) is torch.Tensor:
+        if not (values.is_cpu and values.dtype in VALUE_DTYPES):
+            return None
+        return (_decode_out, (values, mask, offsets)) if h is None else (_decode_in, (values, mask, offsets, h))
+    if type(values) is QuantValues and values.codes.is_cpu:
+        args = (*values.args(), mask, offsets)
+        return (_decode_out_q, args) if h is None else (_decode_in_q, (*args, h))
+    return None
+
+
+def decode_rows(t: torch.Tensor) -> torch.Tensor | None:
+    """`t` as a 2-D view of its rows when it is the decoding case for a decode_fn product (at most
+    DECODE_ROWS contiguous CPU rows of a kernel dtype that ask for no gradient: _decoding's checks
+    on the activations' side), else None."""
+    if t.requires_grad or not t.is_cpu or t.dtype not in ACTIVATION_DTYPES or not t.is_contiguous():
+        return None
+    d = t.shape[-1]
+    n = t.numel() // d if d else 0
+    return t.view(n, d) if n <= DECODE_ROWS and d else None
+
+
 def available() -> bool:
     """Whether the native kernels are loaded (loads them from the build cache on first call)."""
     global _loaded
