@@ -119,6 +119,7 @@ class SharedBasis(nn.Module):
         staged = self.__dict__.pop("_uq_staged", None)
         if staged is None:
             return False
+        self._fast = None
         from layershare.runtime.kernels import ops
 
         qv, transposed = staged
@@ -153,7 +154,7 @@ class SharedBasis(nn.Module):
         for k, t in zip(self.NARROW_BUFFERS, (narrow.contiguous(), *ops.all_kept(tuple(p.shape)))):
             self.register_buffer(k, t, persistent=False)
         del self._parameters["U"]
-        self._z = None
+        self._z = self._fast = None
         return True
 
     def _times(self, x: torch.Tensor, transpose_u: bool) -> torch.Tensor:
@@ -357,6 +358,7 @@ class SharedBasisLinear(nn.Module):
         if qv.n != kept:
             raise ValueError(f"{qv.n} codes for the {kept} entries V's bitmask keeps")
         self._buffers.pop("V_values", None)
+        self._fast = None
         for k, t in zip(self.QUANT_BUFFERS, (qv.codes, qv.scales, qv.zeros)):
             self.register_buffer(k, t, persistent=False)
         self._vq = (qv.bits, qv.group, qv.n)
@@ -455,6 +457,7 @@ class SharedBasisLinear(nn.Module):
             raise ValueError("the kernel form holds a sparse V (nonzeros + bitmask); this layer's V is dense")
         if form == self.form:
             return self
+        self._fast = None  # (nor keep the tensors it held)
         if {form, self.form} == {"compact", "kernel"}:  # the same stored tensors: add or drop the index
             if form == "kernel":
                 self._set_offsets()
