@@ -187,8 +187,7 @@ class SharedBasis(nn.Module):
 
     def _decode_fns(self) -> tuple:
         """(x @ U, x @ U^T) as ops.decode_fn products of U as held (16-bit or codes)."""
-        from layershare.runtime.kernels import ops
-
+        ops = _ops or _load_ops()
         b = self._buffers
         if "U16" in b:
             M = (b["U16"].view(-1), b["U16_mask"], b["U16_offsets"])

@@ -82,9 +82,7 @@ class Linear16(nn.Module):
                 y = y + bias.to(y.dtype)
             return y.view(*x.shape[:-1], self.out_features)
         lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
-        if ops._decoding(x2, self.weight16):  # (a non-contiguous x, say: reshaped)
-            y = ops._decode_out(x2, self.weight16.view(-1), self.mask, self.offsets)
-        elif ops.dense_16bit(x2, self.weight16):  # a 16-bit model's prompt: the dense model's own GEMM
+        if ops.dense_16bit(x2, self.weight16):  # a 16-bit model's prompt: the dense model's own GEMM
             y = F.linear(x2, self.weight16)
         elif x2.shape[0] <= ops.DECODE_ROWS:
             y = ops.out_product(x2, self.weight16.view(-1), self.mask, self.offsets)

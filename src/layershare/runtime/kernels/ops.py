@@ -103,7 +103,7 @@ class QuantValues(NamedTuple):
         return (self.codes, self.scales, self.zeros, self.bits, self.group, self.n)
 
 _loaded: bool | None = None
-# the ops' overloads, bound at load (_decoding's path)
+# the ops' overloads, bound at load (decode_fn's products)
 _decode_in = _decode_out = _decode_in_q = _decode_out_q = None
 _fakes = False
 _warned = False
@@ -142,13 +142,11 @@ def _decoding(t: torch.Tensor, values) -> bool:
     """Whether `t` (2-D) is the common decoding case, for the ops with no further checks or
     conversions: at most DECODE_ROWS contiguous float32/bfloat16/float16 CPU rows that ask for no
     gradient (16-bit ones widened inside the op, the result in their dtype), 16/32-bit values or
-    QuantValues on the CPU, the library loaded. (Each check of the general path costs about a
-    microsecond; a token of SmolLM2 calls the products some 270 times. 4-bit values through the
-    general path: 12.7 us a call of a tiny V against 4.1 us for the op itself.)"""
-    return (_loaded is True and t.dtype in ACTIVATION_DTYPES and t.shape[0] <= DECODE_ROWS and t.is_cpu
-            and not t.requires_grad and t.is_contiguous()
-            and (values.is_cpu and values.dtype in VALUE_DTYPES if type(values) is torch.Tensor
-                 else type(values) is QuantValues and values.codes.is_cpu))
+    QuantValues on the CPU, the library loaded: decode_rows and decode_fn admit them. (Each check
+    of the general path costs about a microsecond; a token of SmolLM2 calls the products some 270
+    times. 4-bit values through the general path: 12.7 us a call of a tiny V against 4.1 us for
+    the op itself.)"""
+    return decode_rows(t) is not None and decode_fn(values, None, None, None) is not None
 
 
 def decode_fn(values, mask: torch.Tensor, offsets: torch.Tensor, h: int | None):
@@ -371,9 +369,8 @@ def in_product(z: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, offset
     r = z.shape[-1]
     z2 = _rows(z)
     if _decoding(z2, values):
-        y = (_decode_in(z2, values, mask, offsets, h) if type(values) is torch.Tensor
-             else _decode_in_q(z2, *values.args(), mask, offsets, h))
-        return y.view(*z.shape[:-1], h)
+        op, args = decode_fn(values, mask, offsets, h)
+        return op(z2, *args).view(*z.shape[:-1], h)
     if _gpu(z2, values, mask):
         y = _triton().in_product(z2, values, mask, _per_block(offsets, mask, (r, h)), h)
     elif not _native(z2, values):
@@ -393,9 +390,8 @@ def out_product(x: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, offse
     r, h = offsets.shape[0], x.shape[-1]
     x2 = _rows(x)
     if _decoding(x2, values):
-        y = (_decode_out(x2, values, mask, offsets) if type(values) is torch.Tensor
-             else _decode_out_q(x2, *values.args(), mask, offsets))
-        return y.view(*x.shape[:-1], r)
+        op, args = decode_fn(values, mask, offsets, None)
+        return op(x2, *args).view(*x.shape[:-1], r)
     if _gpu(x2, values, mask):
         y = _triton().out_product(x2, values, mask, _per_block(offsets, mask, (r, h)))
     elif not _native(x2, values):
